@@ -1,0 +1,1 @@
+"""Target programs and benchmarks (not part of the installed package)."""
