@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up of a fresh Debian machine for snapfs: system packages, then a
+# virtualenv in .venv with snapfs and its Python dependencies. Needs root for apt-get.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(gcc libc6-dev make pkg-config fuse3 libfuse3-dev gdb qemu-system-x86 qemu-utils python3-venv python3-dev psmisc)
+missing=()
+for p in "${DEBS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: need root to install Debian packages (run as root or with sudo)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# FUSE needs the device; load the module where it is one.
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.snapfs-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -U pip
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+    touch "$stamp"
+fi
