@@ -28,7 +28,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.snapfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -U pip
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+    log=.venv/setup.log
+    echo "setup: installing Python dependencies into .venv (log: $log)" >&2
+    if ! { .venv/bin/pip install --disable-pip-version-check -U pip &&
+           .venv/bin/pip install --disable-pip-version-check -e '.[test,bench]'; } >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "setup: pip install failed (full log: $log)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
