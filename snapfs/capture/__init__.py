@@ -1,0 +1,53 @@
+"""Live capture of a running process: kernel ABIs, the freeze, the trio engine.
+
+Public API (see docs/architecture.md):
+
+- ``await capture_process(pid, store, name, CaptureOptions(...), progress=cb)`` ->
+  :class:`CaptureResult` — a live point-in-time snapshot into the store.
+- ``frozen(pid)`` (async context manager, :mod:`snapfs.capture.freeze`): every thread
+  stopped, a userfaultfd for the target's memory taken; leaving always resumes and detaches.
+- ``stopped(pid)`` (sync context manager): every thread stopped, nothing injected; leaving
+  resumes and detaches (blocking: use from one thread).
+- ``read_memory(pid, addr, size) -> bytes`` / ``write_memory(pid, addr, data)``:
+  ``process_vm_readv``/``writev``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "capture_process",
+    "CaptureOptions",
+    "CaptureResult",
+    "Progress",
+    "frozen",
+    "stopped",
+    "read_memory",
+    "write_memory",
+]
+
+_WHERE = {
+    "capture_process": "snapfs.capture.engine",
+    "CaptureOptions": "snapfs.capture.engine",
+    "CaptureResult": "snapfs.capture.engine",
+    "Progress": "snapfs.capture.engine",
+    "frozen": "snapfs.capture.freeze",
+    "stopped": "snapfs.capture.freeze",
+    "read_memory": "snapfs.capture.memory",
+    "write_memory": "snapfs.capture.memory",
+}
+
+if TYPE_CHECKING:
+    from snapfs.capture.engine import CaptureOptions, CaptureResult, Progress, capture_process
+    from snapfs.capture.freeze import frozen, stopped
+    from snapfs.capture.memory import read_memory, write_memory
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing snapfs.capture must not load cffi/numpy for unrelated commands.
+    import importlib
+
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(name)

@@ -1,0 +1,171 @@
+"""Kernel ABIs through cffi (ABI mode): raw syscalls, ioctl, process_vm_readv/writev,
+and the userfaultfd / PAGEMAP_SCAN constants and structs (installed headers are 6.1, so the
+newer ones are defined here).
+
+cffi releases the GIL during every call, so a worker thread copying memory with
+``process_vm_readv`` runs beside the trio event loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cffi import FFI
+
+from snapfs.capture import arch
+
+ffi = FFI()
+ffi.cdef(
+    arch.REGS_STRUCT
+    + """
+struct iovec { void *iov_base; size_t iov_len; };
+long syscall(long number, ...);
+int ioctl(int fd, unsigned long request, ...);
+ssize_t process_vm_readv(int pid, const struct iovec *local_iov, unsigned long liovcnt,
+                         const struct iovec *remote_iov, unsigned long riovcnt,
+                         unsigned long flags);
+ssize_t process_vm_writev(int pid, const struct iovec *local_iov, unsigned long liovcnt,
+                          const struct iovec *remote_iov, unsigned long riovcnt,
+                          unsigned long flags);
+int *__errno_location(void);
+
+struct uffdio_api { uint64_t api; uint64_t features; uint64_t ioctls; };
+struct uffdio_range { uint64_t start; uint64_t len; };
+struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
+struct uffdio_writeprotect { struct uffdio_range range; uint64_t mode; };
+struct uffd_msg {
+    uint8_t event; uint8_t reserved1; uint16_t reserved2; uint32_t reserved3;
+    uint64_t a0; uint64_t a1; uint64_t a2;
+};
+struct page_region { uint64_t start; uint64_t end; uint64_t categories; };
+struct pm_scan_arg {
+    uint64_t size; uint64_t flags; uint64_t start; uint64_t end; uint64_t walk_end;
+    uint64_t vec; uint64_t vec_len; uint64_t max_pages; uint64_t category_inverted;
+    uint64_t category_mask; uint64_t category_anyof_mask; uint64_t return_mask;
+};
+"""
+)
+libc = ffi.dlopen(None)
+
+assert ffi.sizeof("struct uffd_msg") == 32
+assert ffi.sizeof("struct pm_scan_arg") == 96
+assert ffi.sizeof("struct user_regs") == arch.REGS_SIZE
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+IOV_MAX = 1024
+
+
+# --- ioctl numbers (asm-generic/ioctl.h) ---
+def _ioc(direction: int, typ: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (typ << 8) | nr
+
+
+def _iowr(typ: int, nr: int, struct: str) -> int:
+    return _ioc(3, typ, nr, ffi.sizeof(struct))
+
+
+def _ior(typ: int, nr: int, struct: str) -> int:
+    return _ioc(2, typ, nr, ffi.sizeof(struct))
+
+
+# --- userfaultfd (linux/userfaultfd.h) ---
+UFFD_API = 0xAA
+UFFDIO_API = _iowr(0xAA, 0x3F, "struct uffdio_api")
+UFFDIO_REGISTER = _iowr(0xAA, 0x00, "struct uffdio_register")
+UFFDIO_UNREGISTER = _ior(0xAA, 0x01, "struct uffdio_range")
+UFFDIO_WAKE = _ior(0xAA, 0x02, "struct uffdio_range")
+UFFDIO_WRITEPROTECT = _iowr(0xAA, 0x06, "struct uffdio_writeprotect")
+USERFAULTFD_IOC_NEW = _ioc(0, 0xAA, 0x00, 0)
+
+UFFDIO_REGISTER_MODE_MISSING = 1 << 0
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1 << 1
+
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFD_FEATURE_EVENT_FORK = 1 << 1
+UFFD_FEATURE_EVENT_REMAP = 1 << 2
+UFFD_FEATURE_EVENT_REMOVE = 1 << 3
+UFFD_FEATURE_EVENT_UNMAP = 1 << 6
+UFFD_FEATURE_THREAD_ID = 1 << 8
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_EVENT_FORK = 0x13
+UFFD_EVENT_REMAP = 0x14
+UFFD_EVENT_REMOVE = 0x15
+UFFD_EVENT_UNMAP = 0x16
+UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0
+UFFD_PAGEFAULT_FLAG_WP = 1 << 1
+UFFD_MSG_SIZE = 32
+
+# --- PAGEMAP_SCAN (linux/fs.h, 6.7+) ---
+PAGEMAP_SCAN = _iowr(ord("f"), 16, "struct pm_scan_arg")
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_HUGE = 1 << 6
+
+# --- ptrace (linux/ptrace.h) ---
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_GETFPREGS = 14
+PTRACE_SYSCALL = 24
+PTRACE_DETACH = 17
+PTRACE_CONT = 7
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+PTRACE_O_TRACESYSGOOD = 1
+PTRACE_EVENT_STOP = 128
+WALL = 0x40000000
+
+
+def _errno() -> int:
+    return libc.__errno_location()[0]
+
+
+def check(ret: int, what: str) -> int:
+    """Raise ``OSError`` with the C errno when a libc call returned -1."""
+    if ret == -1:
+        err = _errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def syscall(name: str, *args: int) -> int:
+    """Raw syscall by name (numbers from the arch module); ``OSError`` on failure."""
+    cargs = [ffi.cast("long", a) for a in args]
+    return check(libc.syscall(ffi.cast("long", arch.SYS[name]), *cargs), name)
+
+
+def ioctl(fd: int, request: int, arg) -> int:
+    """``ioctl(fd, request, arg)``; ``arg`` is a cffi pointer or an int."""
+    if isinstance(arg, int):
+        arg = ffi.cast("unsigned long", arg)
+    return check(libc.ioctl(fd, ffi.cast("unsigned long", request), arg), f"ioctl {request:#x}")
+
+
+def ptrace(request: int, tid: int, addr: int = 0, data=0) -> int:
+    """Raw ``ptrace`` syscall; ``data`` is an int or a cffi pointer."""
+    if not isinstance(data, int):
+        data = int(ffi.cast("uintptr_t", data))
+    return syscall("ptrace", request, tid, addr, data)
+
+
+def pidfd_open(pid: int) -> int:
+    """A pidfd for ``pid`` (the whole process)."""
+    return os.pidfd_open(pid)
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """Duplicate file descriptor ``target_fd`` of the process behind ``pidfd`` into ours."""
+    return syscall("pidfd_getfd", pidfd, target_fd, 0)

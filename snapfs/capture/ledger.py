@@ -1,0 +1,103 @@
+"""The ledger: which pages were populated at the freeze, and which of them are saved.
+
+Shared by the fault path (trio thread) and the scan (worker thread) under one lock. A page
+is *claimed* (state 1) by whoever saves it first, always before that page is unprotected;
+the other party then drops its copy. Pages that could not be captured are claimed as lost
+(state 2). Only populated pages have an entry, so a sparse 64 GiB reservation costs nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from snapfs.capture.kernel import PAGE_SHIFT, PAGE_SIZE
+
+PENDING, SAVED, LOST = 0, 1, 2
+HUGE_PMD = 2 << 20  # a transparent huge page on x86_64 and 4 KiB-page aarch64
+
+
+@dataclass
+class Extent:
+    """A run of populated pages in one region (input to :class:`Ledger`)."""
+
+    region: int  # index in the capture's region list
+    start: int  # address
+    end: int
+    huge: bool  # THP-mapped (4 KiB-page regions) or a hugetlb region
+
+
+class Ledger:
+    """Populated pages at the freeze and their state; see the module docstring."""
+
+    def __init__(self, extents: list[Extent], region_starts: list[int]) -> None:
+        extents = sorted(extents, key=lambda e: e.start)
+        n = len(extents)
+        self.ext_start = np.array([e.start for e in extents], dtype=np.uint64).reshape(n)
+        self.ext_end = np.array([e.end for e in extents], dtype=np.uint64).reshape(n)
+        self.ext_region = np.array([e.region for e in extents], dtype=np.int32).reshape(n)
+        self.ext_huge = np.array([e.huge for e in extents], dtype=bool).reshape(n)
+        npages = (self.ext_end - self.ext_start) >> np.uint64(PAGE_SHIFT)
+        self.ext_base = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(npages, out=self.ext_base[1:])
+        self.state = np.zeros(int(self.ext_base[-1]), dtype=np.uint8)
+        self.region_starts = region_starts
+        self.lock = threading.Lock()
+
+    @property
+    def total_pages(self) -> int:
+        return len(self.state)
+
+    def find(self, addr: int) -> int:
+        """Index of the extent holding ``addr``, or -1."""
+        i = int(np.searchsorted(self.ext_start, np.uint64(addr), side="right")) - 1
+        if i >= 0 and addr < int(self.ext_end[i]):
+            return i
+        return -1
+
+    def overlapping(self, lo: int, hi: int) -> range:
+        """Indices of extents intersecting [lo, hi)."""
+        first = int(np.searchsorted(self.ext_end, np.uint64(lo), side="right"))
+        last = int(np.searchsorted(self.ext_start, np.uint64(hi), side="left"))
+        return range(first, max(first, last))
+
+    def slots(self, ext: int, lo: int, hi: int) -> tuple[int, int]:
+        """State-array slice [a, b) for addresses [lo, hi) clipped to extent ``ext``."""
+        s, e = int(self.ext_start[ext]), int(self.ext_end[ext])
+        lo, hi = max(lo, s), min(hi, e)
+        base = int(self.ext_base[ext])
+        if hi <= lo:
+            return base, base
+        return base + ((lo - s) >> PAGE_SHIFT), base + ((hi - s) >> PAGE_SHIFT)
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """``(extent, start addr, end addr)`` of populated memory within [lo, hi)."""
+        out = []
+        for i in self.overlapping(lo, hi):
+            s, e = max(lo, int(self.ext_start[i])), min(hi, int(self.ext_end[i]))
+            if s < e:
+                out.append((i, s, e))
+        return out
+
+    def claim(self, a: int, b: int, ok: np.ndarray, state: int = SAVED) -> np.ndarray:
+        """Under the lock: among slots [a, b), those PENDING with ``ok`` become ``state``.
+        Returns the bool mask (length b-a) of slots claimed by this call."""
+        with self.lock:
+            view = self.state[a:b]
+            mine = (view == PENDING) & ok
+            view[mine] = state
+        return mine
+
+    def pending_bytes(self) -> int:
+        return int(np.count_nonzero(self.state == PENDING)) * PAGE_SIZE
+
+
+def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
+    """``(first, count)`` runs of True in a bool array (vectorised)."""
+    if not len(mask):
+        return []
+    m = np.concatenate(([False], mask.astype(bool), [False]))
+    d = np.flatnonzero(m[1:] != m[:-1])
+    return [(int(s), int(e - s)) for s, e in zip(d[::2], d[1::2])]

@@ -1,0 +1,138 @@
+"""What the capture does while the target is stopped: classify its VMAs, write-protect the
+populated ones with the uffd, record the populated pages, copy what cannot be protected.
+
+Everything here runs inside the pause, so it is one pass over the maps with one
+``PAGEMAP_SCAN`` and (at most) one register + one write-protect ioctl per VMA.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from snapfs.capture import kernel as k
+from snapfs.capture.freeze import FrozenTarget
+from snapfs.capture.ledger import Extent, Ledger
+from snapfs.capture.maps import Vma, classify
+from snapfs.capture.memory import read_pages_robust
+from snapfs.capture.pagemap import PagemapScanner
+from snapfs.capture.uffd import WANTED_FEATURES
+
+MINIMAL_FEATURES = k.UFFD_FEATURE_PAGEFAULT_FLAG_WP | k.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+
+
+@dataclass
+class CopiedPages:
+    """Pages read while the target was stopped, stored after it resumed."""
+
+    region: int
+    first_page: int
+    data: bytearray
+    mask: np.ndarray
+
+
+@dataclass
+class Prepared:
+    """The result of :func:`protect_and_record`."""
+
+    regions: list[Vma]
+    ledger: Ledger
+    copies: list[CopiedPages]
+    features: int
+    protect_ms: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def copied_bytes(self) -> int:
+        return sum(int(c.mask.sum()) for c in self.copies) * k.PAGE_SIZE
+
+
+def _populated(scanner: PagemapScanner, v: Vma) -> np.ndarray:
+    """Present (or swapped) pages of a VMA that are not the shared zero page."""
+    return scanner.scan(
+        v.start,
+        v.end,
+        require=0,
+        exclude=k.PAGE_IS_PFNZERO,
+        anyof=k.PAGE_IS_PRESENT | k.PAGE_IS_SWAPPED,
+        report=k.PAGE_IS_HUGE,
+    )
+
+
+def _copy(pid: int, region: int, v: Vma, ranges: np.ndarray) -> CopiedPages:
+    npages = v.length // k.PAGE_SIZE
+    wanted = np.zeros(npages, dtype=bool)
+    spans = []
+    for s, e in zip(ranges["start"].tolist(), ranges["end"].tolist()):
+        wanted[(s - v.start) // k.PAGE_SIZE : (e - v.start) // k.PAGE_SIZE] = True
+        spans.append((s, e - s))
+    first = int(np.argmax(wanted)) if wanted.any() else 0
+    last = npages - int(np.argmax(wanted[::-1])) if wanted.any() else 0
+    data = bytearray((last - first) * k.PAGE_SIZE)
+    # Read the populated spans into their place in the [first, last) window.
+    ok = np.zeros(npages, dtype=bool)
+    if spans:
+        tmp = np.zeros(sum(n for _, n in spans), dtype=np.uint8)
+        got = read_pages_robust(pid, tmp, spans)
+        pos = 0
+        for s, n in spans:
+            p = (s - v.start) // k.PAGE_SIZE
+            cnt = n // k.PAGE_SIZE
+            off = (p - first) * k.PAGE_SIZE
+            data[off : off + n] = tmp[pos * k.PAGE_SIZE : (pos + cnt) * k.PAGE_SIZE].tobytes()
+            ok[p : p + cnt] = got[pos : pos + cnt]
+            pos += cnt
+    return CopiedPages(region, first, data, ok[first:last])
+
+
+def protect_and_record(
+    ft: FrozenTarget, *, include_readonly: bool, huge_sizes: dict[int, int]
+) -> Prepared:
+    """Run inside the freeze: set up the uffd, protect, and record populated pages."""
+    t0 = time.monotonic()
+    try:
+        features = ft.uffd.api(WANTED_FEATURES)
+    except OSError:
+        features = ft.uffd.api(MINIMAL_FEATURES)
+    regions = classify(ft.maps, include_readonly=include_readonly, huge_sizes=huge_sizes)
+    extents: list[Extent] = []
+    copies: list[CopiedPages] = []
+    warnings: list[str] = []
+    kept: list[Vma] = []
+    scanner = PagemapScanner(ft.pid)
+    try:
+        for v in regions:
+            ranges = _populated(scanner, v)
+            idx = len(kept)
+            if v.mode == "wp" and len(ranges):
+                try:
+                    ft.uffd.register_wp(v.start, v.length)
+                    ft.uffd.protect(v.start, v.length, wp=True)
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP):
+                        raise
+                    v.mode = "copy"  # cannot be write-protected: copy it now, stopped
+                    v.meta["unprotectable"] = exc.strerror
+            if v.mode == "copy":
+                copies.append(_copy(ft.pid, idx, v, ranges))
+            else:
+                huge_region = v.page_size != k.PAGE_SIZE
+                for s, e, cat in zip(
+                    ranges["start"].tolist(), ranges["end"].tolist(), ranges["categories"].tolist()
+                ):
+                    extents.append(Extent(idx, s, e, huge_region or bool(cat & k.PAGE_IS_HUGE)))
+            kept.append(v)
+    finally:
+        scanner.close()
+    ledger = Ledger(extents, [v.start for v in kept])
+    return Prepared(
+        regions=kept,
+        ledger=ledger,
+        copies=copies,
+        features=features,
+        protect_ms=(time.monotonic() - t0) * 1000.0,
+        warnings=warnings,
+    )

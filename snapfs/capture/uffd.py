@@ -1,0 +1,106 @@
+"""A userfaultfd held by snapfs (taken from the target): API handshake, WP registration,
+(un)protection and batched message reads.
+
+The fd belongs to the target's mm (the target created it), so every ioctl here acts on the
+target's memory. snapfs holds the only reference: closing it (or dying) drops every
+protection and wakes every blocked thread of the target.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+
+from snapfs.capture import kernel as k
+
+# Wanted features; those the kernel lacks are dropped (except PAGEFAULT_FLAG_WP).
+WANTED_FEATURES = (
+    k.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    | k.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+    | k.UFFD_FEATURE_EVENT_REMOVE
+    | k.UFFD_FEATURE_EVENT_UNMAP
+    | k.UFFD_FEATURE_EVENT_REMAP
+)
+
+# numpy view of struct uffd_msg, to decode a batch without a Python loop per field.
+MSG_DTYPE = np.dtype(
+    [("event", "u1"), ("r1", "u1"), ("r2", "<u2"), ("r3", "<u4"),
+     ("a0", "<u8"), ("a1", "<u8"), ("a2", "<u8")]
+)  # fmt: skip
+assert MSG_DTYPE.itemsize == k.UFFD_MSG_SIZE
+
+
+class Uffd:
+    """Owner of one userfaultfd (``fd`` is -1 once closed)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.features = 0
+
+    def api(self, wanted: int = WANTED_FEATURES) -> int:
+        """UFFDIO_API handshake (once per fd); returns the enabled features."""
+        arg = k.ffi.new("struct uffdio_api *")
+        arg.api = k.UFFD_API
+        arg.features = wanted
+        k.ioctl(self.fd, k.UFFDIO_API, arg)
+        self.features = arg.features
+        return self.features
+
+    def register_wp(self, start: int, length: int) -> None:
+        """Register one VMA's range in write-protect mode (raises ``OSError``)."""
+        arg = k.ffi.new("struct uffdio_register *")
+        arg.range.start = start
+        arg.range.len = length
+        arg.mode = k.UFFDIO_REGISTER_MODE_WP
+        k.ioctl(self.fd, k.UFFDIO_REGISTER, arg)
+
+    def unregister(self, start: int, length: int) -> None:
+        """Unregister a range (ignores ranges that are gone)."""
+        arg = k.ffi.new("struct uffdio_range *")
+        arg.start = start
+        arg.len = length
+        try:
+            k.ioctl(self.fd, k.UFFDIO_UNREGISTER, arg)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOMEM, errno.ESRCH):
+                raise
+
+    def protect(self, start: int, length: int, wp: bool, wake: bool = True) -> None:
+        """Write-protect (``wp``) or unprotect a range; unprotecting wakes waiting threads."""
+        arg = k.ffi.new("struct uffdio_writeprotect *")
+        arg.range.start = start
+        arg.range.len = length
+        arg.mode = (k.UFFDIO_WRITEPROTECT_MODE_WP if wp else 0) | (
+            0 if wake else k.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+        )
+        k.ioctl(self.fd, k.UFFDIO_WRITEPROTECT, arg)
+
+    def unprotect_quiet(self, start: int, length: int) -> str:
+        """Unprotect and wake. Returns ``"ok"``; ``"gone"`` if the range is no longer
+        registered (unmapped meanwhile) or the target is gone; ``"busy"`` (EAGAIN) while the
+        target is changing its mappings and the event saying so has not been read yet."""
+        try:
+            self.protect(start, length, wp=False)
+            return "ok"
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return "busy"
+            if exc.errno in (errno.ENOENT, errno.EINVAL, errno.ENOMEM, errno.ESRCH, errno.EFAULT):
+                return "gone"
+            raise
+
+    def read_messages(self, max_msgs: int = 256) -> np.ndarray:
+        """Non-blocking read of up to ``max_msgs`` messages (empty array if none)."""
+        try:
+            data = os.read(self.fd, k.UFFD_MSG_SIZE * max_msgs)
+        except BlockingIOError:
+            return np.empty(0, dtype=MSG_DTYPE)
+        return np.frombuffer(data, dtype=MSG_DTYPE)
+
+    def close(self) -> None:
+        """Close the fd: the kernel drops all protection and wakes the target."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)

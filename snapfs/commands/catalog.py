@@ -1,0 +1,94 @@
+"""``snapfs list`` and ``snapfs info NAME``: what the store holds (human or --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from snapfs.commands.common import add_store_argument, store_path
+from snapfs.store import Store, SnapshotInfo
+from snapfs.units import format_bytes
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``list`` and ``info`` commands."""
+    p = subparsers.add_parser("list", help="list snapshots in the store")
+    add_store_argument(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_list)
+    p = subparsers.add_parser("info", help="show one snapshot in detail")
+    add_store_argument(p)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_info)
+
+
+def _target(s: SnapshotInfo) -> str:
+    if s.kind == "vm":
+        return f"vm {s.meta.get('vm_name') or s.comm or ''}".strip()
+    return f"{s.pid or '?'} {s.comm or ''}".strip()
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _pause(s: SnapshotInfo) -> str:
+    return "-" if s.pause_ms is None else f"{s.pause_ms:.1f} ms"
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print the committed snapshots, oldest first."""
+    with Store.open(store_path(args), create=False) as store:
+        snaps = store.list_snapshots()
+    if args.json:
+        print(json.dumps([s.to_json() for s in snaps], indent=2))
+        return 0
+    if not snaps:
+        print(f"no snapshots in {store_path(args)}")
+        return 0
+    rows = [("NAME", "CREATED", "TARGET", "PAUSE", "RESIDENT", "STORED", "SHARED", "PARENT")]
+    for s in snaps:
+        rows.append((s.name, _when(s.created), _target(s), _pause(s), format_bytes(s.resident_bytes),
+                     format_bytes(s.stored_bytes), format_bytes(s.shared_bytes), s.parent or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print one snapshot's fields, warnings and regions."""
+    with Store.open(store_path(args), create=False) as store:
+        reader = store.open_snapshot(args.name)
+        info, regions = reader.info, reader.regions
+    if args.json:
+        print(json.dumps({**info.to_json(), "regions": [r.to_json() for r in regions]}, indent=2))
+        return 0
+    lines = [
+        ("name", info.name),
+        ("kind", info.kind),
+        ("target", _target(info)),
+        ("exe", info.exe or "-"),
+        ("cmdline", " ".join(info.cmdline) if info.cmdline else "-"),
+        ("created", _when(info.created)),
+        ("pause", _pause(info)),
+        ("duration", "-" if info.duration_s is None else f"{info.duration_s:.3f} s"),
+        ("resident", f"{format_bytes(info.resident_bytes)} (zero pages {format_bytes(info.zero_bytes)})"),
+        ("stored", f"{format_bytes(info.stored_bytes)} own, {format_bytes(info.shared_bytes)} shared with parents"),
+        ("faults", str(info.faults)),
+        ("parent", info.parent or "-"),
+        ("regions", str(info.region_count)),
+    ]
+    for key, value in lines:
+        print(f"{key + ':':10} {value}")
+    for w in info.warnings:
+        print(f"warning:   {w}")
+    if regions:
+        print()
+        print(f"{'START':>18}  {'LENGTH':>10}  PERMS  {'KIND':8}  {'DATA':>10}  {'ZERO':>10}  NAME")
+        for r in regions:
+            print(f"{r.start:#18x}  {format_bytes(r.length):>10}  {r.perms:5}  {r.kind:8}  "
+                  f"{format_bytes(r.data_pages * 4096):>10}  {format_bytes(r.zero_pages * 4096):>10}  {r.name}")
+    return 0

@@ -1,0 +1,101 @@
+"""``snapfs mount``, ``snapfs umount`` and ``snapfs cat``: the snapshots as files."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from pathlib import Path
+
+from snapfs.commands.common import add_store_argument, store_path
+from snapfs.errors import UsageError
+
+CAT_CHUNK = 4 << 20
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``mount``, ``umount`` and ``cat`` commands."""
+    p = subparsers.add_parser(
+        "mount", help="present every snapshot as files under MOUNTPOINT (read-only, FUSE)",
+        description="Mount the store read-only: MOUNTPOINT/<snapshot>/{info.json,mem,ramblocks/"
+        "<block>/{data,info.json},vmstate}. Returns once the mount is usable; the daemon serves "
+        "in the background until `snapfs umount MOUNTPOINT`.")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty directory")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="serve in the foreground (Ctrl-C unmounts)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="FUSE mount options, comma separated (e.g. allow_other); repeatable")
+    p.add_argument("--log-file", type=Path, metavar="FILE", help="log of the mount daemon")
+    add_store_argument(p)
+    p.set_defaults(func=run_mount)
+
+    u = subparsers.add_parser("umount", help="unmount a snapfs mount (also after its daemon died)",
+                              description="Unmount MOUNTPOINT with fusermount3 -u; lazily if the "
+                              "daemon is gone.")
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    u.set_defaults(func=run_umount)
+
+    c = subparsers.add_parser(
+        "cat", help="write a file of a snapshot to stdout, without mounting",
+        description="Write SNAPSHOT/PATH (as laid out by `snapfs mount`) to stdout, e.g. "
+        "`snapfs cat app ramblocks/heap/data` or `snapfs cat app vmstate`.")
+    c.add_argument("snapshot", metavar="SNAPSHOT")
+    c.add_argument("path", metavar="PATH", help="a file inside the snapshot: info.json, mem, "
+                   "vmstate, ramblocks/<block>/data, ramblocks/<block>/info.json")
+    add_store_argument(c)
+    c.set_defaults(func=run_cat)
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    """Mount (daemonized unless -f)."""
+    from snapfs.fs.mount import mount
+
+    return mount(store_path(args), args.mountpoint, foreground=args.foreground,
+                 options=args.options, log_file=args.log_file)
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    """Unmount."""
+    from snapfs.fs.mount import unmount
+
+    unmount(args.mountpoint)
+    return 0
+
+
+def run_cat(args: argparse.Namespace) -> int:
+    """Stream one file of the layout to stdout in large chunks."""
+    from snapfs.fs.model import FsError, SnapshotFS
+    from snapfs.fs.names import encode_name
+    from snapfs.store import Store
+
+    path = store_path(args)
+    with Store.open(path, create=False) as store:
+        store.info(args.snapshot)  # SnapshotNotFound, with the store's message
+        fs = SnapshotFS(store, store_dir=path, max_open=1)
+        try:
+            view = fs.file_view(fs.resolve(f"{encode_name(args.snapshot)}/{args.path}"))
+        except FsError as exc:
+            if exc.errno == errno.EISDIR:
+                raise UsageError(f"{args.snapshot}/{args.path} is a directory: name a file in it") from None
+            raise UsageError(f"no file {args.path!r} in snapshot {args.snapshot!r}: see "
+                             f"`snapfs cat {args.snapshot} info.json` for its regions") from None
+        return _copy_out(view)
+
+
+def _copy_out(view: object) -> int:
+    out = sys.stdout.buffer
+    size = int(view.size)  # type: ignore[attr-defined]
+    try:
+        for offset in range(0, size, CAT_CHUNK):
+            out.write(view.read(offset, min(CAT_CHUNK, size - offset)))  # type: ignore[attr-defined]
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+    return 0
+

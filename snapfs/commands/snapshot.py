@@ -1,0 +1,203 @@
+"""``snapfs snapshot PID``: a live point-in-time snapshot of a running process.
+
+(``--qmp SOCKET`` snapshots a QEMU VM instead; that lives in :mod:`snapfs.stream.qmp_snapshot`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import time
+
+from snapfs.commands.common import add_store_argument, store_path
+from snapfs.errors import SnapfsError, UsageError
+from snapfs.units import format_bytes, format_count, format_rate, parse_duration, parse_size
+
+EXIT_INTERRUPTED = 130
+
+
+def register(subparsers) -> None:
+    """Add the ``snapshot`` command."""
+    p = subparsers.add_parser(
+        "snapshot",
+        help="take a live snapshot of a running process (or of a QEMU VM with --qmp)",
+        description="Take a live point-in-time snapshot of process PID: the target is paused "
+        "only while its memory is write-protected, then keeps running while its pages are "
+        "saved (pages it writes meanwhile are saved first).",
+    )
+    p.add_argument("pid", nargs="?", type=int, metavar="PID", help="process to snapshot")
+    p.add_argument("--name", help="snapshot name (default: <comm>-<pid>-<UTC timestamp>)")
+    add_store_argument(p)
+    p.add_argument(
+        "--rate",
+        metavar="BYTES_PER_S",
+        type=parse_size,
+        default=None,
+        help="limit the background copy (e.g. 200M); write faults are always served at once",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    p.add_argument(
+        "--include-readonly",
+        action="store_true",
+        help="also capture read-only file-backed mappings (default: skipped)",
+    )
+    p.add_argument("--qmp", metavar="SOCKET", help="snapshot the QEMU VM behind this QMP socket")
+    p.add_argument(
+        "--every",
+        metavar="DURATION",
+        type=parse_duration,
+        default=None,
+        help="keep taking snapshots every DURATION (e.g. 30s), each an incremental child of "
+        "the previous one, until interrupted",
+    )
+    p.set_defaults(func=run)
+
+
+def check_name(name: str) -> str:
+    """Reject names that cannot be a directory entry."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise UsageError(f"bad snapshot name {name!r}: it must not contain '/' or NUL, nor be '.' or '..'")
+    return name
+
+
+def default_name(comm: str, pid: int, when: float | None = None) -> str:
+    """``<comm>-<pid>-<UTC timestamp>``, with characters a name cannot hold replaced."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    safe = re.sub(r"[^A-Za-z0-9._:@+-]", "_", comm).lstrip(".-") or "process"
+    return f"{safe}-{pid}-{stamp}"
+
+
+class _ProgressLine:
+    """One self-overwriting line on stderr (only when stderr is a TTY)."""
+
+    def __init__(self) -> None:
+        self.shown = False
+
+    def __call__(self, p) -> None:
+        eta = f"ETA {p.eta_s:.0f} s" if p.eta_s is not None else "ETA -"
+        line = (
+            f"\r{format_bytes(p.done_bytes)} / {format_bytes(p.total_bytes)} · "
+            f"{format_rate(p.rate)} · {format_count(p.faults)} faults · {eta}"
+        )
+        sys.stderr.write(line.ljust(78)[:120])
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 78 + "\r")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def summary(result) -> str:
+    """The two human lines for a finished snapshot."""
+    rate = result.resident_bytes / result.duration_s if result.duration_s > 0 else 0.0
+    return (
+        f"snapshot {result.name}: pid {result.pid} ({result.comm}), "
+        f"{format_bytes(result.resident_bytes)} resident in {result.regions} regions\n"
+        f"paused {result.pause_ms:.1f} ms · captured {format_bytes(result.resident_bytes)} in "
+        f"{result.duration_s:.1f} s ({format_rate(rate)}) · "
+        f"{format_count(result.faults)} write faults served first · "
+        f"stored {format_bytes(result.stored_bytes)}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``snapfs snapshot``; returns the exit code."""
+    if args.qmp:
+        from snapfs.stream import qmp_snapshot
+
+        return qmp_snapshot.run(args)
+    if args.pid is None:
+        raise UsageError("give the PID of the process to snapshot (or --qmp SOCKET for a VM)")
+    if args.name is not None:
+        check_name(args.name)
+
+    import trio
+
+    from snapfs.capture.engine import CaptureOptions, capture_process
+    from snapfs.capture.ptrace import check_target
+    from snapfs.store import Store
+
+    comm = check_target(args.pid)
+    progress = _ProgressLine() if sys.stderr.isatty() and not args.json else None
+    store = Store.open(store_path(args), create=True)
+    interrupted = False
+
+    async def one(name: str, parent: str | None):
+        return await capture_process(
+            args.pid,
+            store,
+            name,
+            CaptureOptions(rate=args.rate, include_readonly=args.include_readonly, parent=parent),
+            progress=progress,
+        )
+
+    def report(result) -> None:
+        if progress is not None:
+            progress.clear()
+        if args.json:
+            print(json.dumps(result.to_json()), flush=True)
+        else:
+            print(summary(result), flush=True)
+            for w in result.warnings:
+                print(f"snapfs: warning: {w}", file=sys.stderr)
+
+    async def main() -> None:
+        nonlocal interrupted
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal interrupted
+                    async for _ in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                if args.every is None:
+                    report(await one(args.name or default_name(comm, args.pid), None))
+                else:
+                    await _every(args, comm, one, report)
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as eg:
+        match, _ = eg.split(SnapfsError)
+        if match is None:
+            raise
+        leaf = match
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+    finally:
+        if progress is not None:
+            progress.clear()
+        store.close()
+    if interrupted:
+        print("snapfs: interrupted: target released, snapshot in progress discarded", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+async def _every(args, comm: str, one, report) -> None:
+    """``--every``: a snapshot per period, each the child of the previous one."""
+    import trio
+
+    base = args.name
+    parent = None
+    n = 0
+    while True:
+        started = trio.current_time()
+        n += 1
+        name = f"{base}-{n}" if base else default_name(comm, args.pid)
+        result = await one(name, parent)
+        report(result)
+        parent = result.name
+        await trio.sleep_until(started + args.every)

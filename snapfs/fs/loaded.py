@@ -1,0 +1,146 @@
+"""One opened snapshot: its reader and everything the mount derives from it.
+
+Built on first access to anything inside the snapshot (the root listing needs only the
+catalog's :class:`SnapshotInfo`), kept in a bounded LRU by :class:`snapfs.fs.model.SnapshotFS`.
+Thread-safe: views are built once under a lock, reads go straight to the (thread-safe) reader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from snapfs.fs import inodes
+from snapfs.fs.memview import MemView
+from snapfs.fs.names import unique_entries
+from snapfs.fs.views import PROVIDERS, BytesView, RegionDataView, ViewProvider
+
+log = logging.getLogger(__name__)
+
+REGION_JSON_CACHE = 64  # region info.json files kept encoded (each holds its extent list)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, default=str) + "\n").encode()
+
+
+class LoadedSnapshot:
+    """The reader of one snapshot plus its block entries, ``mem`` layout and views."""
+
+    def __init__(self, reader: Any, providers: list[tuple[int, ViewProvider]]) -> None:
+        self.reader = reader
+        self.info = reader.info
+        self.regions = list(reader.regions)
+        self.entries = unique_entries([r.name for r in self.regions])
+        self.entry_index = {e: i for i, e in enumerate(self.entries)}
+        self.mem = MemView(reader, self.regions, self.info.kind)
+        self._providers = providers  # (local, provider) of the providers whose module exists
+        self._lock = threading.Lock()
+        self._provider_views: dict[int, Any] | None = None
+        self._info_json: BytesView | None = None
+        self._region_json: OrderedDict[int, BytesView] = OrderedDict()
+
+    # -- snapshot-level files --------------------------------------------------------------
+    def extra_views(self) -> dict[int, tuple[str, Any]]:
+        """``local -> (name, view)`` of the provider views that apply to this snapshot."""
+        with self._lock:
+            if self._provider_views is None:
+                views: dict[int, Any] = {}
+                for local, provider in self._providers:
+                    factory = provider.load()
+                    view = None
+                    if factory is not None:
+                        try:
+                            view = factory(self.reader)
+                        except Exception:  # a broken view must not hide the rest of the snapshot
+                            log.exception("view %s of snapshot %s failed", provider.name, self.info.name)
+                    if view is not None:
+                        views[local] = view
+                self._provider_views = views
+            return {local: (dict(self._providers)[local].name, v) for local, v in self._provider_views.items()}
+
+    def info_json(self) -> BytesView:
+        """``<snapshot>/info.json``: the snapshot's metadata and its list of regions."""
+        with self._lock:
+            if self._info_json is None:
+                doc = self.info.to_json()
+                doc["regions"] = [self._region_doc(i) for i in range(len(self.regions))]
+                self._info_json = BytesView(_json_bytes(doc))
+            return self._info_json
+
+    # -- regions ---------------------------------------------------------------------------
+    def _region_doc(self, index: int) -> dict[str, Any]:
+        r = self.regions[index]
+        return {
+            "name": r.name,
+            "entry": self.entries[index],
+            "start": r.start,
+            "end": r.start + r.length,
+            "length": r.length,
+            "perms": r.perms,
+            "offset": r.offset,
+            "path": r.path,
+            "kind": r.kind,
+            "page_size": r.page_size,
+            "data_pages": r.data_pages,
+            "zero_pages": r.zero_pages,
+            "mem_offset": self.mem.layout.get(index),
+        }
+
+    def region_json(self, index: int) -> BytesView:
+        """``ramblocks/<block>/info.json``: the region and its data extents ``[offset, length]``."""
+        with self._lock:
+            view = self._region_json.get(index)
+            if view is not None:
+                self._region_json.move_to_end(index)
+                return view
+        doc = self._region_doc(index)
+        doc["meta"] = self.regions[index].meta
+        # One extent per line: the list can be long, and grep/jq both cope with this form.
+        extents = ",\n".join(f"    [{o}, {n}]" for o, n in self.reader.data_extents(index))
+        head = json.dumps(doc, indent=2, default=str)[:-2]
+        text = f'{head},\n  "data_extents": [\n{extents}\n  ]\n}}\n' if extents else \
+            f'{head},\n  "data_extents": []\n}}\n'
+        view = BytesView(text.encode())
+        with self._lock:
+            self._region_json[index] = view
+            while len(self._region_json) > REGION_JSON_CACHE:
+                self._region_json.popitem(last=False)
+        return view
+
+    def region_data(self, index: int) -> RegionDataView:
+        """``ramblocks/<block>/data``."""
+        return RegionDataView(self.reader, self.regions[index])
+
+    def view(self, local: int) -> Any | None:
+        """The file view of node ``local`` (see :mod:`snapfs.fs.inodes`), None if not a file."""
+        if local == inodes.SNAP_INFO:
+            return self.info_json()
+        if local == inodes.MEM:
+            return self.mem
+        if inodes.PROVIDER_BASE <= local < inodes.REGION_BASE:
+            found = self.extra_views().get(local)
+            return found[1] if found else None
+        if local >= inodes.REGION_BASE:
+            index, part = inodes.split_region_local(local)
+            if index >= len(self.regions):
+                return None
+            if part == inodes.REGION_DATA:
+                return self.region_data(index)
+            if part == inodes.REGION_INFO:
+                return self.region_json(index)
+        return None
+
+    def close(self) -> None:
+        """Close the reader if it can be closed."""
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
+
+
+def provider_locals() -> list[tuple[int, ViewProvider]]:
+    """``(local, provider)`` for every provider whose module exists in this installation."""
+    return [(inodes.PROVIDER_BASE + i, p) for i, p in enumerate(PROVIDERS) if p.available()]

@@ -1,0 +1,106 @@
+"""File views: what a regular file of the mount is (size, allocated bytes, read).
+
+Every file of the layout is a *view* over one snapshot's reader. The built-in ones live here
+(:class:`BytesView` for the ``info.json`` files, :class:`RegionDataView` for
+``ramblocks/<block>/data``); ``mem`` is :class:`snapfs.fs.memview.MemView`.
+
+Snapshot-level views defined elsewhere (``vmstate``, roadmap: ``core``) are *providers*: an
+entry in :data:`PROVIDERS` names a module and a factory called with the snapshot's reader. The
+module is imported on first use; a provider whose module does not exist is not listed, so
+adding the ``core`` view is writing one module. A factory may return ``None`` for snapshots it
+does not apply to.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class FileView(Protocol):
+    """A regular file: ``size`` exact before any read; ``read`` may run in a worker thread."""
+
+    size: int
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` clipped to the file's end."""
+        ...
+
+
+def allocated_bytes(view: Any) -> int:
+    """Bytes the view really holds (``st_blocks``): ``view.allocated`` if it says, else its size."""
+    return int(getattr(view, "allocated", view.size))
+
+
+def is_immutable(view: Any) -> bool:
+    """Whether the kernel may keep the file's pages cached across opens (``keep_cache``)."""
+    return not getattr(view, "size_may_change", False)
+
+
+class BytesView:
+    """A small file held in memory (the ``info.json`` files)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+        self.allocated = len(data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """A slice of the bytes."""
+        return self.data[offset : offset + size]
+
+
+class RegionDataView:
+    """``ramblocks/<block>/data``: one region, offset 0 = the region's first byte."""
+
+    def __init__(self, reader: Any, region: Any) -> None:
+        self._reader = reader
+        self._index = region.index
+        self.size = region.length
+        # Zero pages are stored as index entries only: they are holes to `du` as well.
+        self.allocated = region.data_pages * region.page_size
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Region bytes; zeros for holes and zero pages."""
+        size = min(size, self.size - offset)
+        if size <= 0:
+            return b""
+        return self._reader.read(self._index, offset, size)
+
+
+@dataclass(frozen=True)
+class ViewProvider:
+    """A snapshot-level file made by another module: ``<module>.<factory>(reader)``."""
+
+    name: str
+    module: str
+    factory: str
+
+    def available(self) -> bool:
+        """Whether the module exists (checked without importing it)."""
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    def load(self) -> Callable[[Any], Any] | None:
+        """The factory, imported now; ``None`` (logged) if the module fails to import."""
+        try:
+            return getattr(importlib.import_module(self.module), self.factory)
+        except (ImportError, AttributeError):
+            log.warning("view %s unavailable: %s.%s cannot be imported", self.name, self.module,
+                        self.factory, exc_info=True)
+            return None
+
+
+# Order is the inode order of the snapshot directory's extra files; append only (inode
+# numbers of a running mount depend on positions).
+PROVIDERS: tuple[ViewProvider, ...] = (
+    ViewProvider("vmstate", "snapfs.stream.vmstate", "VmstateView"),
+    ViewProvider("core", "snapfs.fs.core", "CoreView"),
+)

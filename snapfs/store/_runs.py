@@ -1,0 +1,166 @@
+"""Run maps: per region, where each page's bytes are.
+
+A map is a numpy structured array of runs sorted by ``page``: a DATA run says pages
+``page..page+n-1`` are slots ``slot..slot+n-1`` of the frame at (``seg``, ``off``) whose total
+length is ``flen``; a ZERO run says the pages are all zero. Pages covered by no run are HOLES.
+Stored in the catalog as one zstd-compressed blob per region (31 bytes per run before
+compression: a fully populated 64 GiB region of contiguous pages is ~512 K runs, ~16 MB).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from snapfs.store._format import FrameError, compress_blob, decompress_blob
+from snapfs.store.model import DATA, HOLE, ZERO
+
+RUN_DTYPE = np.dtype(
+    [("page", "<u8"), ("n", "<u4"), ("kind", "u1"), ("slot", "<u2"),
+     ("seg", "<u4"), ("off", "<u8"), ("flen", "<u4")]
+)
+assert RUN_DTYPE.itemsize == 31
+
+EMPTY = np.zeros(0, RUN_DTYPE)
+
+
+def make_runs(pages: np.ndarray, kind: int, seg: int = 0, off: int = 0, flen: int = 0,
+              slots: np.ndarray | None = None) -> np.ndarray:
+    """Runs for sorted-by-slot ``pages`` (one frame, or ZERO pages): breaks where not consecutive."""
+    pages = np.asarray(pages, dtype=np.uint64)
+    if len(pages) == 0:
+        return EMPTY
+    if slots is None:
+        slots = np.arange(len(pages), dtype=np.int64) if kind == DATA else np.zeros(len(pages), np.int64)
+    order = np.argsort(pages, kind="stable")
+    pages = pages[order]
+    slots = np.asarray(slots, dtype=np.int64)[order]
+    brk = np.ones(len(pages), dtype=bool)
+    brk[1:] = np.diff(pages.astype(np.int64)) != 1
+    if kind == DATA:
+        brk[1:] |= np.diff(slots) != 1
+    starts = np.flatnonzero(brk)
+    out = np.zeros(len(starts), RUN_DTYPE)
+    out["page"] = pages[starts]
+    out["n"] = np.diff(np.append(starts, len(pages)))
+    out["kind"] = kind
+    if kind == DATA:
+        out["slot"] = slots[starts]
+        out["seg"], out["off"], out["flen"] = seg, off, flen
+    return out
+
+
+def finish(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate, sort and coalesce run arrays into a region's final map."""
+    if not parts:
+        return EMPTY
+    runs = np.concatenate(parts)
+    if len(runs) == 0:
+        return EMPTY
+    runs = runs[np.argsort(runs["page"], kind="stable")]
+    # Merge a run into its predecessor when it continues it exactly (same frame, next slot,
+    # or both ZERO): done in one vectorised pass.
+    end = runs["page"][:-1] + runs["n"][:-1]
+    cont = (end == runs["page"][1:]) & (runs["kind"][1:] == runs["kind"][:-1])
+    data_cont = (runs["seg"][1:] == runs["seg"][:-1]) & (runs["off"][1:] == runs["off"][:-1]) & (
+        runs["slot"][1:].astype(np.int64) == runs["slot"][:-1].astype(np.int64) + runs["n"][:-1])
+    cont &= (runs["kind"][1:] == ZERO) | data_cont
+    if not cont.any():
+        return runs
+    head = np.ones(len(runs), bool)
+    head[1:] = ~cont
+    starts = np.flatnonzero(head)
+    merged = runs[starts].copy()
+    merged["n"] = np.add.reduceat(runs["n"].astype(np.uint64), starts).astype(np.uint32)
+    return merged
+
+
+def encode(runs: np.ndarray) -> bytes:
+    """Serialise a map for the catalog."""
+    return compress_blob(np.ascontiguousarray(runs, RUN_DTYPE).tobytes())
+
+
+def decode(blob: bytes, count: int) -> np.ndarray:
+    """Inverse of :func:`encode`; raises FrameError when the blob is damaged."""
+    raw = decompress_blob(blob)
+    if len(raw) != count * RUN_DTYPE.itemsize:
+        raise FrameError("run map length mismatch")
+    return np.frombuffer(raw, RUN_DTYPE)
+
+
+def ends_of(runs: np.ndarray) -> np.ndarray:
+    """End page (exclusive) of every run, for :func:`overlapping` (compute once per map)."""
+    return runs["page"] + runs["n"]
+
+
+def overlapping(runs: np.ndarray, first: int, last: int, ends: np.ndarray | None = None,
+                starts: np.ndarray | None = None) -> np.ndarray:
+    """The runs that intersect pages [first, last) (runs sorted, non-overlapping).
+
+    Pass precomputed ``ends`` (and ``starts`` = runs["page"] as a contiguous array) on hot paths.
+    """
+    if len(runs) == 0:
+        return runs
+    if ends is None:
+        ends = ends_of(runs)
+    if starts is None:
+        starts = runs["page"]
+    lo = int(np.searchsorted(ends, first, side="right"))
+    hi = int(np.searchsorted(starts, last, side="left"))
+    return runs[lo:hi]
+
+
+def clip(runs: np.ndarray, first: int, last: int) -> np.ndarray:
+    """Runs cut to pages [first, last) (DATA slots shifted accordingly)."""
+    sel = overlapping(runs, first, last).copy()
+    if len(sel) == 0:
+        return sel
+    start = sel["page"].astype(np.int64)
+    end = start + sel["n"]
+    new_start = np.maximum(start, first)
+    new_end = np.minimum(end, last)
+    shift = new_start - start
+    data = sel["kind"] == DATA
+    sel["slot"][data] = (sel["slot"][data].astype(np.int64) + shift[data]).astype(np.uint16)
+    sel["page"] = new_start
+    sel["n"] = new_end - new_start
+    return sel
+
+
+def locate(runs: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """For each page (all must be DATA in ``runs``), a run record pointing at its single slot."""
+    ends = runs["page"] + runs["n"]
+    idx = np.searchsorted(ends, pages.astype(np.uint64), side="right")
+    out = runs[idx].copy()
+    out["slot"] = (out["slot"].astype(np.int64) + (pages.astype(np.int64) - out["page"].astype(np.int64))).astype(np.uint16)
+    out["page"] = pages
+    out["n"] = 1
+    return out
+
+
+def iter_kinds(runs: np.ndarray, npages: int) -> Iterator[tuple[int, int, int]]:
+    """(first_page, npages, kind) covering [0, npages), HOLEs included, same kinds coalesced."""
+    cur_start, cur_n, cur_kind = 0, 0, HOLE
+    pos = 0
+    pieces = zip(runs["page"].tolist(), runs["n"].tolist(), runs["kind"].tolist())
+    for page, n, kind in pieces:
+        for start, length, k in ((pos, page - pos, HOLE), (page, n, kind)):
+            if length <= 0:
+                continue
+            if k == cur_kind and cur_start + cur_n == start:
+                cur_n += length
+            else:
+                if cur_n:
+                    yield cur_start, cur_n, cur_kind
+                cur_start, cur_n, cur_kind = start, length, k
+        pos = page + n
+    if npages > pos:
+        if cur_kind == HOLE and cur_start + cur_n == pos:
+            cur_n += npages - pos
+        else:
+            if cur_n:
+                yield cur_start, cur_n, cur_kind
+            cur_start, cur_n, cur_kind = pos, npages - pos, HOLE
+    if cur_n:
+        yield cur_start, cur_n, cur_kind

@@ -1,0 +1,139 @@
+"""SnapshotReader: random reads of a committed snapshot, run maps loaded lazily per region.
+
+Decoded frames live in the store-wide :class:`FrameCache` (frames are shared by parents and
+children, and a mount opens many readers: one bounded cache serves them all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+from snapfs.errors import SnapshotNotFound, StoreCorrupt
+from snapfs.store import _runs
+from snapfs.store._format import PAGE, FrameError, decode_frame, decompress_blob
+from snapfs.store.model import DATA, RegionInfo, SnapshotInfo
+
+
+
+class SnapshotReader:
+    """Reads one committed snapshot. Thread-safe; holds a bounded cache of decoded frames."""
+
+    def __init__(self, store: Any, info: SnapshotInfo) -> None:
+        self._store = store
+        self.info = info
+        rows = store.query(
+            "SELECT idx, name, start, length, perms, offset, path, kind, page_size, data_pages, "
+            "zero_pages, meta FROM regions WHERE snapshot_id=? ORDER BY idx", (info.id,))
+        self.regions = [
+            RegionInfo(index=r["idx"], name=r["name"], start=r["start"], length=r["length"],
+                       perms=r["perms"], offset=r["offset"], path=r["path"], kind=r["kind"],
+                       page_size=r["page_size"], data_pages=r["data_pages"],
+                       zero_pages=r["zero_pages"], meta=json.loads(r["meta"]))
+            for r in rows]
+        # Per region, once loaded: (runs, run starts, run ends) as contiguous arrays.
+        self._maps: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(self.regions)
+        self._map_lock = threading.Lock()
+
+    def _map(self, region_index: int) -> np.ndarray:
+        return self._indexed_map(region_index)[0]
+
+    def _indexed_map(self, region_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        entry = self._maps[region_index]
+        if entry is None:
+            with self._map_lock:
+                entry = self._maps[region_index]
+                if entry is None:
+                    rows = self._store.query("SELECT nruns, map FROM regions WHERE snapshot_id=? AND idx=?",
+                                             (self.info.id, region_index))
+                    region = self.regions[region_index]
+                    if not rows and not self._store.query("SELECT 1 FROM snapshots WHERE id=?", (self.info.id,)):
+                        raise SnapshotNotFound(f"snapshot {self.info.name!r} was removed from store "
+                                               f"{self._store.path} while open")
+                    try:
+                        if not rows:
+                            raise FrameError("region row missing")
+                        runs = _runs.decode(rows[0]["map"], rows[0]["nruns"])
+                    except FrameError as exc:
+                        raise StoreCorrupt(f"snapshot {self.info.name!r} region {region.name!r}: page map "
+                                           f"is damaged ({exc.reason}): run `snapfs check`") from None
+                    entry = (runs, np.ascontiguousarray(runs["page"]).astype(np.int64),
+                             _runs.ends_of(runs).astype(np.int64))
+                    self._maps[region_index] = entry
+        return entry
+
+    def _frame(self, seg: int, off: int, flen: int, region_index: int) -> bytes:
+        data = self._store.frame_cache.get((seg, off))
+        if data is not None:
+            return data
+        raw = os.pread(self._store.segment_fd(seg), flen, off)
+        try:
+            data, _ = decode_frame(raw, seg)
+        except FrameError as exc:
+            region = self.regions[region_index]
+            raise StoreCorrupt(
+                f"damaged frame in {self._store.segment_path(seg)} at offset {off} ({exc.reason}): "
+                f"snapshot {self.info.name!r} region {region.name!r} cannot be read there; "
+                "run `snapfs check --verify-data`") from None
+        self._store.frame_cache.put((seg, off), data)
+        return data
+
+    def read(self, region_index: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of a region (short at its end); zeros for holes/zero pages.
+
+        Raises StoreCorrupt when a frame covering the range is damaged (never wrong bytes).
+        """
+        region = self.regions[region_index]
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        size = min(size, region.length - offset)
+        if size <= 0:
+            return b""
+        first = offset // PAGE
+        last = (offset + size + PAGE - 1) // PAGE
+        out = bytearray((last - first) * PAGE)
+        runs, starts, ends = self._indexed_map(region_index)
+        sel = _runs.overlapping(runs, first, last, ends, starts)
+        for page, n, kind, slot, seg, off, flen in sel[sel["kind"] == DATA].tolist():
+            frame = self._frame(seg, off, flen, region_index)
+            lo, hi = max(page, first), min(page + n, last)
+            src = (slot + lo - page) * PAGE
+            out[(lo - first) * PAGE:(hi - first) * PAGE] = frame[src:src + (hi - lo) * PAGE]
+        start = offset - first * PAGE
+        if start == 0 and size == len(out):
+            return bytes(out)
+        return bytes(memoryview(out)[start:start + size])
+
+    def runs(self, region_index: int) -> Iterator[tuple[int, int, int]]:
+        """(first_page, npages, kind) over the whole region, ascending; kind HOLE/ZERO/DATA."""
+        region = self.regions[region_index]
+        return _runs.iter_kinds(self._map(region_index), region.length // PAGE)
+
+    def data_extents(self, region_index: int) -> list[tuple[int, int]]:
+        """(offset, length) in bytes of the region's DATA runs."""
+        return [(p * PAGE, n * PAGE) for p, n, k in self.runs(region_index) if k == DATA]
+
+    def blob(self, name: str) -> bytes | None:
+        """The blob ``name`` put by the writer, or None."""
+        rows = self._store.query("SELECT data FROM blobs WHERE snapshot_id=? AND name=?", (self.info.id, name))
+        if not rows:
+            return None
+        try:
+            return decompress_blob(rows[0]["data"])
+        except FrameError as exc:
+            raise StoreCorrupt(f"snapshot {self.info.name!r}: blob {name!r} is damaged ({exc.reason})") from None
+
+    def close(self) -> None:
+        """Release the loaded page maps (the store owns files and the frame cache)."""
+        with self._map_lock:
+            self._maps = [None] * len(self.regions)
+
+    def __enter__(self) -> "SnapshotReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

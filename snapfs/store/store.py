@@ -1,0 +1,414 @@
+"""The Store: opening/creating a store directory, the catalog connections, list/info/remove.
+
+Writing lives in writer.py, reading in reader.py, gc/check in maintenance.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from snapfs.errors import NameInUse, SnapshotNotFound, StoreCorrupt, StoreError, UsageError
+from snapfs.store._fsutil import disk_full_error, fsync_dir, is_disk_full, write_atomic
+from snapfs.store.model import SnapshotInfo
+
+FORMAT_NAME = "snapfs-store"
+FORMAT_VERSION = 1
+DEFAULT_LEVEL = 1          # zstd level: level 1 keeps compression off the capture's critical path
+CATALOG = "catalog.sqlite"
+_SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
+_OUR_ENTRIES = {"README", "config.json", "config.json.tmp", CATALOG, CATALOG + "-wal",
+                CATALOG + "-shm", CATALOG + "-journal", "segments", "locks"}
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,199}")
+
+README_TEXT = """\
+This directory is a snapfs page store: live memory snapshots of processes and VMs.
+It holds process memory (possibly keys and passwords): keep it private (mode 0700).
+
+  config.json     format name and version, compression level, frame size
+  catalog.sqlite  SQLite catalog (WAL mode): snapshots, regions, run maps, frame index
+  segments/       append-only data files of CRC-checked zstd frames (never edited in place)
+  locks/          one lock file per capture in progress (flock held while it runs)
+
+Use the snapfs command to read it: snapfs list, snapfs info NAME, snapfs mount DIR,
+snapfs check --verify-data, snapfs rm NAME, snapfs gc. Do not edit files here by hand.
+"""
+
+
+def _info_from_row(row: sqlite3.Row) -> SnapshotInfo:
+    info = json.loads(row["info"])
+    return SnapshotInfo(
+        id=row["id"], name=row["name"], kind=info.get("kind", "process"), pid=info.get("pid"),
+        comm=info.get("comm"), exe=info.get("exe"), cmdline=info.get("cmdline"),
+        created=row["created"], pause_ms=info.get("pause_ms"), duration_s=info.get("duration_s"),
+        resident_bytes=info.get("resident_bytes", 0), zero_bytes=info.get("zero_bytes", 0),
+        stored_bytes=info.get("stored_bytes", 0), shared_bytes=info.get("shared_bytes", 0),
+        faults=info.get("faults", 0), parent=row["parent_name"],
+        warnings=list(info.get("warnings", [])), meta=dict(info.get("meta", {})),
+        region_count=info.get("region_count", 0),
+    )
+
+
+class FrameCache:
+    """A thread-safe LRU of decoded frames keyed by (segment, offset), bounded in frames."""
+
+    def __init__(self, capacity: int = 256) -> None:      # 256 x 128 KiB = 32 MiB
+        self.capacity = capacity
+        self._data: collections.OrderedDict[tuple[int, int], bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        """The cached frame or None (marks it recently used)."""
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        """Insert a decoded frame, evicting the least recently used beyond capacity."""
+        with self._lock:
+            self._data[key] = data
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop everything."""
+        with self._lock:
+            self._data.clear()
+
+
+class Store:
+    """A page store directory. Thread-safe: each thread gets its own SQLite connection."""
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        self.path = path
+        self.config = config
+        self.level: int = int(config.get("compression_level", DEFAULT_LEVEL))
+        self.segments_dir = path / "segments"
+        self.locks_dir = path / "locks"
+        self._tls = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._seg_fds: dict[int, int] = {}
+        self.frame_cache = FrameCache()
+        self._closed = False
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], create: bool = True,
+             compression_level: int | None = None) -> "Store":
+        """Open (or create, mode 0700) the store at ``path``.
+
+        Raises StoreError when it is missing (and not ``create``), not a store, or of another
+        format version; StoreCorrupt when the catalog cannot be read.
+        """
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.exists():
+            if not create:
+                raise StoreError(f"no snapfs store at {path}: take a snapshot first or pass --store DIR")
+            cls._create(path, compression_level)
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreCorrupt(f"store config {config_file} is unreadable ({exc}): restore it or use another --store") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+            raise StoreError(f"{path} is not a snapfs store (config.json has no format {FORMAT_NAME!r})")
+        if config.get("version") != FORMAT_VERSION:
+            raise StoreError(
+                f"store {path} has format version {config.get('version')}, this snapfs reads version "
+                f"{FORMAT_VERSION}: use a snapfs release matching the store, or another --store")
+        store = cls(path, config)
+        if compression_level is not None:
+            store.level = compression_level
+        with store._errors():
+            store.db().execute("SELECT value FROM counters WHERE name='generation'").fetchone()
+        return store
+
+    @staticmethod
+    def _create(path: Path, compression_level: int | None) -> None:
+        if path.exists():
+            if not path.is_dir():
+                raise StoreError(f"{path} exists and is not a directory: choose another --store")
+            stray = {p.name for p in path.iterdir()} - _OUR_ENTRIES
+            if stray:
+                raise StoreError(f"{path} is not empty and is not a snapfs store: choose another --store")
+        old = os.umask(0o077)      # nothing we create may be readable by others, not even briefly
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(mode=0o700, exist_ok=True)
+            except PermissionError as exc:
+                raise StoreError(f"cannot create store {path}: {exc.strerror}") from None
+            os.chmod(path, 0o700)
+            (path / "segments").mkdir(mode=0o700, exist_ok=True)
+            (path / "locks").mkdir(mode=0o700, exist_ok=True)
+            write_atomic(path / "README", README_TEXT.encode())
+            fd = os.open(path / CATALOG, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            conn = sqlite3.connect(path / CATALOG, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+            finally:
+                conn.close()
+            config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                      "compression_level": compression_level or DEFAULT_LEVEL,
+                      "frame_size": 128 * 1024, "segment_max_bytes": 1 << 30}
+            # config.json last: its presence marks a fully initialised store.
+            write_atomic(path / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+            fsync_dir(path.parent)
+        finally:
+            os.umask(old)
+
+    # ----------------------------------------------------------------- catalog access
+    def db(self) -> sqlite3.Connection:
+        """This thread's catalog connection (created on first use)."""
+        conn = getattr(self._tls, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise StoreError(f"store {self.path} is closed")
+            old = os.umask(0o077)   # -wal/-shm are created on first connect
+            try:
+                conn = sqlite3.connect(self.path / CATALOG, isolation_level=None,
+                                       check_same_thread=False, timeout=30.0)
+            finally:
+                os.umask(old)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._tls.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Translate SQLite failures into StoreError/StoreCorrupt with one-line messages."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path, exc) from None
+            msg = str(exc)
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in msg:
+                raise StoreError(f"store catalog {self.path / CATALOG} is busy ({msg}): retry") from None
+            raise StoreCorrupt(f"store catalog {self.path / CATALOG} is damaged ({msg}): "
+                               "run `snapfs check`; restore the catalog from a backup") from None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on this thread's connection (ROLLBACK on error)."""
+        with self._errors():
+            conn = self.db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """Run a read query on this thread's connection."""
+        with self._errors():
+            return self.db().execute(sql, params).fetchall()
+
+    # ----------------------------------------------------------------- files
+    def segment_path(self, seg: int) -> Path:
+        """Path of segment ``seg``."""
+        return self.segments_dir / f"{seg:010d}.seg"
+
+    def segment_fd(self, seg: int) -> int:
+        """A shared read-only fd of segment ``seg`` (kept open; StoreCorrupt if it is missing)."""
+        fd = self._seg_fds.get(seg)
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._seg_fds.get(seg)
+            if fd is None:
+                try:
+                    fd = os.open(self.segment_path(seg), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise StoreCorrupt(f"segment {self.segment_path(seg)} is missing: "
+                                       "run `snapfs check` to see which snapshots are affected") from None
+                self._seg_fds[seg] = fd
+            return fd
+
+    def forget_segment_fd(self, seg: int) -> None:
+        """Close our fd of a segment gc deleted."""
+        with self._lock:
+            fd = self._seg_fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+
+    def new_lock(self) -> tuple[str, int]:
+        """Create and flock a fresh writer lock file; returns (file name, fd)."""
+        name = f"{uuid.uuid4().hex}.lock"
+        fd = os.open(self.locks_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, f"{os.getpid()}\n".encode())   # for humans: which process writes
+        except OSError:
+            os.close(fd)
+            os.unlink(self.locks_dir / name)
+            raise
+        return name, fd
+
+    def writer_alive(self, lock_name: str | None) -> bool:
+        """True while the writer that holds ``locks/<lock_name>`` runs (flock is released at death)."""
+        if not lock_name:
+            return False
+        try:
+            fd = os.open(self.locks_dir / lock_name, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # ----------------------------------------------------------------- catalog queries
+    def generation(self) -> int:
+        """A number that changes whenever the committed set changes (one indexed read)."""
+        rows = self.query("SELECT value FROM counters WHERE name='generation'")
+        return int(rows[0][0])
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        """Committed snapshots, oldest first."""
+        rows = self.query("SELECT * FROM snapshots WHERE state='committed' ORDER BY created, id")
+        return [_info_from_row(r) for r in rows]
+
+    def _row(self, name: str) -> sqlite3.Row:
+        rows = self.query("SELECT * FROM snapshots WHERE name=? AND state='committed'", (name,))
+        if not rows:
+            raise SnapshotNotFound(f"no snapshot named {name!r} in store {self.path}: see `snapfs list`")
+        return rows[0]
+
+    def info(self, name: str) -> SnapshotInfo:
+        """The SnapshotInfo of committed snapshot ``name`` (SnapshotNotFound otherwise)."""
+        return _info_from_row(self._row(name))
+
+    def open_snapshot(self, name: str) -> "SnapshotReader":
+        """A thread-safe reader of committed snapshot ``name``."""
+        from snapfs.store.reader import SnapshotReader
+        row = self._row(name)
+        return SnapshotReader(self, _info_from_row(row))
+
+    def begin_snapshot(self, name: str, meta: dict[str, Any], parent: str | None = None) -> "SnapshotWriter":
+        """Reserve ``name`` and return a writer (NameInUse if taken or being captured).
+
+        With ``parent`` (a committed snapshot), unchanged pages are stored as references.
+        """
+        from snapfs.store.writer import SnapshotWriter
+        if not _NAME_RE.fullmatch(name) or name in (".", ".."):
+            raise UsageError(f"bad snapshot name {name!r}: use letters, digits and ._:@+- "
+                             "(at most 200, not starting with a dot or dash)")
+        parent_row = self._row(parent) if parent is not None else None
+        try:
+            lock_name, lock_fd = self.new_lock()
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path, exc) from None
+            raise StoreError(f"cannot create a lock file in {self.locks_dir}: {exc.strerror}") from None
+        try:
+            with self.transaction() as conn:
+                old = conn.execute("SELECT id, state, lock FROM snapshots WHERE name=?", (name,)).fetchone()
+                if old is not None:
+                    if old["state"] == "committed":
+                        raise NameInUse(f"a snapshot named {name!r} already exists in {self.path}: "
+                                        f"choose another name or `snapfs rm {name}`")
+                    if self.writer_alive(old["lock"]):
+                        raise NameInUse(f"a snapshot named {name!r} is being captured right now by "
+                                        "another snapfs: choose another name or wait for it")
+                    # A dead writer's reservation: release the name, leave its files to gc.
+                    conn.execute("DELETE FROM snapshots WHERE id=?", (old["id"],))
+                    conn.execute("DELETE FROM seg_refs WHERE snapshot_id=?", (old["id"],))
+                cur = conn.execute(
+                    "INSERT INTO snapshots(name, state, lock, parent_id, parent_name, created) "
+                    "VALUES (?, 'pending', ?, ?, ?, ?)",
+                    (name, lock_name, parent_row["id"] if parent_row else None, parent, time.time()))
+                snap_id = int(cur.lastrowid)
+                if parent_row is not None:
+                    # Keep the parent's segments alive even if the parent is removed meanwhile.
+                    conn.execute("INSERT INTO seg_refs SELECT ?, seg FROM seg_refs WHERE snapshot_id=?",
+                                 (snap_id, parent_row["id"]))
+        except BaseException:
+            os.close(lock_fd)
+            os.unlink(self.locks_dir / lock_name)
+            raise
+        return SnapshotWriter(self, snap_id, name, dict(meta), parent_row, lock_name, lock_fd)
+
+    def remove(self, names: list[str] | tuple[str, ...] | str) -> None:
+        """Remove committed snapshots (all or none); space is reclaimed by :meth:`gc`.
+
+        Children stay readable: they reference frames, not their parent's rows.
+        """
+        if isinstance(names, str):
+            names = [names]
+        with self.transaction() as conn:
+            ids = []
+            for name in names:
+                row = conn.execute("SELECT id FROM snapshots WHERE name=? AND state='committed'",
+                                   (name,)).fetchone()
+                if row is None:
+                    raise SnapshotNotFound(f"no snapshot named {name!r} in store {self.path}: "
+                                           "nothing removed; see `snapfs list`")
+                ids.append(row["id"])
+            for snap_id, name in zip(ids, names):
+                for child in conn.execute("SELECT name, lock FROM snapshots WHERE state='pending' "
+                                          "AND parent_id=?", (snap_id,)).fetchall():
+                    if self.writer_alive(child["lock"]):
+                        raise StoreError(f"snapshot {name!r} is the parent of capture {child['name']!r} "
+                                         "in progress: nothing removed; retry when it finishes")
+            for snap_id in ids:
+                for table in ("regions", "hashes", "seg_refs", "blobs"):
+                    col = "snapshot_id"
+                    conn.execute(f"DELETE FROM {table} WHERE {col}=?", (snap_id,))
+                conn.execute("DELETE FROM snapshots WHERE id=?", (snap_id,))
+            conn.execute("UPDATE counters SET value=value+1 WHERE name='generation'")
+
+    def gc(self) -> dict[str, Any]:
+        """Reclaim space no snapshot references; safe during mounts and captures. See maintenance.gc."""
+        from snapfs.store.maintenance import gc
+        return gc(self)
+
+    def check(self, verify_data: bool = False) -> dict[str, Any]:
+        """Check catalog consistency (and every frame with ``verify_data``). See maintenance.check."""
+        from snapfs.store.maintenance import check
+        return check(self, verify_data)
+
+    def close(self) -> None:
+        """Close catalog connections and segment fds (readers of this store stop working)."""
+        self._closed = True
+        with self._lock:
+            conns, self._conns = self._conns, []
+            fds, self._seg_fds = self._seg_fds, {}
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        for fd in fds.values():
+            os.close(fd)
+        self.frame_cache.clear()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

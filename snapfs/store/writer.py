@@ -1,0 +1,518 @@
+"""SnapshotWriter: turns pages into frames in this writer's own segments, publishes atomically.
+
+Threads: ``put_pages`` may run concurrently in several threads. Zero detection, hashing and
+compression run in the calling thread without locks (zstd and the cffi hash release the GIL);
+only the segment offset reservation and small bookkeeping appends take a lock. Small puts
+(single pages, THPs) are pooled in one bounded buffer until a full 128 KiB frame is ready.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from snapfs.errors import StoreError
+from snapfs.store import _runs
+from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_BYTES,
+                                  compress_blob, compress_payload, decompress_blob, frame_header,
+                                  segment_header)
+from snapfs.store._pagehash import ALGO, page_hash_list, page_hashes
+from snapfs.store._fsutil import disk_full_error, fsync_dir, is_disk_full, pwrite_all
+from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInfo
+
+HASH_CHUNK = 1 << 20          # pages per stored hash chunk (8 MiB of hashes)
+SMALL_PUT = 8                 # puts of at most this many pages take the per-page path
+ZERO_PAGE = bytes(PAGE)
+_INFO_KEYS = ("kind", "pid", "comm", "exe", "cmdline", "pause_ms", "duration_s", "faults")
+
+
+@dataclass
+class _Region:
+    spec: RegionSpec
+    npages: int
+    parent_idx: int | None
+    parts: list[np.ndarray] = field(default_factory=list)     # recent run pieces, unsorted
+    merged: list[np.ndarray] = field(default_factory=list)    # sorted runs, sizes decreasing
+    zero_pending: list[int] = field(default_factory=list)     # zero pages from small puts
+    hashes: dict[int, np.ndarray] = field(default_factory=dict)
+    lost: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Segment:
+    id: int
+    fd: int
+    size: int
+
+
+class SnapshotWriter:
+    """Writes one snapshot; see docs/architecture.md for the contract.
+
+    Use as a context manager or call :meth:`commit` / :meth:`abort` exactly once. A writer that
+    dies without either leaves a pending row that gc reclaims (its lock file is no longer held).
+    """
+
+    def __init__(self, store: Any, snap_id: int, name: str, meta: dict[str, Any],
+                 parent_row: Any, lock_name: str, lock_fd: int) -> None:
+        self._store = store
+        self.id = snap_id
+        self.name = name
+        self._meta = meta
+        self._parent_row = parent_row
+        self._lock_name = lock_name
+        self._lock_fd = lock_fd
+        self._started = time.time()
+        self._regions: list[_Region] = []
+        self._lock = threading.Lock()          # bookkeeping (regions, frames, segments)
+        self._buf_lock = threading.Lock()      # the small-put pooling buffer
+        self._buf = bytearray()
+        self._buf_regs: list[int] = []         # region index of each pooled page
+        self._buf_pages: list[int] = []        # page number of each pooled page
+        self._segment: _Segment | None = None
+        self._segments: list[_Segment] = []
+        self._frames: list[tuple[int, int, int, int]] = []          # seg, off, flen, npages
+        self._blobs: dict[str, bytes] = {}
+        self._warnings: list[str] = []
+        self._failed: BaseException | None = None
+        self._done = False
+        self._parent_regions: list[Any] = []
+        self._parent_maps: dict[int, np.ndarray] = {}
+        self._parent_hashes: dict[tuple[int, int], np.ndarray] = {}
+        if parent_row is not None:
+            self._parent_regions = store.query(
+                "SELECT idx, name, start, length FROM regions WHERE snapshot_id=? ORDER BY idx",
+                (parent_row["id"],))
+
+    # ----------------------------------------------------------------- regions
+    def add_region(self, spec: RegionSpec) -> int:
+        """Declare a region; returns its index for put_pages/inherit/mark_lost."""
+        if spec.length <= 0 or spec.length % PAGE:
+            raise ValueError(f"region {spec.name!r}: length {spec.length} is not a positive multiple of 4096")
+        if spec.kind not in REGION_KINDS:
+            raise ValueError(f"region {spec.name!r}: kind {spec.kind!r} not one of {REGION_KINDS}")
+        parent_idx = None
+        exact = [r["idx"] for r in self._parent_regions
+                 if r["name"] == spec.name and r["length"] == spec.length and r["start"] == spec.start]
+        same = [r["idx"] for r in self._parent_regions
+                if r["name"] == spec.name and r["length"] == spec.length]
+        if exact:
+            parent_idx = exact[0]
+        elif len(same) == 1:
+            parent_idx = same[0]
+        with self._lock:
+            self._regions.append(_Region(spec, spec.length // PAGE, parent_idx))
+            return len(self._regions) - 1
+
+    def _region(self, idx: int, first_page: int, npages: int) -> _Region:
+        if self._done:
+            raise StoreError(f"snapshot {self.name!r} writer is already committed or aborted")
+        if self._failed is not None:
+            raise self._failed
+        reg = self._regions[idx]
+        if first_page < 0 or first_page + npages > reg.npages:
+            raise ValueError(f"region {reg.spec.name!r}: pages {first_page}+{npages} outside 0..{reg.npages}")
+        return reg
+
+    # ----------------------------------------------------------------- parent lookups
+    def _parent_map(self, pidx: int) -> np.ndarray:
+        runs = self._parent_maps.get(pidx)
+        if runs is None:
+            row = self._store.query("SELECT nruns, map FROM regions WHERE snapshot_id=? AND idx=?",
+                                    (self._parent_row["id"], pidx))[0]
+            runs = _runs.decode(row["map"], row["nruns"])
+            self._parent_maps[pidx] = runs
+        return runs
+
+    def _parent_hash(self, pidx: int, pages: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(pages), np.uint64)
+        chunks = pages // HASH_CHUNK
+        for chunk in np.unique(chunks).tolist():
+            arr = self._parent_hashes.get((pidx, chunk))
+            if arr is None:
+                rows = self._store.query(
+                    "SELECT data FROM hashes WHERE snapshot_id=? AND region_idx=? AND chunk=? AND algo=?",
+                    (self._parent_row["id"], pidx, chunk, ALGO))
+                # No chunk (no data there, or hashed another way): nothing matches, all is stored.
+                arr = np.frombuffer(decompress_blob(rows[0]["data"]), "<u8") if rows else np.zeros(0, np.uint64)
+                self._parent_hashes[(pidx, chunk)] = arr
+            sel = chunks == chunk
+            local = pages[sel] - chunk * HASH_CHUNK
+            if len(arr):
+                out[sel] = arr[local]
+        return out
+
+    def _hash_chunk(self, reg: _Region, chunk: int) -> np.ndarray:
+        """This writer's hash array for pages [chunk*HASH_CHUNK, ...) of a region (allocated lazily)."""
+        arr = reg.hashes.get(chunk)
+        if arr is None:
+            with self._lock:
+                arr = reg.hashes.setdefault(
+                    chunk, np.zeros(min(HASH_CHUNK, reg.npages - chunk * HASH_CHUNK), np.uint64))
+        return arr
+
+    def _set_hashes(self, reg: _Region, pages: np.ndarray, values: np.ndarray) -> None:
+        if len(pages) == 0:
+            return
+        lo, hi = int(pages[0]) // HASH_CHUNK, int(pages[-1]) // HASH_CHUNK
+        if lo == hi:                                  # the usual case: one chunk, no masks
+            self._hash_chunk(reg, lo)[pages - np.uint64(lo * HASH_CHUNK)] = values
+            return
+        chunks = pages // HASH_CHUNK
+        for chunk in np.unique(chunks).tolist():
+            sel = chunks == chunk
+            self._hash_chunk(reg, chunk)[pages[sel] - np.uint64(chunk * HASH_CHUNK)] = values[sel]
+
+    # ----------------------------------------------------------------- putting pages
+    def put_pages(self, idx: int, first_page: int, data: Any, mask: np.ndarray | None = None) -> None:
+        """Store pages ``first_page..`` of region ``idx`` from ``data`` (n*4096 bytes).
+
+        Zero pages become index entries; with ``mask`` only True pages are stored; with a
+        parent, pages whose hash equals the parent's same page refer to the parent's frame.
+        """
+        view = memoryview(data).cast("B")
+        n = len(view) // PAGE
+        if len(view) != n * PAGE:
+            raise ValueError(f"put_pages: {len(view)} bytes is not a multiple of 4096")
+        reg = self._region(idx, first_page, n)
+        if n == 0:
+            return
+        if n <= SMALL_PUT:
+            self._put_small(idx, reg, first_page, view, n, mask)
+            return
+        words = np.frombuffer(view, "<u8").reshape(n, PAGE // 8)
+        sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+        if sel.shape != (n,):
+            raise ValueError(f"put_pages: mask has shape {sel.shape}, expected ({n},)")
+        nonzero = words.any(axis=1)
+        zero_idx = np.flatnonzero(sel & ~nonzero)
+        data_idx = np.flatnonzero(sel & nonzero)
+        hashes = page_hashes(view, data_idx)
+        pages = data_idx.astype(np.uint64) + np.uint64(first_page)
+        self._set_hashes(reg, pages, hashes)
+        parts = [_runs.make_runs(zero_idx.astype(np.uint64) + np.uint64(first_page), ZERO)]
+        if reg.parent_idx is not None and len(data_idx):
+            same = self._parent_hash(reg.parent_idx, pages) == hashes
+            if same.any():
+                parts.append(_runs.finish([_runs.locate(self._parent_map(reg.parent_idx), pages[same])]))
+                data_idx = data_idx[~same]
+        with self._lock:
+            reg.parts.extend(p for p in parts if len(p))
+            self._compact(reg)
+        self._store_pages(idx, first_page, view, words, data_idx)
+
+    def _put_small(self, idx: int, reg: _Region, first_page: int, view: memoryview, n: int,
+                   mask: Any) -> None:
+        """put_pages for a few pages (the fault path): plain Python beats numpy's set-up cost."""
+        keep = range(n) if mask is None else [i for i in range(n) if mask[i]]
+        data = [i for i in keep if view[i * PAGE:(i + 1) * PAGE] != ZERO_PAGE]
+        if len(data) < len(keep):
+            zeros = [first_page + i for i in keep if i not in data]
+            with self._lock:
+                reg.zero_pending += zeros
+        if not data:
+            return
+        hashes = page_hash_list(view, data)
+        for i, h in zip(data, hashes):
+            page = first_page + i
+            chunk = self._hash_chunk(reg, page // HASH_CHUNK)
+            chunk[page % HASH_CHUNK] = h
+        if reg.parent_idx is not None:
+            pages = np.array([first_page + i for i in data], np.uint64)
+            same = self._parent_hash(reg.parent_idx, pages) == np.array(hashes, np.uint64)
+            if same.any():
+                located = _runs.locate(self._parent_map(reg.parent_idx), pages[same])
+                with self._lock:
+                    reg.parts.append(located)
+                data = [i for i, s in zip(data, same.tolist()) if not s]
+                if not data:
+                    return
+        raw = view if len(data) == n else b"".join(view[i * PAGE:(i + 1) * PAGE] for i in data)
+        self._pool(raw, [idx] * len(data), [first_page + i for i in data])
+
+    def _store_pages(self, idx: int, first_page: int, view: memoryview, words: np.ndarray,
+                     data_idx: np.ndarray) -> None:
+        k = len(data_idx)
+        full = k - k % FRAME_PAGES
+        for j in range(0, full, FRAME_PAGES):
+            chunk = data_idx[j:j + FRAME_PAGES]
+            if chunk[-1] - chunk[0] == FRAME_PAGES - 1:
+                raw = view[chunk[0] * PAGE:(chunk[-1] + 1) * PAGE]      # contiguous: no copy
+            else:
+                raw = words[chunk].tobytes()
+            regs = np.full(FRAME_PAGES, idx, np.int32)
+            self._write_frame(raw, regs, chunk.astype(np.uint64) + np.uint64(first_page))
+        rest = data_idx[full:]
+        if not len(rest):
+            return
+        self._pool(words[rest].tobytes(), [idx] * len(rest), (rest + first_page).tolist())
+
+    def _pool(self, raw: bytes | memoryview, regs: list[int], pages: list[int]) -> None:
+        """Add pages to the shared small-put buffer; write out every full frame it yields."""
+        ready = []
+        with self._buf_lock:
+            self._buf += raw
+            self._buf_regs += regs
+            self._buf_pages += pages
+            while len(self._buf_pages) >= FRAME_PAGES:
+                ready.append(self._take_buffer(FRAME_PAGES))
+        for frame in ready:
+            self._write_frame(*frame)
+
+    def _take_buffer(self, npages: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+        """Detach the first ``npages`` pooled pages (call with _buf_lock held)."""
+        raw = bytes(memoryview(self._buf)[:npages * PAGE])
+        del self._buf[:npages * PAGE]
+        regs = np.array(self._buf_regs[:npages], np.int32)
+        pages = np.array(self._buf_pages[:npages], np.uint64)
+        del self._buf_regs[:npages], self._buf_pages[:npages]
+        return raw, regs, pages
+
+    def _write_frame(self, raw: bytes | memoryview, regs: np.ndarray, pages: np.ndarray) -> None:
+        npages = len(pages)
+        codec, payload, pcrc = compress_payload(raw, self._store.level)
+        flen = FRAME_HEADER.size + len(payload)
+        try:
+            with self._lock:
+                seg = self._segment
+                if seg is None or seg.size + flen > SEGMENT_MAX_BYTES:
+                    seg = self._new_segment()
+                off = seg.size
+                seg.size += flen
+            header = frame_header(codec, len(payload), pcrc, npages, seg.id)
+            pwrite_all(seg.fd, header, off)
+            pwrite_all(seg.fd, payload, off + len(header))
+        except (OSError, StoreError) as exc:
+            self._fail(exc)
+            raise self._failed from None
+        slots = np.arange(npages)
+        new_parts = []
+        for r in np.unique(regs).tolist():
+            mine = regs == r
+            new_parts.append((r, _runs.make_runs(pages[mine], DATA, seg.id, off, flen, slots[mine])))
+        with self._lock:
+            self._frames.append((seg.id, off, flen, npages))
+            for r, part in new_parts:
+                self._regions[r].parts.append(part)
+                self._compact(self._regions[r])
+
+    @staticmethod
+    def _compact(reg: _Region) -> None:
+        """Merge a region's pending run pieces once there are many (call with _lock held).
+
+        Keeps writer memory proportional to the number of runs, not to the number of puts.
+        """
+        if len(reg.parts) <= 1024 and len(reg.zero_pending) <= 65536:
+            return
+        new = _runs.finish(reg.parts + [_runs.make_runs(np.array(reg.zero_pending, np.uint64), ZERO)])
+        reg.parts.clear()
+        reg.zero_pending.clear()
+        # Merge like a binary counter so each run is re-sorted O(log n) times overall.
+        while reg.merged and len(reg.merged[-1]) <= 2 * len(new):
+            new = _runs.finish([reg.merged.pop(), new])
+        reg.merged.append(new)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Mark the writer failed; on a full disk give the space back at once.
+
+        Segment files are truncated rather than closed: other threads may still hold their fds.
+        """
+        if isinstance(exc, StoreError):
+            self._failed = exc
+        elif is_disk_full(exc):
+            self._failed = disk_full_error(self._store.path, exc)
+        else:
+            self._failed = StoreError(f"writing to store {self._store.path} failed: {exc}")
+        if is_disk_full(exc) or "out of disk space" in str(self._failed):
+            for seg in list(self._segments):
+                try:
+                    os.ftruncate(seg.fd, 0)
+                except OSError:
+                    pass
+
+    def _new_segment(self) -> "_Segment":
+        """Open a new segment file (call with _lock held); registered before it exists."""
+        with self._store.transaction() as conn:
+            cur = conn.execute("INSERT INTO segments(writer_id, state) VALUES (?, 'pending')", (self.id,))
+            seg_id = int(cur.lastrowid)
+        fd = os.open(self._store.segment_path(seg_id),
+                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        header = segment_header(seg_id)
+        seg = _Segment(seg_id, fd, len(header))
+        self._segments.append(seg)
+        self._segment = seg
+        pwrite_all(fd, header, 0)
+        return seg
+
+    def inherit(self, idx: int, first_page: int, npages: int) -> None:
+        """Pages unchanged since the parent: refer to the parent's entries without reading them."""
+        reg = self._region(idx, first_page, npages)
+        if reg.parent_idx is None:
+            raise StoreError(f"region {reg.spec.name!r} has no counterpart in parent "
+                             f"{self._parent_row['name'] if self._parent_row else None!r}: cannot inherit")
+        part = _runs.clip(self._parent_map(reg.parent_idx), first_page, first_page + npages)
+        pages = np.arange(first_page, first_page + npages, dtype=np.uint64)
+        self._set_hashes(reg, pages, self._parent_hash(reg.parent_idx, pages))
+        with self._lock:
+            reg.parts.append(part)
+
+    def mark_lost(self, idx: int, first_page: int, npages: int, reason: str) -> None:
+        """Record pages that could not be captured (they read as holes); becomes a warning."""
+        reg = self._region(idx, first_page, npages)
+        with self._lock:
+            reg.lost.append((first_page, npages, reason))
+            self._warnings.append(f"region {reg.spec.name} ({reg.spec.start:#x}): {npages} pages from "
+                                  f"page {first_page} not captured: {reason}")
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        """Attach opaque bytes (VM device state...) to the snapshot."""
+        self._region_check_open()
+        self._blobs[name] = bytes(data)
+
+    def _region_check_open(self) -> None:
+        if self._done:
+            raise StoreError(f"snapshot {self.name!r} writer is already committed or aborted")
+        if self._failed is not None:
+            raise self._failed
+
+    # ----------------------------------------------------------------- publishing
+    def commit(self, meta_updates: dict[str, Any] | None = None) -> SnapshotInfo:
+        """Make every byte durable, then publish the snapshot in one catalog transaction.
+
+        On any failure (including an earlier failed put) the writer is aborted and the error raised.
+        """
+        if self._failed is not None and not self._done:
+            self.abort()
+            raise self._failed
+        self._region_check_open()
+        try:
+            return self._commit(meta_updates or {})
+        except BaseException:
+            self.abort()
+            raise
+
+    def _commit(self, meta_updates: dict[str, Any]) -> SnapshotInfo:
+        with self._buf_lock:
+            tail = self._take_buffer(len(self._buf_pages)) if self._buf_pages else None
+        if tail is not None:
+            self._write_frame(*tail)
+        try:
+            for seg in self._segments:
+                os.fsync(seg.fd)
+            if self._segments:
+                fsync_dir(self._store.segments_dir)
+        except OSError as exc:
+            raise (disk_full_error(self._store.path, exc) if is_disk_full(exc) else
+                   StoreError(f"syncing store {self._store.path} failed: {exc}")) from None
+
+        maps = [_runs.finish(reg.merged + reg.parts +
+                             [_runs.make_runs(np.array(reg.zero_pending, np.uint64), ZERO)])
+                for reg in self._regions]
+        all_runs = np.concatenate(maps) if maps else _runs.EMPTY
+        n = all_runs["n"].astype(np.int64)
+        data_pages = int(n[all_runs["kind"] == DATA].sum())
+        zero_pages = int(n[all_runs["kind"] == ZERO].sum())
+        d = all_runs[all_runs["kind"] == DATA]
+        # Frames are identified by (segment, offset); segments < 2^24 and offsets < 2^40.
+        keys, first = np.unique((d["seg"].astype(np.uint64) << np.uint64(40)) | d["off"], return_index=True)
+        flens = d["flen"][first].astype(np.int64)
+        frames = np.array(self._frames, dtype=np.int64).reshape(-1, 4)
+        own_keys = (frames[:, 0].astype(np.uint64) << np.uint64(40)) | frames[:, 1].astype(np.uint64)
+        is_own = np.isin(keys, own_keys)
+        stored = int(flens[is_own].sum())
+        shared = int(flens[~is_own].sum())
+        ref_segs = np.unique(d["seg"]).tolist()
+        merged = {**self._meta, **meta_updates}
+        warnings = self._warnings + list(merged.pop("warnings", []))
+        created = merged.pop("created", None)       # the capture's own freeze time, if given
+        info = {k: merged.pop(k) for k in _INFO_KEYS if k in merged}
+        info.setdefault("kind", "process")
+        info.setdefault("duration_s", time.time() - self._started)
+        info.update(resident_bytes=(data_pages + zero_pages) * PAGE, zero_bytes=zero_pages * PAGE,
+                    stored_bytes=stored, shared_bytes=shared, warnings=warnings,
+                    meta=merged, region_count=len(self._regions))
+        info.setdefault("faults", 0)
+
+        # Encode everything before the transaction: it blocks other writers' commits.
+        region_rows, hash_rows = [], []
+        for i, (reg, runs) in enumerate(zip(self._regions, maps)):
+            spec = reg.spec
+            kinds = runs["kind"]
+            n = runs["n"].astype(np.int64)
+            meta = dict(spec.meta)
+            if reg.lost:
+                meta["lost"] = [list(x) for x in reg.lost]
+            region_rows.append(
+                (self.id, i, spec.name, spec.start, spec.length, spec.perms, spec.offset, spec.path,
+                 spec.kind, spec.page_size, int(n[kinds == DATA].sum()), int(n[kinds == ZERO].sum()),
+                 json.dumps(meta), len(runs), _runs.encode(runs)))
+            hash_rows += [(self.id, i, chunk, ALGO, compress_blob(arr.tobytes()))
+                          for chunk, arr in sorted(reg.hashes.items()) if arr.any()]
+
+        with self._store.transaction() as conn:
+            conn.executemany("INSERT INTO frames(seg, off, flen, npages, owner) VALUES (?,?,?,?,?)",
+                             [(s, o, fl, np_, self.id) for s, o, fl, np_ in self._frames])
+            conn.executemany("UPDATE segments SET state='sealed', size=? WHERE id=?",
+                             [(seg.size, seg.id) for seg in self._segments])
+            conn.executemany("INSERT INTO regions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", region_rows)
+            conn.executemany("INSERT INTO hashes VALUES (?,?,?,?,?)", hash_rows)
+            conn.executemany("INSERT INTO blobs VALUES (?,?,?,?)",
+                             [(self.id, k, len(v), compress_blob(v)) for k, v in self._blobs.items()])
+            conn.execute("DELETE FROM seg_refs WHERE snapshot_id=?", (self.id,))
+            conn.executemany("INSERT INTO seg_refs VALUES (?,?)", [(self.id, s) for s in ref_segs])
+            cur = conn.execute("UPDATE snapshots SET state='committed', lock=NULL, info=?, "
+                               "created=coalesce(?, created) WHERE id=? AND state='pending'",
+                               (json.dumps(info), created, self.id))
+            if cur.rowcount != 1:
+                raise StoreError(f"snapshot {self.name!r}: its reservation vanished from the catalog; "
+                                 "nothing published")
+            conn.execute("UPDATE counters SET value=value+1 WHERE name='generation'")
+        self._done = True
+        self._release()
+        return self._store.info(self.name)
+
+    def abort(self) -> None:
+        """Discard everything written: nothing becomes visible; files are deleted now or by gc."""
+        if self._done:
+            return
+        self._done = True
+        for seg in self._segments:
+            try:
+                os.unlink(self._store.segment_path(seg.id))
+            except OSError:
+                pass
+        try:
+            with self._store.transaction() as conn:
+                conn.execute("DELETE FROM snapshots WHERE id=? AND state='pending'", (self.id,))
+                conn.execute("DELETE FROM seg_refs WHERE snapshot_id=?", (self.id,))
+                conn.execute("DELETE FROM segments WHERE writer_id=? AND state='pending'", (self.id,))
+        except StoreError:
+            pass  # e.g. disk still full: the pending row is reclaimed by gc once our lock is gone
+        self._release()
+
+    def _release(self) -> None:
+        for seg in self._segments:
+            try:
+                os.close(seg.fd)
+            except OSError:
+                pass
+        self._segments = []
+        if self._lock_fd >= 0:
+            try:
+                os.unlink(self._store.locks_dir / self._lock_name)
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> "SnapshotWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is not None or not self._done:
+            self.abort()

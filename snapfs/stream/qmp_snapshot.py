@@ -1,0 +1,222 @@
+"""``snapfs snapshot --qmp SOCK``: a VM snapshot through QEMU's own background-snapshot.
+
+Sequence: check the VM's run state and migration state, enable the ``background-snapshot``
+(+ ``events``) capability, hand QEMU the write end of a pipe (``getfd`` over SCM_RIGHTS, then
+``migrate fd:NAME``), spool the stream in a worker thread as it arrives, then store it
+(:mod:`snapfs.stream.ingest`) and restore the capabilities to what they were.
+
+QEMU 7.2 traps, and what snapfs does about them:
+
+- a *paused* VM is resumed by 7.2's background snapshot (fixed in 9.0): snapfs refuses on
+  QEMU < 9.0 and asks to ``cont`` first — it never changes the VM's run state behind the
+  user's back;
+- a VM that never ran (``prelaunch``, ``-S`` without ``cont``) makes QEMU abort: refused;
+- a cancelled or failed background snapshot leaves guest RAM write-protected on QEMU < 8.1
+  (writes then hang): snapfs never cancels — once QEMU has started, the stream is read to its
+  end even when snapfs is interrupted or the store fails — and it refuses to start when a
+  previous background snapshot of that QEMU was cancelled or failed, saying the VM needs a
+  restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import trio
+
+from snapfs.commands.common import store_path
+from snapfs.errors import QemuError
+from snapfs.store import SnapshotInfo, Store
+from snapfs.stream.ingest import commit_spooled, spool_all
+from snapfs.stream.qmp import QmpClient
+from snapfs.units import format_bytes, format_rate
+
+_ACTIVE = {"setup", "active", "cancelling", "pre-switchover", "device", "wait-unplug",
+           "postcopy-active", "postcopy-paused", "postcopy-recover", "colo"}
+_DONE = ("completed", "failed", "cancelled")
+_PROGRESS_INTERVAL = 0.5
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry for ``snapfs snapshot --qmp SOCK [--name N] [--store DIR] [--json]``."""
+    name = args.name or time.strftime("vm-%Y%m%d-%H%M%S")
+    show = sys.stderr.isatty() and not args.json
+    result = trio.run(snapshot_vm, str(args.qmp), store_path(args), name, show)
+    info: SnapshotInfo = result["info"]
+    if args.json:
+        print(json.dumps({**info.to_json(), "qemu": result["qemu"]}, indent=2, sort_keys=True))
+    else:
+        q = result["qemu"]
+        print(
+            f"{info.name}: VM snapshot, {format_bytes(info.resident_bytes)} RAM in "
+            f"{info.region_count} RAMBlocks, {format_bytes(info.stored_bytes)} stored; "
+            f"QEMU downtime {q['downtime_ms']} ms, total {q['total_time_ms']} ms"
+        )
+    return 0
+
+
+async def snapshot_vm(qmp_path: str, store_dir: Any, name: str, show_progress: bool = False) -> dict:
+    """Take a background snapshot of the VM behind ``qmp_path`` into the store as ``name``.
+
+    Returns ``{"info": SnapshotInfo, "qemu": {...timings...}}``. Raises QemuError when QEMU
+    refuses or the VM is in a state where a snapshot would harm it, NameInUse if ``name`` is
+    taken, StreamError if QEMU's stream is malformed. Nothing is published on any error.
+    """
+    async with await QmpClient.connect(qmp_path) as qmp:
+        caps_before = await _preflight(qmp, qmp_path)
+        store = Store.open(store_dir, create=True)
+        try:
+            writer = store.begin_snapshot(name, {})
+            try:
+                spooled, timings = await _run_migration(qmp, caps_before, store, show_progress)
+            except BaseException:
+                writer.abort()
+                raise
+            meta = {"kind": "vm", "pause_ms": timings["downtime_ms"], "qemu": timings}
+            info = await trio.to_thread.run_sync(commit_spooled, writer, spooled, meta)
+        finally:
+            store.close()
+    return {"info": info, "qemu": timings}
+
+
+async def _preflight(qmp: QmpClient, path: str) -> dict[str, bool]:
+    """Refuse the states in which QEMU's background snapshot would harm the VM."""
+    version = qmp.version
+    vtext = ".".join(map(str, version))
+    status = (await qmp.execute("query-status"))["status"]
+    if status == "prelaunch":
+        raise QemuError(
+            f"the VM at {path} was never started (state prelaunch: -S without cont); QEMU aborts "
+            "on a background snapshot in this state: run `cont` first"
+        )
+    if status == "paused" and version < (9, 0, 0):
+        raise QemuError(
+            f"the VM at {path} is paused, and QEMU {vtext}'s background snapshot would resume it: "
+            "`cont` it first (or use QEMU >= 9.0, which keeps it paused)"
+        )
+    if status not in ("running", "paused"):
+        raise QemuError(f"the VM at {path} is in state {status!r}: a snapshot needs a running VM")
+
+    caps = {c["capability"]: c["state"] for c in await qmp.execute("query-migrate-capabilities")}
+    if "background-snapshot" not in caps:
+        raise QemuError(f"QEMU {vtext} has no background-snapshot capability (needs QEMU >= 6.0)")
+    mig = (await qmp.execute("query-migrate")).get("status", "none")
+    if mig in _ACTIVE:
+        raise QemuError(f"a migration of the VM at {path} is in progress ({mig}): wait for it to finish")
+    if mig in ("cancelled", "failed") and caps["background-snapshot"] and version < (8, 1, 0):
+        raise QemuError(
+            f"a previous background snapshot of the VM at {path} was {mig}; QEMU {vtext} then leaves "
+            "guest RAM write-protected (a new snapshot fails and the guest can hang): restart the VM"
+        )
+    return {"background-snapshot": caps["background-snapshot"], "events": caps.get("events", False)}
+
+
+async def _set_caps(qmp: QmpClient, caps: dict[str, bool]) -> None:
+    await qmp.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+    )
+
+
+async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: Store,
+                         show_progress: bool) -> tuple[Any, dict]:
+    """Start the background snapshot into a pipe and spool the stream until QEMU is done."""
+    fdname = f"snapfs-{os.getpid()}"
+    await _set_caps(qmp, {"background-snapshot": True, "events": True})
+    try:
+        rfd, wfd = os.pipe()
+        try:
+            await qmp.execute("getfd", {"fdname": fdname}, fds=(wfd,))
+        finally:
+            os.close(wfd)
+        rfile = os.fdopen(rfd, "rb", buffering=0)
+        try:
+            return await _migrate_and_spool(qmp, fdname, rfile, store, show_progress)
+        finally:
+            rfile.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await _set_caps(qmp, caps_before)
+            except QemuError:
+                pass  # QEMU busy or gone: the capability state is not worth failing for
+
+
+async def _migrate_and_spool(qmp: QmpClient, fdname: str, rfile: Any, store: Store,
+                             show_progress: bool) -> tuple[Any, dict]:
+    outcome: dict[str, Any] = {}
+
+    async def reader() -> None:
+        # Not abandoned on cancellation: the thread reads until QEMU closes the pipe, so QEMU
+        # (and the guest, whose writes wait for QEMU) is never left blocked on a full pipe.
+        try:
+            outcome["spooled"] = await trio.to_thread.run_sync(spool_all, rfile, store)
+        except Exception as exc:  # reported after QEMU's own verdict, which explains more
+            outcome["stream_error"] = exc
+
+    started = time.monotonic()
+    final: dict = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        try:
+            await qmp.execute("migrate", {"uri": f"fd:{fdname}"})
+            final = await _wait_done(qmp, show_progress, started)
+        except QemuError as exc:
+            outcome["qemu_error"] = exc
+            with trio.CancelScope(shield=True):
+                try:
+                    await qmp.execute("closefd", {"fdname": fdname})  # EOF for the reader
+                except QemuError:
+                    pass
+    if show_progress:
+        sys.stderr.write("\r\x1b[K")
+    spooled = outcome.get("spooled")
+    error = outcome.get("qemu_error") or (
+        QemuError(_failure_message(final)) if final.get("status") != "completed" else None
+    ) or outcome.get("stream_error")
+    if error is not None:
+        if spooled is not None:
+            spooled.close()
+        raise error
+    timings = {
+        "downtime_ms": final.get("downtime"),
+        "total_time_ms": final.get("total-time"),
+        "setup_time_ms": final.get("setup-time"),
+        "transferred_bytes": final.get("ram", {}).get("transferred"),
+        "version": ".".join(map(str, qmp.version)),
+    }
+    return spooled, timings
+
+
+async def _wait_done(qmp: QmpClient, show_progress: bool, started: float) -> dict:
+    """Wait for the MIGRATION event that ends the snapshot; show query-migrate progress."""
+    while True:
+        with trio.move_on_after(_PROGRESS_INTERVAL):
+            await qmp.wait_event("MIGRATION", lambda d: d.get("status") in _DONE)
+            return await qmp.execute("query-migrate")
+        info = await qmp.execute("query-migrate")
+        if info.get("status") in _DONE:
+            return info
+        if show_progress:
+            ram = info.get("ram", {})
+            elapsed = max(time.monotonic() - started, 1e-6)
+            done = ram.get("total", 0) - ram.get("remaining", 0)
+            sys.stderr.write(
+                f"\rsnapshot: {format_bytes(done)} of {format_bytes(ram.get('total', 0))} RAM, "
+                f"{format_rate(ram.get('transferred', 0) / elapsed)}\x1b[K"
+            )
+            sys.stderr.flush()
+
+
+def _failure_message(final: dict) -> str:
+    desc = final.get("error-desc", "no reason given")
+    msg = f"QEMU's background snapshot {final.get('status')}: {desc}"
+    if "ram_write_tracking_start" in desc:
+        msg += ("; a previous cancelled or failed background snapshot left guest RAM write-protected "
+                "(QEMU < 8.1): restart the VM")
+    return msg

@@ -1,0 +1,255 @@
+"""Random-access layout of a migration stream generated on the fly.
+
+A :class:`StreamLayout` is a list of pieces with known sizes: literal bytes (header, section
+framing, device state) and, per RAMBlock, a :class:`BlockRecords` piece: the block's ZERO and
+PAGE records, described only by its page runs. The piece start offsets are kept in a sorted
+list and each block keeps the byte position of every run, so a read at any offset costs two
+bisections; nothing is materialised. Records are generated per read, vectorised with numpy
+(headers computed and scattered in one go, page data copied per data run), so a sequential
+read does no per-page Python work.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from snapfs.stream import format as F
+
+# Bound on the records generated at once by one read (bounds the temporary index arrays).
+_MAX_RECORDS = 8192
+_DATA_RECORD = 8 + F.TARGET_PAGE_SIZE
+_ZERO_RECORD = 8 + 1
+_HDR_COLS = np.arange(8, dtype=np.int64)
+
+ReadPages = Callable[[int, int, int], bytes]  # (region, byte offset, size) -> bytes
+
+
+@dataclass(frozen=True)
+class Literal:
+    """Fixed bytes."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self, lo: int, hi: int, _read_pages: ReadPages) -> bytes:
+        return self.data[lo:hi]
+
+
+class BlockRecords:
+    """All ``ram`` records of one RAMBlock: one per page of ``runs`` (ZERO or PAGE).
+
+    ``runs`` are (first_page, npages, is_data), ascending. The first record names the block
+    (counted idstr ``prefix`` after its header); every later one carries CONTINUE.
+    """
+
+    def __init__(self, region: int, prefix: bytes, runs: list[tuple[int, int, bool]]) -> None:
+        self.region = region
+        self.prefix = np.frombuffer(prefix, np.uint8)
+        plen = len(prefix)
+        arr = np.array(runs, dtype=np.int64).reshape(-1, 3)
+        self.first = arr[:, 0]
+        self.count = arr[:, 1]
+        self.is_data = arr[:, 2].astype(bool)
+        self.rec_size = np.where(self.is_data, _DATA_RECORD, _ZERO_RECORD).astype(np.int64)
+        # Record index of each run's first record, and its byte position (the block's first
+        # record is plen longer: every later position is shifted by plen).
+        self.rec_start = np.concatenate(([0], np.cumsum(self.count)[:-1])) if len(runs) else self.count
+        run_bytes = self.count * self.rec_size
+        self.byte_start = np.concatenate(([0], np.cumsum(run_bytes)[:-1])) + plen if len(runs) else run_bytes
+        self.records = int(self.count.sum())
+        self.size = int(run_bytes.sum()) + (plen if len(runs) else 0)
+
+    def _record_at(self, pos: int) -> int:
+        """Index of the record containing byte ``pos`` (0 <= pos < size)."""
+        r = int(np.searchsorted(self.byte_start, pos, "right")) - 1
+        if r < 0:
+            return 0  # inside the first record's prefix-extended header
+        k = (pos - int(self.byte_start[r])) // int(self.rec_size[r])
+        return int(self.rec_start[r]) + max(k, 0)
+
+    def read(self, lo: int, hi: int, read_pages: ReadPages) -> bytes:
+        out = []
+        g0 = self._record_at(lo)
+        g_end = self._record_at(hi - 1) + 1
+        while g0 < g_end:
+            g1 = min(g_end, g0 + _MAX_RECORDS)
+            base, data = self._generate(g0, g1, read_pages)
+            out.append(data[max(lo - base, 0) : max(min(hi - base, len(data)), 0)])
+            g0 = g1
+        return b"".join(out)
+
+    def _generate(self, g0: int, g1: int, read_pages: ReadPages) -> tuple[int, bytes]:
+        """Records g0..g1-1: (byte position of record g0, their bytes)."""
+        plen = len(self.prefix)
+        g = np.arange(g0, g1, dtype=np.int64)
+        r = np.searchsorted(self.rec_start, g, "right") - 1
+        k = g - self.rec_start[r]
+        pages = self.first[r] + k
+        is_data = self.is_data[r]
+        pos = self.byte_start[r] + k * self.rec_size[r]
+        if g0 == 0:
+            pos[0] = 0
+        size = np.where(is_data, _DATA_RECORD, _ZERO_RECORD)
+        base = int(pos[0])
+        end = int(pos[-1] + size[-1]) + (plen if g1 == 1 else 0)
+        rel = pos - base
+        out = np.empty(end - base, dtype=np.uint8)
+
+        flags = np.where(is_data, F.RAM_PAGE, F.RAM_ZERO) | F.RAM_CONTINUE
+        if g0 == 0:
+            flags[0] &= ~F.RAM_CONTINUE
+        words = (pages.astype(np.uint64) * np.uint64(F.TARGET_PAGE_SIZE)) | flags.astype(np.uint64)
+        out[rel[:, None] + _HDR_COLS] = words.astype(">u8").view(np.uint8).reshape(-1, 8)
+        payload = rel + 8
+        if g0 == 0:
+            out[8 : 8 + plen] = self.prefix
+            payload[0] += plen
+        out[payload[~is_data]] = 0
+
+        # Page data, one copy per data run inside this window.
+        r0, r1 = int(r[0]), int(r[-1]) + 1
+        data_runs = np.flatnonzero(self.is_data[r0:r1]) + r0
+        if len(data_runs):
+            # Records [a, b) of each data run that fall in the window, and their first page.
+            a = np.maximum(self.rec_start[data_runs], g0)
+            b = np.minimum(self.rec_start[data_runs] + self.count[data_runs], g1)
+            p_a = self.first[data_runs] + a - self.rec_start[data_runs]
+            span_first = int(p_a[0])
+            span_pages = int(p_a[-1] + b[-1] - a[-1]) - span_first
+            whole = None
+            if span_pages <= 2 * int((b - a).sum()) + 64:  # dense: one read for the window
+                whole = np.frombuffer(
+                    read_pages(self.region, span_first * F.TARGET_PAGE_SIZE, span_pages * F.TARGET_PAGE_SIZE),
+                    np.uint8,
+                ).reshape(-1, F.TARGET_PAGE_SIZE)
+            for a_i, b_i, p_i in zip(a.tolist(), b.tolist(), p_a.tolist()):
+                n = b_i - a_i
+                if whole is not None:
+                    src = whole[p_i - span_first : p_i - span_first + n]
+                else:
+                    src = np.frombuffer(
+                        read_pages(self.region, p_i * F.TARGET_PAGE_SIZE, n * F.TARGET_PAGE_SIZE), np.uint8
+                    ).reshape(n, F.TARGET_PAGE_SIZE)
+                if a_i == 0:  # the block's first record: its payload follows the idstr
+                    out[payload[0] : payload[0] + F.TARGET_PAGE_SIZE] = src[0]
+                    src, a_i, n = src[1:], 1, n - 1
+                    if not n:
+                        continue
+                start = int(rel[a_i - g0])
+                out[start : start + n * _DATA_RECORD].reshape(n, _DATA_RECORD)[:, 8:] = src
+        return base, out.tobytes()
+
+
+Piece = Literal | BlockRecords
+
+
+@dataclass(frozen=True)
+class BlockRuns:
+    """A RAMBlock to emit: its idstr, length, extra MEM_SIZE fields and page runs.
+
+    ``runs`` are (first_page, npages, is_data) ascending and covering what should be sent;
+    pages not covered are not sent at all.
+    """
+
+    region: int
+    name: bytes
+    length: int
+    extra: bytes
+    runs: Iterable[tuple[int, int, bool]]
+
+
+class StreamLayout:
+    """A stream as pieces; ``size`` exact up front, ``read(offset, size)`` anywhere."""
+
+    def __init__(self, pieces: list[Piece], read_pages: ReadPages) -> None:
+        self._pieces = [p for p in pieces if p.size]
+        self._starts: list[int] = []
+        pos = 0
+        for p in self._pieces:
+            self._starts.append(pos)
+            pos += p.size
+        self.size = pos
+        self._read_pages = read_pages
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the stream (short only at the end)."""
+        end = min(offset + size, self.size)
+        if offset < 0 or offset >= end:
+            return b""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        out = []
+        pos = offset
+        while pos < end:
+            piece, start = self._pieces[i], self._starts[i]
+            hi = min(end - start, piece.size)
+            out.append(piece.read(pos - start, hi, self._read_pages))
+            pos = start + hi
+            i += 1
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def iter_chunks(self, chunk: int = 1 << 20) -> Iterable[bytes]:
+        """The whole stream in order, ``chunk`` bytes at a time."""
+        for off in range(0, self.size, chunk):
+            yield self.read(off, chunk)
+
+
+def ram_pieces(section_id: int, blocks: list[BlockRuns]) -> list[Piece]:
+    """The ``ram`` START (RAMBlock list) and one PART per block with its ZERO/PAGE records."""
+    pieces: list[Piece] = [
+        Literal(
+            F.section_start(section_id, F.RAM_IDSTR, F.RAM_INSTANCE, F.RAM_VERSION)
+            + F.mem_size_list([(b.name, b.length, b.extra) for b in blocks])
+            + F.EOS_RECORD
+            + F.footer(section_id)
+        )
+    ]
+    for b in blocks:
+        runs = list(b.runs)
+        if runs:
+            pieces.append(Literal(F.section_part(section_id)))
+            pieces.append(BlockRecords(b.region, F.counted(b.name), runs))
+            pieces.append(Literal(F.EOS_RECORD + F.footer(section_id)))
+    return pieces
+
+
+def merge_runs(runs: Iterable[tuple[int, int, int]], zero_kinds: tuple[int, ...] = (0, 1)) -> list[tuple[int, int, bool]]:
+    """Store runs (first, n, kind) -> (first, n, is_data), holes and zero pages merged as ZERO."""
+    out: list[tuple[int, int, bool]] = []
+    for first, n, kind in runs:
+        data = kind not in zero_kinds
+        if out and out[-1][2] == data and out[-1][0] + out[-1][1] == first:
+            out[-1] = (out[-1][0], out[-1][1] + n, data)
+        else:
+            out.append((first, n, data))
+    return out
+
+
+
+def image_layout(images: list[tuple[str, bytes]], machine: str = "none",
+                 section_id: int = F.DEFAULT_RAM_SECTION_ID) -> StreamLayout:
+    """A RAM-only stream of in-memory RAMBlock images (name, bytes): zero pages as ZERO records.
+
+    For tools and tests that hold memory in hand (e.g. a region read from a stopped process).
+    """
+    blocks = []
+    for i, (name, image) in enumerate(images):
+        if len(image) % F.TARGET_PAGE_SIZE:
+            raise ValueError(f"image {name!r}: {len(image)} bytes is not a multiple of 4096")
+        pages = np.frombuffer(image, np.uint8).reshape(-1, F.TARGET_PAGE_SIZE)
+        kinds = np.where(pages.any(axis=1), 2, 1)
+        runs = [(int(p), 1, int(k)) for p, k in enumerate(kinds.tolist())]
+        blocks.append(BlockRuns(i, name.encode(), len(image), b"", merge_runs(runs)))
+
+    def read_pages(region: int, offset: int, size: int) -> bytes:
+        return bytes(images[region][1][offset : offset + size])
+
+    tail = bytes([F.SEC_EOF]) + F.vmdescription({"page_size": F.TARGET_PAGE_SIZE, "devices": []})
+    pieces = [Literal(F.HEADER + F.configuration(machine)), *ram_pieces(section_id, blocks), Literal(tail)]
+    return StreamLayout(pieces, read_pages)

@@ -1,0 +1,159 @@
+"""The benchmark suite runs end to end (`--quick`) and writes well-formed outputs; memwriter
+(the target program every bench and many tests use) does what it promises.
+
+The bench test checks shapes, not numbers: every method appears at every write rate or is
+listed as not run with a reason; every row has its figures or an error; the report, the JSON
+and the PNGs are there and parse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = 4096
+
+
+def _start(binary: Path, *args: str) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([str(binary), *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready = json.loads(proc.stdout.readline())
+    assert ready["event"] == "ready"
+    return proc, ready
+
+
+def _next(proc: subprocess.Popen, event: str) -> dict:
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        assert line, f"memwriter exited before a {event!r} line"
+        msg = json.loads(line)
+        if msg["event"] == event:
+            return msg
+
+
+def _read_region(pid: int, ready: dict) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb") as f:
+        f.seek(int(ready["base"], 16))
+        return f.read(ready["size"])
+
+
+def test_memwriter_fills_the_mix_and_reports(target_bin):
+    proc, ready = _start(target_bin("memwriter"), "--size", "16M", "--threads", "2", "--rate", "50000")
+    try:
+        assert ready["pages"] == 4096
+        assert ready["zero_pages"] + ready["text_pages"] + ready["random_pages"] == ready["pages"]
+        for key, pct in (("zero_pages", 30), ("text_pages", 40), ("random_pages", 30)):
+            assert abs(ready[key] / ready["pages"] * 100 - pct) < 4, (key, ready)
+        mem = np.frombuffer(_read_region(proc.pid, ready), dtype=np.uint8).reshape(-1, PAGE)
+        nonzero = int(mem.any(axis=1).sum())
+        assert nonzero * PAGE == ready["nonzero_bytes"]
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGUSR1)
+        rep = _next(proc, "report")
+        assert rep["reason"] == "usr1" and len(rep["threads"]) == 2
+        assert 20000 < rep["writes_per_s"] < 80000, rep["writes_per_s"]
+        assert rep["max_stall_us"] > 0 and rep["total"]["writes"] == rep["writes"]
+        # Writes keep every page in its class: the non-zero count does not move.
+        mem = np.frombuffer(_read_region(proc.pid, ready), dtype=np.uint8).reshape(-1, PAGE)
+        assert int(mem.any(axis=1).sum()) == nonzero
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        final = _next(proc, "report")
+        proc.wait(timeout=10)
+    assert final["reason"] == "sigterm" and proc.returncode == 0
+
+
+def test_memwriter_quiesce_dump_and_seq_oracle(target_bin, tmp_path):
+    dump = tmp_path / "dump"
+    proc, ready = _start(target_bin("memwriter"), "--size", "8M", "--threads", "2", "--rate", "max",
+                         "--access", "seq", "--dump", str(dump))
+    try:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGUSR2)
+        paused = _next(proc, "paused")
+        assert paused["dump_error"] == ""
+        mem = _read_region(proc.pid, ready)
+        assert dump.read_bytes() == mem  # quiesced: nothing moves
+        counters = np.frombuffer(mem, dtype=np.uint64).reshape(-1, PAGE // 8)[:, 0].astype(np.int64)
+        n = ready["pages"]
+        for t in range(2):  # each thread's slice shows exactly one cut
+            s = counters[n * t // 2 : n * (t + 1) // 2]
+            assert int((np.diff(s) != 1).sum()) == 1
+        proc.send_signal(signal.SIGUSR2)
+        _next(proc, "resumed")
+        time.sleep(0.1)
+        assert _read_region(proc.pid, ready) != mem  # writing again
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_memwriter_rejects_bad_options(target_bin):
+    proc = subprocess.run([str(target_bin("memwriter")), "--mix", "50,50,50"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--mix" in proc.stderr
+
+
+def test_bench_quick_outputs_are_well_formed(tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 180
+
+    results = json.loads((out / "results.json").read_text())
+    plan = results["plan"]
+    assert plan["mode"] == "quick"
+    expected = {"snapfs", "stop-copy", "pre-copy", "gcore"}
+    missing = results["missing"]
+    assert all(isinstance(v, str) and v for v in missing.values())
+    for method in expected:
+        rates = {r["write_rate"] for r in results["rows"] if r["method"] == method}
+        # Never silently skipped: either it ran at every rate or the reason is stated.
+        assert rates == set(plan["rates"]) or method in missing, (method, rates, missing)
+    numeric = ("pause_ms", "duration_s", "image_bytes", "image_ratio")
+    for row in results["rows"]:
+        if row["error"]:
+            assert isinstance(row["error"], str)
+            continue
+        for key in numeric:
+            assert isinstance(row[key], (int, float)) and row[key] >= 0, (key, row)
+        assert row["pause_source"] in ("target", "tool")
+        if row["write_rate"] != 0:
+            assert row["throughput_ratio"] is not None and row["pause_source"] == "target"
+
+    floors = results["floors"]
+    assert {"write_protect", "process_vm_readv", "zstd"} <= set(floors)
+    assert floors["zstd"]["Bps"] > 0 and floors["process_vm_readv"]["reused_buffer_Bps"] > 0
+
+    q = results["qemu"]
+    assert q is not None or "qemu background-snapshot" in missing
+    if q is not None and "error" not in q:
+        assert q["accel"] in ("kvm", "tcg") and q["total_s"] > 0 and q["image_bytes"] > 0
+
+    for name, section in results["readpaths"].items():
+        assert "skipped" in section or section, name
+
+    goals = results["goals"]
+    assert len(goals) == 5 and all(g["pass"] in (True, False, None) for g in goals)
+
+    md = (out / "results.md").read_text()
+    for heading in ("## Goals (snapfs)", "## Physical floors", "## Snapshot of a writing process",
+                    "## QEMU background-snapshot", "## How each figure is measured"):
+        assert heading in md
+    assert "python -m tools.bench --quick" in md
+    for png in ("image_vs_rate.png", "duration_vs_rate.png", "pause_by_method.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        assert f"({png})" in md

@@ -1,0 +1,28 @@
+"""Threads blocked in read, poll, nanosleep, futex and epoll_wait when frozen resume exactly
+as if never stopped (syscall-restart emulation), whichever of them snapfs injects into."""
+
+from __future__ import annotations
+
+import pytest
+
+from snapfs.capture import CaptureOptions, capture_process, stopped
+from snapfs.store import Store
+from tests.test_capture_support import Target, assert_released
+
+
+@pytest.mark.parametrize("main_call", ["read", "poll", "nanosleep", "futex", "epoll"])
+async def test_blocked_calls_resume_unchanged(store_dir, main_call):
+    with Target("blocker", main_call) as t:
+        with Store.open(store_dir, create=True) as store:
+            for i in range(3):
+                result = await capture_process(t.pid, store, f"s{i}", CaptureOptions())
+                assert result.pause_ms > 0
+                assert_released(t.pid)
+        # The stop-only freeze must be just as transparent.
+        with stopped(t.pid) as proc:
+            assert t.pid in proc.tids and len(proc.tids) == 6
+        assert_released(t.pid)
+        out, _ = t.proc.communicate("go\n", timeout=10)
+        assert t.proc.returncode == 0, out
+        for name in ("read", "poll", "nanosleep", "futex", "epoll"):
+            assert f"ok {name}" in out, out

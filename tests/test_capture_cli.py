@@ -1,0 +1,178 @@
+"""``snapfs snapshot`` end to end: output, errors, interruption and SIGKILL at several points
+(the target must always continue, untraced, with no userfaultfd left, memory intact)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import trio
+
+from snapfs.capture import CaptureOptions, capture_process
+from snapfs.store import Store
+from tests.conftest import snapfs_cmd
+from tests.test_capture_support import (
+    Target,
+    assert_released,
+    check_oracle,
+    proc_status,
+    region_image,
+    wait_for,
+)
+
+
+def _run(env, *args, timeout=60):
+    return subprocess.run(
+        [*snapfs_cmd(), "snapshot", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _committed(store_dir) -> list[str]:
+    if not (store_dir / "catalog.db").exists() and not any(store_dir.glob("*")):
+        return []
+    with Store.open(store_dir, create=True) as store:
+        return [s.name for s in store.list_snapshots()]
+
+
+def _assert_one_line_error(proc, code: int, *words: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("snapfs: "), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_summary_and_json(snapfs_env, store_dir):
+    with Target("oracle", "2048", "1") as t:
+        out = _run(snapfs_env, str(t.pid), "--name", "before-upgrade")
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.strip().splitlines()
+        assert lines[0].startswith(f"snapshot before-upgrade: pid {t.pid} (oracle), ")
+        assert " resident in " in lines[0] and lines[0].endswith(" regions")
+        assert lines[1].startswith("paused ") and "write faults served first" in lines[1]
+        assert out.stderr == ""  # no progress line when stderr is not a TTY
+        out = _run(snapfs_env, str(t.pid), "--json", "--rate", "200M")
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        for key in ("name", "pid", "pause_ms", "duration_s", "resident_bytes", "zero_bytes",
+                    "stored_bytes", "faults", "regions", "warnings"):
+            assert key in doc
+        assert doc["pid"] == t.pid and doc["name"].startswith(f"oracle-{t.pid}-")
+        assert doc["resident_bytes"] >= 2048 * 4096
+        assert sorted(_committed(store_dir)) == sorted(["before-upgrade", doc["name"]])
+        # The name is taken now.
+        _assert_one_line_error(_run(snapfs_env, str(t.pid), "--name", "before-upgrade"), 8, "exists")
+        assert_released(t.pid)
+
+
+@pytest.mark.parametrize("name", ["a/b", ".", "..", "x\0y"])
+def test_bad_names_rejected(snapfs_env, store_dir, name):
+    with Target("oracle", "64", "1") as t:
+        if "\0" in name:  # argv cannot carry NUL: check the validator itself
+            from snapfs.commands.snapshot import check_name
+            from snapfs.errors import UsageError
+
+            with pytest.raises(UsageError):
+                check_name(name)
+            return
+        _assert_one_line_error(_run(snapfs_env, str(t.pid), "--name", name), 2, "bad snapshot name")
+    assert _committed(store_dir) == []
+
+
+def test_nonexistent_pid(snapfs_env, store_dir):
+    pid = 4_000_000  # above pid_max's default ceiling
+    _assert_one_line_error(_run(snapfs_env, str(pid)), 3, "no process", str(pid))
+    assert _committed(store_dir) == []
+
+
+def test_kernel_thread(snapfs_env, store_dir):
+    _assert_one_line_error(_run(snapfs_env, "2"), 3, "kernel thread")
+    assert _committed(store_dir) == []
+
+
+def test_target_exits_mid_capture(snapfs_env, store_dir):
+    with Target("oracle", "16384", "1") as t:  # 64 MiB at 16 MiB/s: ~4 s of scan
+        snap = subprocess.Popen(
+            [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", "16M"],
+            env=snapfs_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=20)
+        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=20)
+        time.sleep(0.3)
+        t.proc.kill()
+        out, err = snap.communicate(timeout=30)
+        assert snap.returncode == 3, err
+        assert err.strip().splitlines() == [err.strip()] and "exited" in err, err
+    assert _committed(store_dir) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_releases_target(snapfs_env, store_dir, sig):
+    with Target("oracle", "16384", "2") as t:
+        snap = subprocess.Popen(
+            [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", "8M"],
+            env=snapfs_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=20)
+        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=20)
+        time.sleep(0.3)
+        snap.send_signal(sig)
+        out, err = snap.communicate(timeout=10)
+        assert snap.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        assert_released(t.pid)
+        _target_healthy(t, store_dir)
+    assert _committed(store_dir) == ["after"]
+
+
+def _target_healthy(t: Target, store_dir) -> None:
+    """The target runs on (its counter advances) and a fresh snapshot of it is one instant."""
+    assert t.proc.poll() is None
+    before = _utime(t.pid)
+    assert wait_for(lambda: _utime(t.pid) > before + 5, timeout=5), "target is not running"
+
+    async def snap():
+        with Store.open(store_dir, create=True) as store:
+            await capture_process(t.pid, store, "after", CaptureOptions())
+            check_oracle(region_image(store.open_snapshot("after"), t.addr, int(t.fields["npages"])))
+
+    trio.run(snap)
+    assert_released(t.pid)
+
+
+def _utime(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[11])
+
+
+def _kill_when(snapfs_env, t: Target, predicate_phase: str) -> None:
+    snap = subprocess.Popen(
+        [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", "8M"],
+        env=snapfs_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Busy-poll on purpose: the freeze lasts milliseconds.
+        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=20, interval=0)
+        if predicate_phase == "scan":
+            assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=20)
+            time.sleep(0.5)
+        os.kill(snap.pid, signal.SIGKILL)
+    finally:
+        snap.wait()
+    assert snap.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("phase", ["freeze", "scan"])
+def test_sigkill_of_snapfs_leaves_target_running(snapfs_env, store_dir, phase):
+    with Target("oracle", "16384", "4") as t:
+        _kill_when(snapfs_env, t, phase)
+        # The kernel detaches a dead tracer's tracees and drops the uffd with its last fd.
+        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=5)
+        assert_released(t.pid)
+        _target_healthy(t, store_dir)
+        assert _committed(store_dir) == ["after"]

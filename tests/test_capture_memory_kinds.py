@@ -1,0 +1,141 @@
+"""THP, memfd/shmem and hugetlb regions, and a target that munmaps, madvise(DONTNEED)s and
+mremaps memory during the capture: the image is right, or says which pages it lacks."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snapfs.capture import CaptureOptions, capture_process
+from snapfs.store import Store
+from tests.test_capture_support import (
+    Target,
+    assert_released,
+    check_oracle,
+    oracle_pages,
+    region_image,
+)
+
+
+def _smaps_field(pid: int, addr: int, field: str) -> int:
+    cur = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            cur = int(m.group(1), 16) <= addr < int(m.group(2), 16)
+        elif cur and line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {addr:#x}")
+
+
+async def _capture(t: Target, store_dir, **opts):
+    store = Store.open(store_dir, create=True)
+    result = await capture_process(t.pid, store, "s", CaptureOptions(**opts))
+    return store, result
+
+
+async def test_thp_region_captured_without_splitting(store_dir):
+    npages = 16384  # 64 MiB = 32 huge pages
+    with Target("oracle", str(npages), "2", "thp") as t:
+        huge_before = _smaps_field(t.pid, t.addr, "AnonHugePages")
+        if huge_before == 0:
+            pytest.skip("the kernel gave the target no transparent huge pages")
+        store, result = await _capture(t, store_dir)
+        with store:
+            check_oracle(region_image(store.open_snapshot("s"), t.addr, npages))
+        assert result.faults > 0
+        # Faults save and unprotect whole 2 MiB pages and the scan works in 2 MiB-aligned
+        # chunks, so no huge page was split by the snapshot.
+        assert _smaps_field(t.pid, t.addr, "AnonHugePages") == huge_before
+        assert_released(t.pid)
+
+
+async def test_memfd_region_captured(store_dir):
+    npages = 4096
+    with Target("oracle", str(npages), "2", "memfd") as t:
+        store, result = await _capture(t, store_dir)
+        with store:
+            reader = store.open_snapshot("s")
+            reg = next(r for r in reader.regions if r.start == t.addr)
+            assert reg.kind == "shmem" and "memfd:oracle" in reg.path
+            check_oracle(region_image(reader, t.addr, npages))
+        assert not result.warnings  # nobody else maps it
+        assert_released(t.pid)
+
+
+@pytest.fixture
+def hugepages():
+    path = Path("/proc/sys/vm/nr_hugepages")
+    old = path.read_text().strip()
+    try:
+        path.write_text("64\n")
+        if int(path.read_text()) < 16:
+            pytest.skip("cannot reserve huge pages")
+        yield
+    finally:
+        path.write_text(old + "\n")
+
+
+async def test_hugetlb_region_captured(store_dir, hugepages):
+    npages = 8192  # 32 MiB = 16 huge pages of 2 MiB
+    with Target("oracle", str(npages), "2", "hugetlb") as t:
+        store, result = await _capture(t, store_dir)
+        with store:
+            reader = store.open_snapshot("s")
+            reg = next(r for r in reader.regions if r.start == t.addr)
+            assert reg.kind == "hugetlb" and reg.page_size == 2 << 20
+            check_oracle(region_image(reader, t.addr, npages))
+        assert_released(t.pid)
+
+
+async def test_unmap_dontneed_mremap_during_capture(store_dir):
+    """The target madvise(DONTNEED)s, munmaps and mremaps parts of the oracle buffer right
+    after the freeze: every page of the image is the freeze content or reported lost."""
+    npages = 8192
+    q = npages // 16
+    affected = np.zeros(npages, bool)
+    for lo in (npages // 4, npages // 2, npages * 3 // 4):
+        affected[lo : lo + q] = True
+    with Target("oracle", str(npages), "2") as t:
+        replies: list[str] = []
+        started: list[threading.Thread] = []
+
+        def mutate() -> None:
+            for cmd in "dur":
+                replies.append(t.send(cmd))
+
+        def on_progress(_p) -> None:
+            if not started:  # just after the resume; from a thread: faults must be served
+                started.append(threading.Thread(target=mutate))
+                started[0].start()
+
+        store = Store.open(store_dir, create=True)
+        with store:
+            result = await capture_process(
+                t.pid, store, "s", CaptureOptions(rate=16 << 20), progress=on_progress
+            )
+            started[0].join(10)
+            assert replies == ["ok d", "ok u", "ok r"]
+            reader = store.open_snapshot("s")
+            image = region_image(reader, t.addr, npages)
+            m = check_oracle(image, skip=affected)
+            reg = next(r for r in reader.regions if r.start <= t.addr < r.start + r.length)
+            lost = np.zeros(npages, bool)
+            base = (t.addr - reg.start) // 4096
+            for first, count, _reason in reg.meta.get("lost", []):
+                lost[first - base : first - base + count] = True
+            assert not (lost & ~affected).any(), "pages reported lost outside the changed ranges"
+            p = np.arange(npages, dtype=np.uint64)
+            expected = oracle_pages(np.uint64(m) - ((np.uint64(m) - p) % np.uint64(npages)))
+            rows = np.flatnonzero(affected)
+            good = (image[rows] == expected[rows]).all(axis=1)
+            bad = rows[~good]
+            assert lost[bad].all(), f"{len(bad)} changed pages have wrong bytes and are not reported"
+            assert not image[bad].any()  # lost pages read as holes
+            if lost.any():
+                assert any("not captured" in w for w in result.warnings)
+        assert_released(t.pid)

@@ -1,0 +1,268 @@
+"""Store round trips: every page kind, random reads, odd put patterns, concurrency, metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+
+import numpy as np
+import pytest
+
+from snapfs.errors import NameInUse, SnapshotNotFound, StoreError, UsageError
+from snapfs.store import DATA, HOLE, ZERO, RegionSpec, Store
+from snapfs.store.testing import expected_image, region_kinds, write_synthetic
+
+PAGE = 4096
+
+
+@pytest.fixture
+def store(store_dir):
+    s = Store.open(store_dir)
+    yield s
+    s.close()
+
+
+def _expected_runs(kinds: np.ndarray) -> list[tuple[int, int, int]]:
+    out = []
+    for p, k in enumerate(kinds.tolist()):
+        if out and out[-1][2] == k:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1, k])
+    return [tuple(x) for x in out]
+
+
+def test_round_trip_all_kinds_and_random_reads(store):
+    pages = [3000, 77]
+    write_synthetic(store, "s1", seed=5, region_pages=pages, threads=2)
+    r = store.open_snapshot("s1")
+    assert [reg.length for reg in r.regions] == [p * PAGE for p in pages]
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(pages):
+        exp = expected_image(5, i, n)
+        assert r.read(i, 0, n * PAGE) == exp
+        for _ in range(300):
+            off = int(rng.integers(0, n * PAGE))
+            size = int(rng.choice([1, 4096, 65536, 131072, int(rng.integers(1, 300000))]))
+            assert r.read(i, off, size) == exp[off:off + size]
+        assert r.read(i, n * PAGE, 10) == b""
+        kinds = region_kinds(n)
+        assert list(r.runs(i)) == _expected_runs(kinds)
+        assert r.regions[i].data_pages == int((kinds == DATA).sum())
+        assert r.regions[i].zero_pages == int((kinds == ZERO).sum())
+        ext = r.data_extents(i)
+        assert sum(length for _, length in ext) == int((kinds == DATA).sum()) * PAGE
+    assert r.blob("synthetic") == b"s1:5:0"
+    assert r.blob("nope") is None
+    info = store.info("s1")
+    assert info.resident_bytes == sum(int((region_kinds(n) != HOLE).sum()) for n in pages) * PAGE
+    assert 0 < info.stored_bytes < info.resident_bytes      # compressed, zero pages free
+    assert info.pid == 4242 and info.comm == "synthetic" and info.pause_ms == 1.5
+    assert info.region_count == 2 and info.parent is None
+    json.dumps(info.to_json())
+
+
+def test_single_page_puts_are_pooled_into_full_frames(store):
+    npages = 640
+    img = np.random.default_rng(1).integers(1, 255, size=(npages, PAGE), dtype=np.uint8)
+    w = store.begin_snapshot("singles", {})
+    idx = w.add_region(RegionSpec("heap", 0x400000, npages * PAGE, kind="heap"))
+    for p in np.random.default_rng(2).permutation(npages).tolist():
+        w.put_pages(idx, p, img[p].tobytes())
+    w.commit()
+    nframes = store.query("SELECT count(*) FROM frames")[0][0]
+    assert nframes == npages // 32
+    r = store.open_snapshot("singles")
+    assert r.read(0, 0, npages * PAGE) == img.tobytes()
+    assert list(r.runs(0)) == [(0, npages, DATA)]
+
+
+def test_mask_zero_pages_holes_and_page_size_metadata(store):
+    data = bytearray(8 * PAGE)
+    data[0:PAGE] = b"\x01" * PAGE           # page 0 data, 1-2 zero, 3 masked out, 4..7 zero/data
+    data[5 * PAGE:6 * PAGE] = b"\x07" * PAGE
+    mask = np.array([1, 1, 1, 0, 1, 1, 1, 1], bool)
+    w = store.begin_snapshot("m", {"kind": "vm"})
+    idx = w.add_region(RegionSpec("pc.ram", 0, 16 * PAGE, "rw-p", 0, None, "ramblock", 2 << 20, {"id": 1}))
+    w.put_pages(idx, 2, data, mask)
+    w.mark_lost(idx, 12, 2, "EFAULT")
+    info = w.commit({"faults": 3})
+    assert info.kind == "vm" and info.faults == 3
+    assert any("EFAULT" in x for x in info.warnings)
+    r = store.open_snapshot("m")
+    assert r.regions[0].page_size == 2 << 20 and r.regions[0].meta["id"] == 1
+    assert list(r.runs(0)) == [(0, 2, HOLE), (2, 1, DATA), (3, 2, ZERO), (5, 1, HOLE), (6, 1, ZERO),
+                               (7, 1, DATA), (8, 2, ZERO), (10, 6, HOLE)]
+    exp = bytearray(16 * PAGE)
+    exp[2 * PAGE:3 * PAGE] = b"\x01" * PAGE
+    exp[7 * PAGE:8 * PAGE] = b"\x07" * PAGE
+    assert r.read(0, 0, 16 * PAGE) == bytes(exp)
+    assert r.data_extents(0) == [(2 * PAGE, PAGE), (7 * PAGE, PAGE)]
+
+
+def test_concurrent_puts_from_two_threads(store):
+    npages = 4096
+    img = np.random.default_rng(3).integers(0, 4, size=(npages, PAGE), dtype=np.uint8)
+    w = store.begin_snapshot("threads", {})
+    idx = w.add_region(RegionSpec("anon", 0, npages * PAGE))
+    chunks = [(p, min(p + 37, npages)) for p in range(0, npages, 37)]
+
+    def work(part):
+        for a, b in part:
+            w.put_pages(idx, a, memoryview(img[a:b]).cast("B"))
+
+    t = threading.Thread(target=work, args=(chunks[1::2],))
+    t.start()
+    work(chunks[0::2])
+    t.join()
+    w.commit()
+    assert store.open_snapshot("threads").read(0, 0, npages * PAGE) == img.tobytes()
+
+
+def test_names_reserved_and_validated(store):
+    w1 = store.begin_snapshot("same", {})
+    with pytest.raises(NameInUse, match="being captured"):
+        store.begin_snapshot("same", {})
+    w2 = store.begin_snapshot("other", {})     # different names write concurrently
+    w2.add_region(RegionSpec("a", 0, PAGE))
+    w2.put_pages(0, 0, b"\x02" * PAGE)
+    w2.commit()
+    w1.abort()
+    store.begin_snapshot("same", {}).commit()   # an aborted reservation frees the name
+    with pytest.raises(NameInUse, match="already exists"):
+        store.begin_snapshot("same", {})
+    for bad in ("", "a/b", ".hidden", "-x", "x" * 300):
+        with pytest.raises(UsageError):
+            store.begin_snapshot(bad, {})
+    with pytest.raises(SnapshotNotFound):
+        store.begin_snapshot("child", {}, parent="missing")
+
+
+def test_uncommitted_snapshots_are_invisible_and_generation_moves(store):
+    g0 = store.generation()
+    w = store.begin_snapshot("p", {})
+    w.add_region(RegionSpec("a", 0, 4 * PAGE))
+    w.put_pages(0, 0, b"\x05" * 4 * PAGE)
+    assert store.list_snapshots() == [] and store.generation() == g0
+    with pytest.raises(SnapshotNotFound):
+        store.info("p")
+    with pytest.raises(SnapshotNotFound):
+        store.open_snapshot("p")
+    w.abort()
+    assert store.list_snapshots() == [] and os.listdir(store.segments_dir) == []
+    write_synthetic(store, "q", 1, [50])
+    g1 = store.generation()
+    assert g1 != g0 and [s.name for s in store.list_snapshots()] == ["q"]
+    store.remove(["q"])
+    assert store.generation() != g1 and store.list_snapshots() == []
+    with pytest.raises(SnapshotNotFound, match="nothing removed"):
+        store.remove(["q"])
+
+
+def test_exception_in_writer_context_aborts(store):
+    with pytest.raises(RuntimeError):
+        with store.begin_snapshot("boom", {}) as w:
+            w.add_region(RegionSpec("a", 0, PAGE))
+            w.put_pages(0, 0, b"\x01" * PAGE)
+            raise RuntimeError("capture failed")
+    assert store.list_snapshots() == []
+    assert store.check()["garbage"]["dead_pending"] == []
+
+
+def test_reader_sees_other_store_instance_commits_concurrently(store_dir):
+    writer_store = Store.open(store_dir)
+    reader_store = Store.open(store_dir)
+    write_synthetic(writer_store, "base", 2, [500])
+    r = reader_store.open_snapshot("base")
+    exp = expected_image(2, 0, 500)
+    errors = []
+    stop = threading.Event()
+
+    def reader():
+        rng = np.random.default_rng(7)
+        while not stop.is_set():
+            off = int(rng.integers(0, 500 * PAGE))
+            if r.read(0, off, 8192) != exp[off:off + 8192]:
+                errors.append(off)
+            reader_store.generation()
+            reader_store.list_snapshots()
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        g = reader_store.generation()
+        for i in range(3):
+            write_synthetic(writer_store, f"n{i}", 3 + i, [400], threads=2)
+        assert reader_store.generation() != g
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert [s.name for s in reader_store.list_snapshots()] == ["base", "n0", "n1", "n2"]
+    writer_store.close()
+    reader_store.close()
+
+
+def test_permissions(store_dir):
+    old = os.umask(0)       # even a permissive umask must not leak modes
+    try:
+        s = Store.open(store_dir)
+        write_synthetic(s, "x", 1, [100])
+        w = s.begin_snapshot("pending", {})
+        w.add_region(RegionSpec("a", 0, 64 * PAGE))
+        w.put_pages(0, 0, os.urandom(64 * PAGE))
+        for root, dirs, files in os.walk(store_dir):
+            assert stat.S_IMODE(os.stat(root).st_mode) == 0o700, root
+            for f in files:
+                assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o600, f
+        names = {f for _, _, fs in os.walk(store_dir) for f in fs}
+        assert {"README", "config.json", "catalog.sqlite", "catalog.sqlite-wal"} <= names
+        w.abort()
+        s.close()
+    finally:
+        os.umask(old)
+
+
+def test_open_errors(store_dir, tmp_path):
+    with pytest.raises(StoreError, match="no snapfs store"):
+        Store.open(store_dir, create=False)
+    Store.open(store_dir).close()
+    cfg = json.loads((store_dir / "config.json").read_text())
+    cfg["version"] = 99
+    (store_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StoreError, match="format version 99"):
+        Store.open(store_dir)
+    other = tmp_path / "notastore"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    with pytest.raises(StoreError, match="not a snapfs store"):
+        Store.open(other)
+
+
+def test_gc_leaves_live_writers_and_their_parents_alone(store):
+    write_synthetic(store, "p", 1, [700])
+    w = store.begin_snapshot("live", {}, parent="p")
+    idx = w.add_region(RegionSpec("region0", 0x10000000, 700 * PAGE))
+    img = np.frombuffer(expected_image(1, 0, 700, version=3), np.uint8).reshape(700, PAGE)
+    w.put_pages(idx, 0, img[:400])
+    result = store.gc()
+    assert result["live_writers"] == 1 and result["pending_removed"] == []
+    assert result["bytes_reclaimed"] == 0
+    w.put_pages(idx, 400, img[400:])
+    w.commit()
+    assert store.open_snapshot("live").read(0, 0, 700 * PAGE) == img.tobytes()
+    assert store.check(verify_data=True)["ok"]
+
+
+def test_reading_a_snapshot_removed_while_open(store):
+    write_synthetic(store, "gone", 1, [100])
+    write_synthetic(store, "stays", 2, [100])
+    r = store.open_snapshot("gone")
+    store.remove(["gone"])
+    with pytest.raises(SnapshotNotFound, match="removed"):
+        r.read(0, 0, PAGE)
+    assert store.open_snapshot("stays").read(0, 0, 100 * PAGE) == expected_image(2, 0, 100)

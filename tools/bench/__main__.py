@@ -1,0 +1,51 @@
+"""``python -m tools.bench [--quick] [--out DIR]``: see tools/bench/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from tools.bench import goals, plan, plots, report, runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; write results.json, results.md and PNGs into --out."""
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small target, few rates (< 3 minutes)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory (default bench-results/)")
+    p.add_argument("--no-install", action="store_true", help="report missing peers instead of installing them")
+    p.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                   help="only re-render the report and plots of an earlier run's results.json into --out")
+    p.add_argument("--docs", type=Path, metavar="DIR",
+                   help="also write DIR/performance.md and DIR/performance/*.png from this run")
+    args = p.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        report.write(results, args.out, results.get("command", "python -m tools.bench"))
+        pngs = plots.write(results, args.out)
+        if args.docs:
+            report.write_docs(results, args.docs, pngs)
+        print(f"rendered {args.out}/results.md and plots" + (f", {args.docs}/performance.md" if args.docs else ""))
+        return 0
+    the_plan = plan.quick() if args.quick else plan.full()
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m tools.bench" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results = runner.run(the_plan, args.out, install_peers=not args.no_install)
+    results["goals"] = goals.evaluate(results)
+    js, md = report.write(results, args.out, command)
+    pngs = plots.write(results, args.out)
+    if args.docs:
+        print(f"wrote {report.write_docs(dict(results, command=command), args.docs, pngs)}")
+    print(f"wrote {js}, {md}, " + ", ".join(str(x) for x in pngs))
+    for g in results["goals"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[g["pass"]]
+        print(f"  {verdict}  {g['goal']}: {g['measured']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

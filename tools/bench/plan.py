@@ -1,0 +1,56 @@
+"""What a bench run measures: the quick plan (smoke test, < 3 min) and the full plan."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass
+class Plan:
+    """Target size, write rates (pages/s, -1 = as fast as possible) and peer settings."""
+
+    mode: str
+    size: int
+    rates: list[float]
+    snapfs_rate_limits: list[str]        # extra snapfs runs with --rate, at limit_write_rate
+    limit_write_rate: float
+    writer_threads: int = 1              # leaves the other vCPU to the snapshotter
+    compress_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    settle_s: float = 1.0                # undisturbed window before each run ("before")
+    precopy_max_rounds: int = 10
+    precopy_max_downtime_s: float = 0.05
+    qemu_mem: int = 256 * MiB
+    qemu_guest_rate: float = 20000       # guest page writes/s (approximate, measured)
+    readpath_size: int = 64 * MiB
+
+    def to_json(self) -> dict:
+        """Plain dict for results.json."""
+        return asdict(self)
+
+
+def quick() -> Plan:
+    """Small target, few rates: the whole bench in well under 3 minutes."""
+    return Plan(mode="quick", size=64 * MiB, rates=[0, 20000, -1], snapfs_rate_limits=["64M"],
+                limit_write_rate=20000, settle_s=0.3, precopy_max_rounds=5,
+                qemu_mem=96 * MiB, readpath_size=32 * MiB)
+
+
+def full() -> Plan:
+    """1 GiB target, write rates from 0 to as fast as possible (~10-15 minutes)."""
+    return Plan(mode="full", size=1 * GiB, rates=[0, 1000, 10000, 100000, 1000000, -1],
+                snapfs_rate_limits=["100M", "300M"], limit_write_rate=10000,
+                qemu_mem=1 * GiB, readpath_size=1 * GiB)
+
+
+def rate_label(rate: float) -> str:
+    """0, 1k, 10k, 1M, max."""
+    if rate < 0:
+        return "max"
+    for div, suffix in ((1_000_000, "M"), (1000, "k")):
+        if rate >= div and rate % div == 0:
+            return f"{int(rate // div)}{suffix}"
+    return str(int(rate))

@@ -1,0 +1,196 @@
+"""Writes a run's results as results.json and results.md (tables, goals, how each figure was measured)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tools.bench.methods.gcore import Gcore
+from tools.bench.methods.precopy import PreCopy
+from tools.bench.methods.qemu_bg import QemuBackground
+from tools.bench.methods.snapfs_uffd import Snapfs
+from tools.bench.methods.stopcopy import StopCopy
+
+
+def _f(v, fmt: str = "{:.2f}", none: str = "–") -> str:
+    return none if v is None else fmt.format(v)
+
+
+def _mb(bps) -> str:
+    return _f(bps, "{:.0f}") if bps is None else f"{bps / 1e6:.0f} MB/s"
+
+
+def _main_table(rows: list[dict]) -> list[str]:
+    out = ["| method | write rate (pages/s) | pause ms | tool's pause ms | duration s | image MiB | image / non-zero RSS "
+           "| throughput during / before | slow-write p50 / p99 µs |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['method']} | {r['write_rate_label']} | FAILED: {r['error']} |||||||")
+            continue
+        pause = _f(r["pause_ms"]) + ("" if r["pause_source"] == "target" else " ¹")
+        out.append(
+            f"| {r['method']} | {r['write_rate_label']} | {pause} | {_f(r['tool_pause_ms'])} | "
+            f"{_f(r['duration_s'], '{:.3f}')} | "
+            f"{r['image_bytes'] / 2**20:.1f} | {r['image_ratio']:.3f} | {_f(r['throughput_ratio'])} | "
+            f"{_f(r['slow_p50_us'], '{:.0f}')} / {_f(r['slow_p99_us'], '{:.0f}')} |")
+    return out
+
+
+def markdown(results: dict, command: str, img_prefix: str = "") -> str:
+    """The report as markdown; the PNGs are referenced as ``img_prefix + file name``."""
+    m, plan = results["machine"], results["plan"]
+    L: list[str] = [f"# snapfs benchmark ({plan['mode']})", "",
+                    f"Command: `{command}` — {results['elapsed_s']:.0f} s.", "",
+                    f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, kernel {m['kernel']}, "
+                    f"virtualized: {m['virtualized']}, THP `{m['thp']}`, clocksource {m['clocksource']}; "
+                    f"Python {m['python']}, zstandard {m['zstandard']}.", "",
+                    f"Target: memwriter, {plan['size'] >> 20} MiB resident (30% zero / 40% compressible / "
+                    f"30% random pages), {plan['writer_threads']} writer thread, uniform random page writes; "
+                    f"compression threads: {plan['compress_threads']}.", ""]
+    peers = results.get("peers", {})
+    if peers:
+        L.append("Peers: " + "; ".join(f"{k} {v['status']} ({v.get('version') or v.get('reason')})"
+                                       for k, v in peers.items()) + ".")
+        L.append("")
+    if results.get("missing"):
+        L += ["## Not run", ""] + [f"- **{k}**: {v}" for k, v in results["missing"].items()] + [""]
+
+    L += ["## Goals (snapfs)", "", "| goal | measured | result |", "|---|---|---|"]
+    for g in results.get("goals", []):
+        verdict = {True: "PASS", False: "FAIL", None: "not judged"}[g["pass"]]
+        note = f" ({g['note']})" if g["note"] else ""
+        L.append(f"| {g['goal']} | {g['measured']}{note} | **{verdict}** |")
+    L.append("")
+
+    f = results.get("floors") or {}
+    if f:
+        wp, pvr, z = f.get("write_protect", {}), f.get("process_vm_readv", {}), f.get("zstd", {})
+        L += ["## Physical floors (same target, not writing)", "",
+              "| floor | value |", "|---|---:|",
+              f"| kernel write-protect of {wp.get('bytes', 0) >> 20} MiB (UFFDIO_WRITEPROTECT, best of 3) | "
+              f"{_f(wp.get('protect_ms'))} ms |",
+              f"| un-protect of the same | {_f(wp.get('unprotect_ms'))} ms |",
+              f"| process_vm_readv, 1 MiB reads, reused buffer | {_mb(pvr.get('reused_buffer_Bps'))} |",
+              f"| process_vm_readv, one read into fresh memory | {_mb(pvr.get('fresh_memory_Bps'))} |",
+              f"| zstd level 1 alone, {z.get('threads')} threads, 128 KiB frames, zero pages skipped "
+              f"(per resident byte) | {_mb(z.get('Bps'))} |",
+              f"| compression ratio of the non-zero pages | {_f(z.get('ratio'))} |", ""]
+        if wp.get("error"):
+            L += [f"Write-protect floor failed: {wp['error']}", ""]
+
+    L += ["## Snapshot of a writing process, per method and write rate", ""]
+    L += _main_table(results["rows"])
+    L += ["", "¹ at write rate 0 the target cannot time a pause (it makes no writes): the tool's own "
+          "figure is shown.", "",
+          f"![image size vs write rate]({img_prefix}image_vs_rate.png)", "",
+          f"![duration vs write rate]({img_prefix}duration_vs_rate.png)", "",
+          f"![pause by method]({img_prefix}pause_by_method.png)", ""]
+
+    pre = [r for r in results["rows"] if r["method"] == "pre-copy" and not r.get("error")]
+    if pre:
+        L += ["Pre-copy rounds (pages copied per round, last = final stop-copy):", ""]
+        L += [f"- rate {r['write_rate_label']}: {r['extra']['round_pages']}"
+              f"{'' if r['extra']['converged'] else ' (did not converge: round limit)'}" for r in pre]
+        L.append("")
+
+    q = results.get("qemu")
+    L += ["## QEMU background-snapshot", ""]
+    if not q:
+        L += ["Not run (see above).", ""]
+    elif q.get("error"):
+        L += [f"Failed: {q['error']}", ""]
+    else:
+        L += ["| accel | guest RAM | non-zero | total s | downtime ms | image MiB | image / non-zero | "
+              "s per GiB non-zero | guest writes/s before → during |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+              f"| {q['accel']} | {q['guest_mem'] >> 20} MiB | {q['nonzero_bytes'] / 2**20:.0f} MiB | "
+              f"{q['total_s']:.3f} | {q['downtime_ms']} | {q['image_bytes'] / 2**20:.1f} | "
+              f"{q['image_ratio']:.3f} | {q['seconds_per_nonzero_gib']:.2f} | "
+              f"{q['guest_writes_per_s_before']:.0f} → {q['guest_writes_per_s_during']:.0f} |", "",
+              f"Accelerator: {q['accel']} ({q['accel_reason']}). QEMU's stream is uncompressed.", ""]
+
+    rp = results.get("readpaths") or {}
+    L += ["## Read paths (store, FUSE, vmstate, incremental)", ""]
+    for key, sec in rp.items():
+        if "skipped" in sec:
+            L.append(f"- **{key}**: skipped — {sec['skipped']}")
+            continue
+        if key == "store":
+            L.append(f"- **store** (SnapshotReader, {sec['bytes'] >> 20} MiB region, 1 MiB reads): "
+                     f"sequential {'cold' if sec['cold'] else 'warm'} {_mb(sec['sequential_cold_Bps'])}, "
+                     f"warm {_mb(sec['sequential_warm_Bps'])}; random 4 KiB "
+                     f"{sec['random_4k_cold']['reads_per_s']:.0f} reads/s, p50 "
+                     f"{sec['random_4k_cold']['p50_us']:.0f} µs, p99 {sec['random_4k_cold']['p99_us']:.0f} µs")
+        elif key == "fuse":
+            line = (f"- **FUSE** (ramblocks/{sec['block']}/data, {sec['bytes'] >> 20} MiB, 1 MiB reads): "
+                    f"sequential cold {_mb(sec['sequential_cold_Bps'])}, warm {_mb(sec['sequential_warm_Bps'])}; "
+                    f"random 4 KiB {sec['random_4k_cold']['reads_per_s']:.0f} reads/s, p50 "
+                    f"{sec['random_4k_cold']['p50_us']:.0f} µs, p99 {sec['random_4k_cold']['p99_us']:.0f} µs")
+            if "vmstate_sequential_Bps" in sec:
+                line += f"; vmstate through the mount {_mb(sec['vmstate_sequential_Bps'])}"
+            L.append(line)
+        elif key == "vmstate":
+            L.append(f"- **vmstate** (VmstateView in-process, {sec['bytes'] >> 20} MiB stream): "
+                     f"sequential {_mb(sec['sequential_Bps'])}")
+        elif key == "incremental":
+            L.append(f"- **incremental** ({sec['dirty_fraction']:.1%} of pages rewritten, `--every`): child "
+                     f"pause {sec['child']['pause_ms']:.1f} ms vs full {sec['full']['pause_ms']:.1f} ms "
+                     f"(x{_f(sec['pause_ratio'])}), duration {sec['child']['duration_s']:.3f} s vs "
+                     f"{sec['full']['duration_s']:.3f} s (x{_f(sec['duration_ratio'])}), stored "
+                     f"{sec['child']['stored_bytes'] / 2**20:.1f} MiB vs {sec['full']['stored_bytes'] / 2**20:.1f} MiB")
+    L.append("")
+
+    L += ["## How each figure is measured", "",
+          "- **pause**: the longest stall the target measured itself during the run (memwriter times "
+          "every write; a stall is the time from when a write could start — its pacing deadline or "
+          "the end of the previous write — to its end), minus nothing: it includes the scheduler "
+          "noise seen in the undisturbed window before (listed in results.json as baseline_max_stall_ms).",
+          "- **tool's pause**: what the method itself measures: snapfs's pause_ms; stop-copy and "
+          "pre-copy time their stop; for gcore it is its whole run (gdb start-up, attach, dump, detach).",
+          "- **throughput during / before**: the target's writes/s during the run over its writes/s in "
+          f"the {plan['settle_s']} s before it.",
+          "- **slow-write p50/p99**: single 8-byte stores that took over 2 µs, as the target timed them; "
+          "during a snapfs run these are its write-protect faults (the fault round trip).",
+          "- **image / non-zero RSS**: image bytes over the target's non-zero resident bytes.",
+          f"- **snapfs**: {Snapfs.how}.",
+          f"- **stop-copy**: {StopCopy.how}.",
+          f"- **pre-copy**: {PreCopy.how} (at most {plan['precopy_max_rounds']} rounds, downtime "
+          f"budget {plan['precopy_max_downtime_s'] * 1e3:.0f} ms).",
+          f"- **gcore**: {Gcore.how}.",
+          f"- **QEMU**: {QemuBackground.how}.", ""]
+    return "\n".join(L)
+
+
+DOCS_PREAMBLE = """\
+<!-- Generated by `python -m tools.bench --docs docs` from one run's results.json: every number
+below was produced by the command named in it, on the machine it describes. Re-run to update. -->
+
+Ratios, not absolute numbers, are the headline: this machine is a small, noisy VM, and other
+work may have run beside the bench. See tools/bench/__init__.py for what each module measures.
+
+"""
+
+
+def write_docs(results: dict, docs_dir: Path, pngs: list[Path]) -> Path:
+    """docs/performance.md plus its PNGs in docs/performance/."""
+    assets = docs_dir / "performance"
+    assets.mkdir(parents=True, exist_ok=True)
+    for png in pngs:
+        (assets / png.name).write_bytes(png.read_bytes())
+    md = docs_dir / "performance.md"
+    body = markdown(results, results.get("command", "python -m tools.bench"), img_prefix="performance/")
+    title, _, rest = body.partition("\n")
+    md.write_text(f"{title.replace('snapfs benchmark', 'snapfs performance')}\n\n{DOCS_PREAMBLE}{rest.lstrip()}")
+    return md
+
+
+def write(results: dict, out_dir: Path, command: str) -> tuple[Path, Path]:
+    """results.json and results.md in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = dict(results, command=command)
+    js = out_dir / "results.json"
+    js.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    md = out_dir / "results.md"
+    md.write_text(markdown(results, command))
+    return js, md

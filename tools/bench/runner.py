@@ -1,0 +1,141 @@
+"""Runs a plan: floors, every method at every write rate on the same targets, QEMU, read paths."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tools.bench import floors, machine, peers, readpaths
+from tools.bench.methods import Method
+from tools.bench.methods.gcore import Gcore
+from tools.bench.methods.precopy import PreCopy
+from tools.bench.methods.qemu_bg import QemuBackground
+from tools.bench.methods.snapfs_uffd import Snapfs
+from tools.bench.methods.stopcopy import StopCopy
+from tools.bench.plan import Plan, rate_label
+from tools.bench.targets import Target, TargetSpec, Window
+
+
+class Log:
+    """Progress lines on stderr with the elapsed time."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _row(method: Method, spec: TargetSpec, target: Target, before: Window, during: Window,
+         outcome, error: str | None) -> dict:
+    writing = spec.rate != 0
+    row = {
+        "method": method.name, "write_rate": spec.rate, "write_rate_label": rate_label(spec.rate),
+        "nonzero_bytes": target.nonzero_bytes, "resident_bytes": target.size, "error": error,
+        "writes_per_s_before": before.writes_per_s, "writes_per_s_during": during.writes_per_s,
+        "throughput_ratio": (during.writes_per_s / before.writes_per_s) if writing and before.writes_per_s else None,
+        "target_max_stall_ms": during.max_stall_us / 1e3 if writing else None,
+        "baseline_max_stall_ms": before.max_stall_us / 1e3 if writing else None,
+        "slow_writes": during.slow_writes if writing else None,
+        "slow_p50_us": during.slow_p50_us, "slow_p99_us": during.slow_p99_us,
+        "slow_max_us": during.raw.get("slow_max_us") if during.slow_writes else None,
+        "baseline_slow_writes": before.slow_writes if writing else None,
+    }
+    if outcome is not None:
+        # The target can only time a pause while it writes; at rate 0 the tool's own figure is used.
+        pause = row["target_max_stall_ms"] if writing else outcome.tool_pause_ms
+        row.update({
+            "pause_ms": pause, "pause_source": "target" if writing else "tool",
+            "tool_pause_ms": outcome.tool_pause_ms, "duration_s": outcome.duration_s,
+            "image_bytes": outcome.image_bytes,
+            "image_ratio": outcome.image_bytes / target.nonzero_bytes,
+            "extra": outcome.extra,
+        })
+    return row
+
+
+def _run_one(method: Method, spec: TargetSpec, target: Target, workdir: Path, plan: Plan, log: Log) -> dict:
+    before = target.settle(plan.settle_s)
+    outcome, error = None, None
+    try:
+        outcome = method.run(target, workdir)
+    except Exception as e:  # noqa: BLE001 - a failing peer is a result, not the end of the bench
+        error = f"{type(e).__name__}: {e}"
+    during = target.window()
+    if not target.alive():
+        raise RuntimeError(f"target died during {method.name}")
+    row = _row(method, spec, target, before, during, outcome, error)
+    if error:
+        log(f"  {method.name:<22} FAILED: {error}")
+    else:
+        log(f"  {method.name:<22} pause {row['pause_ms']:9.2f} ms ({row['pause_source']})  "
+            f"duration {row['duration_s']:7.3f} s  image/nonzero {row['image_ratio']:.3f}")
+    return row
+
+
+def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
+    """Run every section of ``plan``; return the results (also what results.json holds)."""
+    log = Log()
+    started = time.time()
+    results: dict = {"plan": plan.to_json(), "machine": machine.describe(), "started": started,
+                     "rows": [], "missing": {}, "floors": {}, "qemu": None, "readpaths": {}}
+    peer_status = peers.ensure(install_peers)
+    results["peers"] = peer_status
+    for peer, st in peer_status.items():
+        if st["status"] == "missing":
+            results["missing"][peer] = st["reason"]
+            log(f"peer {peer} missing: {st['reason']}")
+
+    threads = plan.compress_threads
+    methods: list[Method] = [Snapfs(), StopCopy(threads),
+                             PreCopy(threads, plan.precopy_max_rounds, plan.precopy_max_downtime_s), Gcore()]
+    limited = [Snapfs(r) for r in plan.snapfs_rate_limits]
+    usable: list[Method] = []
+    for m in methods + limited:
+        reason = m.available()
+        if reason:
+            results["missing"][m.name] = reason
+            log(f"method {m.name} not run: {reason}")
+        else:
+            usable.append(m)
+
+    workdir = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=out_dir))
+    try:
+        for rate in plan.rates:
+            spec = TargetSpec(size=plan.size, rate=rate, threads=plan.writer_threads)
+            log(f"target {plan.size >> 20} MiB, write rate {rate_label(rate)} pages/s")
+            with Target(spec) as target:
+                if not results["floors"] and rate == 0:
+                    results["floors"] = floors.measure(target, threads)
+                    f = results["floors"]
+                    log(f"  floors: write-protect {f['write_protect'].get('protect_ms', float('nan')):.2f} ms, "
+                        f"process_vm_readv {f['process_vm_readv']['reused_buffer_Bps'] / 1e9:.2f} GB/s, "
+                        f"zstd x{threads} {f['zstd']['Bps'] / 1e9:.2f} GB/s")
+                for m in usable:
+                    if m in limited and rate != plan.limit_write_rate:
+                        continue
+                    results["rows"].append(_run_one(m, spec, target, workdir, plan, log))
+        qemu = QemuBackground(plan.qemu_mem, plan.qemu_guest_rate)
+        reason = qemu.available()
+        if reason:
+            results["missing"]["qemu background-snapshot"] = reason
+            log(f"QEMU background-snapshot not run: {reason}")
+        else:
+            log(f"QEMU background-snapshot, guest {plan.qemu_mem >> 20} MiB")
+            try:
+                results["qemu"] = qemu.run_vm(workdir)
+                q = results["qemu"]
+                log(f"  qemu: total {q['total_s']:.3f} s, downtime {q['downtime_ms']} ms, "
+                    f"{q['seconds_per_nonzero_gib']:.3f} s per GiB non-zero")
+            except Exception as e:  # noqa: BLE001
+                results["qemu"] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"  qemu FAILED: {e}")
+        log(f"read paths ({plan.readpath_size >> 20} MiB region)")
+        results["readpaths"] = readpaths.run(plan, workdir, log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["elapsed_s"] = time.time() - started
+    return results
