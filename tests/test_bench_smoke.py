@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -157,3 +156,52 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"({png})" in md
+
+
+def test_precopy_dirty_tracking_gives_the_image_at_the_stop():
+    """The pre-copy peer's tracking (UFFD WP_ASYNC + PAGEMAP_SCAN re-protect) is right: copy all,
+    re-copy what the scans report, final copy while stopped == the memory at the stop, and the
+    seq oracle shows one cut per writer."""
+    from tools.bench import kernel
+    from tools.bench.copying import page_runs, stopped
+    from tools.bench.targets import Target, TargetSpec
+
+    with Target(TargetSpec(size=16 << 20, rate=200000, threads=2, access="seq")) as t:
+        time.sleep(0.3)  # every writer finishes a first pass over its slice
+        base, size, pid, n = t.base, t.size, t.pid, t.size // PAGE
+        image = np.zeros((n, PAGE), dtype=np.uint8)
+
+        def copy(ranges):
+            for addr, length in ranges:
+                buf = np.empty(length, dtype=np.uint8)
+                kernel.process_vm_readv(pid, buf, [(addr, length)])
+                image[(addr - base) // PAGE : (addr - base + length) // PAGE] = buf.reshape(-1, PAGE)
+
+        uffd, _ = kernel.acquire_uffd(pid, t.handoff_path)
+        scanner = kernel.PagemapScanner(pid)
+        try:
+            kernel.uffd_api(uffd, kernel.UFFD_FEATURE_PAGEFAULT_FLAG_WP | kernel.UFFD_FEATURE_WP_ASYNC)
+            kernel.uffd_register_wp(uffd, base, size)
+            kernel.uffd_writeprotect(uffd, base, size, True)
+            copy([(base, size)])
+            dirty = []
+            for _ in range(3):
+                dirty = scanner.written(base, base + size, reprotect=True)
+                assert dirty, "a writer at 200k pages/s dirtied nothing?"
+                copy(dirty)
+            with stopped(pid):
+                mask = np.zeros(n, dtype=bool)
+                for addr, length in scanner.written(base, base + size, reprotect=False):
+                    mask[(addr - base) // PAGE : (addr - base + length) // PAGE] = True
+                copy(page_runs(mask, base))
+                truth = np.empty(size, dtype=np.uint8)
+                kernel.process_vm_readv(pid, truth, [(base, size)])
+        finally:
+            kernel.uffd_unregister(uffd, base, size)
+            os.close(uffd)
+            scanner.close()
+        assert np.array_equal(image.reshape(-1), truth)
+        counters = image.view(np.uint64)[:, 0].astype(np.int64)
+        for th in range(2):
+            assert int((np.diff(counters[n * th // 2 : n * (th + 1) // 2]) != 1).sum()) == 1
+        assert t.alive()

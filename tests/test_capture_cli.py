@@ -176,3 +176,59 @@ def test_sigkill_of_snapfs_leaves_target_running(snapfs_env, store_dir, phase):
         assert_released(t.pid)
         _target_healthy(t, store_dir)
         assert _committed(store_dir) == ["after"]
+
+
+def test_every_takes_incremental_children_until_interrupted(snapfs_env, store_dir):
+    n = 2048
+    with Target("populate", str(n)) as t:  # static memory: children share nearly everything
+        snap = subprocess.Popen(
+            [*snapfs_cmd(), "snapshot", str(t.pid), "--every", "0.5s", "--name", "cont", "--json"],
+            env=snapfs_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        first = snap.stdout.readline()
+        second = snap.stdout.readline()
+        snap.send_signal(signal.SIGINT)
+        rest, err = snap.communicate(timeout=20)
+        assert snap.returncode == 0, err
+        assert "stopped after" in err
+        docs = [json.loads(x) for x in (first + second + rest).splitlines()]
+        assert [d["name"] for d in docs[:2]] == ["cont-1", "cont-2"]
+        assert_released(t.pid)
+    with Store.open(store_dir, create=False) as store:
+        infos = {i.name: i for i in store.list_snapshots()}
+        assert set(infos) == {d["name"] for d in docs}  # the interrupted one was discarded
+        child, parent = infos["cont-2"], infos["cont-1"]
+        assert child.parent == "cont-1"
+        assert child.shared_bytes > 0 and child.stored_bytes < parent.stored_bytes / 4
+        a = region_image(store.open_snapshot("cont-1"), t.addr, n)
+        b = region_image(store.open_snapshot("cont-2"), t.addr, n)
+        assert (a == b).all() and a.any()
+
+
+def test_progress_line_on_a_tty_only(snapfs_env, store_dir):
+    import pty
+
+    with Target("oracle", "8192", "1") as t:
+        master, slave = pty.openpty()
+        try:
+            snap = subprocess.Popen(
+                [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", "32M"],
+                env=snapfs_env, stdout=subprocess.PIPE, stderr=slave, text=True,
+            )
+            os.close(slave)
+            out, _ = snap.communicate(timeout=30)
+            chunks = []
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+        finally:
+            os.close(master)
+        tty = b"".join(chunks).decode()
+        assert snap.returncode == 0
+        assert "\r" in tty and "ETA" in tty and "faults" in tty and "MiB /" in tty
+        assert out.startswith("snapshot ") and "\r" not in out

@@ -47,3 +47,55 @@ async def test_one_instant_with_slow_scan(store_dir):
         assert result.duration_s >= 0.3
         assert_released(t.pid)
         store.close()
+
+
+async def test_image_equals_targets_own_copy(store_dir, tmp_path):
+    """selfcopy records its .data, .bss, heap, stack and an mmap'd area, then blocks in
+    read(); the freeze happens there, then it overwrites everything during the capture. The
+    image must equal its own copy byte for byte."""
+    import struct
+    import threading
+
+    copy = tmp_path / "copy.bin"
+    with Target("selfcopy", str(copy)) as t:
+        started: list[threading.Thread] = []
+
+        def go() -> None:
+            t.proc.stdin.write("go\n")
+            t.proc.stdin.flush()
+
+        def on_progress(_p) -> None:
+            if not started:  # after the resume: make it scribble during the whole capture
+                started.append(threading.Thread(target=go))
+                started[0].start()
+
+        with Store.open(store_dir, create=True) as store:
+            result = await capture_process(
+                t.pid, store, "s", CaptureOptions(rate=4 << 20), progress=on_progress
+            )
+            reader = store.open_snapshot("s")
+            data = copy.read_bytes()
+            pos, checked = 0, 0
+            while pos < len(data):
+                addr, length = struct.unpack_from("<QQ", data, pos)
+                pos += 16
+                want = data[pos : pos + length]
+                pos += length
+                # A buffer may span VMAs (.data runs on into the anonymous .bss mapping).
+                at = addr
+                while at < addr + length:
+                    reg = next(r for r in reader.regions if r.start <= at < r.start + r.length)
+                    n = min(addr + length, reg.start + reg.length) - at
+                    got = reader.read(reg.index, at - reg.start, n)
+                    assert got == want[at - addr : at - addr + n], (
+                        f"{reg.name} ({reg.kind}) differs from the target's own copy at {at:#x}"
+                    )
+                    at += n
+                checked += 1
+            assert checked == 8  # .data, .bss, stack, 4 heap blocks, mmap area
+            kinds = {r.kind for r in reader.regions}
+            assert {"heap", "stack", "anon", "file"} <= kinds
+            assert result.faults > 0
+        t.proc.stdin.write("q\n")
+        t.proc.stdin.flush()
+        assert t.proc.wait(10) == 0

@@ -31,7 +31,7 @@ def snapfs(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def daemon_pid(mnt: Path) -> int:
-    """The pid of the daemon serving ``mnt`` (the forked CLI process still holding /dev/fuse)."""
+    """The pid of the daemon serving ``mnt`` (the process naming it that holds /dev/fuse)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -40,7 +40,7 @@ def daemon_pid(mnt: Path) -> int:
             fds = os.listdir(f"/proc/{entry}/fd")
         except OSError:
             continue
-        if b"mount" in cmd and os.fsencode(mnt) in cmd:
+        if any(os.fsencode(mnt) in arg for arg in cmd):
             for fd in fds:
                 try:
                     if os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse":
@@ -293,3 +293,22 @@ def test_cat(store_dir, snapfs_env):
     assert res.returncode == 7 and b"no snapshot named" in res.stderr
     res = snapfs(["cat", "app", "ramblocks"], snapfs_env)
     assert res.returncode == 2 and b"is a directory" in res.stderr
+
+
+def test_thousand_snapshots_list_fast_in_bounded_memory(tmp_path, store_dir, snapfs_env):
+    with Store.open(store_dir) as store:
+        for i in range(1000):
+            write_snapshot(store, f"s{i:04d}", [])
+        process_snapshot(store, "app")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted_store(mnt, snapfs_env, tmp_path / "mount.log"):
+        t = time.perf_counter()
+        res = run(["ls", "-l", str(mnt)])
+        assert time.perf_counter() - t < 1.0
+        assert res.stdout.decode().count("\n") == 1002  # "total" + 1001 entries
+        for i in range(0, 1000, 10):  # open a hundred snapshots' metadata
+            json.loads((mnt / f"s{i:04d}" / "info.json").read_text())
+        status = Path(f"/proc/{daemon_pid(mnt)}/status").read_text()
+        rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+        assert rss_kib < 200 * 1024

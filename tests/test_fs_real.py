@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -36,25 +37,29 @@ TARGET = textwrap.dedent(f"""
 """)
 
 
+def snapshot(pid: int, name: str, env: dict[str, str]) -> None:
+    res = run(snapfs_cmd() + ["snapshot", str(pid), "--name", name], env)
+    assert res.returncode == 0, res.stderr.decode()
+
+
 @pytest.fixture
 def real_snapshot(tmp_path, snapfs_env):
-    """A snapshot ``real`` of a live target; yields (address, the bytes the target held)."""
+    """A snapshot ``real`` of a live target; yields (pid, address, the bytes the target held)."""
     held = tmp_path / "held.bin"
     proc = subprocess.Popen([sys.executable, "-c", TARGET, str(held)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)
     try:
         addr = int(proc.stdout.readline(), 16)
-        res = run(snapfs_cmd() + ["snapshot", str(proc.pid), "--name", "real"], snapfs_env)
-        assert res.returncode == 0, res.stderr.decode()
+        snapshot(proc.pid, "real", snapfs_env)
         assert proc.poll() is None  # the target still runs
-        yield addr, held.read_bytes()
+        yield proc.pid, addr, held.read_bytes()
     finally:
         proc.stdin.close()
         proc.wait(30)
 
 
 def test_standard_tools_on_a_real_snapshot(real_snapshot, tmp_path, snapfs_env):
-    addr, held = real_snapshot
+    _, addr, held = real_snapshot
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with mounted_store(mnt, snapfs_env, tmp_path / "mount.log"):
@@ -95,3 +100,41 @@ def test_standard_tools_on_a_real_snapshot(real_snapshot, tmp_path, snapfs_env):
         # snapfs cat gives the same bytes without the mount
         res = run(snapfs_cmd() + ["cat", "real", f"ramblocks/{region['entry']}/data"], snapfs_env)
         assert res.returncode == 0 and res.stdout == data.read_bytes()
+        if (snap / "vmstate").exists():  # the same stream both ways, exactly its stated size
+            res = run(snapfs_cmd() + ["cat", "real", "vmstate"], snapfs_env)
+            assert res.returncode == 0
+            assert len(res.stdout) == (snap / "vmstate").stat().st_size
+            assert res.stdout == (snap / "vmstate").read_bytes()
+
+
+def test_readers_while_a_capture_commits(real_snapshot, tmp_path, snapfs_env):
+    pid, addr, held = real_snapshot
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                with open(mnt / "real/mem", "rb") as f:
+                    f.seek(addr)
+                    assert f.read(len(held)) == held
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    with mounted_store(mnt, snapfs_env, tmp_path / "mount.log"):
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            snapshot(pid, "again", snapfs_env)
+            assert sorted(os.listdir(mnt)) == ["again", "real"]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert not errors, errors
+        with open(mnt / "again/mem", "rb") as f:
+            f.seek(addr)
+            assert f.read(len(held)) == held

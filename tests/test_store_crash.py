@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from snapfs.store import Store
+from snapfs.store import RegionSpec, Store
 from snapfs.store.testing import expected_image, write_synthetic
 
 PAGES = [1500, 200]
@@ -108,3 +108,50 @@ def test_sigkill_writer_at_random_instants(store_dir):
 @pytest.mark.slow
 def test_sigkill_writer_many_times(store_dir):
     _crash_loop(store_dir, 300, seed=2)
+
+
+_GC_SCRIPT = """
+import sys
+from snapfs.store import RegionSpec, Store
+store = Store.open(sys.argv[1], create=False)
+print("ready", flush=True)
+store.gc()
+print("done", flush=True)
+"""
+
+
+def test_sigkill_gc_at_random_instants(store_dir):
+    store = Store.open(store_dir)
+    write_synthetic(store, "keep", 1, PAGES)
+    keep = _digest(store, "keep")
+    rng = np.random.default_rng(3)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    for i in range(12):
+        # Garbage of every kind: a removed parent (dead frames in a live segment, a dead
+        # segment) and an abandoned capture.
+        write_synthetic(store, f"p{i}", 10 + i, PAGES)
+        write_synthetic(store, f"c{i}", 10 + i, PAGES, version=1, parent=f"p{i}", changed_fraction=1.0)
+        store.remove([f"p{i}"])
+        w = store.begin_snapshot(f"dead{i}", {})
+        w.add_region(RegionSpec("a", 0, 64 * PAGE))
+        w.put_pages(0, 0, os.urandom(64 * PAGE))
+        w._release()                    # the lock goes away as if the process had died
+        p = subprocess.Popen([sys.executable, "-c", _GC_SCRIPT, str(store_dir)], stdout=subprocess.PIPE,
+                             text=True, env=env)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0, 0.05)))
+        p.kill()
+        p.wait()
+        assert store.check()["ok"]
+        assert _digest(store, "keep") == keep
+        r = store.open_snapshot(f"c{i}")
+        assert [r.read(j, 0, reg.length) for j, reg in enumerate(r.regions)] == [
+            expected_image(10 + i, j, n, 1, changed_fraction=1.0) for j, n in enumerate(PAGES)]
+        store.remove([f"c{i}"])
+    store.gc()
+    report = store.check(verify_data=True)
+    assert report["ok"] and report["snapshots"] == 1
+    assert report["garbage"] == {"dead_pending": [], "unreferenced_segments": [],
+                                 "orphan_segment_files": [], "unreferenced_frames": 0}
+    assert os.listdir(store.locks_dir) == []
+    store.close()

@@ -126,6 +126,8 @@ def test_damaged_catalog(store_dir):
     assert [p["snapshots"] for p in report["problems"]] == [["b"]]
     with pytest.raises(StoreCorrupt, match="page map is damaged"):
         store.open_snapshot("b").read(0, 0, PAGE)
+    with pytest.raises(StoreCorrupt, match="gc reclaims nothing"):
+        store.gc()
     assert store.open_snapshot("a").read(0, 0, 300 * PAGE) == expected_image(1, 0, 300)
     store.close()
     # Garbage over the database header: open raises StoreCorrupt with a one-line message.
@@ -136,3 +138,25 @@ def test_damaged_catalog(store_dir):
             os.unlink(store_dir / name)
     with pytest.raises(StoreCorrupt, match="catalog .* is damaged"):
         Store.open(store_dir)
+
+
+def test_catalog_inconsistencies_are_reported(store_dir):
+    store = Store.open(store_dir)
+    write_synthetic(store, "a", 1, [300])
+    write_synthetic(store, "b", 2, [300], version=1, parent=None)
+    assert store.check(verify_data=True)["ok"]
+    b_id = store.info("b").id
+    seg, off = store.query("SELECT seg, off FROM frames WHERE owner=? LIMIT 1", (b_id,))[0]
+    with store.transaction() as conn:
+        conn.execute("DELETE FROM frames WHERE seg=? AND off=?", (seg, off))
+        conn.execute("DELETE FROM seg_refs WHERE snapshot_id=?", (b_id,))
+    report = store.check()
+    messages = [p["message"] for p in report["problems"]]
+    assert not report["ok"]
+    assert any("missing from its references" in m for m in messages)
+    assert any(f"@{off} is referenced but missing" in m for m in messages)
+    assert all(p["snapshots"] == ["b"] for p in report["problems"])
+    # gc trusts the maps, not the damaged references: b's data stays.
+    store.gc()
+    assert store.open_snapshot("b").read(0, 0, 300 * PAGE) == expected_image(2, 0, 300, version=1)
+    store.close()

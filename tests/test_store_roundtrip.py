@@ -266,3 +266,58 @@ def test_reading_a_snapshot_removed_while_open(store):
     with pytest.raises(SnapshotNotFound, match="removed"):
         r.read(0, 0, PAGE)
     assert store.open_snapshot("stays").read(0, 0, 100 * PAGE) == expected_image(2, 0, 100)
+
+
+def test_sparse_64_gib_region(store):
+    npages = 16 << 20                              # 64 GiB of address space, a few pages used
+    rng = np.random.default_rng(11)
+    puts = {0: 1, 5_000_001: 3, 10_485_760: 512, npages - 1: 1}
+    content = {p: rng.integers(1, 256, size=n * PAGE, dtype=np.uint8).tobytes() for p, n in puts.items()}
+    w = store.begin_snapshot("big", {})
+    idx = w.add_region(RegionSpec("ram", 0, npages * PAGE, kind="ramblock"))
+    for p, data in content.items():
+        w.put_pages(idx, p, data)
+    w.commit()
+    r = store.open_snapshot("big")
+    for p, data in content.items():
+        assert r.read(0, p * PAGE, len(data)) == data
+        if p:
+            assert r.read(0, p * PAGE - 100, 50) == bytes(50)       # the hole before it
+    assert r.read(0, 30 << 30, 8192) == bytes(8192)
+    runs = list(r.runs(0))
+    assert sum(n for _, n, _ in runs) == npages
+    assert [(p, n) for p, n, k in runs if k == DATA] == sorted(puts.items())
+    # A child compares against hash chunks far into the region and shares every page.
+    w = store.begin_snapshot("big2", {}, parent="big")
+    idx = w.add_region(RegionSpec("ram", 0, npages * PAGE, kind="ramblock"))
+    for p, data in content.items():
+        w.put_pages(idx, p, data)
+    assert w.commit().stored_bytes == 0
+    assert store.open_snapshot("big2").read(0, 10_485_760 * PAGE, 512 * PAGE) == content[10_485_760]
+
+
+def test_open_segment_fds_are_bounded(store, monkeypatch):
+    from snapfs.store import store as store_mod
+    monkeypatch.setattr(store_mod, "OPEN_SEGMENTS", 3)
+    for i in range(8):
+        write_synthetic(store, f"s{i}", i, [40])
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for i in range(8):
+            assert store.open_snapshot(f"s{i}").read(0, 0, 40 * PAGE) == expected_image(i, 0, 40)
+    assert len(store._seg_fds) <= 3
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 3
+
+
+def test_run_compaction_keeps_every_page(store, monkeypatch):
+    from snapfs.store import writer
+    monkeypatch.setattr(writer, "COMPACT_PARTS", 3)
+    monkeypatch.setattr(writer, "COMPACT_ZEROS", 5)
+    write_synthetic(store, "base", 8, [2000, 50])
+    child = write_synthetic(store, "child", 8, [2000, 50], version=1, parent="base")
+    assert child.shared_bytes > 0
+    for name, version in (("base", 0), ("child", 1)):
+        r = store.open_snapshot(name)
+        for i, n in enumerate((2000, 50)):
+            assert r.read(i, 0, n * PAGE) == expected_image(8, i, n, version)
+            assert list(r.runs(i)) == _expected_runs(region_kinds(n))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from snapfs.errors import StreamError
 from snapfs.stream import format as F
-from snapfs.stream.reader import Limits, read_stream
+from snapfs.stream.reader import Limits, _Input, _Parser, read_stream
 from snapfs.stream.spool import spool_stream
 from snapfs.stream.writer import image_layout
 
@@ -43,12 +43,19 @@ SEEDS = _seeds()
 NASTY = [0, 1, 0x7B, 0xFF, 0x1000, 0xFFFFFFFF, 0x7FFFFFFF, 1 << 40, 1 << 62, 0xFFFFFFFFFFFFFFFF]
 
 
-def _parse_bounded(data: bytes) -> None:
-    """Parse (and spool) ``data``; fail on anything but StreamError or on a large allocation."""
+def _parse_bounded(data: bytes, chunk: int | None = None) -> None:
+    """Parse (and spool) ``data``; fail on anything but StreamError or on a large allocation.
+
+    With ``chunk`` the parser refills its buffer every ``chunk`` bytes (records straddle).
+    """
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
     try:
-        spool_stream(io.BytesIO(data), limits=Limits(max_ram_bytes=1 << 30)).close()
+        if chunk is None:
+            spool_stream(io.BytesIO(data), limits=Limits(max_ram_bytes=1 << 30)).close()
+        else:
+            for _ in _Parser(_Input(io.BytesIO(data), chunk=chunk), Limits(max_ram_bytes=1 << 30)).events():
+                pass
     except StreamError as exc:
         assert "\n" not in str(exc)
     peak = tracemalloc.get_traced_memory()[1] - base
@@ -82,12 +89,13 @@ def test_thousands_of_random_mutations():
     tracemalloc.start()
     try:
         for i in range(6000):
-            _parse_bounded(_mutate(rng, SEEDS[i % len(SEEDS)], rng.randrange(1, 4)))
+            chunk = None if i % 3 else rng.choice((100, 4096, 5000))
+            _parse_bounded(_mutate(rng, SEEDS[i % len(SEEDS)], rng.randrange(1, 4)), chunk)
     finally:
         tracemalloc.stop()
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.sampled_from(SEEDS), data=st.data())
 def test_hypothesis_mutations(seed: bytes, data: st.DataObject):
     edits = data.draw(st.lists(st.tuples(st.integers(0, len(seed)), st.binary(max_size=9),

@@ -228,3 +228,20 @@ def test_huge_claims_fail_without_allocating(data, expect):
         tracemalloc.stop()
     assert expect in msg
     assert peak < 8 << 20, f"parser allocated {peak} bytes for a {len(data)}-byte stream"
+
+
+def test_device_state_across_many_buffer_refills_and_its_limit():
+    from snapfs.stream.reader import Limits, _Input, _Parser
+    from snapfs.stream.spool import spool_stream
+
+    dev = (struct.pack(">BI", F.SEC_FULL, 3) + F.counted(b"timer") + struct.pack(">II", 0, 2)
+           + b"\x11" * 300_000 + F.footer(3) + END)
+    data = header() + start() + part(page(0, name=b"pc.ram")) + dev
+    spooled = spool_stream(io.BytesIO(data))
+    assert spooled.devices == dev
+    spooled.close()
+    small = list(_Parser(_Input(io.BytesIO(data), chunk=4096), Limits()).events())
+    assert small[-1] == (EV_DEVICES, dev)
+    assert [e for e in small if e[0] == EV_PAGE] == [(EV_PAGE, 0, 0, DATA1)]
+    with pytest.raises(StreamError, match="device state starting at byte 4218 exceeds 1000 bytes"):
+        list(read_stream(io.BytesIO(data), Limits(max_device_state_bytes=1000)))

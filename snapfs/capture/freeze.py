@@ -33,7 +33,7 @@ import trio
 from snapfs.capture import kernel as k
 from snapfs.capture.maps import Vma, read_maps
 from snapfs.capture.memory import read_memory, write_memory
-from snapfs.capture.ptrace import StoppedProcess, check_target
+from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
 from snapfs.capture.uffd import Uffd
 from snapfs.errors import PermissionDenied, TargetError
 
@@ -102,8 +102,9 @@ async def frozen(pid: int) -> AsyncIterator[FrozenTarget]:
     userfaultfd refused, with what to grant).
     """
     comm = check_target(pid)
-    t0 = time.monotonic()
     proc = StoppedProcess(pid)
+    proc.syscall_insn = find_syscall_insn(pid)
+    t0 = time.monotonic()
     _stop_protected(proc)
     uffd: Uffd | None = None
     ok = False
@@ -123,6 +124,10 @@ async def frozen(pid: int) -> AsyncIterator[FrozenTarget]:
         )
         yield target
         ok = True
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:  # a ptrace request found the target gone
+            raise TargetError(f"process {pid} exited during the snapshot") from None
+        raise
     finally:
         _release_protected(proc, None if ok else uffd)
         if ok:

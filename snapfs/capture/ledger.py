@@ -8,6 +8,7 @@ the other party then drops its copy. Pages that could not be captured are claime
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass
 
@@ -43,6 +44,12 @@ class Ledger:
         self.ext_base = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(npages, out=self.ext_base[1:])
         self.state = np.zeros(int(self.ext_base[-1]), dtype=np.uint8)
+        # Plain lists for the fault path's per-fault lookups (bisect beats numpy calls there).
+        self.starts = self.ext_start.tolist()
+        self.ends = self.ext_end.tolist()
+        self.bases = self.ext_base.tolist()
+        self.huge = self.ext_huge.tolist()
+        self.regions_of = self.ext_region.tolist()
         self.region_starts = region_starts
         self.lock = threading.Lock()
 
@@ -52,10 +59,18 @@ class Ledger:
 
     def find(self, addr: int) -> int:
         """Index of the extent holding ``addr``, or -1."""
-        i = int(np.searchsorted(self.ext_start, np.uint64(addr), side="right")) - 1
-        if i >= 0 and addr < int(self.ext_end[i]):
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i >= 0 and addr < self.ends[i]:
             return i
         return -1
+
+    def claim_one(self, slot: int) -> bool:
+        """Claim one page (the fault path's common case); True if this call claimed it."""
+        with self.lock:
+            if self.state[slot] == PENDING:
+                self.state[slot] = SAVED
+                return True
+        return False
 
     def overlapping(self, lo: int, hi: int) -> range:
         """Indices of extents intersecting [lo, hi)."""

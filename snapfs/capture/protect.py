@@ -8,6 +8,7 @@ Everything here runs inside the pause, so it is one pass over the maps with one
 from __future__ import annotations
 
 import errno
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -62,6 +63,52 @@ def _populated(scanner: PagemapScanner, v: Vma) -> np.ndarray:
     )
 
 
+def _shmem_cached(pid: int, v: Vma) -> list[tuple[int, int]] | None:
+    """Address ranges of a shmem VMA whose pages are in the file (page cache) — written
+    through another mapping or with write() — whether or not the target has them mapped.
+    None when ``/proc/PID/map_files`` is not accessible (it needs CAP_SYS_ADMIN)."""
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    out = []
+    try:
+        pos, end = v.offset, v.offset + v.length
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            lo = data // k.PAGE_SIZE * k.PAGE_SIZE
+            out.append((v.start + lo - v.offset, v.start + hole - v.offset))
+            pos = hole
+    finally:
+        os.close(fd)
+    return out
+
+
+def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Parts of sorted disjoint ``ranges`` not covered by sorted disjoint ``minus``."""
+    out = []
+    j = 0
+    for lo, hi in ranges:
+        while j < len(minus) and minus[j][1] <= lo:
+            j += 1
+        k_ = j
+        cur = lo
+        while k_ < len(minus) and minus[k_][0] < hi:
+            if minus[k_][0] > cur:
+                out.append((cur, minus[k_][0]))
+            cur = max(cur, minus[k_][1])
+            k_ += 1
+        if cur < hi:
+            out.append((cur, hi))
+    return out
+
+
 def _copy(pid: int, region: int, v: Vma, ranges: np.ndarray) -> CopiedPages:
     npages = v.length // k.PAGE_SIZE
     wanted = np.zeros(npages, dtype=bool)
@@ -107,7 +154,18 @@ def protect_and_record(
         for v in regions:
             ranges = _populated(scanner, v)
             idx = len(kept)
-            if v.mode == "wp" and len(ranges):
+            unmapped: list[tuple[int, int]] = []
+            if v.kind == "shmem" and v.mode == "wp":
+                # File pages the target has not mapped (written through another mapping or
+                # with write()): protected too (the uffd installs markers on empty entries),
+                # so they are saved like the others.
+                cached = _shmem_cached(ft.pid, v)
+                if cached is None:
+                    v.meta["unmapped_file_pages"] = "not checked (no access to map_files)"
+                else:
+                    present = list(zip(ranges["start"].tolist(), ranges["end"].tolist()))
+                    unmapped = _subtract(cached, present)
+            if v.mode == "wp" and (len(ranges) or unmapped):
                 try:
                     ft.uffd.register_wp(v.start, v.length)
                     ft.uffd.protect(v.start, v.length, wp=True)
@@ -124,6 +182,8 @@ def protect_and_record(
                     ranges["start"].tolist(), ranges["end"].tolist(), ranges["categories"].tolist()
                 ):
                     extents.append(Extent(idx, s, e, huge_region or bool(cat & k.PAGE_IS_HUGE)))
+                for s, e in unmapped:
+                    extents.append(Extent(idx, s, e, huge_region))
             kept.append(v)
     finally:
         scanner.close()

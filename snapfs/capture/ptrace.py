@@ -87,6 +87,8 @@ class StoppedProcess:
         self.tids: list[int] = []
         self._pending_signal: dict[int, int] = {}
         self._injector: Injector | None = None
+        # Address of a `syscall` instruction, found before the stop to keep the pause short.
+        self.syscall_insn: int | None = None
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
@@ -185,11 +187,17 @@ class StoppedProcess:
     def record_threads(self) -> dict[str, dict]:
         """Registers (and fp registers, hex) of every thread, as of the stop, by tid."""
         out: dict[str, dict] = {}
-        for tid in self.tids:
+        for tid in list(self.tids):
             if self._injector is not None and tid == self._injector.tid:
                 regs = self._injector.saved
             else:
-                regs = self.get_regs(tid)
+                try:
+                    regs = self.get_regs(tid)
+                except OSError as exc:
+                    if exc.errno != errno.ESRCH or tid == self.pid:
+                        raise
+                    continue  # killed while stopped: it has no state to record
+
             try:
                 with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
                     comm = f.read().strip()
@@ -236,7 +244,7 @@ class Injector:
         self.proc = proc
         self.tid = tid
         self.saved = proc.get_regs(tid)
-        self.insn = _find_syscall_insn(proc.pid)
+        self.insn = proc.syscall_insn or find_syscall_insn(proc.pid)
         self._dirty = False
 
     def __call__(self, name: str, *args: int) -> int:
@@ -279,7 +287,7 @@ class Injector:
         return (arch.sp(self.saved) - arch.RED_ZONE - size - 64) & ~0xF
 
 
-def _find_syscall_insn(pid: int) -> int:
+def find_syscall_insn(pid: int) -> int:
     """Address of a ``syscall`` instruction in the target's ``[vdso]``."""
     from snapfs.capture.maps import read_maps
     from snapfs.capture.memory import read_memory

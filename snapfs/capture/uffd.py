@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import numpy as np
 
@@ -32,12 +33,18 @@ MSG_DTYPE = np.dtype(
 assert MSG_DTYPE.itemsize == k.UFFD_MSG_SIZE
 
 
+def decode_messages(data: bytes) -> np.ndarray:
+    """A structured array (MSG_DTYPE) over raw uffd messages."""
+    return np.frombuffer(data, dtype=MSG_DTYPE)
+
+
 class Uffd:
     """Owner of one userfaultfd (``fd`` is -1 once closed)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.features = 0
+        self._tls = threading.local()  # one reusable ioctl argument per thread
 
     def api(self, wanted: int = WANTED_FEATURES) -> int:
         """UFFDIO_API handshake (once per fd); returns the enabled features."""
@@ -69,7 +76,9 @@ class Uffd:
 
     def protect(self, start: int, length: int, wp: bool, wake: bool = True) -> None:
         """Write-protect (``wp``) or unprotect a range; unprotecting wakes waiting threads."""
-        arg = k.ffi.new("struct uffdio_writeprotect *")
+        arg = getattr(self._tls, "wp_arg", None)
+        if arg is None:
+            arg = self._tls.wp_arg = k.ffi.new("struct uffdio_writeprotect *")
         arg.range.start = start
         arg.range.len = length
         arg.mode = (k.UFFDIO_WRITEPROTECT_MODE_WP if wp else 0) | (
@@ -91,13 +100,17 @@ class Uffd:
                 return "gone"
             raise
 
+    def read_raw(self, max_msgs: int = 256) -> bytes:
+        """Non-blocking read of up to ``max_msgs`` messages as raw bytes (b"" if none);
+        decode with :func:`decode_messages` (or parse a single one by hand)."""
+        try:
+            return os.read(self.fd, k.UFFD_MSG_SIZE * max_msgs)
+        except BlockingIOError:
+            return b""
+
     def read_messages(self, max_msgs: int = 256) -> np.ndarray:
         """Non-blocking read of up to ``max_msgs`` messages (empty array if none)."""
-        try:
-            data = os.read(self.fd, k.UFFD_MSG_SIZE * max_msgs)
-        except BlockingIOError:
-            return np.empty(0, dtype=MSG_DTYPE)
-        return np.frombuffer(data, dtype=MSG_DTYPE)
+        return decode_messages(self.read_raw(max_msgs))
 
     def close(self) -> None:
         """Close the fd: the kernel drops all protection and wakes the target."""

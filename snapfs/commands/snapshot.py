@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     progress = _ProgressLine() if sys.stderr.isatty() and not args.json else None
     store = Store.open(store_path(args), create=True)
     interrupted = False
+    taken: list[str] = []  # snapshots committed (for --every)
 
     async def one(name: str, parent: str | None):
         return await capture_process(
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.every is None:
                     report(await one(args.name or default_name(comm, args.pid), None))
                 else:
-                    await _every(args, comm, one, report)
+                    await _every(args, comm, one, report, taken)
                 nursery.cancel_scope.cancel()
 
     try:
@@ -181,23 +182,31 @@ def run(args: argparse.Namespace) -> int:
             progress.clear()
         store.close()
     if interrupted:
+        if taken:  # --every: an interrupt is the normal way to stop
+            print(
+                f"snapfs: stopped after {len(taken)} snapshots (last: {taken[-1]}); "
+                "the one in progress was discarded",
+                file=sys.stderr,
+            )
+            return 0
         print("snapfs: interrupted: target released, snapshot in progress discarded", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 
 
-async def _every(args, comm: str, one, report) -> None:
-    """``--every``: a snapshot per period, each the child of the previous one."""
+async def _every(args, comm: str, one, report, taken: list[str]) -> None:
+    """``--every``: a snapshot per period, each the child of the previous one (the store
+    keeps only the pages whose content changed), until interrupted or the target exits."""
     import trio
 
-    base = args.name
-    parent = None
     n = 0
     while True:
         started = trio.current_time()
         n += 1
-        name = f"{base}-{n}" if base else default_name(comm, args.pid)
-        result = await one(name, parent)
+        name = f"{args.name}-{n}" if args.name else default_name(comm, args.pid)
+        if taken and name == taken[-1]:
+            name = f"{name}-{n}"
+        result = await one(name, taken[-1] if taken else None)
+        taken.append(result.name)
         report(result)
-        parent = result.name
         await trio.sleep_until(started + args.every)

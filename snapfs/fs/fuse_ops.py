@@ -49,7 +49,7 @@ def _fuse_handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]
             raise pyfuse3.FUSEError(exc.errno) from None
         except SnapshotNotFound:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except SnapfsError as exc:  # StoreCorrupt, a locked catalog...: expected, one line
+        except (SnapfsError, OSError) as exc:  # StoreCorrupt, a segment removed by gc...: one line
             log.error("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except trio.Cancelled:
@@ -105,10 +105,11 @@ class SnapfsOperations(pyfuse3.Operations):
             self._invalidate(removed)
 
     def _invalidate(self, removed: list[tuple[str, int]]) -> None:
-        for name, inode in removed:
+        for name, _inode in removed:
             try:
-                pyfuse3.invalidate_entry_async(inodes.ROOT, os.fsencode(name), deleted=inode,
-                                               ignore_enoent=True)
+                # A plain invalidation (not a delete notification, which the kernel refuses with
+                # ENOTEMPTY for a directory whose children it still caches).
+                pyfuse3.invalidate_entry_async(inodes.ROOT, os.fsencode(name), ignore_enoent=True)
             except Exception:  # not mounted (tests), or the notify thread is gone
                 log.debug("invalidate %s failed", name, exc_info=True)
 

@@ -39,7 +39,7 @@ class LoadedSnapshot:
         self.mem = MemView(reader, self.regions, self.info.kind)
         self._providers = providers  # (local, provider) of the providers whose module exists
         self._lock = threading.Lock()
-        self._provider_views: dict[int, Any] | None = None
+        self._provider_views: dict[int, tuple[str, Any]] | None = None
         self._info_json: BytesView | None = None
         self._region_json: OrderedDict[int, BytesView] = OrderedDict()
 
@@ -48,7 +48,7 @@ class LoadedSnapshot:
         """``local -> (name, view)`` of the provider views that apply to this snapshot."""
         with self._lock:
             if self._provider_views is None:
-                views: dict[int, Any] = {}
+                views: dict[int, tuple[str, Any]] = {}
                 for local, provider in self._providers:
                     factory = provider.load()
                     view = None
@@ -58,9 +58,9 @@ class LoadedSnapshot:
                         except Exception:  # a broken view must not hide the rest of the snapshot
                             log.exception("view %s of snapshot %s failed", provider.name, self.info.name)
                     if view is not None:
-                        views[local] = view
+                        views[local] = (provider.name, view)
                 self._provider_views = views
-            return {local: (dict(self._providers)[local].name, v) for local, v in self._provider_views.items()}
+            return self._provider_views
 
     def info_json(self) -> BytesView:
         """``<snapshot>/info.json``: the snapshot's metadata and its list of regions."""

@@ -98,6 +98,7 @@ class SnapshotFS:
         self.max_open = max_open
         self.on_removed: Callable[[list[tuple[str, int]]], None] | None = None
         self._lock = threading.RLock()
+        self._refresh_lock = threading.Lock()
         self._generation: Any = object()
         self._slots: dict[tuple[Any, ...], int] = {}  # snapshot identity -> slot, never reused
         self._next_slot = 1
@@ -124,10 +125,17 @@ class SnapshotFS:
         Calls ``on_removed([(entry, inode), ...])`` for snapshots that disappeared (the FUSE
         adapter uses it to drop the kernel's cached entries).
         """
-        generation = self.store.generation()
-        if generation == self._generation:
-            return False
-        infos = self.store.list_snapshots()
+        with self._refresh_lock:  # one at a time, so an older listing never replaces a newer one
+            generation = self.store.generation()
+            if generation == self._generation:
+                return False
+            infos = self.store.list_snapshots()
+            removed = self._apply_listing(generation, infos)
+        if removed and self.on_removed is not None:
+            self.on_removed(removed)
+        return True
+
+    def _apply_listing(self, generation: Any, infos: list[Any]) -> list[tuple[str, int]]:
         removed: list[tuple[str, int]] = []
         with self._lock:
             live: dict[int, _Listed] = {}
@@ -148,9 +156,7 @@ class SnapshotFS:
             self._generation = generation
             self._root_mtime_ns = time.time_ns()
             self._stored_bytes = sum(i.stored_bytes for i in infos)
-        if removed and self.on_removed is not None:
-            self.on_removed(removed)
-        return True
+        return removed
 
     def _listed(self, slot: int) -> _Listed:
         with self._lock:

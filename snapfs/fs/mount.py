@@ -1,10 +1,10 @@
 """The mount daemon: checks, daemonizing with a readiness pipe, serving, clean unmount.
 
-``mount()`` forks *before* anything starts a thread (numpy, the store, trio and pyfuse3 are
-imported only in the serving process), so the daemon is a clean single-threaded fork. The
-foreground process waits on a pipe: the daemon writes ``OK`` once the kernel's FUSE INIT has
-been answered (the mount is usable), or ``ERR <exit code> <message>``; the foreground process
-exits with that code and message. SIGTERM/SIGINT end the FUSE loop and unmount.
+``mount()`` checks what it can in the calling process, then starts the daemon as a fresh
+interpreter in its own session (:mod:`snapfs.fs.daemon`: never a fork of a process that may
+already run threads). It waits on a pipe: the daemon writes ``OK`` once the kernel's FUSE INIT
+has been answered (the mount is usable), or ``ERR <exit code> <message>``; ``mount()`` returns
+or raises with that code and message. SIGTERM/SIGINT/SIGHUP end the FUSE loop and unmount.
 
 ``unmount()`` wraps ``fusermount3 -u`` and falls back to a lazy unmount when the daemon died
 ("Transport endpoint is not connected").
@@ -12,6 +12,7 @@ exits with that code and message. SIGTERM/SIGINT end the FUSE loop and unmount.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,12 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from snapfs.errors import MountError, SnapfsError, StoreError
+from snapfs.errors import MountError, SnapfsError, StoreError, UsageError
 
 log = logging.getLogger(__name__)
 
 FSNAME = "snapfs"
-READAHEAD_KIB = 1024  # kernel read-ahead for the mount: FUSE requests of up to 1 MiB
+READAHEAD_KIB = 4096  # kernel read-ahead for the mount: several 1 MiB FUSE requests in flight
 READY_TIMEOUT = 60.0  # seconds the foreground process waits for the daemon
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
@@ -126,6 +127,11 @@ def mount(store: Path, mountpoint: Path, *, foreground: bool = False,
     if not store.is_dir():
         raise StoreError(f"no snapfs store at {store}: take a snapshot first (snapfs snapshot PID) "
                          "or pass --store DIR")
+    if log_file is not None:
+        try:
+            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        except OSError as exc:
+            raise UsageError(f"cannot write the log file {log_file}: {exc.strerror}") from None
     if foreground:
         _setup_logging(log_file, foreground=True)
         return _serve(store, mountpoint, opts, ready_fd=None)
@@ -133,55 +139,51 @@ def mount(store: Path, mountpoint: Path, *, foreground: bool = False,
 
 
 def _daemonize(store: Path, mountpoint: Path, opts: set[str], log_file: Path | None) -> int:
-    if log_file is not None:
-        log_file = log_file.absolute()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    """Start the daemon as a fresh interpreter; wait until it reports ready (or fails).
+
+    A fresh interpreter rather than a fork: by now the CLI may have imported modules that
+    started native threads (numpy's), and forking a threaded process is unsafe.
+    """
     rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # first child: new session, fork again so the daemon is not a session leader
-        code = 1
-        try:
-            os.close(rfd)
-            os.setsid()
-            if os.fork() == 0:
-                code = _daemon_main(store, mountpoint, opts, log_file, wfd)
-            else:
-                code = 0
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    os.waitpid(pid, 0)
+    spec = {"store": str(store), "mountpoint": str(mountpoint), "options": sorted(opts),
+            "log_file": str(log_file.absolute()) if log_file else None, "ready_fd": wfd}
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])  # this snapfs, wherever it runs from
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snapfs.fs.daemon", json.dumps(spec)], pass_fds=(wfd,),
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, cwd="/", env=env)
+    finally:
+        os.close(wfd)
+    see = f": see {log_file}" if log_file else ": run with -f to see why"
     with os.fdopen(rfd, "rb") as pipe:
         if not select.select([pipe], [], [], READY_TIMEOUT)[0]:
-            raise MountError(f"the mount daemon did not become ready in {READY_TIMEOUT:.0f} s"
-                             + (f": see {log_file}" if log_file else ": run with -f to see why"))
+            proc.terminate()
+            raise MountError(f"the mount daemon did not become ready in {READY_TIMEOUT:.0f} s{see}")
         message = pipe.read().decode(errors="replace").strip()
     if message == "OK":
         return 0
+    proc.wait(READY_TIMEOUT)
     if message.startswith("ERR "):
         _, code, text = message.split(" ", 2)
         err = SnapfsError(text)
         err.exit_code = int(code)
         raise err
-    raise MountError("the mount daemon exited during start-up"
-                     + (f": see {log_file}" if log_file else ": run with -f to see why"))
+    raise MountError(f"the mount daemon exited during start-up{see}")
 
 
-def _daemon_main(store: Path, mountpoint: Path, opts: set[str], log_file: Path | None, wfd: int) -> int:
-    """The daemon process: detach from the terminal, then serve (``wfd`` is handed to it)."""
-    try:
-        os.chdir("/")
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
+def daemon_main(spec: dict[str, Any]) -> int:
+    """The daemon process (:mod:`snapfs.fs.daemon`): logging, then serve; ``ready_fd`` is its pipe."""
+    store, mountpoint = Path(spec["store"]), Path(spec["mountpoint"])
+    log_file = Path(spec["log_file"]) if spec.get("log_file") else None
+    opts, wfd = set(spec["options"]), int(spec["ready_fd"])
+    try:  # stdin, stdout and stderr are /dev/null (set by mount())
         if log_file is not None:
             logfd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.dup2(logfd, 2)  # libfuse writes its own messages to stderr
             os.close(logfd)
-        else:
-            os.dup2(devnull, 2)
-        os.close(devnull)
         _setup_logging(log_file, foreground=False)
     except BaseException as exc:
         _report(wfd, exc)

@@ -85,7 +85,8 @@ class OpenFile:
 
     def plan(self, offset: int, size: int) -> tuple[int, int]:
         """The range to fetch for a request not cached: a whole window when reading sequentially."""
-        if offset == self._expected and self._streak >= 1:
+        fits = self.budget.used + self._window <= self.budget.limit
+        if offset == self._expected and self._streak >= 1 and fits:
             return offset, max(size, self._window)
         return offset, size
 

@@ -22,8 +22,9 @@ On-disk layout (format version 1)::
 Design decisions and why:
 
 * **Frames** hold up to 32 pages (128 KiB = one FUSE read), zstd level 1 by default (the
-  capture must not wait for compression; level 3 is ~3x slower for ~2% less space) or raw
-  when zstd saves < 1/32. A 32-byte header (magic, codec, npages, raw and payload length,
+  capture must not wait for compression: on this machine level 1 ran ~550 MB/s per core on
+  synthetic page data, level 3 ~190 MB/s for about the same ratio), or raw when zstd saves
+  less than 1/32. A 32-byte header (magic, codec, npages, raw and payload length,
   segment id, CRC32 chained over payload then header) makes each frame independently
   verifiable and decodable: a damaged frame costs exactly its pages, and a reader reports
   StoreCorrupt naming segment, offset, snapshot and region — never wrong bytes.

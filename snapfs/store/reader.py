@@ -7,7 +7,6 @@ children, and a mount opens many readers: one bounded cache serves them all).
 from __future__ import annotations
 
 import json
-import os
 import threading
 from typing import Any, Iterator
 
@@ -23,12 +22,10 @@ from snapfs.store.model import DATA, RegionInfo, SnapshotInfo
 class SnapshotReader:
     """Reads one committed snapshot. Thread-safe; holds a bounded cache of decoded frames."""
 
-    def __init__(self, store: Any, info: SnapshotInfo) -> None:
+    def __init__(self, store: Any, info: SnapshotInfo, rows: list[Any]) -> None:
+        """Built by Store.open_snapshot from the snapshot's info and region rows (read together)."""
         self._store = store
         self.info = info
-        rows = store.query(
-            "SELECT idx, name, start, length, perms, offset, path, kind, page_size, data_pages, "
-            "zero_pages, meta FROM regions WHERE snapshot_id=? ORDER BY idx", (info.id,))
         self.regions = [
             RegionInfo(index=r["idx"], name=r["name"], start=r["start"], length=r["length"],
                        perms=r["perms"], offset=r["offset"], path=r["path"], kind=r["kind"],
@@ -51,9 +48,8 @@ class SnapshotReader:
                     rows = self._store.query("SELECT nruns, map FROM regions WHERE snapshot_id=? AND idx=?",
                                              (self.info.id, region_index))
                     region = self.regions[region_index]
-                    if not rows and not self._store.query("SELECT 1 FROM snapshots WHERE id=?", (self.info.id,)):
-                        raise SnapshotNotFound(f"snapshot {self.info.name!r} was removed from store "
-                                               f"{self._store.path} while open")
+                    if not rows:
+                        self._check_not_removed()
                     try:
                         if not rows:
                             raise FrameError("region row missing")
@@ -66,14 +62,24 @@ class SnapshotReader:
                     self._maps[region_index] = entry
         return entry
 
+    def _check_not_removed(self) -> None:
+        if not self._store.query("SELECT 1 FROM snapshots WHERE id=?", (self.info.id,)):
+            raise SnapshotNotFound(f"snapshot {self.info.name!r} was removed from store "
+                                   f"{self._store.path} while open")
+
     def _frame(self, seg: int, off: int, flen: int, region_index: int) -> bytes:
         data = self._store.frame_cache.get((seg, off))
         if data is not None:
             return data
-        raw = os.pread(self._store.segment_fd(seg), flen, off)
+        try:
+            raw = self._store.read_segment(seg, off, flen)
+        except StoreCorrupt:
+            self._check_not_removed()
+            raise
         try:
             data, _ = decode_frame(raw, seg)
         except FrameError as exc:
+            self._check_not_removed()       # gc may have reclaimed a removed snapshot's frames
             region = self.regions[region_index]
             raise StoreCorrupt(
                 f"damaged frame in {self._store.segment_path(seg)} at offset {off} ({exc.reason}): "

@@ -26,8 +26,10 @@ FORMAT_NAME = "snapfs-store"
 FORMAT_VERSION = 1
 DEFAULT_LEVEL = 1          # zstd level: level 1 keeps compression off the capture's critical path
 CATALOG = "catalog.sqlite"
+POOL_IDLE = 8              # idle catalog connections kept open
+OPEN_SEGMENTS = 64         # segment fds kept open for readers (LRU)
 _SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
-_OUR_ENTRIES = {"README", "config.json", "config.json.tmp", CATALOG, CATALOG + "-wal",
+_OUR_ENTRIES = {"README", "config.json", CATALOG, CATALOG + "-wal",
                 CATALOG + "-shm", CATALOG + "-journal", "segments", "locks"}
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,199}")
 
@@ -98,10 +100,9 @@ class Store:
         self.level: int = int(config.get("compression_level", DEFAULT_LEVEL))
         self.segments_dir = path / "segments"
         self.locks_dir = path / "locks"
-        self._tls = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []      # pooled catalog connections
         self._lock = threading.Lock()
-        self._seg_fds: dict[int, int] = {}
+        self._seg_fds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # seg -> [fd, users]
         self.frame_cache = FrameCache()
         self._closed = False
 
@@ -133,8 +134,7 @@ class Store:
         store = cls(path, config)
         if compression_level is not None:
             store.level = compression_level
-        with store._errors():
-            store.db().execute("SELECT value FROM counters WHERE name='generation'").fetchone()
+        store.query("SELECT value FROM counters WHERE name='generation'")
         return store
 
     @staticmethod
@@ -142,7 +142,7 @@ class Store:
         if path.exists():
             if not path.is_dir():
                 raise StoreError(f"{path} exists and is not a directory: choose another --store")
-            stray = {p.name for p in path.iterdir()} - _OUR_ENTRIES
+            stray = {p.name for p in path.iterdir() if not p.name.endswith(".tmp")} - _OUR_ENTRIES
             if stray:
                 raise StoreError(f"{path} is not empty and is not a snapfs store: choose another --store")
         old = os.umask(0o077)      # nothing we create may be readable by others, not even briefly
@@ -158,7 +158,7 @@ class Store:
             write_atomic(path / "README", README_TEXT.encode())
             fd = os.open(path / CATALOG, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
-            conn = sqlite3.connect(path / CATALOG, isolation_level=None)
+            conn = sqlite3.connect(path / CATALOG, isolation_level=None, timeout=30.0)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
@@ -174,26 +174,45 @@ class Store:
             os.umask(old)
 
     # ----------------------------------------------------------------- catalog access
-    def db(self) -> sqlite3.Connection:
-        """This thread's catalog connection (created on first use)."""
-        conn = getattr(self._tls, "conn", None)
-        if conn is None:
-            if self._closed:
-                raise StoreError(f"store {self.path} is closed")
-            old = os.umask(0o077)   # -wal/-shm are created on first connect
-            try:
-                conn = sqlite3.connect(self.path / CATALOG, isolation_level=None,
-                                       check_same_thread=False, timeout=30.0)
-            finally:
-                os.umask(old)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._tls.conn = conn
-            with self._lock:
-                self._conns.append(conn)
+    def _connect(self) -> sqlite3.Connection:
+        old = os.umask(0o077)   # -wal/-shm may be created by this connect
+        try:
+            conn = sqlite3.connect(self.path / CATALOG, isolation_level=None,
+                                   check_same_thread=False, timeout=30.0)
+        finally:
+            os.umask(old)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
         return conn
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """Borrow a catalog connection from the pool (one user at a time; any thread).
+
+        A pool rather than one connection per thread: FUSE and trio worker threads come and
+        go, and per-thread connections would pile up open files.
+        """
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed")
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        with self._errors():
+            if conn is None:
+                conn = self._connect()
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:       # an error escaped mid-statement: start clean
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                with self._lock:
+                    keep = not self._closed and len(self._idle) < POOL_IDLE
+                    if keep:
+                        self._idle.append(conn)
+                if not keep:
+                    conn.close()
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -211,60 +230,82 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT on this thread's connection (ROLLBACK on error)."""
-        with self._errors():
-            conn = self.db()
+        """BEGIN IMMEDIATE ... COMMIT on a pooled connection (ROLLBACK on error). Never nest."""
+        with self.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            yield conn
             conn.execute("COMMIT")
 
     def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        """Run a read query on this thread's connection."""
-        with self._errors():
-            return self.db().execute(sql, params).fetchall()
+        """Run one read query; returns all rows."""
+        with self.connection() as conn:
+            return conn.execute(sql, params).fetchall()
 
     # ----------------------------------------------------------------- files
     def segment_path(self, seg: int) -> Path:
         """Path of segment ``seg``."""
         return self.segments_dir / f"{seg:010d}.seg"
 
-    def segment_fd(self, seg: int) -> int:
-        """A shared read-only fd of segment ``seg`` (kept open; StoreCorrupt if it is missing)."""
-        fd = self._seg_fds.get(seg)
-        if fd is not None:
-            return fd
+    def read_segment(self, seg: int, offset: int, length: int) -> bytes:
+        """pread from segment ``seg`` through a bounded cache of open fds.
+
+        StoreCorrupt if the segment file is missing. An fd is only closed (LRU eviction, or
+        gc deleting the segment) when no read is using it, so fd numbers are never reused
+        under a running pread.
+        """
         with self._lock:
-            fd = self._seg_fds.get(seg)
-            if fd is None:
+            entry = self._seg_fds.get(seg)
+            if entry is None:
                 try:
                     fd = os.open(self.segment_path(seg), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise StoreCorrupt(f"segment {self.segment_path(seg)} is missing: "
                                        "run `snapfs check` to see which snapshots are affected") from None
-                self._seg_fds[seg] = fd
-            return fd
+                entry = self._seg_fds[seg] = [fd, 0]
+                self._evict_fds()
+            self._seg_fds.move_to_end(seg)
+            entry[1] += 1
+        try:
+            return os.pread(entry[0], length, offset)
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0 and self._seg_fds.get(seg) is not entry:
+                    os.close(entry[0])          # evicted or forgotten while we read
+
+    def _evict_fds(self) -> None:
+        """Close least recently used idle fds beyond OPEN_SEGMENTS (call with _lock held)."""
+        for seg in list(self._seg_fds):
+            if len(self._seg_fds) <= OPEN_SEGMENTS:
+                break
+            entry = self._seg_fds[seg]
+            if entry[1] == 0:
+                del self._seg_fds[seg]
+                os.close(entry[0])
 
     def forget_segment_fd(self, seg: int) -> None:
-        """Close our fd of a segment gc deleted."""
+        """Close our fd of a segment gc deleted (once no read uses it)."""
         with self._lock:
-            fd = self._seg_fds.pop(seg, None)
-        if fd is not None:
-            os.close(fd)
+            entry = self._seg_fds.pop(seg, None)
+            if entry is not None and entry[1] == 0:
+                os.close(entry[0])
 
     def new_lock(self) -> tuple[str, int]:
-        """Create and flock a fresh writer lock file; returns (file name, fd)."""
-        name = f"{uuid.uuid4().hex}.lock"
-        fd = os.open(self.locks_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        """Create and flock a fresh writer lock file; returns (file name, fd).
+
+        The file gets its ``.lock`` name only once flocked, so any ``*.lock`` whose flock is
+        free belongs to a dead writer and gc may delete it at once.
+        """
+        base = uuid.uuid4().hex
+        tmp, name = self.locks_dir / f"{base}.tmp", f"{base}.lock"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, f"{os.getpid()}\n".encode())   # for humans: which process writes
+            os.rename(tmp, self.locks_dir / name)
         except OSError:
             os.close(fd)
-            os.unlink(self.locks_dir / name)
+            os.unlink(tmp)
             raise
         return name, fd
 
@@ -298,8 +339,11 @@ class Store:
     def _row(self, name: str) -> sqlite3.Row:
         rows = self.query("SELECT * FROM snapshots WHERE name=? AND state='committed'", (name,))
         if not rows:
-            raise SnapshotNotFound(f"no snapshot named {name!r} in store {self.path}: see `snapfs list`")
+            raise self._not_found(name)
         return rows[0]
+
+    def _not_found(self, name: str) -> SnapshotNotFound:
+        return SnapshotNotFound(f"no snapshot named {name!r} in store {self.path}: see `snapfs list`")
 
     def info(self, name: str) -> SnapshotInfo:
         """The SnapshotInfo of committed snapshot ``name`` (SnapshotNotFound otherwise)."""
@@ -308,8 +352,17 @@ class Store:
     def open_snapshot(self, name: str) -> "SnapshotReader":
         """A thread-safe reader of committed snapshot ``name``."""
         from snapfs.store.reader import SnapshotReader
-        row = self._row(name)
-        return SnapshotReader(self, _info_from_row(row))
+        with self.connection() as conn:
+            conn.execute("BEGIN")       # the row and its regions from one catalog state
+            row = conn.execute("SELECT * FROM snapshots WHERE name=? AND state='committed'", (name,)).fetchone()
+            regions = conn.execute(
+                "SELECT idx, name, start, length, perms, offset, path, kind, page_size, data_pages, "
+                "zero_pages, meta FROM regions WHERE snapshot_id=? ORDER BY idx",
+                (row["id"] if row else -1,)).fetchall()
+            conn.execute("COMMIT")
+        if row is None:
+            raise self._not_found(name)
+        return SnapshotReader(self, _info_from_row(row), regions)
 
     def begin_snapshot(self, name: str, meta: dict[str, Any], parent: str | None = None) -> "SnapshotWriter":
         """Reserve ``name`` and return a writer (NameInUse if taken or being captured).
@@ -320,7 +373,6 @@ class Store:
         if not _NAME_RE.fullmatch(name) or name in (".", ".."):
             raise UsageError(f"bad snapshot name {name!r}: use letters, digits and ._:@+- "
                              "(at most 200, not starting with a dot or dash)")
-        parent_row = self._row(parent) if parent is not None else None
         try:
             lock_name, lock_fd = self.new_lock()
         except OSError as exc:
@@ -329,6 +381,14 @@ class Store:
             raise StoreError(f"cannot create a lock file in {self.locks_dir}: {exc.strerror}") from None
         try:
             with self.transaction() as conn:
+                parent_row = None
+                if parent is not None:
+                    # Checked inside the transaction: once our pending row names it, remove()
+                    # refuses to delete it until this capture ends.
+                    parent_row = conn.execute("SELECT * FROM snapshots WHERE name=? AND state='committed'",
+                                              (parent,)).fetchone()
+                    if parent_row is None:
+                        raise self._not_found(parent)
                 old = conn.execute("SELECT id, state, lock FROM snapshots WHERE name=?", (name,)).fetchone()
                 if old is not None:
                     if old["state"] == "committed":
@@ -379,8 +439,7 @@ class Store:
                                          "in progress: nothing removed; retry when it finishes")
             for snap_id in ids:
                 for table in ("regions", "hashes", "seg_refs", "blobs"):
-                    col = "snapshot_id"
-                    conn.execute(f"DELETE FROM {table} WHERE {col}=?", (snap_id,))
+                    conn.execute(f"DELETE FROM {table} WHERE snapshot_id=?", (snap_id,))
                 conn.execute("DELETE FROM snapshots WHERE id=?", (snap_id,))
             conn.execute("UPDATE counters SET value=value+1 WHERE name='generation'")
 
@@ -398,12 +457,12 @@ class Store:
         """Close catalog connections and segment fds (readers of this store stop working)."""
         self._closed = True
         with self._lock:
-            conns, self._conns = self._conns, []
-            fds, self._seg_fds = self._seg_fds, {}
+            conns, self._idle = self._idle, []
+            fds, self._seg_fds = self._seg_fds, collections.OrderedDict()
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-        for fd in fds.values():
+        for fd, _ in fds.values():
             os.close(fd)
         self.frame_cache.clear()
 

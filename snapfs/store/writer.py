@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from snapfs.errors import StoreError
+from snapfs.errors import StoreCorrupt, StoreError
 from snapfs.store import _runs
-from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_BYTES,
+from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_BYTES, FrameError,
                                   compress_blob, compress_payload, decompress_blob, frame_header,
                                   segment_header)
 from snapfs.store._pagehash import ALGO, page_hash_list, page_hashes
@@ -29,6 +29,8 @@ from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInf
 HASH_CHUNK = 1 << 20          # pages per stored hash chunk (8 MiB of hashes)
 SMALL_PUT = 8                 # puts of at most this many pages take the per-page path
 ZERO_PAGE = bytes(PAGE)
+COMPACT_PARTS = 1024          # merge a region's run pieces beyond this many...
+COMPACT_ZEROS = 65536         # ...or this many zero pages from small puts
 _INFO_KEYS = ("kind", "pid", "comm", "exe", "cmdline", "pause_ms", "duration_s", "faults")
 
 
@@ -125,9 +127,16 @@ class SnapshotWriter:
         if runs is None:
             row = self._store.query("SELECT nruns, map FROM regions WHERE snapshot_id=? AND idx=?",
                                     (self._parent_row["id"], pidx))[0]
-            runs = _runs.decode(row["map"], row["nruns"])
+            try:
+                runs = _runs.decode(row["map"], row["nruns"])
+            except FrameError as exc:
+                raise self._parent_damaged(exc) from None
             self._parent_maps[pidx] = runs
         return runs
+
+    def _parent_damaged(self, exc: FrameError) -> StoreCorrupt:
+        return StoreCorrupt(f"parent snapshot {self._parent_row['name']!r} has a damaged index "
+                            f"({exc.reason}): take a full snapshot (no parent) and run `snapfs check`")
 
     def _parent_hash(self, pidx: int, pages: np.ndarray) -> np.ndarray:
         out = np.zeros(len(pages), np.uint64)
@@ -139,7 +148,10 @@ class SnapshotWriter:
                     "SELECT data FROM hashes WHERE snapshot_id=? AND region_idx=? AND chunk=? AND algo=?",
                     (self._parent_row["id"], pidx, chunk, ALGO))
                 # No chunk (no data there, or hashed another way): nothing matches, all is stored.
-                arr = np.frombuffer(decompress_blob(rows[0]["data"]), "<u8") if rows else np.zeros(0, np.uint64)
+                try:
+                    arr = np.frombuffer(decompress_blob(rows[0]["data"]), "<u8") if rows else np.zeros(0, np.uint64)
+                except FrameError as exc:
+                    raise self._parent_damaged(exc) from None
                 self._parent_hashes[(pidx, chunk)] = arr
             sel = chunks == chunk
             local = pages[sel] - chunk * HASH_CHUNK
@@ -215,6 +227,7 @@ class SnapshotWriter:
             zeros = [first_page + i for i in keep if i not in data]
             with self._lock:
                 reg.zero_pending += zeros
+                self._compact(reg)
         if not data:
             return
         hashes = page_hash_list(view, data)
@@ -229,6 +242,7 @@ class SnapshotWriter:
                 located = _runs.locate(self._parent_map(reg.parent_idx), pages[same])
                 with self._lock:
                     reg.parts.append(located)
+                    self._compact(reg)
                 data = [i for i, s in zip(data, same.tolist()) if not s]
                 if not data:
                     return
@@ -307,7 +321,7 @@ class SnapshotWriter:
 
         Keeps writer memory proportional to the number of runs, not to the number of puts.
         """
-        if len(reg.parts) <= 1024 and len(reg.zero_pending) <= 65536:
+        if len(reg.parts) <= COMPACT_PARTS and len(reg.zero_pending) <= COMPACT_ZEROS:
             return
         new = _runs.finish(reg.parts + [_runs.make_runs(np.array(reg.zero_pending, np.uint64), ZERO)])
         reg.parts.clear()
@@ -360,6 +374,7 @@ class SnapshotWriter:
         self._set_hashes(reg, pages, self._parent_hash(reg.parent_idx, pages))
         with self._lock:
             reg.parts.append(part)
+            self._compact(reg)
 
     def mark_lost(self, idx: int, first_page: int, npages: int, reason: str) -> None:
         """Record pages that could not be captured (they read as holes); becomes a warning."""

@@ -10,12 +10,13 @@ Nothing is published unless everything succeeded: any error aborts the writer.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from snapfs.store import RegionSpec, SnapshotInfo, Store
 from snapfs.stream.reader import Limits
-from snapfs.stream.spool import SENT_DATA, SENT_ZERO, SpooledStream, spool_stream
+from snapfs.stream.spool import SENT_DATA, SENT_ZERO, SpooledStream, capture_pipe, spool_stream
 from snapfs.stream.vmstate import BLOB_CONFIGURATION, BLOB_DEVICES, META_KEY
 
 
@@ -42,12 +43,27 @@ def ingest_stream(
     rest of ``src`` is drained, the writer aborted and the error re-raised.
     """
     writer = store.begin_snapshot(name, {})
+    raw = None
     try:
+        if _is_pipe(src):
+            # A writer such as QEMU's `migrate exec:` is drained as fast as `cat > file`;
+            # the stream is parsed afterwards.
+            raw = src = capture_pipe(src.fileno(), spool_dir(store))
         spooled = spool_all(src, store, limits, progress)
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if raw is not None:
+            raw.close()
     return commit_spooled(writer, spooled, meta or {})
+
+
+def _is_pipe(src: BinaryIO) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(src.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def spool_all(
@@ -55,7 +71,7 @@ def spool_all(
 ) -> SpooledStream:
     """Spool and validate the whole stream next to ``store``; on error drain ``src`` and raise."""
     try:
-        return spool_stream(src, directory=_spool_dir(store), limits=limits, progress=progress)
+        return spool_stream(src, directory=spool_dir(store), limits=limits, progress=progress)
     except BaseException:
         drain(src)
         raise
@@ -80,7 +96,7 @@ def commit_spooled(writer: Any, spooled: SpooledStream, meta: dict[str, Any]) ->
         spooled.close()
 
 
-def _spool_dir(store: Store) -> str | None:
+def spool_dir(store: Store) -> str | None:
     """Spool next to the store (same disk, not RAM-backed /tmp), else the default temp dir."""
     path = getattr(store, "path", None)
     return str(path) if path is not None and os.access(path, os.W_OK) else None

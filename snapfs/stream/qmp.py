@@ -19,6 +19,7 @@ from snapfs.errors import QemuError
 
 _MAX_LINE = 16 << 20
 _MAX_EVENTS = 1024
+GREETING_TIMEOUT = 10.0
 
 
 class QmpClient:
@@ -49,7 +50,13 @@ class QmpClient:
             ) from None
         qmp = cls(sock, str(path))
         try:
-            greeting = await qmp._read_message()
+            with trio.move_on_after(GREETING_TIMEOUT) as scope:
+                greeting = await qmp._read_message()
+            if scope.cancelled_caught:
+                raise QemuError(
+                    f"QEMU did not greet on {path} within {GREETING_TIMEOUT:.0f} s: another client is "
+                    "probably connected (a QMP socket serves one client at a time); disconnect it"
+                )
             if "QMP" not in greeting:
                 raise QemuError(f"{path} is not a QMP socket (greeting {str(greeting)[:80]})")
             qmp.greeting = greeting["QMP"]

@@ -21,6 +21,7 @@ QEMU 7.2 traps, and what snapfs does about them:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -30,9 +31,10 @@ from typing import Any
 import trio
 
 from snapfs.commands.common import store_path
-from snapfs.errors import QemuError
+from snapfs.errors import QemuError, SnapfsError, UsageError
 from snapfs.store import SnapshotInfo, Store
-from snapfs.stream.ingest import commit_spooled, spool_all
+from snapfs.stream.ingest import commit_spooled, spool_all, spool_dir
+from snapfs.stream.spool import capture_pipe
 from snapfs.stream.qmp import QmpClient
 from snapfs.units import format_bytes, format_rate
 
@@ -40,13 +42,25 @@ _ACTIVE = {"setup", "active", "cancelling", "pre-switchover", "device", "wait-un
            "postcopy-active", "postcopy-paused", "postcopy-recover", "colo"}
 _DONE = ("completed", "failed", "cancelled")
 _PROGRESS_INTERVAL = 0.5
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 4 << 20
 
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry for ``snapfs snapshot --qmp SOCK [--name N] [--store DIR] [--json]``."""
+    for option in ("every", "rate", "pid"):
+        if getattr(args, option, None):
+            raise UsageError(f"--{option} does not apply to --qmp (QEMU's background snapshot "
+                             "runs unthrottled, once)" if option != "pid" else "give either a PID or --qmp")
     name = args.name or time.strftime("vm-%Y%m%d-%H%M%S")
     show = sys.stderr.isatty() and not args.json
-    result = trio.run(snapshot_vm, str(args.qmp), store_path(args), name, show)
+    try:
+        result = trio.run(snapshot_vm, str(args.qmp), store_path(args), name, show)
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+    finally:
+        if show:
+            sys.stderr.write("\r\x1b[K")
     info: SnapshotInfo = result["info"]
     if args.json:
         print(json.dumps({**info.to_json(), "qemu": result["qemu"]}, indent=2, sort_keys=True))
@@ -67,19 +81,22 @@ async def snapshot_vm(qmp_path: str, store_dir: Any, name: str, show_progress: b
     refuses or the VM is in a state where a snapshot would harm it, NameInUse if ``name`` is
     taken, StreamError if QEMU's stream is malformed. Nothing is published on any error.
     """
-    async with await QmpClient.connect(qmp_path) as qmp:
-        caps_before = await _preflight(qmp, qmp_path)
-        store = Store.open(store_dir, create=True)
-        try:
+    store: Store | None = None
+    try:
+        async with await QmpClient.connect(qmp_path) as qmp:
+            caps_before = await _preflight(qmp, qmp_path)
+            store = Store.open(store_dir, create=True)
             writer = store.begin_snapshot(name, {})
             try:
                 spooled, timings = await _run_migration(qmp, caps_before, store, show_progress)
             except BaseException:
                 writer.abort()
                 raise
-            meta = {"kind": "vm", "pause_ms": timings["downtime_ms"], "qemu": timings}
-            info = await trio.to_thread.run_sync(commit_spooled, writer, spooled, meta)
-        finally:
+        # QMP is released (one client at a time) before the slow part: compressing into the store.
+        meta = {"kind": "vm", "pause_ms": timings["downtime_ms"], "qemu": timings}
+        info = await trio.to_thread.run_sync(commit_spooled, writer, spooled, meta)
+    finally:
+        if store is not None:
             store.close()
     return {"info": info, "qemu": timings}
 
@@ -130,6 +147,7 @@ async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: St
     await _set_caps(qmp, {"background-snapshot": True, "events": True})
     try:
         rfd, wfd = os.pipe()
+        _grow_pipe(wfd)
         try:
             await qmp.execute("getfd", {"fdname": fdname}, fds=(wfd,))
         finally:
@@ -154,8 +172,10 @@ async def _migrate_and_spool(qmp: QmpClient, fdname: str, rfile: Any, store: Sto
     async def reader() -> None:
         # Not abandoned on cancellation: the thread reads until QEMU closes the pipe, so QEMU
         # (and the guest, whose writes wait for QEMU) is never left blocked on a full pipe.
+        # While QEMU writes, the stream is only spliced to a file (as cheap as `cat > file`);
+        # it is parsed once QEMU is done.
         try:
-            outcome["spooled"] = await trio.to_thread.run_sync(spool_all, rfile, store)
+            outcome["raw"] = await trio.to_thread.run_sync(capture_pipe, rfile.fileno(), spool_dir(store))
         except Exception as exc:  # reported after QEMU's own verdict, which explains more
             outcome["stream_error"] = exc
 
@@ -175,14 +195,20 @@ async def _migrate_and_spool(qmp: QmpClient, fdname: str, rfile: Any, store: Sto
                     pass
     if show_progress:
         sys.stderr.write("\r\x1b[K")
-    spooled = outcome.get("spooled")
-    error = outcome.get("qemu_error") or (
-        QemuError(_failure_message(final)) if final.get("status") != "completed" else None
-    ) or outcome.get("stream_error")
-    if error is not None:
-        if spooled is not None:
-            spooled.close()
-        raise error
+    raw = outcome.get("raw")
+    try:
+        error = outcome.get("qemu_error") or (
+            QemuError(_failure_message(final)) if final.get("status") != "completed" else None
+        ) or outcome.get("stream_error")
+        if error is not None:
+            raise error
+        if show_progress:
+            sys.stderr.write("\rsnapshot: QEMU done, storing the stream...\x1b[K")
+            sys.stderr.flush()
+        spooled = await trio.to_thread.run_sync(spool_all, raw, store)
+    finally:
+        if raw is not None:
+            raw.close()
     timings = {
         "downtime_ms": final.get("downtime"),
         "total_time_ms": final.get("total-time"),
@@ -198,10 +224,9 @@ async def _wait_done(qmp: QmpClient, show_progress: bool, started: float) -> dic
     while True:
         with trio.move_on_after(_PROGRESS_INTERVAL):
             await qmp.wait_event("MIGRATION", lambda d: d.get("status") in _DONE)
-            return await qmp.execute("query-migrate")
         info = await qmp.execute("query-migrate")
         if info.get("status") in _DONE:
-            return info
+            return await _final_info(qmp, info)
         if show_progress:
             ram = info.get("ram", {})
             elapsed = max(time.monotonic() - started, 1e-6)
@@ -211,6 +236,41 @@ async def _wait_done(qmp: QmpClient, show_progress: bool, started: float) -> dic
                 f"{format_rate(ram.get('transferred', 0) / elapsed)}\x1b[K"
             )
             sys.stderr.flush()
+
+
+async def _final_info(qmp: QmpClient, info: dict) -> dict:
+    """QEMU announces completion a moment before it fills in total-time: wait for it (<1 s)."""
+    for _ in range(50):
+        if info.get("status") != "completed" or info.get("total-time"):
+            break
+        await trio.sleep(0.02)
+        info = await qmp.execute("query-migrate")
+    return info
+
+
+def _unwrap(group: BaseExceptionGroup) -> BaseException:
+    """The exception to report from a nursery's group: Ctrl-C first, then our own errors."""
+    flat: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            flat.append(exc)
+    for kind in (KeyboardInterrupt, SnapfsError):
+        for exc in flat:
+            if isinstance(exc, kind):
+                return exc
+    return group
+
+
+def _grow_pipe(fd: int) -> None:
+    """A bigger pipe lets QEMU write ahead while the reader is busy (fewer stalls)."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # the default 64 KiB works, only slower
 
 
 def _failure_message(final: dict) -> str:

@@ -77,10 +77,13 @@ class _Input:
     def __init__(self, src: BinaryIO, chunk: int = 1 << 20) -> None:
         self._src = src
         self._chunk = chunk
-        self._buf = b""
+        # A read-only view of the current buffer: page data is handed out as slices of it
+        # (no copy); each refill allocates a new buffer, so handed-out slices stay valid.
+        self._buf: memoryview = memoryview(b"")
         self._pos = 0
         self._base = 0  # stream offset of _buf[0]
         self._eof = False
+        self._next_size = min(64 << 10, chunk)
         self.recording: list[bytes] | None = None
 
     @property
@@ -88,22 +91,32 @@ class _Input:
         return self._base + self._pos
 
     def _fill(self, need: int) -> None:
-        """Make at least ``need`` bytes available after _pos, unless the input ends first."""
-        parts = [self._buf[self._pos :]]
-        have = len(parts[0])
-        while have < need and not self._eof:
-            data = self._src.read(max(self._chunk, need - have))
-            if not data:
+        """Make at least ``need`` bytes available after _pos, unless the input ends first.
+
+        Reads until the new buffer (at least ``need`` bytes, growing to ``chunk``) is full or
+        the input ends:
+        pipes deliver 64 KiB at a time, and a fresh buffer per small read would waste more.
+        """
+        tail = self._buf[self._pos :]
+        new = bytearray(max(self._next_size, need))
+        self._next_size = min(self._next_size * 2, self._chunk)  # small streams stay cheap
+        have = len(tail)
+        new[:have] = tail
+        view = memoryview(new)
+        while have < len(new) and not self._eof:
+            n = self._src.readinto(view[have:])
+            if not n:
                 self._eof = True
                 break
-            parts.append(data)
-            have += len(data)
+            have += n
         self._base += self._pos
-        self._buf = b"".join(parts)
+        self._buf = view[:have].toreadonly()
         self._pos = 0
 
     def take(self, n: int, what: str) -> bytes:
         """Exactly ``n`` bytes, or StreamError naming ``what`` and the offset if truncated."""
+        if n > self._chunk:
+            return self._take_large(n, what)
         end = self._pos + n
         if end > len(self._buf):
             self._fill(n)
@@ -113,8 +126,29 @@ class _Input:
                     f"stream truncated at byte {self._base + len(self._buf)} while reading {what} "
                     f"(started at byte {self.offset})"
                 )
-        data = self._buf[self._pos : end]
+        data = bytes(self._buf[self._pos : end])
         self._pos = end
+        if self.recording is not None:
+            self.recording.append(data)
+        return data
+
+    def _take_large(self, n: int, what: str) -> bytes:
+        """Like take(), but memory grows with the bytes actually present, not with ``n``."""
+        start = self.offset
+        parts = []
+        remaining = n
+        while remaining:
+            if self._pos >= len(self._buf):
+                self._fill(1)
+                if not len(self._buf):
+                    raise StreamError(
+                        f"stream truncated at byte {self.offset} while reading {what} (started at byte {start})"
+                    )
+            k = min(remaining, len(self._buf) - self._pos)
+            parts.append(bytes(self._buf[self._pos : self._pos + k]))
+            self._pos += k
+            remaining -= k
+        data = b"".join(parts)
         if self.recording is not None:
             self.recording.append(data)
         return data
@@ -132,23 +166,21 @@ class _Input:
 
     def take_rest(self, limit: int, what: str) -> bytes:
         """Everything up to the end of input; StreamError if more than ``limit`` bytes."""
-        parts = [self._buf[self._pos :]]
-        have = len(parts[0])
         start = self.offset
-        while not self._eof:
-            data = self._src.read(self._chunk)
-            if not data:
-                self._eof = True
-                break
-            have += len(data)
+        parts = []
+        have = 0
+        while True:
+            chunk = bytes(self._buf[self._pos :])
+            have += len(chunk)
             if have > limit:
                 raise StreamError(f"{what} starting at byte {start} exceeds {limit} bytes")
-            parts.append(data)
-        if have > limit:
-            raise StreamError(f"{what} starting at byte {start} exceeds {limit} bytes")
-        self._base += len(self._buf)
-        self._buf = b""
-        self._pos = 0
+            parts.append(chunk)
+            self._pos = len(self._buf)
+            if self._eof:
+                break
+            self._fill(1)
+            if self._pos >= len(self._buf):
+                break
         return b"".join(parts)
 
 
@@ -181,7 +213,6 @@ class _Parser:
         self.blocks: list[RamBlock] = []
         self.block_index: dict[bytes, int] = {}
         self.ram_section_id: int | None = None
-        self.ram_started_at = 0
         self.current_block: int | None = None  # CONTINUE carries the block across sections
         self.have_mem_size = False
 
@@ -366,8 +397,35 @@ class _Parser:
         blocks = self.blocks
         page_size = F.TARGET_PAGE_SIZE
         cur = self.current_block
+        unpack_from = _BE64.unpack_from
+        page_cont = F.RAM_PAGE | F.RAM_CONTINUE
+        zero_cont = F.RAM_ZERO | F.RAM_CONTINUE
+        record = 8 + page_size
         try:
             while True:
+                # Fast path: a CONTINUE page or zero record entirely in the buffer.
+                buf, pos = inp._buf, inp._pos
+                if cur is not None and pos + record <= len(buf):
+                    (word,) = unpack_from(buf, pos)
+                    flags = word & F.FLAG_MASK
+                    if flags == page_cont or flags == zero_cont:
+                        addr = word - flags
+                        if addr >= blocks[cur].length:
+                            raise StreamError(
+                                f"page offset 0x{addr:x} out of range for RAMBlock {blocks[cur].name!r} "
+                                f"(length 0x{blocks[cur].length:x}) at byte {inp._base + pos}"
+                            )
+                        if flags == page_cont:
+                            inp._pos = pos + record
+                            yield (EV_PAGE, cur, addr // page_size, buf[pos + 8 : pos + record])
+                        else:
+                            if buf[pos + 8]:
+                                raise StreamError(
+                                    f"ZERO record at byte {inp._base + pos} has non-zero fill 0x{buf[pos + 8]:02x}"
+                                )
+                            inp._pos = pos + 9
+                            yield (EV_ZERO, cur, addr // page_size, None)
+                        continue
                 at = inp.offset
                 (word,) = unpack(take(8, "ram record"))
                 flags = word & F.FLAG_MASK

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -55,7 +55,7 @@ class PageSpool:
             self._bases.append(pos)
             pos += b.length
         self._states: list[dict[int, np.ndarray]] = [{} for _ in blocks]
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_off = 0
         self._pending_end = -1
         self.data_records = 0
@@ -70,7 +70,7 @@ class PageSpool:
             arr = chunks[key] = np.zeros(CHUNK_PAGES, np.uint8)
         return arr, page % CHUNK_PAGES
 
-    def put_page(self, block: int, page: int, data: bytes) -> None:
+    def put_page(self, block: int, page: int, data: bytes | memoryview) -> None:
         """Record that ``page`` of ``block`` was sent with ``data`` (replacing earlier copies)."""
         arr, i = self._state(block, page)
         if arr[i]:
@@ -95,10 +95,13 @@ class PageSpool:
     def flush(self) -> None:
         """Write out coalesced pending pages."""
         if self._pending:
-            data = b"".join(self._pending)
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self._fd, data[done:], self._pending_off + done)
+            total = len(self._pending) * PAGE
+            done = os.pwritev(self._fd, self._pending, self._pending_off)
+            if done < total:  # short write (rare): finish the rest plainly
+                rest = b"".join(bytes(p) for p in self._pending)[done:]
+                while rest:
+                    n = os.pwrite(self._fd, rest, self._pending_off + done)
+                    rest, done = rest[n:], done + n
             self._pending = []
         self._pending_end = -1
 
@@ -150,7 +153,6 @@ class SpooledStream:
     devices: bytes | None = None  # device FULL sections + EOF + VMDESC, verbatim
     vmdesc: bytes | None = None  # RAM-only streams: the trailing description
     stream_bytes: int = 0
-    extras: dict = field(default_factory=dict)
 
     def close(self) -> None:
         self.spool.close()
@@ -164,12 +166,12 @@ class _CountingReader:
         self.count = 0
         self._progress = progress
 
-    def read(self, n: int) -> bytes:
-        data = self._src.read(n)
-        self.count += len(data)
+    def readinto(self, buf) -> int:
+        n = self._src.readinto(buf) or 0
+        self.count += n
         if self._progress is not None:
             self._progress(self.count)
-        return data
+        return n
 
 
 def spool_stream(
@@ -215,4 +217,30 @@ def spool_stream(
     except BaseException:
         if spool is not None:
             spool.close()
+        raise
+
+
+def capture_pipe(fd: int, directory: str | os.PathLike | None = None, chunk: int = 1 << 20) -> BinaryIO:
+    """Copy everything from pipe ``fd`` to an unlinked temporary file; return it at offset 0.
+
+    Used while QEMU is writing a stream: ``splice`` moves pages kernel-side, so the writer is
+    drained as cheaply as by ``cat > file`` and parsing happens afterwards, off QEMU's clock.
+    """
+    out = tempfile.TemporaryFile(dir=directory, prefix="snapfs-stream-")
+    try:
+        while True:
+            try:
+                n = os.splice(fd, out.fileno(), chunk)
+            except OSError:  # not a pipe after all, or splice unsupported here
+                data = os.read(fd, chunk)
+                n = len(data)
+                if n:
+                    out.write(data)
+            if not n:
+                break
+        out.flush()
+        out.seek(0)
+        return out
+    except BaseException:
+        out.close()
         raise

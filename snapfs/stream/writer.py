@@ -81,11 +81,11 @@ class BlockRecords:
         while g0 < g_end:
             g1 = min(g_end, g0 + _MAX_RECORDS)
             base, data = self._generate(g0, g1, read_pages)
-            out.append(data[max(lo - base, 0) : max(min(hi - base, len(data)), 0)])
+            out.append(data[max(lo - base, 0) : max(min(hi - base, len(data)), 0)].tobytes())
             g0 = g1
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
-    def _generate(self, g0: int, g1: int, read_pages: ReadPages) -> tuple[int, bytes]:
+    def _generate(self, g0: int, g1: int, read_pages: ReadPages) -> tuple[int, np.ndarray]:
         """Records g0..g1-1: (byte position of record g0, their bytes)."""
         plen = len(self.prefix)
         g = np.arange(g0, g1, dtype=np.int64)
@@ -144,7 +144,7 @@ class BlockRecords:
                         continue
                 start = int(rel[a_i - g0])
                 out[start : start + n * _DATA_RECORD].reshape(n, _DATA_RECORD)[:, 8:] = src
-        return base, out.tobytes()
+        return base, out
 
 
 Piece = Literal | BlockRecords

@@ -8,17 +8,23 @@ import shlex
 import sys
 from pathlib import Path
 
+from snapfs.errors import UsageError
+from snapfs.units import parse_size
+import tools.bench
 from tools.bench import goals, plan, plots, report, runner
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the bench; write results.json, results.md and PNGs into --out."""
-    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=tools.bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small target, few rates (< 3 minutes)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory (default bench-results/)")
     p.add_argument("--no-install", action="store_true", help="report missing peers instead of installing them")
     p.add_argument("--render", type=Path, metavar="RESULTS_JSON",
                    help="only re-render the report and plots of an earlier run's results.json into --out")
+    p.add_argument("--size", metavar="SIZE", help="target size instead of the plan's (e.g. 4G)")
+    p.add_argument("--rates", metavar="LIST", help="write rates in pages/s instead of the plan's, e.g. 0,10000,max")
     p.add_argument("--docs", type=Path, metavar="DIR",
                    help="also write DIR/performance.md and DIR/performance/*.png from this run")
     args = p.parse_args(argv)
@@ -32,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rendered {args.out}/results.md and plots" + (f", {args.docs}/performance.md" if args.docs else ""))
         return 0
     the_plan = plan.quick() if args.quick else plan.full()
+    try:
+        if args.size:
+            the_plan.size = parse_size(args.size)
+        if args.rates:
+            the_plan.rates = [-1.0 if r.strip() == "max" else float(r) for r in args.rates.split(",")]
+    except (ValueError, UsageError) as e:
+        p.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m tools.bench" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results = runner.run(the_plan, args.out, install_peers=not args.no_install)

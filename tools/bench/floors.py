@@ -80,7 +80,7 @@ def zstd_alone(data: np.ndarray, threads: int) -> dict:
     best = float("inf")
     out = 0
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for _ in range(2):
+        for _ in range(3):  # best of 3: a floor is what the machine can do, noise only slows it
             t0 = time.perf_counter()
             mask = nonzero_pages(data)
             pages = data.reshape(-1, PAGE)[mask].reshape(-1)

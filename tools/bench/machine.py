@@ -25,15 +25,21 @@ def _read(path: str) -> str:
         return "?"
 
 
+def loadavg() -> list[float]:
+    """The 1/5/15-minute load averages: other work running beside the bench shows here."""
+    return [float(x) for x in _read("/proc/loadavg").split()[:3]]
+
+
 def describe() -> dict:
     """CPU, cores, memory, kernel, hypervisor, THP mode, Python and zstd versions."""
     import numpy
     import zstandard
 
-    hyper = "?"
+    hyper = "no"
     flags = _first("/proc/cpuinfo", "flags")
     if "hypervisor" in flags.split():
-        hyper = _read("/sys/class/dmi/id/sys_vendor") or "yes"
+        vendor = _read("/sys/class/dmi/id/sys_vendor")
+        hyper = f"yes ({vendor})" if vendor != "?" else "yes (hypervisor CPU flag)"
     mem_kib = int(_first("/proc/meminfo", "MemTotal").split()[0] or 0)
     return {
         "cpu": _first("/proc/cpuinfo", "model name"),
@@ -46,4 +52,5 @@ def describe() -> dict:
         "python": sys.version.split()[0],
         "zstandard": zstandard.__version__,
         "numpy": numpy.__version__,
+        "loadavg_start": loadavg(),
     }

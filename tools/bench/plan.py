@@ -26,6 +26,8 @@ class Plan:
     qemu_mem: int = 256 * MiB
     qemu_guest_rate: float = 20000       # guest page writes/s (approximate, measured)
     readpath_size: int = 64 * MiB
+    # Extra snapfs-only targets at limit_write_rate: label -> TargetSpec overrides
+    variants: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """Plain dict for results.json."""
@@ -36,14 +38,15 @@ def quick() -> Plan:
     """Small target, few rates: the whole bench in well under 3 minutes."""
     return Plan(mode="quick", size=64 * MiB, rates=[0, 20000, -1], snapfs_rate_limits=["64M"],
                 limit_write_rate=20000, settle_s=0.3, precopy_max_rounds=5,
-                qemu_mem=96 * MiB, readpath_size=32 * MiB)
+                qemu_mem=96 * MiB, readpath_size=32 * MiB, variants={"THP": {"thp": True}})
 
 
 def full() -> Plan:
     """1 GiB target, write rates from 0 to as fast as possible (~10-15 minutes)."""
     return Plan(mode="full", size=1 * GiB, rates=[0, 1000, 10000, 100000, 1000000, -1],
                 snapfs_rate_limits=["100M", "300M"], limit_write_rate=10000,
-                qemu_mem=1 * GiB, readpath_size=1 * GiB)
+                qemu_mem=1 * GiB, readpath_size=1 * GiB,
+                variants={"THP": {"thp": True}, "4 writer threads": {"threads": 4}})
 
 
 def rate_label(rate: float) -> str:

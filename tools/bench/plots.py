@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 COMPARED = ("snapfs", "pre-copy", "stop-copy")
 STYLE = {"snapfs": dict(marker="o", linestyle="-", linewidth=2.5, zorder=3),
@@ -41,6 +42,7 @@ def _vs_rate(rows: list[dict], key: str, ylabel: str, title: str, path: Path, lo
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -68,6 +70,7 @@ def _pause_by_method(results: dict, path: Path) -> None:
                    label=f"QEMU bg-snapshot downtime {q['downtime_ms']} ms (VM)")
     ax.set_xticks([i + width * (len(rates) - 1) / 2 for i in range(len(methods))], methods, rotation=15)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_ylabel("pause (ms, target-measured longest stall)")
     ax.set_title("Pause by method")
     ax.grid(True, axis="y", alpha=0.3)

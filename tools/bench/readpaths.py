@@ -161,8 +161,19 @@ def vmstate_view(store_dir: Path, name: str) -> dict:
 def incremental(target: Target, store_dir: Path, fraction: float = 0.01) -> dict:
     """``snapfs snapshot --every``: a full snapshot, then ``fraction`` of the pages rewritten from
     outside (process_vm_writev, content class kept), then the incremental child."""
+    # Choose and prepare the rewritten pages first (the target is not writing), so that between
+    # the two snapshots only the writes themselves happen: well inside the period.
+    npages = target.size // PAGE
+    image = np.empty(target.size, dtype=np.uint8)
+    kernel.process_vm_readv(target.pid, image, [(target.base, target.size)])
+    pages = image.reshape(npages, PAGE)
+    nonzero = np.flatnonzero(pages.view(np.uint64).any(axis=1))
+    chosen = np.sort(np.random.default_rng(2).choice(nonzero, size=max(1, int(npages * fraction)), replace=False))
+    new_pages = np.roll(pages[chosen], 8, axis=1)  # still non-zero, but changed
+    del image, pages
+    period = 6.0
     argv = [*snapfs_argv(), "snapshot", str(target.pid), "--json", "--store", str(store_dir),
-            "--name", "incr", "--every", "4s"]
+            "--name", "incr", "--every", f"{period:g}s"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=snapfs_env(), cwd=ROOT)
     try:
@@ -170,18 +181,13 @@ def incremental(target: Target, store_dir: Path, fraction: float = 0.01) -> dict
         first = proc.stdout.readline()
         if not first:
             raise RuntimeError(f"snapfs snapshot --every: {proc.stderr.read().strip()[-300:] if proc.stderr else ''}")
+        t_first = time.monotonic()
         full = json.loads(first)
-        npages = target.size // PAGE
-        # Rewrite non-zero pages only, with their own bytes shifted: they stay non-zero and change.
-        image = np.empty(target.size, dtype=np.uint8)
-        kernel.process_vm_readv(target.pid, image, [(target.base, target.size)])
-        pages = image.reshape(npages, PAGE)
-        nonzero = np.flatnonzero(pages.view(np.uint64).any(axis=1))
-        rng = np.random.default_rng(2)
-        chosen = np.sort(rng.choice(nonzero, size=max(1, int(npages * fraction)), replace=False))
-        for p in chosen.tolist():
-            kernel.process_vm_writev(target.pid, np.roll(pages[p], 8), [(target.base + p * PAGE, PAGE)])
+        for i, p in enumerate(chosen.tolist()):
+            kernel.process_vm_writev(target.pid, new_pages[i], [(target.base + p * PAGE, PAGE)])
         dirtied = len(chosen)
+        if time.monotonic() - t_first > period - full["duration_s"] - 0.5:
+            raise RuntimeError("rewriting the pages took too long: they may straddle the second snapshot")
         second = proc.stdout.readline()
         if not second:
             raise RuntimeError("snapfs snapshot --every stopped after the first snapshot")

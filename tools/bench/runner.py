@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from tools.bench.methods.qemu_bg import QemuBackground
 from tools.bench.methods.snapfs_uffd import Snapfs
 from tools.bench.methods.stopcopy import StopCopy
 from tools.bench.plan import Plan, rate_label
-from tools.bench.targets import Target, TargetSpec, Window
+from tools.bench.targets import Target, TargetError, TargetSpec, Window
 
 
 class Log:
@@ -64,9 +65,7 @@ def _run_one(method: Method, spec: TargetSpec, target: Target, workdir: Path, pl
         outcome = method.run(target, workdir)
     except Exception as e:  # noqa: BLE001 - a failing peer is a result, not the end of the bench
         error = f"{type(e).__name__}: {e}"
-    during = target.window()
-    if not target.alive():
-        raise RuntimeError(f"target died during {method.name}")
+    during = target.window()  # TargetError if the method left the target dead or stuck
     row = _row(method, spec, target, before, during, outcome, error)
     if error:
         log(f"  {method.name:<22} FAILED: {error}")
@@ -108,8 +107,9 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
             spec = TargetSpec(size=plan.size, rate=rate, threads=plan.writer_threads)
             log(f"target {plan.size >> 20} MiB, write rate {rate_label(rate)} pages/s")
             with Target(spec) as target:
-                if not results["floors"] and rate == 0:
+                if not results["floors"]:  # on the first target (rate 0 in both plans)
                     results["floors"] = floors.measure(target, threads)
+                    results["floors"]["target_write_rate"] = rate
                     f = results["floors"]
                     log(f"  floors: write-protect {f['write_protect'].get('protect_ms', float('nan')):.2f} ms, "
                         f"process_vm_readv {f['process_vm_readv']['reused_buffer_Bps'] / 1e9:.2f} GB/s, "
@@ -117,7 +117,38 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
                 for m in usable:
                     if m in limited and rate != plan.limit_write_rate:
                         continue
-                    results["rows"].append(_run_one(m, spec, target, workdir, plan, log))
+                    try:
+                        results["rows"].append(_run_one(m, spec, target, workdir, plan, log))
+                    except TargetError as e:
+                        # The target is gone or stuck: record it, go on with a fresh target.
+                        results["rows"].append({"method": m.name, "write_rate": rate,
+                                                "write_rate_label": rate_label(rate),
+                                                "error": f"target stopped answering: {e}"})
+                        log(f"  {m.name:<22} FAILED: target stopped answering ({e}); next rate")
+                        break
+        snapfs = next((m for m in usable if m.name == "snapfs"), None)
+        for label, overrides in plan.variants.items():
+            if snapfs is None:
+                break
+            spec = TargetSpec(size=plan.size, rate=plan.limit_write_rate, threads=plan.writer_threads)
+            spec = dataclasses.replace(spec, **overrides)
+            log(f"variant {label}: {plan.size >> 20} MiB, write rate {rate_label(spec.rate)}")
+            with Target(spec) as target:
+                variant = Snapfs()
+                variant.name = f"snapfs [{label}]"
+                extra = {"huge_bytes": target.huge_bytes()}
+                if spec.thp:
+                    try:
+                        results["floors"]["write_protect_" + label] = floors.write_protect_ms(target)
+                    except OSError as e:
+                        results["floors"]["write_protect_" + label] = {"error": str(e)}
+                try:
+                    row = _run_one(variant, spec, target, workdir, plan, log)
+                except TargetError as e:
+                    row = {"method": variant.name, "write_rate": spec.rate,
+                           "write_rate_label": rate_label(spec.rate), "error": f"target stopped answering: {e}"}
+                row["variant"] = dict(overrides, **extra)
+                results["rows"].append(row)
         qemu = QemuBackground(plan.qemu_mem, plan.qemu_guest_rate)
         reason = qemu.available()
         if reason:
@@ -138,4 +169,5 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = time.time() - started
+    results["machine"]["loadavg_end"] = machine.loadavg()
     return results

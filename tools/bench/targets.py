@@ -88,7 +88,11 @@ class Target:
         self._lines: queue.Queue[dict | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.ready = self._next("ready", timeout=120)
+        try:
+            self.ready = self._next("ready", timeout=120)
+        except BaseException:
+            self.close()
+            raise
         self.base = int(self.ready["base"], 16)
         self.size = int(self.ready["size"])
         self.nonzero_bytes = int(self.ready["nonzero_bytes"])
@@ -124,6 +128,16 @@ class Target:
         self.window()
         time.sleep(seconds)
         return self.window()
+
+    def huge_bytes(self) -> int:
+        """Bytes of the target backed by transparent huge pages (AnonHugePages)."""
+        try:
+            for line in open(f"/proc/{self.pid}/smaps_rollup"):
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
 
     def alive(self) -> bool:
         """True while the process runs."""

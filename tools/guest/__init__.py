@@ -21,6 +21,7 @@ BUILD_DIR = SOURCE_DIR.parent.parent / "build" / "guest"
 
 RECORD_GPA = 0x300000
 MAGIC = b"SNAPGST1"
+FILL_START = 0x1000000  # guest.S fills [FILL_START, record's fill end) with address ^ 0x5a5a5a5a
 
 
 def build() -> Path:
@@ -62,9 +63,9 @@ def check_pattern(image: bytes | memoryview) -> int:
 
     Raises AssertionError describing the first inconsistency.
     """
-    rec = bytes(image[RECORD_GPA : RECORD_GPA + 20])
+    rec = bytes(image[RECORD_GPA : RECORD_GPA + 24])
     assert rec[:8] == MAGIC, f"no guest record at 0x{RECORD_GPA:x}: {rec[:8]!r}"
-    count, npages, area = struct.unpack("<III", rec[8:])
+    count, npages, area, fill_end = struct.unpack("<IIII", rec[8:])
     pages = np.frombuffer(image, dtype="<u4", count=npages * 1024, offset=area).reshape(npages, 1024)
     values = pages[:, 0].astype(np.int64)
     # The page of iteration count+1 may be written while the counter still says count.
@@ -82,4 +83,12 @@ def check_pattern(image: bytes | memoryview) -> int:
     written = expect > 0
     assert np.array_equal(comp[written], ~pages[written, 0]), "guest pattern torn: complement words differ"
     assert not comp[~written].any(), "guest pattern: unwritten pages are not zero"
+    assert fill_end <= len(image), f"guest fill end 0x{fill_end:x} beyond the image"
+    if len(image) >= 2 * FILL_START:
+        assert fill_end > FILL_START + (8 << 20), f"guest filled too little RAM (to 0x{fill_end:x})"
+    if fill_end > FILL_START:
+        got = np.frombuffer(image, dtype="<u4", count=(fill_end - FILL_START) // 4, offset=FILL_START)
+        want = np.arange(FILL_START, fill_end, 4, dtype=np.uint32) ^ np.uint32(0x5A5A5A5A)
+        bad = np.flatnonzero(got != want)
+        assert bad.size == 0, f"guest fill area differs at GPA 0x{FILL_START + 4 * bad[0]:x}"
     return count

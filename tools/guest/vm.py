@@ -50,16 +50,16 @@ class Qemu:
 
 
 def guest_args(kernel: Path, mem_path: Path | None = None, incoming: str | None = None,
-               paused: bool = False) -> list[str]:
+               paused: bool = False, ram: int = GUEST_RAM) -> list[str]:
     """Machine options for the test guest; the same on source and destination of a restore.
 
     With ``mem_path`` guest RAM is a shared file there (readable while the guest runs).
     """
-    args = ["-machine", f"pc,accel={accel()}", "-m", f"{GUEST_RAM >> 20}M", "-kernel", str(kernel),
+    args = ["-machine", f"pc,accel={accel()}", "-m", f"{ram >> 20}M", "-kernel", str(kernel),
             "-nodefaults", "-display", "none", "-no-user-config"]
     if mem_path is not None:
         args[1] += ",memory-backend=pc.ram"
-        args += ["-object", f"memory-backend-file,id=pc.ram,size={GUEST_RAM},mem-path={mem_path},share=on"]
+        args += ["-object", f"memory-backend-file,id=pc.ram,size={ram},mem-path={mem_path},share=on"]
     if paused:
         args.append("-S")
     if incoming is not None:

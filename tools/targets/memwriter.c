@@ -298,36 +298,26 @@ static void *writer_thread(void *arg)
                 expected = dl;
             deadline += period;
         }
-        uint64_t r = xorshift(&rng);
-        uint64_t p, value;
-        uint64_t *target;
+        uint64_t r = xorshift(&rng), t0, end;
         if (cfg.access == A_SEQ) {
-            p = seq_pos++;
-            if (seq_pos == slice_hi)
+            volatile uint64_t *pg = (volatile uint64_t *)(region + seq_pos * PAGE);
+            if (++seq_pos == slice_hi)
                 seq_pos = slice_lo;
-            target = (uint64_t *)(region + p * PAGE);
-            uint64_t t0 = now_ns();
-            /* counter then timestamp: the counter is what the oracle relies on */
-            target[0] = ++counter;
-            target[1] = t0;
-            uint64_t t1 = now_ns();
-            value = t1 - t0;
-            r = t1; /* reuse as end time */
+            t0 = now_ns();
+            pg[0] = ++counter; /* the oracle: one cut per slice in a consistent image */
+            pg[1] = t0;
+            end = now_ns();
         } else {
-            if (cfg.access == A_HOT && xorshift(&rng) <= hot_threshold)
-                p = below(r, hot_n);
-            else
-                p = below(r, npages);
+            uint64_t p = (cfg.access == A_HOT && xorshift(&rng) <= hot_threshold) ? below(r, hot_n)
+                                                                                  : below(r, npages);
             enum klass k = page_class(p);
-            value = k == K_ZERO ? 0 : k == K_TEXT ? hex8(r) : r * 0x9E3779B97F4A7C15ULL;
-            target = (uint64_t *)(region + p * PAGE);
-            uint64_t t0 = now_ns();
-            *(volatile uint64_t *)target = value;
-            uint64_t t1 = now_ns();
-            value = t1 - t0;
-            r = t1;
+            uint64_t value = k == K_ZERO ? 0 : k == K_TEXT ? hex8(r) : r * 0x9E3779B97F4A7C15ULL;
+            volatile uint64_t *pg = (volatile uint64_t *)(region + p * PAGE);
+            t0 = now_ns();
+            *pg = value;
+            end = now_ns();
         }
-        uint64_t end = r, write_ns = value;
+        uint64_t write_ns = end - t0;
         uint64_t stall = end - expected;
         bump(&st->writes, 1);
         atomic_store_explicit(&st->last_write_ns, end, memory_order_relaxed);

@@ -17,6 +17,7 @@
  * stdin commands (one letter per line), each acknowledged with "ok <letter>":
  *   d: madvise(DONTNEED) pages [N/4, N/4+N/16)      u: munmap pages [N/2, N/2+N/16)
  *   r: mremap pages [3N/4, 3N/4+N/16) elsewhere     q: exit 0
+ *   f: fork a child that overwrites its copy of the buffer, wait for it
  * After d/u/r the writers skip those pages.
  */
 #include <errno.h>
@@ -27,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -143,6 +145,15 @@ int main(int argc, char **argv) {
             void *to = mmap(NULL, q * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (mremap(base + npages * 3 / 4 * PAGE, q * PAGE, q * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, to) == MAP_FAILED)
                 perror("mremap");
+        } else if (c == 'f') {
+            /* A child scribbles over its copy of the buffer and exits; the parent's memory
+             * is untouched by it. */
+            pid_t child = fork();
+            if (child == 0) {
+                memset(base, 0x5a, npages * PAGE);
+                _exit(0);
+            }
+            waitpid(child, NULL, 0);
         } else {
             continue;
         }

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,11 +31,45 @@ def snapfs_env() -> dict[str, str]:
     return env
 
 
+class _PeakRss:
+    """Samples a process's VmHWM (its peak RSS since exec) every 50 ms until stopped.
+
+    wait4's ru_maxrss is no use here: it also counts the bench's own RSS, which the child
+    carries until exec. VmHWM is a high-water mark, so sampling misses only the last interval.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.bytes = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.bytes = max(self.bytes, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._done.wait(0.05):
+            self._sample()
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._done.set()
+        self._thread.join()
+
+
 class Snapfs(Method):
     """One ``snapfs snapshot`` of the target into a fresh store, optionally with ``--rate``."""
 
     how = ("snapfs snapshot PID --json --store DIR [--rate R]: pause_ms, duration_s, stored_bytes and "
-           "faults from its JSON; duration = wall time of the command (includes Python start-up)")
+           "faults from its JSON (duration = its duration_s; the command's wall time, Python start-up "
+           "included, is wall_s in results.json)")
 
     def __init__(self, rate: str | None = None) -> None:
         self.rate = rate
@@ -59,17 +94,23 @@ class Snapfs(Method):
         if self.rate:
             argv += ["--rate", self.rate]
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True, env=snapfs_env(), cwd=ROOT,
-                              timeout=900)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=snapfs_env(), cwd=ROOT)
+        peak = _PeakRss(proc.pid)
+        try:
+            stdout, stderr = proc.communicate(timeout=900)
+        finally:
+            peak.stop()
         t1 = time.perf_counter()
         shutil.rmtree(store, ignore_errors=True)  # only the figures matter; keep disk use flat
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"snapfs snapshot failed (exit {proc.returncode}): {tail[0]}")
-        info = json.loads(proc.stdout)
+        info = json.loads(stdout)
         return Outcome(float(info.get("duration_s") or (t1 - t0)), int(info["stored_bytes"]),
                        tool_pause_ms=float(info["pause_ms"]),
                        extra={"wall_s": round(t1 - t0, 4), "faults": info.get("faults"),
                               "resident_bytes": info.get("resident_bytes"),
                               "zero_bytes": info.get("zero_bytes"),
+                              "peak_rss_bytes": peak.bytes,
                               "warnings": info.get("warnings") or []})

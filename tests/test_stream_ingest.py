@@ -1,0 +1,116 @@
+"""`snapfs incoming --name`: streams into the store, duplicates resolved, nothing on errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+
+import pytest
+
+from snapfs.errors import NameInUse, StreamError
+from snapfs.store import Store
+from snapfs.stream import format as F
+from snapfs.stream.ingest import ingest_stream
+from snapfs.stream.reader import EV_DEVICES, EV_HEADER, read_stream
+from snapfs.stream.vmstate import VmstateView
+from tests.conftest import snapfs_cmd
+from tests.test_stream_reader import END, header, page, part, zero
+
+PAGE = 4096
+
+
+def pg(tag: int) -> bytes:
+    return bytes([tag]) * PAGE
+
+
+def precopy_stream(with_devices: bool = True) -> tuple[bytes, dict[str, bytes], bytes]:
+    """A precopy-shaped stream: pages re-sent (last wins), ZERO<->DATA flips, COMMAND, END."""
+    caps = b"\x05" + F.counted(b"configuration/target-page-bits") + struct.pack(">II", 1, 12)
+    blocks = [(b"pc.ram", 4 * PAGE, b""), (b"/rom@etc/acpi/tables", 2 * PAGE, b"")]
+    dev = (struct.pack(">BI", F.SEC_FULL, 3) + F.counted(b"timer") + struct.pack(">II", 0, 2)
+           + b"\x11" * 9 + F.footer(3) + END) if with_devices else END
+    stream = (
+        header("pc-i440fx-7.2") + caps
+        + F.section_start(2, b"ram", 0, 4) + F.mem_size_list(blocks) + F.EOS_RECORD + F.footer(2)
+        + part(page(0, pg(1), b"pc.ram"), page(PAGE, pg(2)), page(2 * PAGE, pg(3)), zero(3 * PAGE),
+               page(0, pg(9), b"/rom@etc/acpi/tables"))
+        + part(page(PAGE, pg(4), b"pc.ram"), zero(2 * PAGE), page(3 * PAGE, pg(5)))  # re-sent
+        + b"\x08" + struct.pack(">HH", 11, 0)
+        + struct.pack(">BI", F.SEC_END, 2) + page(0, pg(6)) + F.EOS_RECORD + F.footer(2)
+        + dev
+    )
+    # The END's CONTINUE record means pc.ram: the current block carries across sections.
+    expect = {
+        "pc.ram": pg(6) + pg(4) + bytes(PAGE) + pg(5),
+        "/rom@etc/acpi/tables": pg(9) + bytes(PAGE),
+    }
+    return stream, expect, dev
+
+
+def test_precopy_duplicates_last_copy_wins_and_vm_blobs_kept(store_dir):
+    stream, expect, dev = precopy_stream()
+    with Store.open(store_dir, create=True) as store:
+        info = ingest_stream(io.BytesIO(stream), store, "vm1")
+        assert info.kind == "vm" and info.region_count == 2
+        stats = info.meta["qemu_stream"]
+        assert stats["duplicate_records"] == 4 and stats["machine"] == "pc-i440fx-7.2"
+        reader = store.open_snapshot("vm1")
+        assert [(r.name, r.kind) for r in reader.regions] == [("pc.ram", "ramblock"), ("/rom@etc/acpi/tables", "ramblock")]
+        for r in reader.regions:
+            assert reader.read(r.index, 0, r.length) == expect[r.name]
+        # Page 1 of the ROM was never sent: a hole; pages sent as ZERO are zero pages.
+        assert list(reader.runs(1)) == [(0, 1, 2), (1, 1, 0)]
+
+        # The vmstate view re-emits QEMU's configuration and device state verbatim.
+        view = VmstateView(reader)
+        out = view.read(0, view.size)
+        events = list(read_stream(io.BytesIO(out)))
+        assert events[0][0] == EV_HEADER and events[0][1].raw == stream[8 : stream.index(b"\x01\x00\x00\x00\x02\x03ram")]
+        assert events[-1] == (EV_DEVICES, dev)
+        again = store.open_snapshot("vm1")
+        assert VmstateView(again).read(0, view.size) == out
+
+
+def test_ram_only_stream_becomes_process_kind(store_dir):
+    stream, expect, _ = precopy_stream(with_devices=False)
+    with Store.open(store_dir, create=True) as store:
+        info = ingest_stream(io.BytesIO(stream), store, "r1")
+        assert info.kind == "process"
+        reader = store.open_snapshot("r1")
+        assert reader.read(0, 0, 4 * PAGE) == expect["pc.ram"]
+
+
+@pytest.mark.parametrize("cut", [10, 200, 5000, 20000, -3])
+def test_bad_stream_publishes_nothing(store_dir, cut):
+    stream, _, _ = precopy_stream()
+    with Store.open(store_dir, create=True) as store:
+        with pytest.raises(StreamError):
+            ingest_stream(io.BytesIO(stream[:cut]), store, "bad")
+        assert store.list_snapshots() == []
+        # The name is free again, and a good stream under it works.
+        ingest_stream(io.BytesIO(stream), store, "bad")
+        assert [s.name for s in store.list_snapshots()] == ["bad"]
+        with pytest.raises(NameInUse):
+            ingest_stream(io.BytesIO(stream), store, "bad")
+
+
+def test_cli_incoming_name_and_errors(store_dir, snapfs_env):
+    stream, expect, _ = precopy_stream()
+    ok = subprocess.run([*snapfs_cmd(), "incoming", "--name", "c1", "--json"], input=stream,
+                        env=snapfs_env, capture_output=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["name"] == "c1"
+    bad = subprocess.run([*snapfs_cmd(), "incoming", "--name", "c2"], input=stream[:-40] + b"garbage",
+                         env=snapfs_env, capture_output=True)
+    assert bad.returncode == 9
+    err = bad.stderr.decode()
+    assert err.startswith("snapfs: ") and err.count("\n") == 1 and "byte" in err
+    listing = subprocess.run([*snapfs_cmd(), "list", "--json"], env=snapfs_env, capture_output=True)
+    assert "c2" not in listing.stdout.decode()
+    cat = subprocess.run([*snapfs_cmd(), "cat", "c1", "vmstate"], env=snapfs_env, capture_output=True)
+    assert cat.returncode == 0
+    ram = [e for e in read_stream(io.BytesIO(cat.stdout)) if e[0] == "page" and e[1] == 0]
+    assert b"".join(e[3] for e in sorted(ram, key=lambda e: e[2])) == b"".join(
+        expect["pc.ram"][i * PAGE : (i + 1) * PAGE] for i in (0, 1, 3))
