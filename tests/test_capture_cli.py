@@ -134,7 +134,10 @@ def _target_healthy(t: Target, store_dir) -> None:
     """The target runs on (its counter advances) and a fresh snapshot of it is one instant."""
     assert t.proc.poll() is None
     before = _utime(t.pid)
-    assert wait_for(lambda: _utime(t.pid) > before + 5, timeout=5), "target is not running"
+    if not wait_for(lambda: _utime(t.pid) > before + 5, timeout=5):
+        import glob
+        info = [(open(f"{d}/stat").read().rsplit(")", 1)[1].split()[0], open(f"{d}/wchan").read(), open(f"{d}/syscall").read().strip()) for d in glob.glob(f"/proc/{t.pid}/task/*")]
+        raise AssertionError(f"target is not running: {info} {open(f'/proc/{t.pid}/status').read()}")
 
     async def snap():
         with Store.open(store_dir, create=True) as store:

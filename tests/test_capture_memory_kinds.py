@@ -185,3 +185,28 @@ async def test_shmem_pages_not_mapped_by_the_target(store_dir):
                 want = (p % 251) + 1 if p % 2 == 0 else 0
                 assert (data[p] == want).all(), f"page {p}"
         assert_released(t.pid)
+
+
+async def test_shmem_mapped_by_another_process_is_reported(store_dir):
+    """Writes by other processes cannot be write-protected: the snapshot says so."""
+    import subprocess
+    import sys
+
+    npages = 256
+    with Target("oracle", str(npages), "1", "memfd") as t:
+        end = t.addr + npages * 4096
+        other = subprocess.Popen(
+            [sys.executable, "-c",
+             "import mmap, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+             "m = mmap.mmap(fd, 0); print('mapped', flush=True); sys.stdin.read()",
+             f"/proc/{t.pid}/map_files/{t.addr:x}-{end:x}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert other.stdout.readline().strip() == "mapped"
+            with Store.open(store_dir, create=True) as store:
+                result = await capture_process(t.pid, store, "s", CaptureOptions())
+            assert any("also mapped by other processes" in w for w in result.warnings), result.warnings
+        finally:
+            other.kill()
+            other.wait()

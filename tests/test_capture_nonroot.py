@@ -107,3 +107,17 @@ def test_user_cannot_snapshot_other_users_process(user_store, uffd_group_access)
         line = out.stderr.strip()
         assert "\n" not in line and "not permitted to ptrace" in line
         assert_released(t.pid)
+
+
+async def test_root_snapshots_other_users_process(store_dir):
+    """root can snapshot anything: the target may not create a userfaultfd itself
+    (vm.unprivileged_userfaultfd=0), so it is handed one from /dev/userfaultfd."""
+    from snapfs.capture import CaptureOptions, capture_process
+
+    _ensure_account()
+    npages = 2048
+    with Target("oracle", str(npages), "2", user=USER) as t:
+        with Store.open(store_dir, create=True) as store:
+            await capture_process(t.pid, store, "s", CaptureOptions())
+            check_oracle(region_image(store.open_snapshot("s"), t.addr, npages))
+        assert_released(t.pid)

@@ -33,11 +33,12 @@ from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
 from snapfs.capture.freeze import frozen
 from snapfs.capture.ledger import LOST
-from snapfs.capture.maps import Vma, huge_page_sizes, read_maps
+from snapfs.capture.maps import huge_page_sizes, read_maps
 from snapfs.capture.priority import fault_thread_priority
 from snapfs.capture.protect import Prepared, protect_and_record
 from snapfs.capture.ptrace import check_target
 from snapfs.capture.scan import CHUNK, Scan
+from snapfs.capture.target_info import process_meta, shared_with_others
 from snapfs.capture.uffd import Uffd
 from snapfs.errors import TargetError
 
@@ -105,49 +106,6 @@ class CaptureResult:
             "regions": self.regions,
             "warnings": list(self.warnings),
         }
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return None
-
-
-def process_meta(pid: int, comm: str) -> dict:
-    """pid, comm, exe, cmdline of the target for the snapshot's metadata."""
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = None
-    cmd = _read_text(f"/proc/{pid}/cmdline")
-    cmdline = [a for a in cmd.split("\0")[:-1]] if cmd else None
-    return {"pid": pid, "comm": comm, "exe": exe, "cmdline": cmdline, "kind": "process"}
-
-
-def shared_with_others(pid: int, vmas: list[Vma]) -> set[tuple[tuple[int, int], int]]:
-    """(dev, inode) of the target's shared writable mappings that another process maps too."""
-    keys = {(v.dev, v.inode) for v in vmas if v.shared and v.writable and v.inode}
-    if not keys:
-        return set()
-    found: set = set()
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in (pid, me):
-            continue
-        text = _read_text(f"/proc/{entry}/maps")
-        if not text:
-            continue
-        for line in text.splitlines():
-            parts = line.split(None, 5)
-            if len(parts) < 5 or parts[1][3] != "s":
-                continue
-            major, minor = parts[3].split(":")
-            key = ((int(major, 16), int(minor, 16)), int(parts[4]))
-            if key in keys:
-                found.add(key)
-    return found
 
 
 def _collapse(eg: BaseExceptionGroup) -> BaseException:

@@ -142,12 +142,17 @@ def take_userfaultfd(proc: StoppedProcess) -> int:
     injects ``ioctl(USERFAULTFD_IOC_NEW)``.
     """
     inject = proc.injector()
-    fd = inject("userfaultfd", O_CLOEXEC | O_NONBLOCK)
-    if fd == -errno.EPERM or fd == -errno.EACCES:
-        fd = _userfaultfd_via_dev(proc)
-    elif fd < 0:
-        raise TargetError(f"userfaultfd() failed in process {proc.pid}: {os.strerror(-fd)}")
-    return _take_fd(proc, fd)
+    try:
+        fd = inject("userfaultfd", O_CLOEXEC | O_NONBLOCK)
+        if fd == -errno.EPERM or fd == -errno.EACCES:
+            fd = _userfaultfd_via_dev(proc)
+        elif fd < 0:
+            raise TargetError(f"userfaultfd() failed in process {proc.pid}: {os.strerror(-fd)}")
+        return _take_fd(proc, fd)
+    finally:
+        # Put the thread's own registers back at once: should snapfs die during the rest of
+        # the freeze, the kernel resumes this thread exactly where it was.
+        inject.restore()
 
 
 def _take_fd(proc: StoppedProcess, target_fd: int) -> int:

@@ -288,14 +288,20 @@ class Injector:
 
 
 def find_syscall_insn(pid: int) -> int:
-    """Address of a ``syscall`` instruction in the target's ``[vdso]``."""
+    """Address of a ``syscall`` instruction in the target: in its ``[vdso]``, else in its
+    first executable mappings (libc has plenty)."""
     from snapfs.capture.maps import read_maps
     from snapfs.capture.memory import read_memory
 
-    for v in read_maps(pid):
-        if v.path == "[vdso]" and v.perms[2] == "x":
-            text = read_memory(pid, v.start, v.length)
-            off = text.find(arch.SYSCALL_INSN)
-            if off >= 0:
-                return v.start + off
-    raise TargetError(f"process {pid} has no [vdso] with a syscall instruction: cannot inject")
+    vmas = read_maps(pid)
+    candidates = [v for v in vmas if v.path == "[vdso]" and v.perms[2] == "x"]
+    candidates += [v for v in vmas if v.perms[:3] == "r-x" and v.path != "[vdso]"]
+    for v in candidates[:8]:
+        try:
+            text = read_memory(pid, v.start, min(v.length, 1 << 20))
+        except OSError:
+            continue
+        off = text.find(arch.SYSCALL_INSN)
+        if off >= 0:
+            return v.start + off
+    raise TargetError(f"process {pid} has no syscall instruction in executable memory: cannot inject")

@@ -128,14 +128,26 @@ def clip(runs: np.ndarray, first: int, last: int) -> np.ndarray:
     return sel
 
 
-def locate(runs: np.ndarray, pages: np.ndarray) -> np.ndarray:
-    """For each page (all must be DATA in ``runs``), a run record pointing at its single slot."""
-    ends = runs["page"] + runs["n"]
-    idx = np.searchsorted(ends, pages.astype(np.uint64), side="right")
-    out = runs[idx].copy()
-    out["slot"] = (out["slot"].astype(np.int64) + (pages.astype(np.int64) - out["page"].astype(np.int64))).astype(np.uint16)
-    out["page"] = pages
-    out["n"] = 1
+def locate(runs: np.ndarray, pages: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
+    """Runs pointing at the parent's bytes for sorted ``pages``, all DATA in ``runs``.
+
+    Consecutive pages inside the same parent run become one run (no per-page records).
+    ``ends`` = :func:`ends_of` (runs) as int64, precomputed by callers that locate often.
+    """
+    if len(pages) == 0:
+        return EMPTY
+    pages = pages.astype(np.int64)
+    if ends is None:
+        ends = ends_of(runs).astype(np.int64)
+    src = np.searchsorted(ends, pages, side="right")
+    brk = np.ones(len(pages), bool)
+    brk[1:] = (np.diff(pages) != 1) | (np.diff(src) != 0)
+    starts = np.flatnonzero(brk)
+    out = runs[src[starts]].copy()
+    first = pages[starts]
+    out["slot"] = (out["slot"].astype(np.int64) + first - out["page"].astype(np.int64)).astype(np.uint16)
+    out["page"] = first
+    out["n"] = np.diff(np.append(starts, len(pages)))
     return out
 
 

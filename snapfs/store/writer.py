@@ -84,7 +84,7 @@ class SnapshotWriter:
         self._failed: BaseException | None = None
         self._done = False
         self._parent_regions: list[Any] = []
-        self._parent_maps: dict[int, np.ndarray] = {}
+        self._parent_maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # idx -> (runs, ends)
         self._parent_hashes: dict[tuple[int, int], np.ndarray] = {}
         if parent_row is not None:
             self._parent_regions = store.query(
@@ -123,16 +123,24 @@ class SnapshotWriter:
 
     # ----------------------------------------------------------------- parent lookups
     def _parent_map(self, pidx: int) -> np.ndarray:
-        runs = self._parent_maps.get(pidx)
-        if runs is None:
+        return self._parent_indexed_map(pidx)[0]
+
+    def _parent_locate(self, pidx: int, pages: np.ndarray) -> np.ndarray:
+        """Runs referring to the parent's bytes of (sorted, DATA-in-parent) ``pages``."""
+        runs, ends = self._parent_indexed_map(pidx)
+        return _runs.locate(runs, pages, ends)
+
+    def _parent_indexed_map(self, pidx: int) -> tuple[np.ndarray, np.ndarray]:
+        entry = self._parent_maps.get(pidx)
+        if entry is None:
             row = self._store.query("SELECT nruns, map FROM regions WHERE snapshot_id=? AND idx=?",
                                     (self._parent_row["id"], pidx))[0]
             try:
                 runs = _runs.decode(row["map"], row["nruns"])
             except FrameError as exc:
                 raise self._parent_damaged(exc) from None
-            self._parent_maps[pidx] = runs
-        return runs
+            entry = self._parent_maps[pidx] = (runs, _runs.ends_of(runs).astype(np.int64))
+        return entry
 
     def _parent_damaged(self, exc: FrameError) -> StoreCorrupt:
         return StoreCorrupt(f"parent snapshot {self._parent_row['name']!r} has a damaged index "
@@ -211,7 +219,7 @@ class SnapshotWriter:
         if reg.parent_idx is not None and len(data_idx):
             same = self._parent_hash(reg.parent_idx, pages) == hashes
             if same.any():
-                parts.append(_runs.finish([_runs.locate(self._parent_map(reg.parent_idx), pages[same])]))
+                parts.append(self._parent_locate(reg.parent_idx, pages[same]))
                 data_idx = data_idx[~same]
         with self._lock:
             reg.parts.extend(p for p in parts if len(p))
@@ -239,7 +247,7 @@ class SnapshotWriter:
             pages = np.array([first_page + i for i in data], np.uint64)
             same = self._parent_hash(reg.parent_idx, pages) == np.array(hashes, np.uint64)
             if same.any():
-                located = _runs.locate(self._parent_map(reg.parent_idx), pages[same])
+                located = self._parent_locate(reg.parent_idx, pages[same])
                 with self._lock:
                     reg.parts.append(located)
                     self._compact(reg)
