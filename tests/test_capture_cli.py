@@ -135,9 +135,8 @@ def _target_healthy(t: Target, store_dir) -> None:
     assert t.proc.poll() is None
     before = _utime(t.pid)
     if not wait_for(lambda: _utime(t.pid) > before + 5, timeout=5):
-        import glob
-        info = [(open(f"{d}/stat").read().rsplit(")", 1)[1].split()[0], open(f"{d}/wchan").read(), open(f"{d}/syscall").read().strip()) for d in glob.glob(f"/proc/{t.pid}/task/*")]
-        raise AssertionError(f"target is not running: {info} {open(f'/proc/{t.pid}/status').read()}")
+        states = {tid: proc_status(t.pid)["State"] for tid in os.listdir(f"/proc/{t.pid}/task")}
+        raise AssertionError(f"target is not running (dead or blocked): {states}")
 
     async def snap():
         with Store.open(store_dir, create=True) as store:
@@ -153,32 +152,64 @@ def _utime(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[11])
 
 
-def _kill_when(snapfs_env, t: Target, predicate_phase: str) -> None:
+def _main_thread_syscall(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/syscall") as f:
+            return f.read().split(" ", 1)[0].strip()
+    except OSError:
+        return ""
+
+
+def _kill_when(snapfs_env, t: Target, phase: str) -> bool:
+    """Run ``snapfs snapshot`` and SIGKILL it in ``phase``; False if the moment was missed
+    (the snapshot then completed normally)."""
     snap = subprocess.Popen(
         [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", "8M"],
         env=snapfs_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    killed = False
     try:
         # Busy-poll on purpose: the freeze lasts milliseconds.
         assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=20, interval=0)
-        if predicate_phase == "scan":
+        if phase == "freeze":
+            # After the syscall injection (the main thread, blocked in read(), shows the
+            # injected userfaultfd/close, then its own read again) and before the release.
+            # A kill *inside* the injection (~0.3 ms) is the one moment not covered.
+            seen = False
+            while proc_status(t.pid)["TracerPid"] != "0":
+                nr = _main_thread_syscall(t.pid)
+                if nr in ("323", "3"):
+                    seen = True
+                elif seen and nr == "0":
+                    os.kill(snap.pid, signal.SIGKILL)
+                    killed = True
+                    break
+        else:
             assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=20)
             time.sleep(0.5)
-        os.kill(snap.pid, signal.SIGKILL)
+            os.kill(snap.pid, signal.SIGKILL)
+            killed = True
     finally:
+        if not killed:
+            snap.kill()
         snap.wait()
-    assert snap.returncode == -signal.SIGKILL
+    return killed
 
 
 @pytest.mark.parametrize("phase", ["freeze", "scan"])
 def test_sigkill_of_snapfs_leaves_target_running(snapfs_env, store_dir, phase):
+    # 64 MiB: protecting it keeps the target frozen for a few ms after the injection.
     with Target("oracle", "16384", "4") as t:
-        _kill_when(snapfs_env, t, phase)
+        for _ in range(30):
+            if _kill_when(snapfs_env, t, phase):
+                break
+        else:
+            pytest.fail("never managed to kill snapfs in that phase")
         # The kernel detaches a dead tracer's tracees and drops the uffd with its last fd.
         assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=5)
         assert_released(t.pid)
         _target_healthy(t, store_dir)
-        assert _committed(store_dir) == ["after"]
+        assert "after" in _committed(store_dir)
 
 
 def test_every_takes_incremental_children_until_interrupted(snapfs_env, store_dir):
@@ -235,3 +266,31 @@ def test_progress_line_on_a_tty_only(snapfs_env, store_dir):
         assert snap.returncode == 0
         assert "\r" in tty and "ETA" in tty and "faults" in tty and "MiB /" in tty
         assert out.startswith("snapshot ") and "\r" not in out
+
+
+@pytest.mark.parametrize("args", [["--rate", "12X"], ["--every", "0"], []])
+def test_bad_arguments(snapfs_env, store_dir, args):
+    out = _run(snapfs_env, *(["1"] if args else []), *args)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr  # argparse: usage, then one error line
+    assert out.stderr.strip().splitlines()[-1].startswith("snapfs")
+    assert _committed(store_dir) == []
+
+
+def test_sigkill_during_every_leaves_target_running(snapfs_env, store_dir):
+    """Between continuous snapshots snapfs holds an async write-protect uffd: killing it
+    must leave the target untouched."""
+    with Target("oracle", "4096", "2") as t:
+        snap = subprocess.Popen(
+            [*snapfs_cmd(), "snapshot", str(t.pid), "--every", "0.3s", "--json"],
+            env=snapfs_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        try:
+            for _ in range(2):
+                assert json.loads(snap.stdout.readline())["pid"] == t.pid
+            snap.kill()
+        finally:
+            snap.wait()
+        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=5)
+        assert_released(t.pid)
+        _target_healthy(t, store_dir)

@@ -10,6 +10,16 @@ Public API (see docs/architecture.md):
   resumes and detaches (blocking: use from one thread).
 - ``read_memory(pid, addr, size) -> bytes`` / ``write_memory(pid, addr, data)``:
   ``process_vm_readv``/``writev``.
+- Continuous snapshots: ``capture_process(..., CaptureOptions(continuous=True))`` returns a
+  result whose ``tracking`` takes incremental children with
+  ``snapfs.capture.continuous.snapshot_next(tracking, store, name)`` (close it when done).
+
+Modules: ``kernel`` (cffi ABIs, constants), ``arch``/``arch_x86_64`` (registers, syscall
+numbers, restart rule), ``maps`` (VMA parsing, classification, names), ``ptrace``
+(stop/inject/release), ``freeze``, ``protect`` (work done during the pause), ``ledger``
+(populated pages and who saved them), ``faults`` (fault path), ``scan`` (background copy),
+``engine`` (orchestration), ``continuous`` (tracked incremental series), ``memory``,
+``uffd``, ``pagemap``, ``priority``, ``context``, ``target_info``.
 """
 
 from __future__ import annotations

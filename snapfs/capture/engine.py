@@ -33,7 +33,7 @@ from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
 from snapfs.capture.freeze import frozen
 from snapfs.capture.ledger import LOST
-from snapfs.capture.maps import huge_page_sizes, read_maps
+from snapfs.capture.maps import Vma, huge_page_sizes, read_maps
 from snapfs.capture.priority import fault_thread_priority
 from snapfs.capture.protect import Prepared, protect_and_record
 from snapfs.capture.ptrace import check_target
@@ -53,6 +53,9 @@ class CaptureOptions:
     include_readonly: bool = False
     parent: str | None = None
     workers: int = 0  # compression threads; 0 = number of CPUs
+    # Stay attached and track writes after the capture (``snapfs snapshot --every``): the
+    # result's ``tracking`` then takes incremental children (snapfs.capture.continuous).
+    continuous: bool = False
 
 
 @dataclass
@@ -90,6 +93,7 @@ class CaptureResult:
     regions: int
     warnings: list[str] = field(default_factory=list)
     info: Any = None  # the committed SnapshotInfo
+    tracking: Any = None  # with CaptureOptions.continuous: a continuous.Tracking (close it)
 
     def to_json(self) -> dict:
         """The ``--json`` object."""
@@ -106,6 +110,26 @@ class CaptureResult:
             "regions": self.regions,
             "warnings": list(self.warnings),
         }
+
+
+def region_spec(v: Vma):
+    """The store's RegionSpec for a captured VMA."""
+    from snapfs.store import RegionSpec
+
+    meta = dict(v.meta, mode=v.mode)
+    if v.inode:
+        meta.update(dev=f"{v.dev[0]:x}:{v.dev[1]:x}", inode=v.inode)
+    return RegionSpec(
+        name=v.name,
+        start=v.start,
+        length=v.length,
+        perms=v.perms,
+        offset=v.offset,
+        path=v.path or None,
+        kind=v.kind,
+        page_size=v.page_size,
+        meta=meta,
+    )
 
 
 def _collapse(eg: BaseExceptionGroup) -> BaseException:
@@ -136,11 +160,12 @@ class _Capture:
         self.limiter = trio.CapacityLimiter(self.workers)
         self.warnings: list[str] = []
         self.writer = None
+        self.tracking = None
 
     async def run(self) -> CaptureResult:
         comm = check_target(self.pid)
         premaps = read_maps(self.pid)
-        huge_sizes = huge_page_sizes(self.pid)
+        huge_sizes = self.huge_sizes = huge_page_sizes(self.pid)
         shared = shared_with_others(self.pid, premaps)
         meta = process_meta(self.pid, comm)
         meta["created"] = time.time()
@@ -186,6 +211,8 @@ class _Capture:
         except BaseException:
             if uffd is not None:
                 uffd.close()
+            if self.tracking is not None:
+                self.tracking.close()
             writer.abort()
             raise
         return CaptureResult(
@@ -201,30 +228,15 @@ class _Capture:
             regions=info.region_count,
             warnings=list(info.warnings),
             info=info,
+            tracking=self.tracking,
         )
 
     def _describe_regions(self, prep: Prepared, shared: set) -> list[int]:
         """Declare every region to the writer (returns their store indices); warn about
         memory other processes may write."""
-        from snapfs.store import RegionSpec
-
         index = []
         for v in prep.regions:
-            meta = dict(v.meta, mode=v.mode)
-            if v.inode:
-                meta.update(dev=f"{v.dev[0]:x}:{v.dev[1]:x}", inode=v.inode)
-            spec = RegionSpec(
-                name=v.name,
-                start=v.start,
-                length=v.length,
-                perms=v.perms,
-                offset=v.offset,
-                path=v.path or None,
-                kind=v.kind,
-                page_size=v.page_size,
-                meta=meta,
-            )
-            index.append(self.writer.add_region(spec))
+            index.append(self.writer.add_region(region_spec(v)))
             if (v.dev, v.inode) in shared and v.mode == "wp":
                 self.warnings.append(
                     f"region {v.name} ({v.path}) is shared memory also mapped by other processes: "
@@ -248,7 +260,9 @@ class _Capture:
     # ----------------------------------------------------------- background
     async def _background(self, ctx: CaptureContext) -> None:
         faults = FaultPath(ctx)
-        scan = Scan(ctx, self.options.rate)
+        # In continuous mode pages stay protected after the scan: the fault path unprotects
+        # only what is written, so at the end the protection says what changed.
+        scan = Scan(ctx, self.options.rate, unprotect=not self.options.continuous)
         nbuf = self.workers * 2 + 1
         free_send, free_recv = trio.open_memory_channel[bytearray](nbuf)
         for _ in range(nbuf):
@@ -276,6 +290,13 @@ class _Capture:
                         )
                     scan_done.set()
                     work_recv.close()
+                if self.options.continuous:
+                    # Switch to async tracking while the fault path still serves faults.
+                    from snapfs.capture.continuous import start_tracking
+
+                    self.tracking = await start_tracking(
+                        ctx, self.prep, self.name, self.options, self.huge_sizes
+                    )
                 # Everything is claimed: stop serving faults (closing the uffd after this
                 # wakes any writer), then write what the fault path saved.
                 outer.cancel_scope.cancel()
@@ -297,19 +318,16 @@ class _Capture:
             await trio.sleep(0.2)
 
     async def _store_copies(self) -> None:
-        """Store what was copied during the pause."""
-        for c in self.prep.copies:
-            if c.mask.any():
-                await trio.to_thread.run_sync(
-                    self.writer.put_pages,
-                    self.ctx.region_index[c.region],
-                    c.first_page,
-                    c.data,
-                    c.mask,
-                    limiter=self.limiter,
-                )
-            self.ctx.done_bytes += int(c.mask.sum()) * PAGE
-        self.prep.copies = []
+        """Store what was copied during the pause (one worker-thread call for all)."""
+        copies, self.prep.copies = self.prep.copies, []
+
+        def put_all() -> None:
+            for c in copies:
+                if c.mask.any():
+                    self.writer.put_pages(self.ctx.region_index[c.region], c.first_page, c.data, c.mask)
+
+        await trio.to_thread.run_sync(put_all, limiter=self.limiter)
+        self.ctx.done_bytes += sum(int(c.mask.sum()) for c in copies) * PAGE
 
     async def _store_worker(self, work_recv, free_send) -> None:
         """Compress and write scanned chunks; return each buffer to the pool after."""

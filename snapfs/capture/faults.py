@@ -49,7 +49,7 @@ class FaultPath:
         scanner = PagemapScanner(self.ctx.pid)
         retry = _RETRY_FIRST
         try:
-            while True:
+            while uffd.fd >= 0:  # closed: continuous mode switched to async tracking
                 if self.queued_bytes > QUEUE_LIMIT:  # bounded memory: let the store catch up
                     self.drained = trio.Event()
                     await self.drained.wait()
@@ -57,7 +57,12 @@ class FaultPath:
                 # once the event is read and the changing thread has run on; nothing signals
                 # that moment, hence a short backoff while any is pending.
                 with trio.move_on_after(retry if self.busy else float("inf")):
-                    await trio.lowlevel.wait_readable(uffd.fd)
+                    try:
+                        await trio.lowlevel.wait_readable(uffd.fd)
+                    except trio.ClosedResourceError:
+                        return  # continuous mode switched to async tracking
+                if uffd.fd < 0:
+                    return
                 raw = uffd.read_raw()
                 if len(raw) == k.UFFD_MSG_SIZE and raw[0] == k.UFFD_EVENT_PAGEFAULT:
                     # The common case, kept free of numpy: one write fault.

@@ -26,7 +26,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -80,7 +80,6 @@ class FrozenTarget:
     stopped_at: float  # time.monotonic() when the stop began
     resumed_at: float | None = None
     injected_ms: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def pause_ms(self) -> float:

@@ -7,8 +7,6 @@ call, so these run in worker threads beside the trio loop.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
-
 import numpy as np
 
 from snapfs.capture.kernel import IOV_MAX, PAGE_SIZE, check, ffi, libc
@@ -27,29 +25,25 @@ def _raise_target(err: OSError, pid: int) -> None:
     raise err
 
 
-def readv_into(pid: int, buf, ranges: Sequence[tuple[int, int]], buf_offset: int = 0) -> int:
-    """Copy remote ``ranges`` [(addr, length)] back to back into ``buf`` (a writable buffer).
+def readv_into(pid: int, buf, ranges, buf_offset: int = 0) -> int:
+    """Copy remote ``ranges`` [(addr, length)] back to back into ``buf`` (a writable buffer)
+    from ``buf_offset`` on. ``ranges``: a sequence of pairs or an (n, 2) integer array.
 
     Returns the number of bytes copied: less than the total when a range is not mapped any
     more (the copy stops at the first unreadable byte, as the kernel does).
     """
+    remote_all = np.ascontiguousarray(np.asarray(ranges, dtype=np.int64).reshape(-1, 2)).view(np.uint64)
     view = ffi.from_buffer(buf, require_writable=True)
+    local = ffi.new("struct iovec[1]")
     total = 0
-    i = 0
-    while i < len(ranges):
-        batch = ranges[i : i + IOV_MAX]
-        n = len(batch)
-        local = ffi.new("struct iovec[]", n)
-        remote = ffi.new("struct iovec[]", n)
-        want = 0
-        for j, (addr, length) in enumerate(batch):
-            local[j].iov_base = view + buf_offset + total + want
-            local[j].iov_len = length
-            remote[j].iov_base = ffi.cast("void *", addr)
-            remote[j].iov_len = length
-            want += length
+    for i in range(0, len(remote_all), IOV_MAX):
+        batch = remote_all[i : i + IOV_MAX]  # an array of struct iovec, built without a loop
+        want = int(batch[:, 1].sum())
+        local[0].iov_base = view + buf_offset + total
+        local[0].iov_len = want
+        remote = ffi.cast("struct iovec *", ffi.from_buffer(batch))
         try:
-            got = check(libc.process_vm_readv(pid, local, n, remote, n, 0), "process_vm_readv")
+            got = check(libc.process_vm_readv(pid, local, 1, remote, len(batch), 0), "process_vm_readv")
         except OSError as exc:
             if exc.errno == errno.EFAULT:
                 return total
@@ -57,7 +51,6 @@ def readv_into(pid: int, buf, ranges: Sequence[tuple[int, int]], buf_offset: int
         total += got
         if got < want:
             return total
-        i += n
     return total
 
 
@@ -97,31 +90,29 @@ def write_memory(pid: int, addr: int, data: bytes) -> None:
         done += got
 
 
-def read_pages_robust(pid: int, buf: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Read page-aligned ``ranges`` back to back into ``buf``; return a bool array, one per
-    page, True where the page was read. Unreadable pages (unmapped meanwhile) are skipped,
-    not fatal."""
-    npages = sum(length for _, length in ranges) // PAGE_SIZE
+def read_pages_robust(pid: int, buf, ranges) -> np.ndarray:
+    """Read page-aligned ``ranges`` (pairs or an (n, 2) array of addr, length) back to back
+    into ``buf``; return a bool array, one per page, True where the page was read.
+    Unreadable pages (unmapped meanwhile) are skipped, not fatal."""
+    pending = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    npages = int(pending[:, 1].sum()) // PAGE_SIZE
     ok = np.zeros(npages, dtype=bool)
-    # Flatten to per-range cursor: retry after the first unreadable page.
     page_cursor = 0
-    pending = list(ranges)
-    while pending:
+    while len(pending):
+        want = int(pending[:, 1].sum())
         got = readv_into(pid, buf, pending, page_cursor * PAGE_SIZE)
         got_pages = got // PAGE_SIZE
         ok[page_cursor : page_cursor + got_pages] = True
         page_cursor += got_pages
-        # Continue after the page that failed (it stays False).
-        if got == sum(length for _, length in pending):
+        if got == want:
             break
-        idx = 0
-        consumed = got_pages * PAGE_SIZE
-        while consumed >= pending[idx][1]:
-            consumed -= pending[idx][1]
-            idx += 1
-        addr, length = pending[idx]
-        head = (addr + consumed + PAGE_SIZE, length - consumed - PAGE_SIZE)
-        pending = ([head] if head[1] > 0 else []) + list(pending[idx + 1 :])
+        # Continue after the page that failed (it stays False).
+        ends = np.cumsum(pending[:, 1])
+        idx = int(np.searchsorted(ends, got_pages * PAGE_SIZE, side="right"))
+        consumed = got_pages * PAGE_SIZE - (int(ends[idx - 1]) if idx else 0)
+        addr, length = (int(x) for x in pending[idx])
+        head = np.array([[addr + consumed + PAGE_SIZE, length - consumed - PAGE_SIZE]], dtype=np.int64)
+        pending = np.concatenate([head if head[0, 1] > 0 else head[:0], pending[idx + 1 :]])
         page_cursor += 1  # the failing page stays False
     return ok
 

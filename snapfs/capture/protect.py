@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,8 +31,8 @@ class CopiedPages:
 
     region: int
     first_page: int
-    data: bytearray
-    mask: np.ndarray
+    data: memoryview
+    mask: np.ndarray  # pages actually read
 
 
 @dataclass
@@ -44,7 +44,6 @@ class Prepared:
     copies: list[CopiedPages]
     features: int
     protect_ms: float
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def copied_bytes(self) -> int:
@@ -109,30 +108,29 @@ def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> li
     return out
 
 
-def _copy(pid: int, region: int, v: Vma, ranges: np.ndarray) -> CopiedPages:
-    npages = v.length // k.PAGE_SIZE
-    wanted = np.zeros(npages, dtype=bool)
-    spans = []
-    for s, e in zip(ranges["start"].tolist(), ranges["end"].tolist()):
-        wanted[(s - v.start) // k.PAGE_SIZE : (e - v.start) // k.PAGE_SIZE] = True
-        spans.append((s, e - s))
-    first = int(np.argmax(wanted)) if wanted.any() else 0
-    last = npages - int(np.argmax(wanted[::-1])) if wanted.any() else 0
-    data = bytearray((last - first) * k.PAGE_SIZE)
-    # Read the populated spans into their place in the [first, last) window.
-    ok = np.zeros(npages, dtype=bool)
-    if spans:
-        tmp = np.zeros(sum(n for _, n in spans), dtype=np.uint8)
-        got = read_pages_robust(pid, tmp, spans)
-        pos = 0
-        for s, n in spans:
-            p = (s - v.start) // k.PAGE_SIZE
-            cnt = n // k.PAGE_SIZE
-            off = (p - first) * k.PAGE_SIZE
-            data[off : off + n] = tmp[pos * k.PAGE_SIZE : (pos + cnt) * k.PAGE_SIZE].tobytes()
-            ok[p : p + cnt] = got[pos : pos + cnt]
-            pos += cnt
-    return CopiedPages(region, first, data, ok[first:last])
+def _copy_all(pid: int, jobs: list[tuple[int, Vma, np.ndarray]]) -> list[CopiedPages]:
+    """Read the populated pages of every copy-mode region with one batched
+    ``process_vm_readv`` (there are dozens: every library's ``.data``)."""
+    spans = []  # (region, addr, length)
+    for region, _v, ranges in jobs:
+        for s, e in zip(ranges["start"].tolist(), ranges["end"].tolist()):
+            spans.append((region, s, e - s))
+    if not spans:
+        return []
+    buf = bytearray(sum(n for _, _, n in spans))
+    ok = read_pages_robust(pid, buf, [(a, n) for _, a, n in spans])
+    view = memoryview(buf)
+    starts = {region: v.start for region, v, _ in jobs}
+    out = []
+    pos = 0
+    for region, addr, n in spans:
+        p = pos // k.PAGE_SIZE
+        out.append(
+            CopiedPages(region, (addr - starts[region]) // k.PAGE_SIZE, view[pos : pos + n],
+                        ok[p : p + n // k.PAGE_SIZE])
+        )
+        pos += n
+    return out
 
 
 def protect_and_record(
@@ -146,8 +144,7 @@ def protect_and_record(
         features = ft.uffd.api(MINIMAL_FEATURES)
     regions = classify(ft.maps, include_readonly=include_readonly, huge_sizes=huge_sizes)
     extents: list[Extent] = []
-    copies: list[CopiedPages] = []
-    warnings: list[str] = []
+    copy_jobs: list[tuple[int, Vma, np.ndarray]] = []
     kept: list[Vma] = []
     scanner = PagemapScanner(ft.pid)
     try:
@@ -175,7 +172,7 @@ def protect_and_record(
                     v.mode = "copy"  # cannot be write-protected: copy it now, stopped
                     v.meta["unprotectable"] = exc.strerror
             if v.mode == "copy":
-                copies.append(_copy(ft.pid, idx, v, ranges))
+                copy_jobs.append((idx, v, ranges))
             else:
                 huge_region = v.page_size != k.PAGE_SIZE
                 for s, e, cat in zip(
@@ -185,6 +182,7 @@ def protect_and_record(
                 for s, e in unmapped:
                     extents.append(Extent(idx, s, e, huge_region))
             kept.append(v)
+        copies = _copy_all(ft.pid, copy_jobs)
     finally:
         scanner.close()
     ledger = Ledger(extents, [v.start for v in kept])
@@ -194,5 +192,4 @@ def protect_and_record(
         copies=copies,
         features=features,
         protect_ms=(time.monotonic() - t0) * 1000.0,
-        warnings=warnings,
     )

@@ -25,9 +25,10 @@ CHUNK = 4 << 20  # a multiple of the 2 MiB THP size
 class Scan:
     """One scan over the ledger; :meth:`run` is the body of its worker thread."""
 
-    def __init__(self, ctx: CaptureContext, rate: float | None) -> None:
+    def __init__(self, ctx: CaptureContext, rate: float | None, unprotect: bool = True) -> None:
         self.ctx = ctx
         self.rate = rate
+        self.unprotect = unprotect  # False: chunks stay protected (continuous mode)
         self.stop = threading.Event()  # set on cancellation: ends a throttling sleep at once
 
     def run(self, work_send, free_recv) -> None:
@@ -71,7 +72,7 @@ class Scan:
                     pieces.append((region, first, pos * PAGE, mine))
                     claimed += int(mine.sum())
                     pos += n
-                if wp:
+                if wp and self.unprotect:
                     # Marked saved above, so unprotecting is safe. "busy" (an mmap change
                     # pending): they stay protected; a write to them reaches the fault
                     # path, which finds them saved and just unprotects.

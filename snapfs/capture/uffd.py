@@ -16,7 +16,8 @@ import numpy as np
 
 from snapfs.capture import kernel as k
 
-# Wanted features; those the kernel lacks are dropped (except PAGEFAULT_FLAG_WP).
+# Features asked for in UFFDIO_API (the call fails if the kernel lacks one; protect.py then
+# retries with the minimum).
 WANTED_FEATURES = (
     k.UFFD_FEATURE_PAGEFAULT_FLAG_WP
     | k.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
@@ -47,7 +48,8 @@ class Uffd:
         self._tls = threading.local()  # one reusable ioctl argument per thread
 
     def api(self, wanted: int = WANTED_FEATURES) -> int:
-        """UFFDIO_API handshake (once per fd); returns the enabled features."""
+        """UFFDIO_API handshake (once per fd) enabling ``wanted``; returns what the kernel
+        reports back (every feature it supports)."""
         arg = k.ffi.new("struct uffdio_api *")
         arg.api = k.UFFD_API
         arg.features = wanted

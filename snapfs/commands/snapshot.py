@@ -13,10 +13,23 @@ import sys
 import time
 
 from snapfs.commands.common import add_store_argument, store_path
-from snapfs.errors import SnapfsError, UsageError
+from snapfs.errors import SnapfsError, TargetError, UsageError
 from snapfs.units import format_bytes, format_count, format_rate, parse_duration, parse_size
 
 EXIT_INTERRUPTED = 130
+
+
+def _arg(parse):
+    """Wrap a snapfs.units parser for argparse (which reports ArgumentTypeError on one line)."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def register(subparsers) -> None:
@@ -34,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--rate",
         metavar="BYTES_PER_S",
-        type=parse_size,
+        type=_arg(parse_size),
         default=None,
         help="limit the background copy (e.g. 200M); write faults are always served at once",
     )
@@ -48,10 +61,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--every",
         metavar="DURATION",
-        type=parse_duration,
+        type=_arg(parse_duration),
         default=None,
-        help="keep taking snapshots every DURATION (e.g. 30s), each an incremental child of "
-        "the previous one, until interrupted",
+        help="keep taking snapshots every DURATION (e.g. 30s) until interrupted: writes are "
+        "tracked in between, so each later snapshot copies only what changed and is an "
+        "incremental child of the previous one",
     )
     p.set_defaults(func=run)
 
@@ -129,12 +143,14 @@ def run(args: argparse.Namespace) -> int:
     interrupted = False
     taken: list[str] = []  # snapshots committed (for --every)
 
-    async def one(name: str, parent: str | None):
+    async def one(name: str, continuous: bool = False):
         return await capture_process(
             args.pid,
             store,
             name,
-            CaptureOptions(rate=args.rate, include_readonly=args.include_readonly, parent=parent),
+            CaptureOptions(
+                rate=args.rate, include_readonly=args.include_readonly, continuous=continuous
+            ),
             progress=progress,
         )
 
@@ -162,9 +178,9 @@ def run(args: argparse.Namespace) -> int:
 
                 nursery.start_soon(watch)
                 if args.every is None:
-                    report(await one(args.name or default_name(comm, args.pid), None))
+                    report(await one(args.name or default_name(comm, args.pid)))
                 else:
-                    await _every(args, comm, one, report, taken)
+                    await _every(args, comm, store, one, report, taken)
                 nursery.cancel_scope.cancel()
 
     try:
@@ -194,19 +210,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _every(args, comm: str, one, report, taken: list[str]) -> None:
-    """``--every``: a snapshot per period, each the child of the previous one (the store
-    keeps only the pages whose content changed), until interrupted or the target exits."""
+async def _every(args, comm: str, store, one, report, taken: list[str]) -> None:
+    """``--every``: a full snapshot, then one per period, each an incremental child of the
+    previous one: writes are tracked in between (async write-protection), so a child copies
+    only what changed, during a pause that grows with it. Until interrupted or the target
+    exits."""
     import trio
 
+    from snapfs.capture.continuous import snapshot_next
+
+    tracking = None
     n = 0
-    while True:
-        started = trio.current_time()
-        n += 1
-        name = f"{args.name}-{n}" if args.name else default_name(comm, args.pid)
-        if taken and name == taken[-1]:
-            name = f"{name}-{n}"
-        result = await one(name, taken[-1] if taken else None)
-        taken.append(result.name)
-        report(result)
-        await trio.sleep_until(started + args.every)
+    try:
+        while True:
+            started = trio.current_time()
+            n += 1
+            name = f"{args.name}-{n}" if args.name else default_name(comm, args.pid)
+            if taken and name == taken[-1]:
+                name = f"{name}-{n}"
+            try:
+                if tracking is None:
+                    result = await one(name, continuous=True)
+                    tracking = result.tracking
+                else:
+                    result = await snapshot_next(tracking, store, name)
+                    tracking = result.tracking
+            except TargetError:
+                if not taken:
+                    raise
+                # The target ended: the series is complete, not failed.
+                print(f"snapfs: process {args.pid} ended; stopped after {len(taken)} snapshots "
+                      f"(last: {taken[-1]})", file=sys.stderr)
+                return
+            taken.append(result.name)
+            report(result)
+            await trio.sleep_until(started + args.every)
+    finally:
+        if tracking is not None:
+            tracking.close()

@@ -1,7 +1,7 @@
 /*
  * oracle: a point-in-time oracle for snapshot tests.
  *
- *   oracle NPAGES NTHREADS [anon|thp|memfd|hugetlb] [mixed]
+ *   oracle NPAGES NTHREADS [anon|thp|memfd|hugetlb] [mixed|plain] [WRITES_PER_S]
  *
  * Maps NPAGES pages and keeps writing them from NTHREADS threads as fast as it can. Every
  * write is serialised by one mutex: write number v (v = 1, 2, ...) fills page v % NPAGES
@@ -29,6 +29,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -68,13 +69,17 @@ static int skipped(uint64_t p) {
     return 0;
 }
 
+static long pace_ns; /* per thread, between writes; 0: as fast as possible */
+
 static void *writer(void *arg) {
     (void)arg;
+    struct timespec pace = {pace_ns / 1000000000L, pace_ns % 1000000000L};
     for (;;) {
         pthread_mutex_lock(&lock);
         uint64_t v = ++seq;
         if (!skipped(v % npages)) fill(v);
         pthread_mutex_unlock(&lock);
+        if (pace_ns) nanosleep(&pace, NULL);
     }
     return NULL;
 }
@@ -117,6 +122,8 @@ int main(int argc, char **argv) {
     int nthreads = atoi(argv[2]);
     const char *kind = argc > 3 ? argv[3] : "anon";
     mixed = argc > 4 && !strcmp(argv[4], "mixed");
+    double rate = argc > 5 ? atof(argv[5]) : 0; /* writes per second, all threads together */
+    pace_ns = rate > 0 ? (long)(1e9 * nthreads / rate) : 0;
     buf = map_buffer(kind, npages * PAGE);
     if (buf == MAP_FAILED) {
         perror("mmap");

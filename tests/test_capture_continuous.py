@@ -1,0 +1,106 @@
+"""Continuous snapshots (``--every``): after the first capture, writes are tracked with
+async write-protection; each later snapshot copies only what changed (while the target is
+stopped) and inherits the rest from its parent, and is still exactly one instant."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import trio
+
+from snapfs.capture import CaptureOptions, capture_process
+from snapfs.capture.continuous import capture_next
+from snapfs.store import Store
+from tests.test_capture_support import Target, assert_released, check_oracle, region_image
+
+
+async def test_chain_of_tracked_snapshots_is_each_one_instant(store_dir):
+    npages = 8192
+    with Target("oracle", str(npages), "2") as t:
+        with Store.open(store_dir, create=True) as store:
+            first = await capture_process(t.pid, store, "c0", CaptureOptions(continuous=True))
+            tracking = first.tracking
+            try:
+                names = ["c0"]
+                for i in range(1, 4):
+                    r = await capture_next(tracking, store, f"c{i}")
+                    names.append(r.name)
+                    assert r.info.parent == names[-2]
+            finally:
+                tracking.close()
+            for n in names:
+                check_oracle(region_image(store.open_snapshot(n), t.addr, npages))
+        assert_released(t.pid)
+
+
+async def test_unchanged_memory_is_inherited_not_read(store_dir):
+    n = 8192
+    with Target("populate", str(n)) as t:
+        with Store.open(store_dir, create=True) as store:
+            first = await capture_process(t.pid, store, "p0", CaptureOptions(continuous=True))
+            tracking = first.tracking
+            try:
+                quiet = await capture_next(tracking, store, "p1")
+                # Now the target writes N/8 old pages and populates N/4 new ones.
+                assert t.send("p") == "ok p"
+                busy = await capture_next(tracking, store, "p2")
+            finally:
+                tracking.close()
+            assert quiet.info.meta["copied_bytes"] < 512 << 10  # a few stack/libc pages
+            copied = busy.info.meta["copied_bytes"]
+            assert (n // 8 + n // 4) * 4096 <= copied < (n // 8 + n // 4) * 4096 + (1 << 20)
+            a = region_image(store.open_snapshot("p1"), t.addr, n)
+            b = region_image(store.open_snapshot("p2"), t.addr, n)
+            pattern = (np.arange(n // 4) % 251 + 1).astype(np.uint64) * np.uint64(0x0101010101010101)
+            assert (a[: n // 4] == pattern[:, None]).all() and not a[n // 4 :].any()
+            ee = np.uint64(0xEEEEEEEEEEEEEEEE)
+            assert (b[: n // 8] == ee).all() and (b[n // 8 : n // 4] == pattern[n // 8 :, None]).all()
+            assert not b[n // 4 : n // 2].any() and (b[n // 2 : 3 * n // 4] == ee).all()
+            assert not b[3 * n // 4 :].any()
+        assert_released(t.pid)
+
+
+async def test_large_changes_fall_back_to_a_live_capture(store_dir, monkeypatch):
+    """When much memory changed, the next child is a live capture (short pause) rather than
+    a copy while stopped; the series goes on with a fresh tracking."""
+    from snapfs.capture import continuous
+
+    monkeypatch.setattr(continuous, "STOPPED_COPY_LIMIT", 1 << 20)
+    npages = 4096
+    with Target("oracle", str(npages), "1") as t:
+        with Store.open(store_dir, create=True) as store:
+            r = await capture_process(t.pid, store, "f0", CaptureOptions(continuous=True))
+            try:
+                for i in range(1, 3):
+                    r = await continuous.snapshot_next(r.tracking, store, f"f{i}")
+                    assert r.info.parent == f"f{i - 1}"
+                    assert "tracked_incremental" not in r.info.meta  # the live path
+            finally:
+                r.tracking.close()
+            for n in ("f0", "f1", "f2"):
+                check_oracle(region_image(store.open_snapshot(n), t.addr, npages))
+        assert_released(t.pid)
+
+
+async def test_partly_written_memory_children_are_one_instant(store_dir):
+    """A paced writer: each child mixes pages copied while stopped with pages inherited
+    from its parent, and must still show exactly one instant."""
+    npages = 8192
+    with Target("oracle", str(npages), "2", "anon", "plain", "3000") as t:
+        with Store.open(store_dir, create=True) as store:
+            first = await capture_process(t.pid, store, "m0", CaptureOptions(continuous=True))
+            tracking = first.tracking
+            names = ["m0"]
+            try:
+                for i in range(1, 4):
+                    await trio.sleep(0.2)
+                    r = await capture_next(tracking, store, f"m{i}")
+                    names.append(r.name)
+                    copied = r.info.meta["copied_bytes"]
+                    assert 0 < copied < npages * 4096 // 2  # partly copied, partly inherited
+                    assert r.info.shared_bytes > 0
+            finally:
+                tracking.close()
+            instants = [check_oracle(region_image(store.open_snapshot(n), t.addr, npages)) for n in names]
+            assert instants == sorted(instants) and len(set(instants)) == len(instants)
+        assert_released(t.pid)
