@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import ctypes
+import errno
+import os
 
 import numpy as np
 import trio
@@ -22,12 +25,86 @@ import trio
 from snapfs.capture import kernel as k
 from snapfs.capture.context import PAGE, CaptureContext, still_frozen
 from snapfs.capture.ledger import HUGE_PMD, LOST
-from snapfs.capture.memory import PageReader, read_pages_robust
+from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.uffd import decode_messages
+from snapfs.errors import TargetError
 
 QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faults wait
 _RETRY_FIRST, _RETRY_MAX = 50e-6, 5e-3
+_BATCH = 256  # uffd messages read at once
+
+# PyDLL: calls through it keep the GIL. The fault path's syscalls take a few us; releasing
+# the GIL around each (as cffi, ctypes.CDLL, os.read and fcntl.ioctl do) means winning it
+# back from the scan and store threads each time, up to a switch interval per call.
+_libc = ctypes.PyDLL(None, use_errno=True)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _WriteProtect(ctypes.Structure):  # struct uffdio_writeprotect
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64)]
+
+
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_readv.argtypes = [
+    ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+    ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong,
+]  # fmt: skip
+_libc.read.restype = ctypes.c_ssize_t
+_libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+
+
+class HotCalls:
+    """The fault path's per-fault syscalls with the GIL held and preallocated arguments:
+    read the uffd, read one page of the target, unprotect a range."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._page = ctypes.create_string_buffer(PAGE)
+        self._local = _Iovec(ctypes.cast(self._page, ctypes.c_void_p), PAGE)
+        self._remote = _Iovec(0, PAGE)
+        self._msgs = ctypes.create_string_buffer(k.UFFD_MSG_SIZE * _BATCH)
+        self._wp = _WriteProtect(0, 0, 0)
+        self._wp_ref = ctypes.byref(self._wp)
+        self._ioctl = _libc.ioctl
+        self._ioctl.restype = ctypes.c_int
+        self._wp_req = ctypes.c_ulong(k.UFFDIO_WRITEPROTECT)
+
+    def read_messages(self, fd: int) -> bytes:
+        """Up to _BATCH raw messages from the (non-blocking) uffd; b"" if none."""
+        got = _libc.read(fd, self._msgs, len(self._msgs))
+        if got < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EAGAIN, errno.EINTR):
+                return b""
+            raise OSError(err, f"read from userfaultfd: {os.strerror(err)}")
+        return self._msgs.raw[:got]
+
+    def read_page(self, addr: int) -> bytes | None:
+        """The page at ``addr``, or None if it is not mapped any more."""
+        self._remote.base = addr
+        got = _libc.process_vm_readv(self.pid, self._local, 1, self._remote, 1, 0)
+        if got != PAGE:
+            if got < 0 and ctypes.get_errno() == errno.ESRCH:
+                raise TargetError(f"process {self.pid} exited")
+            return None
+        return self._page.raw
+
+    def unprotect(self, fd: int, lo: int, hi: int) -> str:
+        """Unprotect [lo, hi) and wake its waiters: "ok", "busy" (EAGAIN: a mapping change
+        is pending, retry) or "gone" (unmapped meanwhile, or the target is gone)."""
+        self._wp.start, self._wp.len, self._wp.mode = lo, hi - lo, 0
+        if self._ioctl(fd, self._wp_req, self._wp_ref) == 0:
+            return "ok"
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:
+            return "busy"
+        if err in (errno.ENOENT, errno.EINVAL, errno.ENOMEM, errno.ESRCH, errno.EFAULT):
+            return "gone"
+        raise OSError(err, f"UFFDIO_WRITEPROTECT: {os.strerror(err)}")
 
 
 class FaultPath:
@@ -40,7 +117,7 @@ class FaultPath:
         self.item_ready = trio.Event()
         self.drained = trio.Event()
         self.busy: list[tuple[int, int]] = []  # unprotects refused with EAGAIN, to retry
-        self.page_reader = PageReader(ctx.pid)
+        self.hot = HotCalls(ctx.pid)
 
     # ---------------------------------------------------------------- the loop
     async def run(self) -> None:
@@ -63,7 +140,7 @@ class FaultPath:
                         return  # continuous mode switched to async tracking
                 if uffd.fd < 0:
                     return
-                raw = uffd.read_raw()
+                raw = self.hot.read_messages(uffd.fd)
                 if len(raw) == k.UFFD_MSG_SIZE and raw[0] == k.UFFD_EVENT_PAGEFAULT:
                     # The common case, kept free of numpy: one write fault.
                     addr = int.from_bytes(raw[16:24], "little") & ~(PAGE - 1)
@@ -126,7 +203,7 @@ class FaultPath:
             return False
         slot = led.bases[ext] + ((addr - led.starts[ext]) >> k.PAGE_SHIFT)
         if led.state[slot] == 0:
-            data = self.page_reader.read(addr)
+            data = self.hot.read_page(addr)
             if data is not None and led.claim_one(slot):
                 region, first = ctx.page_of(ext, addr)
                 self._queue(region, first, data, None)
@@ -151,7 +228,7 @@ class FaultPath:
         return lo, lo + size, ext
 
     def _unprotect(self, lo: int, hi: int) -> None:
-        if self.ctx.uffd.unprotect_quiet(lo, hi - lo) == "busy":
+        if self.hot.unprotect(self.ctx.uffd.fd, lo, hi) == "busy":
             self.busy.append((lo, hi))
 
     def save_now(self, lo: int, hi: int, moved_to: int | None = None,

@@ -53,7 +53,7 @@ def _vs_rate(rows: list[dict], key: str, ylabel: str, title: str, path: Path, lo
 
 def _pause_by_method(results: dict, path: Path) -> None:
     rows = [r for r in results["rows"] if not r.get("error") and r["write_rate"] != 0]
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 5.6), dpi=110)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     rates, labels = _rate_axis(rows) if rows else ([], [])
     width = 0.8 / max(1, len(rates))
@@ -68,13 +68,14 @@ def _pause_by_method(results: dict, path: Path) -> None:
     if q.get("downtime_ms") is not None:
         ax.axhline(max(q["downtime_ms"], 0.1), color="tab:gray", linestyle=":", linewidth=1,
                    label=f"QEMU bg-snapshot downtime {q['downtime_ms']} ms (VM)")
-    ax.set_xticks([i + width * (len(rates) - 1) / 2 for i in range(len(methods))], methods, rotation=15)
+    ax.set_xticks([i + width * (len(rates) - 1) / 2 for i in range(len(methods))], methods,
+                  rotation=25, ha="right", fontsize=8)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_ylabel("pause (ms, target-measured longest stall)")
     ax.set_title("Pause by method")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.36), ncol=3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
