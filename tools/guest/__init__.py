@@ -8,13 +8,14 @@ guest memory image (see guest.S for the pattern it keeps writing).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import struct
 import subprocess
 from pathlib import Path
 
 import numpy as np
+
+from tools.buildcache import cached_build
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = SOURCE_DIR.parent.parent / "build" / "guest"
@@ -27,20 +28,15 @@ FILL_START = 0x1000000  # guest.S fills [FILL_START, record's fill end) with add
 def build() -> Path:
     """Assemble and link the guest if needed; return the ELF's path."""
     src, script = SOURCE_DIR / "guest.S", SOURCE_DIR / "guest.ld"
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    out = BUILD_DIR / "guest.elf"
-    with open(BUILD_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        newest = max(src.stat().st_mtime, script.stat().st_mtime)
-        if not out.exists() or out.stat().st_mtime < newest:
-            obj = BUILD_DIR / f"guest.{os.getpid()}.o"
-            tmp = BUILD_DIR / f"guest.{os.getpid()}.elf"
-            subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
-            subprocess.run(["ld", "-m", "elf_i386", "--no-warn-rwx-segments", "-T", str(script),
-                            "-o", str(tmp), str(obj)], check=True)
-            obj.unlink()
-            os.replace(tmp, out)
-    return out
+
+    def assemble_to(tmp: Path) -> None:
+        obj = tmp.with_suffix(".o")
+        subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
+        subprocess.run(["ld", "-m", "elf_i386", "--no-warn-rwx-segments", "-T", str(script),
+                        "-o", str(tmp), str(obj)], check=True)
+        obj.unlink()
+
+    return cached_build(BUILD_DIR / "guest.elf", [src, script], assemble_to)
 
 
 def read_counter(ram_file: Path) -> int:

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import subprocess
 from pathlib import Path
+
+from tools.buildcache import cached_build
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = SOURCE_DIR.parent.parent / "build" / "targets"
@@ -21,16 +21,8 @@ def build(name: str, extra_flags: list[str] | None = None) -> Path:
     src = SOURCE_DIR / f"{name}.c"
     if not src.exists():
         raise FileNotFoundError(src)
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    out = BUILD_DIR / name
-    # A lock so parallel test workers do not race on the same output file.
-    with open(BUILD_DIR / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-            tmp = out.with_suffix(f".tmp{os.getpid()}")
-            subprocess.run(
-                ["gcc", *CFLAGS, *(extra_flags or []), "-o", str(tmp), str(src), "-lm"],
-                check=True,
-            )
-            os.replace(tmp, out)
-    return out
+
+    def compile_to(tmp: Path) -> None:
+        subprocess.run(["gcc", *CFLAGS, *(extra_flags or []), "-o", str(tmp), str(src), "-lm"], check=True)
+
+    return cached_build(BUILD_DIR / name, [src], compile_to)

@@ -9,7 +9,6 @@ used when a guest actually boots under it within a few seconds, else TCG (stated
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from tools.bench.peers import kvm_usable
+from tools.buildcache import cached_build
 
 ROOT = Path(__file__).resolve().parents[3]
 GUEST_SRC = ROOT / "tools" / "guest-bench"
@@ -35,22 +35,17 @@ PAGE = 4096
 def build_guest() -> Path:
     """Compile and link the guest if needed; return the ELF's path."""
     src, script = GUEST_SRC / "guest.c", GUEST_SRC / "guest.ld"
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    out = BUILD_DIR / "guest.elf"
-    with open(BUILD_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        newest = max(src.stat().st_mtime, script.stat().st_mtime)
-        if not out.exists() or out.stat().st_mtime < newest:
-            obj = BUILD_DIR / f"guest.{os.getpid()}.o"
-            tmp = BUILD_DIR / f"guest.{os.getpid()}.elf"
-            subprocess.run(["gcc", "-m32", "-ffreestanding", "-fno-pic", "-fno-pie",
-                            "-fno-stack-protector", "-nostdlib", "-O2", "-Wall", "-c",
-                            "-o", str(obj), str(src)], check=True)
-            subprocess.run(["ld", "-m", "elf_i386", "--no-warn-rwx-segments", "-T", str(script),
-                            "-o", str(tmp), str(obj)], check=True)
-            obj.unlink()
-            os.replace(tmp, out)
-    return out
+
+    def compile_to(tmp: Path) -> None:
+        obj = tmp.with_suffix(".o")
+        subprocess.run(["gcc", "-m32", "-ffreestanding", "-fno-pic", "-fno-pie",
+                        "-fno-stack-protector", "-nostdlib", "-O2", "-Wall", "-c",
+                        "-o", str(obj), str(src)], check=True)
+        subprocess.run(["ld", "-m", "elf_i386", "--no-warn-rwx-segments", "-T", str(script),
+                        "-o", str(tmp), str(obj)], check=True)
+        obj.unlink()
+
+    return cached_build(BUILD_DIR / "guest.elf", [src, script], compile_to)
 
 
 class Qmp:
