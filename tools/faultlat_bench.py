@@ -1,7 +1,7 @@
 """Write-fault round-trip latency of the capture engine, as the target sees it.
 
     .venv/bin/python tools/faultlat_bench.py [--pages 65536] [--writes 2000] [--gap-us 200]
-                                             [--runs 3] [--rate 0]
+                                             [--runs 3] [--rate 0] [--workers 0]
 
 Starts tools/targets/faultlat.c with ``--pages`` populated pages (65536 = 256 MiB), takes a
 live snapshot of it into a temporary store and, as soon as the capture's background phase
@@ -27,7 +27,7 @@ from snapfs.store import Store  # noqa: E402
 from tests.test_capture_support import Target  # noqa: E402
 
 
-async def one_run(pages: int, writes: int, gap_us: int, rate: float | None) -> dict:
+async def one_run(pages: int, writes: int, gap_us: int, rate: float | None, workers: int) -> dict:
     """One capture of a fresh faultlat target; the target's own latency figures."""
     with tempfile.TemporaryDirectory() as tmp, Target(
         "faultlat", str(pages), str(writes), str(gap_us)
@@ -43,7 +43,7 @@ async def one_run(pages: int, writes: int, gap_us: int, rate: float | None) -> d
 
         with Store.open(Path(tmp) / "store", create=True) as store:
             result = await capture_process(
-                target.pid, store, "bench", CaptureOptions(rate=rate), progress=progress
+                target.pid, store, "bench", CaptureOptions(rate=rate, workers=workers), progress=progress
             )
         line = await trio.to_thread.run_sync(target.proc.stdout.readline)
         figures = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}
@@ -58,10 +58,11 @@ async def main() -> None:
     ap.add_argument("--writes", type=int, default=2000)
     ap.add_argument("--gap-us", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0, help="compression threads (0: cores)")
     ap.add_argument("--rate", type=float, default=0, help="scan rate limit, bytes/s (0: none)")
     args = ap.parse_args()
     for i in range(args.runs):
-        f = await one_run(args.pages, args.writes, args.gap_us, args.rate or None)
+        f = await one_run(args.pages, args.writes, args.gap_us, args.rate or None, args.workers)
         print(
             f"run {i + 1}: n={f.get('n', 0):.0f} p50={f.get('p50_us', 0):.1f}us "
             f"p90={f.get('p90_us', 0):.1f}us p99={f.get('p99_us', 0):.1f}us "

@@ -33,6 +33,7 @@ from snapfs.errors import TargetError
 QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faults wait
 _RETRY_FIRST, _RETRY_MAX = 50e-6, 5e-3
 _BATCH = 256  # uffd messages read at once
+STORE_BATCH_DELAY = 5e-3  # seconds saved pages wait to be written with the next ones
 
 # PyDLL: calls through it keep the GIL. The fault path's syscalls take a few us; releasing
 # the GIL around each (as cffi, ctypes.CDLL, os.read and fcntl.ioctl do) means winning it
@@ -55,6 +56,7 @@ _libc.process_vm_readv.argtypes = [
 ]  # fmt: skip
 _libc.read.restype = ctypes.c_ssize_t
 _libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_libc.ioctl.restype = ctypes.c_int  # variadic: arguments passed as given (c_ulong, pointer)
 
 
 class HotCalls:
@@ -69,8 +71,6 @@ class HotCalls:
         self._msgs = ctypes.create_string_buffer(k.UFFD_MSG_SIZE * _BATCH)
         self._wp = _WriteProtect(0, 0, 0)
         self._wp_ref = ctypes.byref(self._wp)
-        self._ioctl = _libc.ioctl
-        self._ioctl.restype = ctypes.c_int
         self._wp_req = ctypes.c_ulong(k.UFFDIO_WRITEPROTECT)
 
     def read_messages(self, fd: int) -> bytes:
@@ -97,7 +97,7 @@ class HotCalls:
         """Unprotect [lo, hi) and wake its waiters: "ok", "busy" (EAGAIN: a mapping change
         is pending, retry) or "gone" (unmapped meanwhile, or the target is gone)."""
         self._wp.start, self._wp.len, self._wp.mode = lo, hi - lo, 0
-        if self._ioctl(fd, self._wp_req, self._wp_ref) == 0:
+        if _libc.ioctl(fd, self._wp_req, self._wp_ref) == 0:
             return "ok"
         err = ctypes.get_errno()
         if err == errno.EAGAIN:
@@ -133,11 +133,14 @@ class FaultPath:
                 # An unprotect refused (EAGAIN) while the target changes its mappings works
                 # once the event is read and the changing thread has run on; nothing signals
                 # that moment, hence a short backoff while any is pending.
-                with trio.move_on_after(retry if self.busy else float("inf")):
-                    try:
-                        await trio.lowlevel.wait_readable(uffd.fd)
-                    except trio.ClosedResourceError:
-                        return  # continuous mode switched to async tracking
+                try:
+                    if self.busy:
+                        with trio.move_on_after(retry):
+                            await trio.lowlevel.wait_readable(uffd.fd)
+                    else:  # no cancel scope per fault: it costs the trio thread more than
+                        await trio.lowlevel.wait_readable(uffd.fd)  # the fault's syscalls
+                except trio.ClosedResourceError:
+                    return  # continuous mode switched to async tracking
                 if uffd.fd < 0:
                     return
                 raw = self.hot.read_messages(uffd.fd)
@@ -275,9 +278,12 @@ class FaultPath:
         self.item_ready.set()
 
     async def run_store(self, limiter: trio.CapacityLimiter) -> None:
-        """Write queued pages to the store as they come, until cancelled."""
+        """Write queued pages to the store in batches, until cancelled."""
         while True:
             await self.item_ready.wait()
+            # A worker-thread round trip per fault would cost the trio thread more than
+            # serving the fault: let faults arriving meanwhile join this batch.
+            await trio.sleep(STORE_BATCH_DELAY)
             self.item_ready = trio.Event()
             await self.flush(limiter)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 # While capturing, a thread holding the GIL (scan bookkeeping, store hashing) must hand it
 # over within this long when the fault path wakes up (CPython's default is 5 ms).
-GIL_SWITCH_INTERVAL = 5e-6
+GIL_SWITCH_INTERVAL = 50e-6
 
 
 @contextlib.contextmanager
