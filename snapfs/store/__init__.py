@@ -37,6 +37,10 @@ Design decisions and why:
   the calling thread; a lock only reserves the segment offset (pwrite happens outside it).
   Small out-of-order puts (fault path: single pages, THPs) are pooled into one bounded
   buffer (< 32 pages) and written as full frames.
+  Large puts compress up to 32 frames, reserve their space once and write them with one
+  pwritev; segments are preallocated 32 MiB ahead and written back in the background
+  (sync_file_range), so commit's fsync has little left; commit trims the preallocation
+  before the fsync.
 * **Atomic publication**: begin_snapshot reserves the name with a 'pending' row tied to a
   lock file; commit fsyncs every segment and the segments directory, then ONE SQLite
   transaction inserts frames/regions/hashes/references and flips the row to 'committed' and

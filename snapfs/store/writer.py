@@ -1,9 +1,13 @@
 """SnapshotWriter: turns pages into frames in this writer's own segments, publishes atomically.
 
 Threads: ``put_pages`` may run concurrently in several threads. Zero detection, hashing and
-compression run in the calling thread without locks (zstd and the cffi hash release the GIL);
-only the segment offset reservation and small bookkeeping appends take a lock. Small puts
-(single pages, THPs) are pooled in one bounded buffer until a full 128 KiB frame is ready.
+compression run in the calling thread without locks (zstd, CRC and pwrite release the GIL);
+only the segment offset reservation and small bookkeeping appends take a lock. A large put
+gathers its data pages once, compresses up to BATCH_FRAMES frames, reserves their space in one
+step, writes them with one pwritev and records their runs in one vectorised pass: the Python
+work per put stays small, so two put threads do not serialise on the GIL. Small puts (single
+pages, THPs) are pooled in one bounded buffer until a full 128 KiB frame is ready. Segments
+are written back in the background (:class:`Writeback`) so commit's fsync has little left.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_B
                                   compress_blob, compress_payload, decompress_blob, frame_header,
                                   segment_header)
 from snapfs.store._pagehash import ALGO, page_hash_list, page_hashes
-from snapfs.store._fsutil import disk_full_error, fsync_dir, is_disk_full, pwrite_all
+from snapfs.store._fsutil import (PREALLOC_STEP, Writeback, disk_full_error, fsync_dir, is_disk_full,
+                                  preallocate, pwrite_all, pwritev_all)
 from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInfo
 
+BATCH_FRAMES = 32             # frames compressed, reserved and written together (4 MiB raw)
 HASH_CHUNK = 1 << 20          # pages per stored hash chunk (8 MiB of hashes)
 SMALL_PUT = 8                 # puts of at most this many pages take the per-page path
 ZERO_PAGE = bytes(PAGE)
@@ -51,6 +57,7 @@ class _Segment:
     id: int
     fd: int
     size: int
+    prealloc: int = 0          # blocks reserved (KEEP_SIZE) up to here; commit trims the rest
 
 
 class SnapshotWriter:
@@ -83,6 +90,7 @@ class SnapshotWriter:
         self._warnings: list[str] = []
         self._failed: BaseException | None = None
         self._done = False
+        self._writeback = Writeback()
         self._parent_regions: list[Any] = []
         self._parent_maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # idx -> (runs, ends)
         self._parent_hashes: dict[tuple[int, int], np.ndarray] = {}
@@ -209,7 +217,7 @@ class SnapshotWriter:
         sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
         if sel.shape != (n,):
             raise ValueError(f"put_pages: mask has shape {sel.shape}, expected ({n},)")
-        nonzero = words.any(axis=1)
+        nonzero = np.bitwise_or.reduce(words, axis=1) != 0     # ~1.6x faster than any()
         zero_idx = np.flatnonzero(sel & ~nonzero)
         data_idx = np.flatnonzero(sel & nonzero)
         hashes = page_hashes(view, data_idx)
@@ -261,18 +269,78 @@ class SnapshotWriter:
                      data_idx: np.ndarray) -> None:
         k = len(data_idx)
         full = k - k % FRAME_PAGES
-        for j in range(0, full, FRAME_PAGES):
-            chunk = data_idx[j:j + FRAME_PAGES]
-            if chunk[-1] - chunk[0] == FRAME_PAGES - 1:
-                raw = view[chunk[0] * PAGE:(chunk[-1] + 1) * PAGE]      # contiguous: no copy
-            else:
-                raw = words[chunk].tobytes()
-            regs = np.full(FRAME_PAGES, idx, np.int32)
-            self._write_frame(raw, regs, chunk.astype(np.uint64) + np.uint64(first_page))
+        if full:
+            lo = int(data_idx[0])
+            if int(data_idx[full - 1]) - lo == full - 1:
+                src = view[lo * PAGE:(lo + full) * PAGE]                   # contiguous: no copy
+            else:                                                       # one gather for the put
+                src = memoryview(np.take(words, data_idx[:full], axis=0)).cast("B")
+            pages = data_idx[:full].astype(np.uint64) + np.uint64(first_page)
+            step = BATCH_FRAMES * FRAME_PAGES
+            for b in range(0, full, step):
+                self._write_frames(idx, src[b * PAGE:(b + step) * PAGE], pages[b:b + step])
         rest = data_idx[full:]
         if not len(rest):
             return
         self._pool(words[rest].tobytes(), [idx] * len(rest), (rest + first_page).tolist())
+
+    def _write_frames(self, idx: int, raw: memoryview, pages: np.ndarray) -> None:
+        """Write whole frames of region ``idx`` pages (``raw``, in page order) back to back."""
+        nframes = len(pages) // FRAME_PAGES
+        fbytes = FRAME_PAGES * PAGE
+        level = self._store.level
+        comp = [compress_payload(raw[f * fbytes:(f + 1) * fbytes], level) for f in range(nframes)]
+        flens = np.array([FRAME_HEADER.size + len(payload) for _, payload, _ in comp], np.int64)
+        total = int(flens.sum())
+        try:
+            seg, off = self._reserve(total)
+            iov: list[bytes | memoryview] = []
+            for codec, payload, pcrc in comp:
+                iov += (frame_header(codec, len(payload), pcrc, FRAME_PAGES, seg.id), payload)
+            pwritev_all(seg.fd, iov, off)
+        except (OSError, StoreError) as exc:
+            self._fail(exc)
+            raise self._failed from None
+        self._writeback.written(seg.fd, off)
+        offs = off + np.concatenate(([0], np.cumsum(flens[:-1])))
+        # Runs of all frames at once: break where pages stop being consecutive or a frame starts.
+        k = len(pages)
+        slot = np.arange(k) % FRAME_PAGES
+        brk = np.ones(k, bool)
+        brk[1:] = (np.diff(pages.astype(np.int64)) != 1) | (slot[1:] == 0)
+        starts = np.flatnonzero(brk)
+        runs = np.zeros(len(starts), _runs.RUN_DTYPE)
+        runs["page"] = pages[starts]
+        runs["n"] = np.diff(np.append(starts, k))
+        runs["kind"] = DATA
+        runs["slot"] = slot[starts]
+        runs["seg"] = seg.id
+        runs["off"] = offs[starts // FRAME_PAGES]
+        runs["flen"] = flens[starts // FRAME_PAGES]
+        reg = self._regions[idx]
+        with self._lock:
+            self._frames += [(seg.id, o, fl, FRAME_PAGES) for o, fl in zip(offs.tolist(), flens.tolist())]
+            reg.parts.append(runs)
+            self._compact(reg)
+
+    def _reserve(self, nbytes: int) -> tuple[_Segment, int]:
+        """Reserve ``nbytes`` at the end of the current segment (rotating it when full).
+
+        Blocks are preallocated PREALLOC_STEP ahead of the end: appends then skip the
+        filesystem's block allocation; commit trims what was not used.
+        """
+        with self._lock:
+            seg = self._segment
+            if seg is None or seg.size + nbytes > SEGMENT_MAX_BYTES:
+                seg = self._new_segment()
+            off = seg.size
+            seg.size += nbytes
+            grow_to = 0
+            if seg.size > seg.prealloc:
+                grow_to = seg.prealloc = seg.size + PREALLOC_STEP
+        if grow_to:
+            preallocate(seg.fd, off, grow_to - off)
+        return seg, off
 
     def _pool(self, raw: bytes | memoryview, regs: list[int], pages: list[int]) -> None:
         """Add pages to the shared small-put buffer; write out every full frame it yields."""
@@ -300,18 +368,13 @@ class SnapshotWriter:
         codec, payload, pcrc = compress_payload(raw, self._store.level)
         flen = FRAME_HEADER.size + len(payload)
         try:
-            with self._lock:
-                seg = self._segment
-                if seg is None or seg.size + flen > SEGMENT_MAX_BYTES:
-                    seg = self._new_segment()
-                off = seg.size
-                seg.size += flen
+            seg, off = self._reserve(flen)
             header = frame_header(codec, len(payload), pcrc, npages, seg.id)
-            pwrite_all(seg.fd, header, off)
-            pwrite_all(seg.fd, payload, off + len(header))
+            pwritev_all(seg.fd, [header, payload], off)
         except (OSError, StoreError) as exc:
             self._fail(exc)
             raise self._failed from None
+        self._writeback.written(seg.fd, off)
         slots = np.arange(npages)
         new_parts = []
         for r in np.unique(regs).tolist():
@@ -425,7 +488,11 @@ class SnapshotWriter:
         if tail is not None:
             self._write_frame(*tail)
         try:
+            error = self._writeback.close()
+            if error is not None:
+                raise error
             for seg in self._segments:
+                os.ftruncate(seg.fd, seg.size)      # gives back preallocated blocks past the end
                 os.fsync(seg.fd)
             if self._segments:
                 fsync_dir(self._store.segments_dir)
@@ -504,6 +571,7 @@ class SnapshotWriter:
         if self._done:
             return
         self._done = True
+        self._writeback.close()
         for seg in self._segments:
             try:
                 os.unlink(self._store.segment_path(seg.id))
@@ -519,6 +587,7 @@ class SnapshotWriter:
         self._release()
 
     def _release(self) -> None:
+        self._writeback.close()                 # its thread must not outlive the fds
         for seg in self._segments:
             try:
                 os.close(seg.fd)
