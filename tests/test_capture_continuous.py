@@ -9,7 +9,7 @@ import numpy as np
 import trio
 
 from snapfs.capture import CaptureOptions, capture_process
-from snapfs.capture.continuous import capture_next
+from snapfs.capture.continuous import capture_next, written_bytes
 from snapfs.store import Store
 from tests.test_capture_support import Target, assert_released, check_oracle, region_image
 
@@ -41,12 +41,22 @@ async def test_unchanged_memory_is_inherited_not_read(store_dir):
             tracking = first.tracking
             try:
                 quiet = await capture_next(tracking, store, "p1")
+                # The scan that found the written pages also re-protected them: an idle
+                # target has (almost) nothing written afterwards.
+                assert written_bytes(tracking) < 256 << 10
                 # Now the target writes N/8 old pages and populates N/4 new ones.
                 assert t.send("p") == "ok p"
+                assert written_bytes(tracking) >= (n // 8 + n // 4) * 4096
                 busy = await capture_next(tracking, store, "p2")
+                assert written_bytes(tracking) < 256 << 10
+                again = await capture_next(tracking, store, "p3")  # nothing new: all inherited
             finally:
                 tracking.close()
             assert quiet.info.meta["copied_bytes"] < 512 << 10  # a few stack/libc pages
+            assert again.info.meta["copied_bytes"] < 512 << 10
+            timing = busy.info.meta["timing_ms"]
+            assert {"stop_ms", "scan_ms", "copy_ms", "store_ms"} <= timing.keys()
+            assert sum(timing[x] for x in ("stop_ms", "scan_ms", "copy_ms")) <= busy.pause_ms
             copied = busy.info.meta["copied_bytes"]
             assert (n // 8 + n // 4) * 4096 <= copied < (n // 8 + n // 4) * 4096 + (1 << 20)
             a = region_image(store.open_snapshot("p1"), t.addr, n)
@@ -57,6 +67,7 @@ async def test_unchanged_memory_is_inherited_not_read(store_dir):
             assert (b[: n // 8] == ee).all() and (b[n // 8 : n // 4] == pattern[n // 8 :, None]).all()
             assert not b[n // 4 : n // 2].any() and (b[n // 2 : 3 * n // 4] == ee).all()
             assert not b[3 * n // 4 :].any()
+            assert (region_image(store.open_snapshot("p3"), t.addr, n) == b).all()
         assert_released(t.pid)
 
 
@@ -82,9 +93,14 @@ async def test_large_changes_fall_back_to_a_live_capture(store_dir, monkeypatch)
         assert_released(t.pid)
 
 
-async def test_partly_written_memory_children_are_one_instant(store_dir):
+async def test_partly_written_memory_children_are_one_instant(store_dir, monkeypatch):
     """A paced writer: each child mixes pages copied while stopped with pages inherited
-    from its parent, and must still show exactly one instant."""
+    from its parent, and must still show exactly one instant (the region scanned and
+    copied in parallel slices)."""
+    from snapfs.capture import continuous
+
+    monkeypatch.setattr(continuous, "_SPLIT_MIN", 1 << 20)
+    monkeypatch.setattr(continuous, "SPLIT", 3)  # uneven slices, a pool even on 1 core
     npages = 8192
     with Target("oracle", str(npages), "2", "anon", "plain", "3000") as t:
         with Store.open(store_dir, create=True) as store:

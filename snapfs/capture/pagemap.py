@@ -31,16 +31,20 @@ class PagemapScanner:
         exclude: int = 0,
         anyof: int = 0,
         report: int = 0,
+        flags: int = 0,
     ) -> np.ndarray:
         """Ranges of [start, end) whose pages have all ``require`` categories and none of
         ``exclude`` (and at least one of ``anyof`` if given); ``categories`` holds the ``report`` bits (adjacent pages with equal
-        reported bits are merged). Returns a structured array (start, end, categories)."""
+        reported bits are merged). Returns a structured array (start, end, categories).
+
+        ``flags`` are ``PM_SCAN_*`` flags: with ``PM_SCAN_WP_MATCHING`` the same walk also
+        write-protects (async uffd) the matching pages that are written."""
         arg = self._arg
         out = []
         pos = start
         while pos < end:
             arg.size = k.ffi.sizeof("struct pm_scan_arg")
-            arg.flags = 0
+            arg.flags = flags
             arg.start = pos
             arg.end = end
             arg.walk_end = 0
