@@ -162,3 +162,29 @@ def test_page_hash_fallback_and_algorithm_mismatch(store, monkeypatch):
     child = w.commit()
     assert child.stored_bytes == full.stored_bytes and child.shared_bytes == 0
     assert store.open_snapshot("b").read(0, 0, 64 * PAGE) == img.tobytes()
+
+
+def test_inherit_ranges_equals_one_inherit_per_range(store):
+    """The batched call gives the same child as one inherit() per range, in any order."""
+    write_synthetic(store, "parent", 7, [3000])
+    spec = store.open_snapshot("parent").regions[0]
+    ranges = [(2000, 500), (0, 100), (150, 850), (2600, 400)]   # unsorted, gaps between
+    for name, batched in (("one-by-one", False), ("batched", True)):
+        w = store.begin_snapshot(name, {}, parent="parent")
+        idx = w.add_region(RegionSpec(spec.name, spec.start, spec.length, spec.perms))
+        if batched:
+            w.inherit_ranges(idx, [f for f, _ in ranges], [n for _, n in ranges])
+        else:
+            for f, n in ranges:
+                w.inherit(idx, f, n)
+        w.commit()
+    parent = store.open_snapshot("parent").read(0, 0, 3000 * PAGE)
+    expected = bytearray(3000 * PAGE)
+    for f, n in ranges:
+        expected[f * PAGE:(f + n) * PAGE] = parent[f * PAGE:(f + n) * PAGE]
+    reference = list(store.open_snapshot("one-by-one").runs(0))
+    assert len(reference) > 1
+    for name in ("one-by-one", "batched"):
+        r = store.open_snapshot(name)
+        assert r.read(0, 0, 3000 * PAGE) == bytes(expected)
+        assert list(r.runs(0)) == reference

@@ -388,8 +388,13 @@ async def capture_next(tracking: Tracking, store, name: str, expected: int | Non
                     writer.put_pages(index[i], (addr - vmas[i].start) // PAGE, view[pos : pos + n], mask)
                 pos += n
             t_put = time.monotonic()
+            by_region: dict[int, tuple[list[int], list[int]]] = {}
             for i, addr, n in inherit:
-                writer.inherit(index[i], (addr - vmas[i].start) // PAGE, n // PAGE)
+                firsts, counts = by_region.setdefault(i, ([], []))
+                firsts.append((addr - vmas[i].start) // PAGE)
+                counts.append(n // PAGE)
+            for i, (firsts, counts) in by_region.items():
+                writer.inherit_ranges(index[i], firsts, counts)
             times["put_ms"] = (t_put - t_resumed) * 1e3
             times["inherit_ms"] = (time.monotonic() - t_put) * 1e3
             times["inherit_calls"] = len(inherit)

@@ -111,9 +111,12 @@ def overlapping(runs: np.ndarray, first: int, last: int, ends: np.ndarray | None
     return runs[lo:hi]
 
 
-def clip(runs: np.ndarray, first: int, last: int) -> np.ndarray:
-    """Runs cut to pages [first, last) (DATA slots shifted accordingly)."""
-    sel = overlapping(runs, first, last).copy()
+def clip(runs: np.ndarray, first: int, last: int, ends: np.ndarray | None = None,
+         starts: np.ndarray | None = None) -> np.ndarray:
+    """Runs cut to pages [first, last) (DATA slots shifted accordingly).
+
+    ``ends``/``starts`` as for :func:`overlapping`, precomputed on hot paths."""
+    sel = overlapping(runs, first, last, ends, starts).copy()
     if len(sel) == 0:
         return sel
     start = sel["page"].astype(np.int64)

@@ -92,7 +92,8 @@ class SnapshotWriter:
         self._done = False
         self._writeback = Writeback()
         self._parent_regions: list[Any] = []
-        self._parent_maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # idx -> (runs, ends)
+        # idx -> (runs, ends, starts): ends/starts as contiguous int64 for fast searches
+        self._parent_maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._parent_hashes: dict[tuple[int, int], np.ndarray] = {}
         if parent_row is not None:
             self._parent_regions = store.query(
@@ -135,10 +136,10 @@ class SnapshotWriter:
 
     def _parent_locate(self, pidx: int, pages: np.ndarray) -> np.ndarray:
         """Runs referring to the parent's bytes of (sorted, DATA-in-parent) ``pages``."""
-        runs, ends = self._parent_indexed_map(pidx)
+        runs, ends, _ = self._parent_indexed_map(pidx)
         return _runs.locate(runs, pages, ends)
 
-    def _parent_indexed_map(self, pidx: int) -> tuple[np.ndarray, np.ndarray]:
+    def _parent_indexed_map(self, pidx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         entry = self._parent_maps.get(pidx)
         if entry is None:
             row = self._store.query("SELECT nruns, map FROM regions WHERE snapshot_id=? AND idx=?",
@@ -147,7 +148,8 @@ class SnapshotWriter:
                 runs = _runs.decode(row["map"], row["nruns"])
             except FrameError as exc:
                 raise self._parent_damaged(exc) from None
-            entry = self._parent_maps[pidx] = (runs, _runs.ends_of(runs).astype(np.int64))
+            entry = self._parent_maps[pidx] = (runs, _runs.ends_of(runs).astype(np.int64),
+                                               runs["page"].astype(np.int64))
         return entry
 
     def _parent_damaged(self, exc: FrameError) -> StoreCorrupt:
@@ -436,15 +438,35 @@ class SnapshotWriter:
 
     def inherit(self, idx: int, first_page: int, npages: int) -> None:
         """Pages unchanged since the parent: refer to the parent's entries without reading them."""
-        reg = self._region(idx, first_page, npages)
+        self.inherit_ranges(idx, [first_page], [npages])
+
+    def inherit_ranges(self, idx: int, first_pages: Any, npages: Any) -> None:
+        """Several ranges of pages unchanged since the parent, in one call (what a tracked
+        incremental does between scattered dirty pages): one hash update and one compaction
+        instead of one per range."""
+        firsts = np.asarray(first_pages, dtype=np.int64)
+        counts = np.asarray(npages, dtype=np.int64)
+        keep = counts > 0
+        firsts, counts = firsts[keep], counts[keep]
+        if len(firsts) == 0:
+            return
+        reg = self._region(idx, int(firsts.min()), 0)
+        if int((firsts + counts).max()) > reg.npages:
+            raise ValueError(f"region {reg.spec.name!r}: inherited pages outside 0..{reg.npages}")
         if reg.parent_idx is None:
             raise StoreError(f"region {reg.spec.name!r} has no counterpart in parent "
                              f"{self._parent_row['name'] if self._parent_row else None!r}: cannot inherit")
-        part = _runs.clip(self._parent_map(reg.parent_idx), first_page, first_page + npages)
-        pages = np.arange(first_page, first_page + npages, dtype=np.uint64)
+        runs, ends, starts = self._parent_indexed_map(reg.parent_idx)
+        parts = [_runs.clip(runs, f, f + n, ends, starts)
+                 for f, n in zip(firsts.tolist(), counts.tolist())]
+        # Every page of every range, ascending (ranges may come in any order).
+        order = np.argsort(firsts, kind="stable")
+        firsts, counts = firsts[order], counts[order]
+        offsets = np.repeat(firsts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+        pages = (np.arange(int(counts.sum()), dtype=np.int64) + offsets).astype(np.uint64)
         self._set_hashes(reg, pages, self._parent_hash(reg.parent_idx, pages))
         with self._lock:
-            reg.parts.append(part)
+            reg.parts.extend(parts)
             self._compact(reg)
 
     def mark_lost(self, idx: int, first_page: int, npages: int, reason: str) -> None:
