@@ -19,6 +19,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+import numpy as np
+
+from snapfs.stream.vmstate import pages_into
+
+PAGE = 4096
+
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +70,7 @@ class RegionDataView:
         self.size = region.length
         # Zero pages are stored as index entries only: they are holes to `du` as well.
         self.allocated = region.data_pages * region.page_size
+        self._pages_into = pages_into(reader)
 
     def read(self, offset: int, size: int) -> bytes:
         """Region bytes; zeros for holes and zero pages."""
@@ -71,6 +78,18 @@ class RegionDataView:
         if size <= 0:
             return b""
         return self._reader.read(self._index, offset, size)
+
+    def read_buffer(self, offset: int, size: int) -> bytes | memoryview:
+        """Like :meth:`read`; page-aligned requests (all of FUSE's) are copied once, straight
+        from the decoded frames into a fresh buffer handed on as a read-only memoryview."""
+        size = min(size, self.size - offset)
+        if size <= 0:
+            return b""
+        if self._pages_into is None or offset % PAGE or size % PAGE:
+            return self.read(offset, size)
+        out = np.empty((size // PAGE, PAGE), np.uint8)
+        self._pages_into(self._index, offset // PAGE, out)
+        return memoryview(out.reshape(-1)).toreadonly()
 
 
 @dataclass(frozen=True)

@@ -101,18 +101,33 @@ class SnapshotReader:
             return b""
         first = offset // PAGE
         last = (offset + size + PAGE - 1) // PAGE
-        out = bytearray((last - first) * PAGE)
-        runs, starts, ends = self._indexed_map(region_index)
-        sel = _runs.overlapping(runs, first, last, ends, starts)
-        for page, n, kind, slot, seg, off, flen in sel[sel["kind"] == DATA].tolist():
-            frame = self._frame(seg, off, flen, region_index)
-            lo, hi = max(page, first), min(page + n, last)
-            src = (slot + lo - page) * PAGE
-            out[(lo - first) * PAGE:(hi - first) * PAGE] = frame[src:src + (hi - lo) * PAGE]
+        out = np.empty((last - first, PAGE), np.uint8)
+        self.read_pages_into(region_index, first, out)
         start = offset - first * PAGE
-        if start == 0 and size == len(out):
-            return bytes(out)
-        return bytes(memoryview(out)[start:start + size])
+        return out.reshape(-1)[start:start + size].tobytes()
+
+    def read_pages_into(self, region_index: int, first_page: int, dest: np.ndarray) -> None:
+        """Fill ``dest`` (a writable ``(n, 4096)`` uint8 array) with pages ``first_page..+n``.
+
+        One copy straight from the decoded frames (numpy releases the GIL while copying); zeros
+        for holes and zero pages. For readers of large ranges (the vmstate view, FUSE).
+        Raises StoreCorrupt when a frame covering the range is damaged.
+        """
+        last = first_page + dest.shape[0]
+        runs, starts, ends = self._indexed_map(region_index)
+        sel = _runs.overlapping(runs, first_page, last, ends, starts)
+        pos = first_page
+        for page, n, _kind, slot, seg, off, flen in sel[sel["kind"] == DATA].tolist():
+            lo, hi = max(page, first_page), min(page + n, last)
+            if lo > pos:
+                dest[pos - first_page:lo - first_page] = 0
+            frame = self._frame(seg, off, flen, region_index)
+            dest[lo - first_page:hi - first_page] = np.frombuffer(
+                frame, np.uint8, count=(hi - lo) * PAGE, offset=(slot + lo - page) * PAGE
+            ).reshape(-1, PAGE)
+            pos = hi
+        if pos < last:
+            dest[pos - first_page:] = 0
 
     def runs(self, region_index: int) -> Iterator[tuple[int, int, int]]:
         """(first_page, npages, kind) over the whole region, ascending; kind HOLE/ZERO/DATA."""

@@ -6,7 +6,9 @@ PAGE records, described only by its page runs. The piece start offsets are kept 
 list and each block keeps the byte position of every run, so a read at any offset costs two
 bisections; nothing is materialised. Records are generated per read, vectorised with numpy
 (headers computed and scattered in one go, page data copied per data run), so a sequential
-read does no per-page Python work.
+read does no per-page Python work. Given a ``read_pages_into`` copier, page data goes from the
+decoded frames straight into the records, and :meth:`StreamLayout.read_buffer` hands the
+generated records on as a memoryview: one copy of each byte instead of four.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ _ZERO_RECORD = 8 + 1
 _HDR_COLS = np.arange(8, dtype=np.int64)
 
 ReadPages = Callable[[int, int, int], bytes]  # (region, byte offset, size) -> bytes
+# (region, first page, destination rows of TARGET_PAGE_SIZE uint8, possibly strided) -> None:
+# pages copied straight from the decoded frames into the records (one copy, GIL released).
+ReadPagesInto = Callable[[int, int, np.ndarray], None]
+# At most this many data runs in a window are copied run by run; more: one dense span read.
+_DIRECT_RUNS = 32
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class Literal:
     def size(self) -> int:
         return len(self.data)
 
-    def read(self, lo: int, hi: int, _read_pages: ReadPages) -> bytes:
+    def read(self, lo: int, hi: int, _read_pages: ReadPages, _read_into: ReadPagesInto | None = None) -> bytes:
         return self.data[lo:hi]
 
 
@@ -74,18 +81,22 @@ class BlockRecords:
         k = (pos - int(self.byte_start[r])) // int(self.rec_size[r])
         return int(self.rec_start[r]) + max(k, 0)
 
-    def read(self, lo: int, hi: int, read_pages: ReadPages) -> bytes:
-        out = []
+    def read(self, lo: int, hi: int, read_pages: ReadPages, read_into: ReadPagesInto | None = None
+             ) -> bytes | memoryview:
+        """Bytes [lo, hi) of the records: a memoryview of the generated array when one batch
+        covers them (no further copy), else the batches joined."""
+        out: list[memoryview] = []
         g0 = self._record_at(lo)
         g_end = self._record_at(hi - 1) + 1
         while g0 < g_end:
             g1 = min(g_end, g0 + _MAX_RECORDS)
-            base, data = self._generate(g0, g1, read_pages)
-            out.append(data[max(lo - base, 0) : max(min(hi - base, len(data)), 0)].tobytes())
+            base, data = self._generate(g0, g1, read_pages, read_into)
+            out.append(memoryview(data).toreadonly()[max(lo - base, 0) : max(min(hi - base, len(data)), 0)])
             g0 = g1
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _generate(self, g0: int, g1: int, read_pages: ReadPages) -> tuple[int, np.ndarray]:
+    def _generate(self, g0: int, g1: int, read_pages: ReadPages,
+                  read_into: ReadPagesInto | None = None) -> tuple[int, np.ndarray]:
         """Records g0..g1-1: (byte position of record g0, their bytes)."""
         plen = len(self.prefix)
         g = np.arange(g0, g1, dtype=np.int64)
@@ -123,8 +134,14 @@ class BlockRecords:
             p_a = self.first[data_runs] + a - self.rec_start[data_runs]
             span_first = int(p_a[0])
             span_pages = int(p_a[-1] + b[-1] - a[-1]) - span_first
+            if read_into is not None and len(data_runs) <= _DIRECT_RUNS:
+                self._fill_direct(out, rel, payload, g0, a.tolist(), b.tolist(), p_a.tolist(), read_into)
+                return base, out
             whole = None
-            if span_pages <= 2 * int((b - a).sum()) + 64:  # dense: one read for the window
+            if read_into is not None and span_pages <= 2 * int((b - a).sum()) + 64:
+                whole = np.empty((span_pages, F.TARGET_PAGE_SIZE), np.uint8)
+                read_into(self.region, span_first, whole)
+            elif span_pages <= 2 * int((b - a).sum()) + 64:  # dense: one read for the window
                 whole = np.frombuffer(
                     read_pages(self.region, span_first * F.TARGET_PAGE_SIZE, span_pages * F.TARGET_PAGE_SIZE),
                     np.uint8,
@@ -145,6 +162,19 @@ class BlockRecords:
                 start = int(rel[a_i - g0])
                 out[start : start + n * _DATA_RECORD].reshape(n, _DATA_RECORD)[:, 8:] = src
         return base, out
+
+    def _fill_direct(self, out: np.ndarray, rel: np.ndarray, payload: np.ndarray, g0: int,
+                     a: list[int], b: list[int], p_a: list[int], read_into: ReadPagesInto) -> None:
+        """Copy each data run's pages from the store straight into its records' payloads."""
+        page = F.TARGET_PAGE_SIZE
+        for a_i, b_i, p_i in zip(a, b, p_a):
+            if a_i == 0:  # the block's first record: its payload follows the idstr
+                read_into(self.region, p_i, out[payload[0] : payload[0] + page].reshape(1, page))
+                a_i, p_i = 1, p_i + 1
+            n = b_i - a_i
+            if n > 0:
+                start = int(rel[a_i - g0])
+                read_into(self.region, p_i, out[start : start + n * _DATA_RECORD].reshape(n, _DATA_RECORD)[:, 8:])
 
 
 Piece = Literal | BlockRecords
@@ -168,7 +198,8 @@ class BlockRuns:
 class StreamLayout:
     """A stream as pieces; ``size`` exact up front, ``read(offset, size)`` anywhere."""
 
-    def __init__(self, pieces: list[Piece], read_pages: ReadPages) -> None:
+    def __init__(self, pieces: list[Piece], read_pages: ReadPages,
+                 read_pages_into: ReadPagesInto | None = None) -> None:
         self._pieces = [p for p in pieces if p.size]
         self._starts: list[int] = []
         pos = 0
@@ -177,9 +208,16 @@ class StreamLayout:
             pos += p.size
         self.size = pos
         self._read_pages = read_pages
+        self._read_into = read_pages_into
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of the stream (short only at the end)."""
+        data = self.read_buffer(offset, size)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def read_buffer(self, offset: int, size: int) -> bytes | memoryview:
+        """Like :meth:`read`, but may return a read-only view of freshly generated records
+        (saves a copy of every byte where the caller only hands the bytes on, e.g. to FUSE)."""
         end = min(offset + size, self.size)
         if offset < 0 or offset >= end:
             return b""
@@ -189,7 +227,7 @@ class StreamLayout:
         while pos < end:
             piece, start = self._pieces[i], self._starts[i]
             hi = min(end - start, piece.size)
-            out.append(piece.read(pos - start, hi, self._read_pages))
+            out.append(piece.read(pos - start, hi, self._read_pages, self._read_into))
             pos = start + hi
             i += 1
         return out[0] if len(out) == 1 else b"".join(out)
@@ -197,7 +235,7 @@ class StreamLayout:
     def iter_chunks(self, chunk: int = 1 << 20) -> Iterable[bytes]:
         """The whole stream in order, ``chunk`` bytes at a time."""
         for off in range(0, self.size, chunk):
-            yield self.read(off, chunk)
+            yield self.read_buffer(off, chunk)
 
 
 def ram_pieces(section_id: int, blocks: list[BlockRuns]) -> list[Piece]:
