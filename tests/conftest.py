@@ -20,6 +20,16 @@ def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
+@pytest.fixture
+def store(store_dir: Path):
+    """A new, open page store (closed after the test)."""
+    from snapfs.store import Store
+
+    s = Store.open(store_dir)
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="session")
 def target_bin():
     """``target_bin("memwriter")`` -> path of the compiled ``tools/targets/memwriter.c``."""

@@ -18,15 +18,7 @@ from snapfs.fs.model import FsError, SnapshotFS
 from snapfs.fs.names import decode_name, encode_name, unique_entries
 from snapfs.fs.openfile import WINDOW_MIN, OpenFile, WindowBudget
 from snapfs.fs.views import BytesView
-from snapfs.store import Store
 from tests.test_fs_support import MARKER, PAGE, TOP_START, process_snapshot, vm_snapshot, write_snapshot
-
-
-@pytest.fixture
-def store(store_dir):
-    s = Store.open(store_dir)
-    yield s
-    s.close()
 
 
 @pytest.fixture

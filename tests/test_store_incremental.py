@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 
 from snapfs.errors import StoreError
-from snapfs.store import RegionSpec, Store
+from snapfs.store import RegionSpec
 from snapfs.store.testing import expected_image, write_synthetic
 
 PAGE = 4096
-
-
-@pytest.fixture
-def store(store_dir):
-    s = Store.open(store_dir)
-    yield s
-    s.close()
 
 
 def _incremental_one_percent(store, npages):

@@ -17,13 +17,6 @@ from snapfs.store.testing import expected_image, region_kinds, write_synthetic
 PAGE = 4096
 
 
-@pytest.fixture
-def store(store_dir):
-    s = Store.open(store_dir)
-    yield s
-    s.close()
-
-
 def _expected_runs(kinds: np.ndarray) -> list[tuple[int, int, int]]:
     out = []
     for p, k in enumerate(kinds.tolist()):

@@ -165,7 +165,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"snapfs: warning: {w}", file=sys.stderr)
 
     async def main() -> None:
-        nonlocal interrupted
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
