@@ -46,7 +46,18 @@ def full() -> Plan:
     return Plan(mode="full", size=1 * GiB, rates=[0, 1000, 10000, 100000, 1000000, -1],
                 snapfs_rate_limits=["100M", "300M"], limit_write_rate=10000,
                 qemu_mem=1 * GiB, readpath_size=1 * GiB,
-                variants={"THP": {"thp": True}, "4 writer threads": {"threads": 4}})
+                variants=full_variants())
+
+
+def full_variants() -> dict[str, dict]:
+    """snapfs-only variants of the full run: THP, 4 writers, a hot set, and 4 GiB where memory
+    allows (the target plus room for the store's page cache and the other peers)."""
+    variants: dict[str, dict] = {"THP": {"thp": True}, "4 writer threads": {"threads": 4},
+                                 "hot set 10%/90%": {"access": "hot:0.1:0.9"}}
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if available >= 12 * GiB:
+        variants["4 GiB"] = {"size": 4 * GiB}
+    return variants
 
 
 def rate_label(rate: float) -> str:

@@ -132,7 +132,7 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
                 break
             spec = TargetSpec(size=plan.size, rate=plan.limit_write_rate, threads=plan.writer_threads)
             spec = dataclasses.replace(spec, **overrides)
-            log(f"variant {label}: {plan.size >> 20} MiB, write rate {rate_label(spec.rate)}")
+            log(f"variant {label}: {spec.size >> 20} MiB, write rate {rate_label(spec.rate)}")
             with Target(spec) as target:
                 variant = Snapfs()
                 variant.name = f"snapfs [{label}]"
