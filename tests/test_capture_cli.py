@@ -95,15 +95,22 @@ def test_kernel_thread(snapfs_env, store_dir):
     assert _committed(store_dir) == []
 
 
+def _snapshot_in_scan(t, env, rate: str) -> subprocess.Popen:
+    """Start ``snapfs snapshot`` of target ``t`` with a slow scan; return once the freeze is
+    over (the tracer has come and gone) and the background scan is running."""
+    snap = subprocess.Popen(
+        [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", rate],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=20)
+    assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=20)
+    time.sleep(0.3)
+    return snap
+
+
 def test_target_exits_mid_capture(snapfs_env, store_dir):
     with Target("oracle", "16384", "1") as t:  # 64 MiB at 16 MiB/s: ~4 s of scan
-        snap = subprocess.Popen(
-            [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", "16M"],
-            env=snapfs_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=20)
-        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=20)
-        time.sleep(0.3)
+        snap = _snapshot_in_scan(t, snapfs_env, "16M")
         t.proc.kill()
         out, err = snap.communicate(timeout=30)
         assert snap.returncode == 3, err
@@ -114,13 +121,7 @@ def test_target_exits_mid_capture(snapfs_env, store_dir):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_releases_target(snapfs_env, store_dir, sig):
     with Target("oracle", "16384", "2") as t:
-        snap = subprocess.Popen(
-            [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", "8M"],
-            env=snapfs_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=20)
-        assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=20)
-        time.sleep(0.3)
+        snap = _snapshot_in_scan(t, snapfs_env, "8M")
         snap.send_signal(sig)
         out, err = snap.communicate(timeout=10)
         assert snap.returncode == 130, err
