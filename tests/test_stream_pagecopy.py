@@ -1,4 +1,4 @@
-"""The one-copy page path (``pages_into``) behind the ``vmstate`` view and the ``data`` files.
+"""The one-copy page path (``SnapshotReader.read_pages_into``) behind the ``vmstate`` view and the ``data`` files.
 
 Compared byte for byte with the store's own ``SnapshotReader.read`` path, on a snapshot whose
 page runs are fragmented (many short data runs between zero pages and holes, dedup references
@@ -13,7 +13,7 @@ import numpy as np
 
 from snapfs.fs.views import RegionDataView
 from snapfs.store import RegionSpec, Store
-from snapfs.stream.vmstate import VmstateView, pages_into
+from snapfs.stream.vmstate import VmstateView
 from snapfs.stream.writer import StreamLayout
 
 PAGE = 4096
@@ -41,7 +41,7 @@ def test_vmstate_one_copy_path_matches_reader_path(store_dir):
         _snapshot(store)
         reader = store.open_snapshot("p")
         view = VmstateView(reader)
-        assert pages_into(reader) is not None  # the fast path is the one under test
+        assert view._layout._read_into == reader.read_pages_into  # the fast path is under test
         reference = StreamLayout(view._layout._pieces, reader.read)  # reader.read only
         whole = reference.read(0, reference.size)
         assert len(whole) == view.size

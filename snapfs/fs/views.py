@@ -21,7 +21,6 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from snapfs.stream.vmstate import pages_into
 
 PAGE = 4096
 
@@ -70,7 +69,6 @@ class RegionDataView:
         self.size = region.length
         # Zero pages are stored as index entries only: they are holes to `du` as well.
         self.allocated = region.data_pages * region.page_size
-        self._pages_into = pages_into(reader)
 
     def read(self, offset: int, size: int) -> bytes:
         """Region bytes; zeros for holes and zero pages."""
@@ -85,10 +83,10 @@ class RegionDataView:
         size = min(size, self.size - offset)
         if size <= 0:
             return b""
-        if self._pages_into is None or offset % PAGE or size % PAGE:
+        if offset % PAGE or size % PAGE:
             return self.read(offset, size)
         out = np.empty((size // PAGE, PAGE), np.uint8)
-        self._pages_into(self._index, offset // PAGE, out)
+        self._reader.read_pages_into(self._index, offset // PAGE, out)
         return memoryview(out.reshape(-1)).toreadonly()
 
 

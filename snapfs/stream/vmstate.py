@@ -19,9 +19,7 @@ loading the stream over live memory (``snapfs incoming --pid``) resets pages to 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any
 
 from snapfs.stream import format as F
 from snapfs.stream.writer import BlockRuns, Literal, StreamLayout, merge_runs, ram_pieces
@@ -75,7 +73,7 @@ class VmstateView:
                 )
             )
         pieces = [Literal(head), *ram_pieces(section_id, blocks), Literal(tail)]
-        self._layout = StreamLayout(pieces, reader.read, pages_into(reader))
+        self._layout = StreamLayout(pieces, reader.read, reader.read_pages_into)
         self.size: int = self._layout.size
 
     def read(self, offset: int, size: int) -> bytes:
@@ -89,16 +87,6 @@ class VmstateView:
     def iter_chunks(self, chunk: int = 1 << 20):
         """The whole stream in order, ``chunk`` bytes at a time (bytes or read-only memoryviews)."""
         return self._layout.iter_chunks(chunk)
-
-
-def pages_into(reader: Any) -> Callable[[int, int, np.ndarray], None] | None:
-    """A ``(region, first_page, dest_rows)`` copier for ``reader``, or None (use ``reader.read``).
-
-    Copying pages straight from the decoded frames into the records
-    (``SnapshotReader.read_pages_into``) saves the stream two or three copies of every byte
-    compared with ``reader.read``.
-    """
-    return getattr(reader, "read_pages_into", None)
 
 
 def _ram_only_tail(info: Any, regions: list) -> bytes:
