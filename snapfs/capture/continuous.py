@@ -37,7 +37,7 @@ from snapfs.capture.context import CaptureContext
 from snapfs.capture.engine import CaptureOptions, CaptureResult, region_spec
 from snapfs.capture.freeze import stopped, take_userfaultfd
 from snapfs.capture.maps import Vma, classify, read_maps
-from snapfs.capture.memory import read_pages_robust
+from snapfs.capture.memory import prefaulted_buffer, read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.protect import Prepared
 from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
@@ -354,8 +354,7 @@ def _reserve(tracking: Tracking, expected: int) -> None:
     and touch every page of it now, so the copy during the stop takes no faults of ours."""
     want = expected + expected // 4 + (1 << 20)
     if len(tracking.buffer) < want:
-        tracking.buffer = bytearray(want)
-        np.frombuffer(tracking.buffer, np.uint8)[::PAGE] = 1
+        tracking.buffer = prefaulted_buffer(want)
 
 
 async def capture_next(tracking: Tracking, store, name: str, expected: int | None = None) -> CaptureResult:

@@ -34,6 +34,7 @@ from snapfs.capture.faults import FaultPath
 from snapfs.capture.freeze import frozen
 from snapfs.capture.ledger import LOST
 from snapfs.capture.maps import Vma, huge_page_sizes, read_maps
+from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.priority import fault_thread_priority
 from snapfs.capture.protect import Prepared, protect_and_record
 from snapfs.capture.ptrace import check_target
@@ -173,9 +174,7 @@ class _Capture:
         uffd: Uffd | None = None
         # The scan's buffers are allocated (and their pages touched) before the freeze: done
         # after the resume, it delayed the fault path by ~10 ms while the target was writing.
-        self.buffers = [bytearray(CHUNK) for _ in range(self.workers * 2 + 1)]
-        for buf in self.buffers:
-            np.frombuffer(buf, np.uint8)[::PAGE] = 0  # calloc'd pages are only mapped on write
+        self.buffers = [prefaulted_buffer(CHUNK) for _ in range(self.workers * 2 + 1)]
         t_start = time.monotonic()
         try:
             async with frozen(self.pid) as ft:

@@ -13,6 +13,14 @@ from snapfs.capture.kernel import IOV_MAX, PAGE_SIZE, check, ffi, libc
 from snapfs.errors import TargetError
 
 
+
+def prefaulted_buffer(size: int) -> bytearray:
+    """A zeroed buffer whose pages are already mapped: a large bytearray is calloc'd, and its
+    pages would otherwise fault in on first write — during a pause or on the fault path."""
+    buf = bytearray(size)
+    np.frombuffer(buf, np.uint8)[::PAGE_SIZE] = 0
+    return buf
+
 def _raise_target(err: OSError, pid: int) -> None:
     if err.errno == errno.ESRCH:
         raise TargetError(f"process {pid} exited") from None
