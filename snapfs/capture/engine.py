@@ -1,8 +1,16 @@
-"""The trio capture engine: freeze, protect, resume, then save every populated page.
+"""The trio capture engine: protect, freeze, resume, then save every populated page.
 
-:func:`capture_process` reserves the name in the store, freezes the target
-(:mod:`~snapfs.capture.freeze`), protects and records its memory during the pause
-(:mod:`~snapfs.capture.protect`), resumes it, then runs in one nursery:
+:func:`capture_process` reserves the name in the store, then:
+
+1. stops the target briefly to take a userfaultfd for its memory (:func:`~snapfs.capture.
+   freeze.frozen`);
+2. write-protects its memory while it runs (:mod:`~snapfs.capture.preprotect`), serving the
+   faults this causes by unprotecting only;
+3. freezes it (:func:`~snapfs.capture.freeze.frozen_again`: the snapshot instant), re-protects
+   the pages written or populated since and records the populated pages
+   (:mod:`~snapfs.capture.protect`), resumes it — so the pause follows what the target wrote
+   during step 2, not its size;
+4. runs in one nursery:
 
 - the **fault path** (:mod:`~snapfs.capture.faults`, a trio task) serving write faults first;
 - the **scan** (:mod:`~snapfs.capture.scan`, one worker thread) copying the rest;
@@ -31,12 +39,13 @@ import trio
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
-from snapfs.capture.freeze import frozen
+from snapfs.capture.freeze import frozen, frozen_again
 from snapfs.capture.ledger import LOST
-from snapfs.capture.maps import Vma, huge_page_sizes, read_maps
+from snapfs.capture.maps import Vma, classify, huge_page_sizes, read_maps
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.priority import fault_thread_priority
-from snapfs.capture.protect import Prepared, protect_and_record
+from snapfs.capture.preprotect import PreFaultServer, PreProtected, preprotect_regions
+from snapfs.capture.protect import Prepared, handshake, protect_and_record
 from snapfs.capture.ptrace import check_target
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.target_info import process_meta, shared_with_others
@@ -85,7 +94,7 @@ class CaptureResult:
     name: str
     pid: int
     comm: str
-    pause_ms: float
+    pause_ms: float  # the freeze (the snapshot instant)
     duration_s: float
     resident_bytes: int
     zero_bytes: int
@@ -95,6 +104,7 @@ class CaptureResult:
     warnings: list[str] = field(default_factory=list)
     info: Any = None  # the committed SnapshotInfo
     tracking: Any = None  # with CaptureOptions.continuous: a continuous.Tracking (close it)
+    attach_pause_ms: float = 0.0  # the earlier short stop that took the uffd
 
     def to_json(self) -> dict:
         """The ``--json`` object."""
@@ -103,6 +113,7 @@ class CaptureResult:
             "pid": self.pid,
             "comm": self.comm,
             "pause_ms": round(self.pause_ms, 3),
+            "attach_pause_ms": round(self.attach_pause_ms, 3),
             "duration_s": round(self.duration_s, 3),
             "resident_bytes": self.resident_bytes,
             "zero_bytes": self.zero_bytes,
@@ -177,23 +188,26 @@ class _Capture:
         self.buffers = [prefaulted_buffer(CHUNK) for _ in range(self.workers * 2 + 1)]
         t_start = time.monotonic()
         try:
-            async with frozen(self.pid) as ft:
-                uffd = ft.uffd
-                prep = protect_and_record(
-                    ft, include_readonly=self.options.include_readonly, huge_sizes=huge_sizes
-                )
-            # The target runs again from here.
-            self.prep = prep
-            self.ctx = ctx = CaptureContext(
-                pid=self.pid,
-                uffd=uffd,
-                ledger=prep.ledger,
-                regions=prep.regions,
-                region_index=self._describe_regions(prep, shared),
-                writer=writer,
-            )
-            self.total_bytes = prep.ledger.total_pages * PAGE + prep.copied_bytes
+            # 1. A short stop only to take a uffd for the target's memory.
+            async with frozen(self.pid, record=False) as attach:
+                uffd = attach.uffd
+            features = handshake(uffd)
             with fault_thread_priority():
+                try:
+                    pre, ft, prep = await self._protect_and_freeze(uffd, comm, features, huge_sizes)
+                except BaseExceptionGroup as eg:
+                    raise _collapse(eg) from None
+                # 4. The target runs again: save every page recorded, faults first.
+                self.prep = prep
+                self.ctx = ctx = CaptureContext(
+                    pid=self.pid,
+                    uffd=uffd,
+                    ledger=prep.ledger,
+                    regions=prep.regions,
+                    region_index=self._describe_regions(prep, shared),
+                    writer=writer,
+                )
+                self.total_bytes = prep.ledger.total_pages * PAGE + prep.copied_bytes
                 try:
                     await self._background(ctx)
                 except BaseExceptionGroup as eg:
@@ -210,6 +224,10 @@ class _Capture:
                     "threads": ft.threads,
                     "protect_ms": prep.protect_ms,
                     "uffd_features": prep.features,
+                    "attach_pause_ms": attach.pause_ms,
+                    "preprotect_ms": pre.elapsed_ms,
+                    "preprotect_faults": pre.faults,
+                    "reprotected_pages": prep.reprotected_pages,
                 }
             )
         except BaseException:
@@ -224,6 +242,7 @@ class _Capture:
             pid=self.pid,
             comm=comm,
             pause_ms=ft.pause_ms,
+            attach_pause_ms=attach.pause_ms,
             duration_s=duration,
             resident_bytes=info.resident_bytes,
             zero_bytes=info.zero_bytes,
@@ -234,6 +253,40 @@ class _Capture:
             info=info,
             tracking=self.tracking,
         )
+
+    async def _protect_and_freeze(self, uffd: Uffd, comm: str, features: int, huge_sizes):
+        """Steps 2 and 3: write-protect the memory while the target runs (serving the faults
+        this causes), then freeze it and re-protect what changed meanwhile. Returns
+        (PreProtected, FrozenTarget, Prepared)."""
+        opts = self.options
+        regions = classify(
+            read_maps(self.pid), include_readonly=opts.include_readonly, huge_sizes=huge_sizes
+        )
+        server = PreFaultServer(self.pid, uffd, regions)
+
+        def halt_server() -> None:  # from the freeze's thread once every thread is stopped
+            trio.from_thread.run_sync(server.halt)
+
+        def at_the_instant(pre: PreProtected):
+            with frozen_again(self.pid, comm, uffd, on_stopped=halt_server) as ft:
+                prep = protect_and_record(
+                    ft,
+                    include_readonly=opts.include_readonly,
+                    huge_sizes=huge_sizes,
+                    features=features,
+                    unprotectable=pre.unprotectable,
+                )
+            return ft, prep
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            pre = await trio.to_thread.run_sync(preprotect_regions, uffd, regions)
+            # One worker thread does the whole freeze (ptrace wants a single tracer thread)
+            # while this thread keeps serving faults until every thread is stopped.
+            ft, prep = await trio.to_thread.run_sync(at_the_instant, pre)
+            nursery.cancel_scope.cancel()
+        pre.faults = server.faults
+        return pre, ft, prep
 
     def _describe_regions(self, prep: Prepared, shared: set) -> list[int]:
         """Declare every region to the writer (returns their store indices); warn about

@@ -25,7 +25,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -89,13 +89,15 @@ class FrozenTarget:
 
 
 @contextlib.asynccontextmanager
-async def frozen(pid: int) -> AsyncIterator[FrozenTarget]:
+async def frozen(pid: int, record: bool = True) -> AsyncIterator[FrozenTarget]:
     """Stop every thread of ``pid`` and get a userfaultfd for its memory.
 
     Yields a :class:`FrozenTarget`; its ``uffd`` has had no UFFDIO_API yet and stays open
     after a normal exit (the caller then owns it and must close it). On an exception or
     cancellation inside the block the uffd is closed before the threads are released. The
     block must not checkpoint for long: the target is stopped for its whole duration.
+    ``record=False`` skips reading the maps and the registers (``maps``/``threads`` empty):
+    the stop that only fetches the uffd before pre-protection (see :func:`frozen_again`).
 
     Raises TargetError (no such process, kernel thread, exited), PermissionDenied (ptrace or
     userfaultfd refused, with what to grant).
@@ -116,8 +118,8 @@ async def frozen(pid: int) -> AsyncIterator[FrozenTarget]:
             comm=comm,
             proc=proc,
             uffd=uffd,
-            maps=read_maps(pid),
-            threads=proc.record_threads(),
+            maps=read_maps(pid) if record else [],
+            threads=proc.record_threads() if record else {},
             stopped_at=t0,
             injected_ms=injected_ms,
         )
@@ -130,6 +132,50 @@ async def frozen(pid: int) -> AsyncIterator[FrozenTarget]:
     finally:
         _release_protected(proc, None if ok else uffd)
         if ok:
+            target.resumed_at = time.monotonic()
+
+
+@contextlib.contextmanager
+def frozen_again(
+    pid: int, comm: str, uffd: Uffd, on_stopped: Callable[[], None] | None = None
+) -> Iterator[FrozenTarget]:
+    """Stop every thread of ``pid`` again, for a target whose ``uffd`` snapfs already holds
+    (taken by an earlier :func:`frozen`): the snapshot instant after pre-protection.
+
+    Yields a :class:`FrozenTarget` with fresh maps and registers; leaving the block resumes
+    and detaches every thread whatever happens. The uffd is left to the caller (who closes
+    it on failure, which drops every protection).
+
+    Blocking, and every ptrace request must come from the thread that stopped the target:
+    run the whole block in one worker thread, while the trio thread keeps serving write
+    faults — a thread of the target faulting in kernel mode on protected memory cannot
+    stop before its fault is served. ``on_stopped`` runs once every thread is stopped
+    (e.g. to halt that fault server) and before the maps are read.
+    """
+    proc = StoppedProcess(pid)
+    t0 = time.monotonic()
+    target: FrozenTarget | None = None
+    try:
+        proc.stop()
+        if on_stopped is not None:
+            on_stopped()
+        target = FrozenTarget(
+            pid=pid,
+            comm=comm,
+            proc=proc,
+            uffd=uffd,
+            maps=read_maps(pid),
+            threads=proc.record_threads(),
+            stopped_at=t0,
+        )
+        yield target
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TargetError(f"process {pid} exited during the snapshot") from None
+        raise
+    finally:
+        proc.release()
+        if target is not None:
             target.resumed_at = time.monotonic()
 
 

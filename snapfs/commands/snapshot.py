@@ -107,13 +107,19 @@ class _ProgressLine:
             self.shown = False
 
 
+def _attach(result) -> str:
+    """The earlier short stop that took the uffd, when there was one."""
+    ms = getattr(result, "attach_pause_ms", 0.0)
+    return f" (+{ms:.1f} ms to attach)" if ms else ""
+
+
 def summary(result) -> str:
     """The two human lines for a finished snapshot."""
     rate = result.resident_bytes / result.duration_s if result.duration_s > 0 else 0.0
     return (
         f"snapshot {result.name}: pid {result.pid} ({result.comm}), "
         f"{format_bytes(result.resident_bytes)} resident in {result.regions} regions\n"
-        f"paused {result.pause_ms:.1f} ms · captured {format_bytes(result.resident_bytes)} in "
+        f"paused {result.pause_ms:.1f} ms{_attach(result)} · captured {format_bytes(result.resident_bytes)} in "
         f"{result.duration_s:.1f} s ({format_rate(rate)}) · "
         f"{format_count(result.faults)} write faults served first · "
         f"stored {format_bytes(result.stored_bytes)}"
