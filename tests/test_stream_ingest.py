@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import struct
 import subprocess
+import threading
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from snapfs.errors import NameInUse, StreamError
@@ -14,9 +20,10 @@ from snapfs.store import Store
 from snapfs.stream import format as F
 from snapfs.stream.ingest import ingest_stream
 from snapfs.stream.reader import EV_DEVICES, EV_HEADER, read_stream
+from snapfs.stream.spool import PipeCapture
 from snapfs.stream.vmstate import VmstateView
 from tests.conftest import snapfs_cmd
-from tests.test_stream_reader import END, header, page, part, zero
+from tests.test_stream_reader import END, header, page, part, start, zero
 
 PAGE = 4096
 
@@ -114,3 +121,125 @@ def test_cli_incoming_name_and_errors(store_dir, snapfs_env):
     ram = [e for e in read_stream(io.BytesIO(cat.stdout)) if e[0] == "page" and e[1] == 0]
     assert b"".join(e[3] for e in sorted(ram, key=lambda e: e[2])) == b"".join(
         expect["pc.ram"][i * PAGE : (i + 1) * PAGE] for i in (0, 1, 3))
+
+
+# --- The pipe is drained by a separate process: a writer (QEMU) never waits for ingest. ---
+
+def big_stream(pages: int, seed: int = 5) -> tuple[bytes, bytes]:
+    """A RAM-only stream of one block of ``pages`` random data pages; (stream, the block's bytes)."""
+    ram = np.random.default_rng(seed).integers(0, 256, pages * PAGE, dtype=np.uint8).tobytes()
+    records = [page(0, ram[:PAGE], b"pc.ram")]
+    records += [page(i * PAGE, ram[i * PAGE : (i + 1) * PAGE]) for i in range(1, pages)]
+    return header() + start(blocks=((b"pc.ram", pages * PAGE),)) + part(*records) + END, ram
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to ``fd`` and close it (runs in a thread: the part that must never block)."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view[: 1 << 20]) :]
+    finally:
+        os.close(fd)
+
+
+def test_cli_incoming_accepts_the_whole_stream_while_stopped(store_dir, snapfs_env):
+    """`snapfs incoming --name` stopped (SIGSTOP) once its drainer runs: a stream 3x the pipe's
+    capacity is still accepted in full (nothing waits for parsing); resumed, it publishes it."""
+    stream, ram = big_stream(12288)  # 48 MiB; the pipe holds 16 MiB
+    r, w = os.pipe()
+    proc = subprocess.Popen([*snapfs_cmd(), "incoming", "--name", "s1", "--json"], env=snapfs_env,
+                            stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(r)
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 30
+        while not children.read_text().split():
+            assert time.monotonic() < deadline, "no drainer process appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGSTOP)
+        writer = threading.Thread(target=write_all, args=(w, stream))
+        writer.start()
+        writer.join(30)
+        assert not writer.is_alive(), "the writer blocked while snapfs incoming was stopped"
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["name"] == "s1"
+    with Store.open(store_dir) as store:
+        reader = store.open_snapshot("s1")
+        assert reader.read(0, 0, len(ram)) == ram
+
+
+def test_ingest_parses_at_idle_priority_while_the_writer_sends(store_dir):
+    """While the stream is still arriving the parsing thread runs SCHED_IDLE; afterwards its
+    policy is back to normal, and the snapshot is exact."""
+    stream, ram = big_stream(512)
+    r, w = os.pipe()
+    policies: list[int] = []
+    parsing = threading.Event()
+
+    def progress(_: int) -> None:
+        policies.append(os.sched_getscheduler(0))
+        parsing.set()
+
+    def writer() -> None:
+        half = len(stream) // 2
+        os.write(w, stream[:half])
+        parsing.wait(30)  # the rest only once parsing has begun: part of it surely overlaps
+        time.sleep(0.05)
+        write_all(w, stream[half:])
+
+    t = threading.Thread(target=writer)
+    t.start()
+    with open(r, "rb", buffering=0) as src, Store.open(store_dir, create=True) as store:
+        info = ingest_stream(src, store, "idle", progress=progress)
+        t.join()
+        assert policies[0] == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        assert info.resident_bytes == len(ram)
+        assert store.open_snapshot("idle").read(0, 0, len(ram)) == ram
+
+
+def test_capture_close_drains_the_rest_and_reaps_the_drainer(tmp_path):
+    """A reader that gives up early (bad stream, Ctrl-C) still lets the writer finish."""
+    r, w = os.pipe()
+    data = bytes(range(256)) * (40 << 12)  # 40 MiB
+    t = threading.Thread(target=write_all, args=(w, data))
+    t.start()
+    capture = PipeCapture(r, tmp_path)
+    buf = bytearray(1 << 20)
+    got = capture.readinto(buf)
+    assert 0 < got and buf[:got] == data[:got]
+    pid = capture.pid
+    capture.close()
+    t.join(30)
+    assert not t.is_alive()
+    assert capture.pid is None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    os.close(r)
+
+
+def test_capture_out_of_space_is_one_error_and_the_writer_still_finishes(tmp_path):
+    """The spool's filesystem fills up: reading says so (naming the directory); the writer is
+    drained to its end all the same (QEMU < 8.1 must not see its stream fail)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        r, w = os.pipe()
+        t = threading.Thread(target=write_all, args=(w, b"\x01" * (24 << 20)))
+        t.start()
+        capture = PipeCapture(r, small)
+        buf = bytearray(1 << 20)
+        with pytest.raises(StreamError, match=f"{small}.*No space left on device"):
+            while capture.readinto(buf):
+                pass
+        t.join(30)
+        assert not t.is_alive()
+        capture.close()
+        os.close(r)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

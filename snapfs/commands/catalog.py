@@ -7,7 +7,10 @@ import json
 import time
 
 from snapfs.commands.common import add_store_argument, store_path
-from snapfs.store import Store, SnapshotInfo
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the store (numpy, zstd) is imported when a command runs: `snapfs
+    from snapfs.store import SnapshotInfo  # incoming` must start draining a pipe at once
 from snapfs.units import format_bytes
 
 
@@ -40,6 +43,8 @@ def _pause(s: SnapshotInfo) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print the committed snapshots, oldest first."""
+    from snapfs.store import Store
+
     with Store.open(store_path(args), create=False) as store:
         snaps = store.list_snapshots()
     if args.json:
@@ -60,6 +65,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     """Print one snapshot's fields, warnings and regions."""
+    from snapfs.store import Store
+
     with Store.open(store_path(args), create=False) as store:
         reader = store.open_snapshot(args.name)
         info, regions = reader.info, reader.regions

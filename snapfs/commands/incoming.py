@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
+from pathlib import Path
 
 from snapfs.commands.common import add_store_argument, store_path
 from snapfs.errors import UsageError
@@ -54,14 +57,35 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         raise UsageError("--dry-run goes with --pid")
-    from snapfs.store import Store
-    from snapfs.stream.ingest import ingest_stream
+    return _ingest(args)
 
-    with Store.open(store_path(args), create=True) as store:
-        info = ingest_stream(src, store, args.name)
+
+def _ingest(args: argparse.Namespace) -> int:
+    """``--name``: drain a piped stream at once (QEMU must not wait for our start-up), then store it."""
+    from snapfs.stream.spool import PipeCapture
+
+    path = store_path(args)
+    capture = PipeCapture(0, _capture_dir(path)) if stat.S_ISFIFO(os.fstat(0).st_mode) else None
+    try:
+        from snapfs.store import Store
+        from snapfs.stream.ingest import ingest_stream
+
+        with Store.open(path, create=True) as store:
+            info = ingest_stream(capture or sys.stdin.buffer, store, args.name)
+    finally:
+        if capture is not None:
+            capture.close()
     if args.json:
         print(json.dumps(info.to_json(), sort_keys=True))
     else:
         print(f"{info.name}: {info.kind} snapshot of {info.region_count} RAMBlocks, "
               f"{format_bytes(info.resident_bytes)} RAM, {format_bytes(info.stored_bytes)} stored")
     return 0
+
+
+def _capture_dir(store: Path) -> Path | None:
+    """Where the raw stream goes while it arrives: the store's disk (the store may not exist yet)."""
+    for d in (store, store.parent):
+        if d.is_dir() and os.access(d, os.W_OK):
+            return d
+    return None

@@ -8,7 +8,6 @@ from typing import Any
 
 from snapfs.commands.common import add_store_argument, store_path
 from snapfs.errors import StoreCorrupt
-from snapfs.store import Store
 from snapfs.units import format_bytes
 
 
@@ -45,6 +44,8 @@ def _gc_summary(result: dict[str, Any]) -> str:
 
 def run_rm(args: argparse.Namespace) -> int:
     """Remove the named snapshots (all or none), then reclaim space."""
+    from snapfs.store import Store  # lazily: see catalog.py
+
     with Store.open(store_path(args), create=False) as store:
         store.remove(args.names)
         result = store.gc()
@@ -54,6 +55,8 @@ def run_rm(args: argparse.Namespace) -> int:
 
 def run_gc(args: argparse.Namespace) -> int:
     """Reclaim unreferenced space and report how much."""
+    from snapfs.store import Store  # lazily: see catalog.py
+
     with Store.open(store_path(args), create=False) as store:
         result = store.gc()
     print(json.dumps(result, indent=2) if args.json else _gc_summary(result))
@@ -64,6 +67,8 @@ def run_check(args: argparse.Namespace) -> int:
     """Check the store; print what is damaged; exit 0 when clean, StoreCorrupt's code otherwise."""
     path = store_path(args)
     try:
+        from snapfs.store import Store  # lazily: see catalog.py
+
         with Store.open(path, create=False) as store:
             report = store.check(verify_data=args.verify_data)
     except StoreCorrupt as exc:

@@ -1,7 +1,9 @@
 """``snapfs incoming --name``: store a migration stream as a snapshot.
 
-The stream is read to its end and validated into a page spool first (see
-:mod:`snapfs.stream.spool`; QEMU may send a page several times), then each RAMBlock becomes a
+A pipe is drained into a file by a separate process as fast as it arrives, so the writer
+(QEMU) never waits for ingest; this process parses it meanwhile at idle priority. The stream
+is read to its end and validated into a page spool first (see :mod:`snapfs.stream.spool`;
+QEMU may send a page several times), then each RAMBlock becomes a
 ``ramblock`` region and its pages go to the store. The configuration and the device state
 are kept verbatim as blobs so the snapshot's ``vmstate`` view is a stream QEMU restores.
 Nothing is published unless everything succeeded: any error aborts the writer.
@@ -11,12 +13,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from snapfs.store import RegionSpec, SnapshotInfo, Store
 from snapfs.stream.reader import Limits
-from snapfs.stream.spool import SENT_DATA, SENT_ZERO, SpooledStream, capture_pipe, spool_stream
+from snapfs.stream.spool import SENT_DATA, SENT_ZERO, PipeCapture, SpooledStream, spool_stream
 from snapfs.stream.vmstate import BLOB_CONFIGURATION, BLOB_DEVICES, META_KEY
 
 
@@ -30,7 +33,7 @@ def drain(src: BinaryIO, chunk: int = 1 << 20) -> None:
 
 
 def ingest_stream(
-    src: BinaryIO,
+    src: BinaryIO | PipeCapture,
     store: Store,
     name: str,
     meta: dict[str, Any] | None = None,
@@ -39,24 +42,30 @@ def ingest_stream(
 ) -> SnapshotInfo:
     """Read the stream ``src`` and commit it to ``store`` as snapshot ``name``.
 
-    The name is reserved first (NameInUse before any input is consumed). On any error the
-    rest of ``src`` is drained, the writer aborted and the error re-raised.
+    A pipe is drained by a :class:`PipeCapture` (a writer such as QEMU's ``migrate exec:``
+    never waits for this process) while the stream is parsed here at idle priority; the
+    caller may pass a capture it started earlier (it is closed here either way). On any error
+    the rest of the stream is drained, the writer aborted and the error re-raised.
     """
-    writer = store.begin_snapshot(name, {})
-    raw = None
+    capture = src if isinstance(src, PipeCapture) else None
     try:
-        if _is_pipe(src):
-            # A writer such as QEMU's `migrate exec:` is drained as fast as `cat > file`;
-            # the stream is parsed afterwards.
-            raw = src = capture_pipe(src.fileno(), spool_dir(store))
-        spooled = spool_all(src, store, limits, progress)
-    except BaseException:
-        writer.abort()
-        raise
+        if capture is None and _is_pipe(src):
+            capture = PipeCapture(src.fileno(), spool_dir(store))
+        writer = store.begin_snapshot(name, {})
+        try:
+            if capture is not None:
+                spooled = spool_capture(capture, store, limits, progress)
+            else:
+                spooled = spool_all(src, store, limits, progress)  # type: ignore[arg-type]
+        except BaseException:
+            writer.abort()
+            raise
+        if capture is not None:
+            capture.close()  # the stream is in the page spool now: drop the raw copy early
+        return commit_spooled(writer, spooled, meta or {})
     finally:
-        if raw is not None:
-            raw.close()
-    return commit_spooled(writer, spooled, meta or {})
+        if capture is not None:
+            capture.close()
 
 
 def _is_pipe(src: BinaryIO) -> bool:
@@ -66,14 +75,58 @@ def _is_pipe(src: BinaryIO) -> bool:
         return False
 
 
+@contextmanager
+def idle_while_streaming(capture: PipeCapture | None) -> Iterator[None]:
+    """Run the calling thread at SCHED_IDLE until ``capture`` has the whole stream.
+
+    While the writer is still sending, parsing must not take CPU from it (on a small machine
+    QEMU's vCPU and migration threads need every core); once the stream is in, the normal
+    policy returns so the ingest catches up. Without a capture (a file) nothing changes.
+    """
+    if capture is None or capture.ended:
+        yield
+        return
+    try:
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        yield
+        return
+
+    def restore() -> None:
+        try:
+            os.sched_setscheduler(0, policy, param)
+        except OSError:
+            pass  # unprivileged, RLIMIT_NICE too low to leave SCHED_IDLE: stay there
+
+    capture.on_end = restore
+    try:
+        yield
+    finally:
+        capture.on_end = None
+        restore()
+
+
+def spool_capture(capture: PipeCapture, store: Store, limits: Limits = Limits(),
+                  progress: Callable[[int], None] | None = None) -> SpooledStream:
+    """Spool a stream as its capture grows, at idle priority until the writer is done."""
+    with idle_while_streaming(capture):
+        return spool_all(capture, store, limits, progress)
+
+
 def spool_all(
-    src: BinaryIO, store: Store, limits: Limits = Limits(), progress: Callable[[int], None] | None = None
+    src: BinaryIO | PipeCapture, store: Store, limits: Limits = Limits(),
+    progress: Callable[[int], None] | None = None,
 ) -> SpooledStream:
-    """Spool and validate the whole stream next to ``store``; on error drain ``src`` and raise."""
+    """Spool and validate the whole stream next to ``store``; on error drain ``src`` and raise.
+
+    (A :class:`PipeCapture` is not drained here: closing it discards the rest.)
+    """
     try:
         return spool_stream(src, directory=spool_dir(store), limits=limits, progress=progress)
     except BaseException:
-        drain(src)
+        if not isinstance(src, PipeCapture):
+            drain(src)
         raise
 
 

@@ -2,7 +2,8 @@
 
 Sequence: check the VM's run state and migration state, enable the ``background-snapshot``
 (+ ``events``) capability, hand QEMU the write end of a pipe (``getfd`` over SCM_RIGHTS, then
-``migrate fd:NAME``), spool the stream in a worker thread as it arrives, then store it
+``migrate fd:NAME``), drain the pipe in a forked process and parse the stream in a worker
+thread at idle priority as it arrives, then store it
 (:mod:`snapfs.stream.ingest`) and restore the capabilities to what they were.
 
 QEMU 7.2 traps, and what snapfs does about them:
@@ -21,7 +22,6 @@ QEMU 7.2 traps, and what snapfs does about them:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
@@ -33,8 +33,8 @@ import trio
 from snapfs.commands.common import store_path
 from snapfs.errors import QemuError, SnapfsError, UsageError
 from snapfs.store import SnapshotInfo, Store
-from snapfs.stream.ingest import commit_spooled, spool_all, spool_dir
-from snapfs.stream.spool import capture_pipe
+from snapfs.stream.ingest import commit_spooled, spool_capture, spool_dir
+from snapfs.stream.spool import PipeCapture
 from snapfs.stream.qmp import QmpClient
 from snapfs.units import format_bytes, format_rate
 
@@ -42,8 +42,6 @@ _ACTIVE = {"setup", "active", "cancelling", "pre-switchover", "device", "wait-un
            "postcopy-active", "postcopy-paused", "postcopy-recover", "colo"}
 _DONE = ("completed", "failed", "cancelled")
 _PROGRESS_INTERVAL = 0.5
-F_SETPIPE_SZ = 1031
-PIPE_SIZE = 4 << 20
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,16 +145,22 @@ async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: St
     await _set_caps(qmp, {"background-snapshot": True, "events": True})
     try:
         rfd, wfd = os.pipe()
-        _grow_pipe(wfd)
         try:
-            await qmp.execute("getfd", {"fdname": fdname}, fds=(wfd,))
-        finally:
+            # A forked drainer reads the pipe from now on, whatever this process does.
+            capture = PipeCapture(rfd, spool_dir(store))
+        except BaseException:
             os.close(wfd)
-        rfile = os.fdopen(rfd, "rb", buffering=0)
-        try:
-            return await _migrate_and_spool(qmp, fdname, rfile, store, show_progress)
+            raise
         finally:
-            rfile.close()
+            os.close(rfd)
+        try:
+            try:
+                await qmp.execute("getfd", {"fdname": fdname}, fds=(wfd,))
+            finally:
+                os.close(wfd)
+            return await _migrate_and_spool(qmp, fdname, capture, store, show_progress)
+        finally:
+            capture.close()
     finally:
         with trio.CancelScope(shield=True):
             try:
@@ -165,24 +169,23 @@ async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: St
                 pass  # QEMU busy or gone: the capability state is not worth failing for
 
 
-async def _migrate_and_spool(qmp: QmpClient, fdname: str, rfile: Any, store: Store,
+async def _migrate_and_spool(qmp: QmpClient, fdname: str, capture: PipeCapture, store: Store,
                              show_progress: bool) -> tuple[Any, dict]:
     outcome: dict[str, Any] = {}
 
-    async def reader() -> None:
-        # Not abandoned on cancellation: the thread reads until QEMU closes the pipe, so QEMU
-        # (and the guest, whose writes wait for QEMU) is never left blocked on a full pipe.
-        # While QEMU writes, the stream is only spliced to a file (as cheap as `cat > file`);
-        # it is parsed once QEMU is done.
+    async def parser() -> None:
+        # The stream is parsed as it arrives, at idle priority while QEMU is still sending
+        # (QEMU itself never waits: the drainer process keeps the pipe empty). The thread is
+        # not abandoned on cancellation; it ends when QEMU closes the pipe.
         try:
-            outcome["raw"] = await trio.to_thread.run_sync(capture_pipe, rfile.fileno(), spool_dir(store))
+            outcome["spooled"] = await trio.to_thread.run_sync(spool_capture, capture, store)
         except Exception as exc:  # reported after QEMU's own verdict, which explains more
             outcome["stream_error"] = exc
 
     started = time.monotonic()
     final: dict = {}
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
+        nursery.start_soon(parser)
         try:
             await qmp.execute("migrate", {"uri": f"fd:{fdname}"})
             final = await _wait_done(qmp, show_progress, started)
@@ -195,20 +198,17 @@ async def _migrate_and_spool(qmp: QmpClient, fdname: str, rfile: Any, store: Sto
                     pass
     if show_progress:
         sys.stderr.write("\r\x1b[K")
-    raw = outcome.get("raw")
-    try:
-        error = outcome.get("qemu_error") or (
-            QemuError(_failure_message(final)) if final.get("status") != "completed" else None
-        ) or outcome.get("stream_error")
-        if error is not None:
-            raise error
-        if show_progress:
-            sys.stderr.write("\rsnapshot: QEMU done, storing the stream...\x1b[K")
-            sys.stderr.flush()
-        spooled = await trio.to_thread.run_sync(spool_all, raw, store)
-    finally:
-        if raw is not None:
-            raw.close()
+    spooled = outcome.get("spooled")
+    error = outcome.get("qemu_error") or (
+        QemuError(_failure_message(final)) if final.get("status") != "completed" else None
+    ) or outcome.get("stream_error")
+    if error is not None:
+        if spooled is not None:
+            spooled.close()
+        raise error
+    if show_progress:
+        sys.stderr.write("\rsnapshot: QEMU done, storing the stream...\x1b[K")
+        sys.stderr.flush()
     timings = {
         "downtime_ms": final.get("downtime"),
         "total_time_ms": final.get("total-time"),
@@ -263,14 +263,6 @@ def _unwrap(group: BaseExceptionGroup) -> BaseException:
             if isinstance(exc, kind):
                 return exc
     return group
-
-
-def _grow_pipe(fd: int) -> None:
-    """A bigger pipe lets QEMU write ahead while the reader is busy (fewer stalls)."""
-    try:
-        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # the default 64 KiB works, only slower
 
 
 def _failure_message(final: dict) -> str:

@@ -9,17 +9,23 @@ stream, writing the latest copy of every page into a sparse temporary file at
 Memory stays bounded whatever the stream claims: page states live in lazily allocated chunks
 (one byte per page actually sent, 32 KiB per 128 MiB of RAM touched); writes are coalesced
 into buffers of at most 1 MiB.
+
+A piped stream is first drained by :class:`PipeCapture`: a forked child splices the pipe into
+an unlinked file as fast as the writer (QEMU) sends, while this process parses the file as it
+grows, so parsing never makes the writer wait.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from snapfs.errors import StreamError
 from snapfs.stream import format as F
@@ -36,10 +42,21 @@ from snapfs.stream.reader import (
     read_stream,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+
 NOT_SENT, SENT_ZERO, SENT_DATA = 0, 1, 2
 CHUNK_PAGES = 1 << 15
 _FLUSH_BYTES = 1 << 20
 PAGE = F.TARGET_PAGE_SIZE
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use: ``snapfs incoming`` starts its :class:`PipeCapture` from
+    this module before paying numpy's import (50-300 ms), during which QEMU could not write."""
+    import numpy
+
+    return numpy
 
 
 class PageSpool:
@@ -67,7 +84,7 @@ class PageSpool:
         key = page // CHUNK_PAGES
         arr = chunks.get(key)
         if arr is None:
-            arr = chunks[key] = np.zeros(CHUNK_PAGES, np.uint8)
+            arr = chunks[key] = _numpy().zeros(CHUNK_PAGES, _numpy().uint8)
         return arr, page % CHUNK_PAGES
 
     def put_page(self, block: int, page: int, data: bytes | memoryview) -> None:
@@ -107,7 +124,8 @@ class PageSpool:
 
     def sent_pages(self, block: int) -> int:
         """How many distinct pages of ``block`` were sent."""
-        return int(sum(np.count_nonzero(a) for a in self._states[block].values()))
+        count_nonzero = _numpy().count_nonzero
+        return int(sum(count_nonzero(a) for a in self._states[block].values()))
 
     def batches(self, block: int, max_pages: int = 256) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(first_page, states, pages) for every window of ``block`` holding sent pages.
@@ -116,6 +134,7 @@ class PageSpool:
         says per page NOT_SENT / SENT_ZERO / SENT_DATA. Windows are ascending.
         """
         self.flush()
+        np = _numpy()
         npages_block = self.blocks[block].length // PAGE
         for key in sorted(self._states[block]):
             arr = self._states[block][key]
@@ -220,27 +239,211 @@ def spool_stream(
         raise
 
 
-def capture_pipe(fd: int, directory: str | os.PathLike | None = None, chunk: int = 1 << 20) -> BinaryIO:
-    """Copy everything from pipe ``fd`` to an unlinked temporary file; return it at offset 0.
+PIPE_SIZE = 16 << 20  # QEMU may write this far ahead of the drainer (root may exceed pipe-max-size)
+_F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
+_BATCH_BYTES = 1 << 20  # a drain smaller than this: pause so the next one moves more at once
+_BATCH_PAUSE_S = 0.002
 
-    Used while QEMU is writing a stream: ``splice`` moves pages kernel-side, so the writer is
-    drained as cheaply as by ``cat > file`` and parsing happens afterwards, off QEMU's clock.
-    """
-    out = tempfile.TemporaryFile(dir=directory, prefix="snapfs-stream-")
+
+def grow_pipe(fd: int, size: int = PIPE_SIZE) -> int:
+    """Enlarge pipe ``fd`` towards ``size`` (else pipe-max-size); return its capacity (0: not a pipe)."""
+    for want in (size, _pipe_max_size()):
+        try:
+            return fcntl.fcntl(fd, _F_SETPIPE_SZ, want)
+        except OSError:
+            continue
     try:
-        while True:
+        return fcntl.fcntl(fd, _F_GETPIPE_SZ)
+    except OSError:
+        return 0
+
+
+def _pipe_max_size() -> int:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+class PipeCapture:
+    """A pipe drained into an unlinked temporary file by a forked child; readable as it grows.
+
+    The child does nothing but ``splice(2)`` the pipe into the file, at normal priority and
+    with its own interpreter lock, so a writer such as QEMU never waits for this process's
+    parsing and compression (which may run at idle priority meanwhile). ``readinto`` blocks
+    until the child has written more and returns 0 once the child reached the pipe's end.
+    ``close()`` lets the child discard the rest of the pipe (the writer is never left blocked)
+    and reaps it.
+    """
+
+    def __init__(self, fd: int, directory: str | os.PathLike | None = None) -> None:
+        self.file = tempfile.TemporaryFile(dir=directory, prefix="snapfs-stream-")
+        self._fd = self.file.fileno()
+        self.directory = str(directory) if directory is not None else tempfile.gettempdir()
+        pause = _BATCH_PAUSE_S if grow_pipe(fd) >= 8 * _BATCH_BYTES else 0.0
+        notify_r, notify_w = os.pipe()
+        # SIGUSR1 (discard the rest) stays blocked until the child has its handler.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        try:
+            pid = os.fork()
+            if pid == 0:  # the drainer: never returns
+                code = 255
+                try:
+                    os.close(notify_r)
+                    code = _drain_child(fd, self._fd, notify_w, pause, old_mask)
+                finally:
+                    os._exit(code)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(notify_w)
+        self.pid: int | None = pid
+        self._notify = notify_r
+        self._pos = 0
+        self._size = 0
+        self.ended = False  # the drainer reached the end of the pipe: the stream is all here
+        self.on_end: Callable[[], None] | None = None  # run by the reading thread once ended
+        self.failure: str | None = None  # why the file could not take the whole stream
+        # Only the child reads the pipe now: should it die, the writer gets EPIPE, not a hang.
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, fd, inheritable=fd <= 2)
+        os.close(null)
+
+    def readinto(self, buf: Any) -> int:
+        """Read from the captured stream at the current position, waiting for the drainer."""
+        if self.failure:
+            raise StreamError(self.failure)
+        view = memoryview(buf).cast("B")
+        while self._pos >= self._size:
+            if self.ended:
+                return 0
+            self._wait()
+        n = os.preadv(self._fd, [view[: self._size - self._pos]], self._pos)
+        self._pos += n
+        return n
+
+    def _wait(self) -> None:
+        # One byte per drained batch (or EOF when the child exits): block until there is news.
+        news = os.read(self._notify, 1 << 16)
+        self._size = os.fstat(self._fd).st_size
+        failure = news.strip(b"\0")
+        if failure:
+            self.failure = _capture_failure(self.directory, failure[0])
+            raise StreamError(self.failure)
+        if not news:
+            self.ended = True
+            self._reap()
+            if self.on_end is not None:
+                self.on_end()
+
+    def wait_captured(self) -> int:
+        """Block until the drainer reached the end of the pipe; the stream's size."""
+        while not self.ended:
+            self._wait()
+        return self._size
+
+    def _reap(self) -> None:
+        """Wait for the drainer (it has closed its end: it is exiting); raise if it failed."""
+        if self.pid is None:
+            return
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            self.failure = self.failure or _capture_failure(self.directory, code)
+            raise StreamError(self.failure)
+
+    def close(self) -> None:
+        """Discard the rest of the pipe, reap the drainer and drop the file."""
+        try:
+            if self.pid is not None and not self.ended:
+                os.kill(self.pid, signal.SIGUSR1)
+            if self.pid is not None:
+                os.waitpid(self.pid, 0)  # returns once the writer closed the pipe
+                self.pid = None
+        finally:
+            if self._notify >= 0:
+                os.close(self._notify)
+                self._notify = -1
+            self.file.close()
+
+    def __enter__(self) -> "PipeCapture":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _capture_failure(directory: str, code: int) -> str:
+    if 0 < code < 255:
+        hint = ": free some space or use another --store" if code in (errno.ENOSPC, errno.EDQUOT) else ""
+        return f"spooling the incoming stream into {directory} failed: {os.strerror(code)}{hint}"
+    return f"the process spooling the incoming stream failed (exit status {code})"
+
+
+def _drain_child(src: int, dst: int, notify: int, pause: float, mask: set) -> int:
+    """The drainer's loop (in the forked child): splice ``src`` into ``dst`` until EOF.
+
+    Runs to the end of the pipe whatever happens to the file (so the writer never blocks);
+    returns the exit code: 0 if all of it is in the file, else the errno that stopped it.
+    News for the reader on ``notify``: a zero byte per batch written, an errno byte on failure.
+    """
+    discard: list[int] = []  # set by SIGUSR1: the reader failed, the rest goes to /dev/null
+    signal.set_wakeup_fd(-1)  # the parent's event loop (if any) is not ours to wake
+    # Ctrl-C reaches the whole process group: the stream is still read to its end (a writer
+    # left blocked, or QEMU < 8.1 failing mid-snapshot, would harm the VM); the parent decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, lambda *_: discard.append(os.open(os.devnull, os.O_WRONLY)))
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.set_blocking(notify, False)
+    # Hold nothing else of the parent's (store locks, QMP socket): its closes must take effect.
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in (0, 1, 2, src, dst, notify):
             try:
-                n = os.splice(fd, out.fileno(), chunk)
-            except OSError:  # not a pipe after all, or splice unsupported here
-                data = os.read(fd, chunk)
+                os.close(int(name))
+            except OSError:
+                pass
+    use_splice = True
+    failed = 0  # the errno that stopped the file from taking more (the writer is still drained)
+    while True:
+        out = discard[0] if discard else dst
+        try:
+            if use_splice:
+                n = os.splice(src, out, PIPE_SIZE)
+            else:
+                data = os.read(src, _BATCH_BYTES)
                 n = len(data)
-                if n:
-                    out.write(data)
-            if not n:
-                break
-        out.flush()
-        out.seek(0)
-        return out
-    except BaseException:
-        out.close()
-        raise
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+        except OSError as e:
+            if use_splice and e.errno == errno.EINVAL:  # not spliceable here: plain copies
+                use_splice = False
+                continue
+            if discard:  # failing even into /dev/null: reading the pipe itself failed
+                return failed or e.errno or 255
+            # The file takes no more (ENOSPC, EIO...): say so at once, keep draining the writer.
+            failed = min(e.errno or 255, 255)
+            _notify(notify, bytes([failed]))
+            discard.append(os.open(os.devnull, os.O_WRONLY))
+            continue
+        if not n:
+            return failed
+        if _notify(notify, b"\0") is False and not discard:
+            # The reader is gone: keep the writer going, keep nothing.
+            discard.append(os.open(os.devnull, os.O_WRONLY))
+        if pause and n < _BATCH_BYTES:
+            # Let the pipe fill: one wake-up per ~1 MiB instead of one per page QEMU writes.
+            time.sleep(pause)
+
+
+def _notify(fd: int, news: bytes) -> bool:
+    """Tell the reader (non-blocking; it already has unread news if full); False if it is gone."""
+    try:
+        os.write(fd, news)
+    except BlockingIOError:
+        pass
+    except BrokenPipeError:
+        return False
+    return True
