@@ -1,23 +1,28 @@
-"""Pre-protection (roadmap 7): memory protected while the target runs; what it writes or first
-populates before the freeze is found and re-protected at the freeze, so the capture saves
-the content at the freeze instant. Real kernel, real target (tools/targets/populate.c)."""
+"""Pre-protection (roadmap 7): memory protected while the target runs; what it writes, first
+populates or zaps before the freeze is found at the freeze (written pages re-protected), so
+the capture saves the content at the freeze instant. Real kernel, real target
+(tools/targets/populate.c)."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from snapfs.capture import kernel as k
-from snapfs.capture.freeze import frozen, frozen_again
+from snapfs.capture.freeze import frozen
 from snapfs.capture.maps import classify, read_maps
 from snapfs.capture.pagemap import PagemapScanner
-from snapfs.capture.preprotect import PreFaultServer, preprotect_regions
+from snapfs.capture.preprotect import protect_then_freeze
 from snapfs.capture.protect import handshake, protect_and_record
 from tests.test_capture_support import Target, assert_released
 
 PAGE = 4096
 
 
-async def test_writes_and_new_pages_before_the_freeze_are_reprotected():
+@pytest.mark.parametrize("zap", [False, True], ids=["unchanged-vma", "zapped-range"])
+async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
+    """Unchanged VMA: populated = recorded after protecting + found WRITTEN at the freeze.
+    With a DONTNEED meanwhile the VMA is scanned in full at the freeze."""
     n = 4096
     with Target("populate", str(n)) as t:
         base, end = t.addr, t.addr + n * PAGE
@@ -26,27 +31,28 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected():
         try:
             features = handshake(uffd)
             regions = classify(read_maps(t.pid), include_readonly=False, huge_sizes={})
-            server = PreFaultServer(t.pid, uffd, regions)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.run)
-                pre = await trio.to_thread.run_sync(preprotect_regions, uffd, regions)
+
+            async def meanwhile(pre) -> None:
                 assert pre.protected_bytes >= n * PAGE and not pre.unprotectable
-                # Rewrites [0, N/8) (protected: each page faults, the server unprotects it)
-                # and first populates [N/2, 3N/4) (no fault at all).
+                # Rewrites [0, N/8) (protected: each page faults, the server unprotects it),
+                # first populates [N/2, 3N/4) (no fault at all), then maybe zaps [N/8, N/4):
+                # the server reads the REMOVE event, the freeze rescans that VMA in full.
                 assert await trio.to_thread.run_sync(t.send, "p") == "ok p"
+                if zap:
+                    assert await trio.to_thread.run_sync(t.send, "d") == "ok d"
 
-                def at_the_instant():
-                    halt = lambda: trio.from_thread.run_sync(server.halt)  # noqa: E731
-                    with frozen_again(t.pid, "populate", uffd, on_stopped=halt) as ft:
-                        return protect_and_record(
-                            ft, include_readonly=False, huge_sizes={}, features=features
-                        )
+            def at_instant(ft, pre):
+                return protect_and_record(
+                    ft, include_readonly=False, huge_sizes={}, features=features, pre=pre
+                )
 
-                prep = await trio.to_thread.run_sync(at_the_instant)
-                assert server.halted
-                nursery.cancel_scope.cancel()
-            assert server.faults >= n // 8
+            pre, _ft, prep = await protect_then_freeze(
+                t.pid, "populate", uffd, regions, at_instant, meanwhile
+            )
+            assert pre.faults >= n // 8
             assert prep.reprotected_pages >= n // 8 + n // 4
+            zapped = (base + n // 8 * PAGE, base + n // 4 * PAGE)
+            assert (zapped in pre.changed) == zap and len(pre.changed) == zap
 
             scanner = PagemapScanner(t.pid)
             try:
@@ -59,13 +65,15 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected():
             finally:
                 scanner.close()
             # ...and the ledger holds exactly the pages populated at the freeze: the first
-            # quarter and the newly populated [N/2, 3N/4) (the zero-page quarter is a hole).
+            # quarter (an eighth if zapped) and the newly populated [N/2, 3N/4); the zero-page
+            # quarter is a hole.
             led = prep.ledger
             recorded: set[int] = set()
             for lo, hi in zip(led.starts, led.ends):
                 if base <= lo < end:
                     recorded.update(range((lo - base) // PAGE, (hi - base) // PAGE))
-            assert recorded == set(range(0, n // 4)) | set(range(n // 2, 3 * n // 4))
+            first = n // 8 if zap else n // 4
+            assert recorded == set(range(0, first)) | set(range(n // 2, 3 * n // 4))
         finally:
             uffd.close()
         assert_released(t.pid)

@@ -39,12 +39,12 @@ import trio
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
-from snapfs.capture.freeze import frozen, frozen_again
+from snapfs.capture.freeze import FrozenTarget, frozen
 from snapfs.capture.ledger import LOST
 from snapfs.capture.maps import Vma, classify, huge_page_sizes, read_maps
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.priority import fault_thread_priority
-from snapfs.capture.preprotect import PreFaultServer, PreProtected, preprotect_regions
+from snapfs.capture.preprotect import PreProtected, protect_then_freeze
 from snapfs.capture.protect import Prepared, handshake, protect_and_record
 from snapfs.capture.ptrace import check_target
 from snapfs.capture.scan import CHUNK, Scan
@@ -255,38 +255,23 @@ class _Capture:
         )
 
     async def _protect_and_freeze(self, uffd: Uffd, comm: str, features: int, huge_sizes):
-        """Steps 2 and 3: write-protect the memory while the target runs (serving the faults
-        this causes), then freeze it and re-protect what changed meanwhile. Returns
-        (PreProtected, FrozenTarget, Prepared)."""
+        """Steps 2 and 3: write-protect the memory while the target runs, then freeze it and
+        re-protect what changed meanwhile. Returns (PreProtected, FrozenTarget, Prepared)."""
         opts = self.options
         regions = classify(
             read_maps(self.pid), include_readonly=opts.include_readonly, huge_sizes=huge_sizes
         )
-        server = PreFaultServer(self.pid, uffd, regions)
 
-        def halt_server() -> None:  # from the freeze's thread once every thread is stopped
-            trio.from_thread.run_sync(server.halt)
+        def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
+            return protect_and_record(
+                ft,
+                include_readonly=opts.include_readonly,
+                huge_sizes=huge_sizes,
+                features=features,
+                pre=pre,
+            )
 
-        def at_the_instant(pre: PreProtected):
-            with frozen_again(self.pid, comm, uffd, on_stopped=halt_server) as ft:
-                prep = protect_and_record(
-                    ft,
-                    include_readonly=opts.include_readonly,
-                    huge_sizes=huge_sizes,
-                    features=features,
-                    unprotectable=pre.unprotectable,
-                )
-            return ft, prep
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.run)
-            pre = await trio.to_thread.run_sync(preprotect_regions, uffd, regions)
-            # One worker thread does the whole freeze (ptrace wants a single tracer thread)
-            # while this thread keeps serving faults until every thread is stopped.
-            ft, prep = await trio.to_thread.run_sync(at_the_instant, pre)
-            nursery.cancel_scope.cancel()
-        pre.faults = server.faults
-        return pre, ft, prep
+        return await protect_then_freeze(self.pid, comm, uffd, regions, at_instant)
 
     def _describe_regions(self, prep: Prepared, shared: set) -> list[int]:
         """Declare every region to the writer (returns their store indices); warn about

@@ -15,12 +15,16 @@ from __future__ import annotations
 import bisect
 import errno
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import numpy as np
 import trio
 
 from snapfs.capture import kernel as k
 from snapfs.capture.faults import HotCalls
+from snapfs.capture.freeze import FrozenTarget, frozen_again
 from snapfs.capture.ledger import HUGE_PMD
 from snapfs.capture.maps import Vma
 from snapfs.capture.pagemap import PagemapScanner
@@ -31,6 +35,8 @@ PAGE = k.PAGE_SIZE
 # a thread of the target calling mmap/munmap meanwhile waits for it (~1.2 ms per 64 MiB).
 PROTECT_STEP = 64 << 20
 _RETRY = 100e-6  # backoff while an unprotect is refused with EAGAIN (a mapping change pending)
+_EAGAIN_PATIENCE = 5.0  # seconds
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,30 +47,70 @@ class PreProtected:
     elapsed_ms: float = 0.0
     unprotectable: dict[int, str] = field(default_factory=dict)  # VMA start -> reason
     faults: int = 0  # write faults served (unprotect only) meanwhile
+    # (VMA start, end) -> its populated ranges, scanned right after protecting it. At the
+    # freeze these plus the pages found WRITTEN are the populated pages of a VMA that is
+    # unchanged and untouched by events (a scan for WRITTEN costs ~1/3 of a full one).
+    populated: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    # Ranges the target zapped, unmapped or moved meanwhile (from the uffd's events): the
+    # freeze scans the VMAs they touch in full.
+    changed: list[tuple[int, int]] = field(default_factory=list)
 
 
-def preprotect_regions(uffd: Uffd, regions: list[Vma]) -> PreProtected:
-    """Register and write-protect every write-protect-mode region (blocking: run it in a
-    worker thread). Regions the kernel refuses are listed in ``unprotectable``; the freeze
-    copies them instead. Ranges unmapped meanwhile are skipped."""
+def preprotect_regions(pid: int, uffd: Uffd, regions: list[Vma]) -> PreProtected:
+    """Register and write-protect every write-protect-mode region, then record its populated
+    pages (blocking: run it in a worker thread). Regions the kernel refuses are listed in
+    ``unprotectable``; the freeze copies them instead. Ranges unmapped meanwhile are skipped."""
     out = PreProtected()
     t0 = time.monotonic()
-    for v in regions:
-        if v.mode != "wp":
-            continue
-        try:
-            uffd.register_wp(v.start, v.length)
-            for lo in range(v.start, v.end, PROTECT_STEP):
-                uffd.protect(lo, min(PROTECT_STEP, v.end - lo), wp=True)
-            out.protected_bytes += v.length
-        except OSError as exc:
-            if exc.errno in (errno.ENOMEM, errno.ENOENT, errno.ESRCH):
-                continue  # unmapped since the maps were read: the freeze sees the new layout
-            if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP):
-                raise
-            out.unprotectable[v.start] = exc.strerror or str(exc)
+    scanner = PagemapScanner(pid)
+    try:
+        for v in regions:
+            if v.mode != "wp":
+                continue
+            try:
+                _retrying(uffd.register_wp, v.start, v.length)
+                for lo in range(v.start, v.end, PROTECT_STEP):
+                    _retrying(uffd.protect, lo, min(PROTECT_STEP, v.end - lo), wp=True)
+                out.protected_bytes += v.length
+                out.populated[(v.start, v.end)] = populated_ranges(scanner, v)
+            except OSError as exc:
+                if exc.errno in (errno.ENOMEM, errno.ENOENT, errno.ESRCH):
+                    continue  # unmapped since the maps were read: the freeze sees the new layout
+                if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP):
+                    raise
+                out.unprotectable[v.start] = exc.strerror or str(exc)
+    finally:
+        scanner.close()
     out.elapsed_ms = (time.monotonic() - t0) * 1000.0
     return out
+
+
+def _retrying(call, *args, **kwargs) -> None:
+    """``call`` again while it fails with EAGAIN: the target is changing its mappings and
+    the event saying so is pending; the fault server reads it within microseconds."""
+    delay = 50e-6
+    deadline = time.monotonic() + _EAGAIN_PATIENCE
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5e-3)
+
+
+def populated_ranges(scanner: PagemapScanner, v: Vma, report: int = 0) -> np.ndarray:
+    """Present (or swapped) pages of a VMA that are not the shared zero page (``categories``
+    holds PAGE_IS_HUGE and the ``report`` bits)."""
+    return scanner.scan(
+        v.start,
+        v.end,
+        require=0,
+        exclude=k.PAGE_IS_PFNZERO,
+        anyof=k.PAGE_IS_PRESENT | k.PAGE_IS_SWAPPED,
+        report=k.PAGE_IS_HUGE | report,
+    )
 
 
 class PreFaultServer:
@@ -81,6 +127,7 @@ class PreFaultServer:
         self.uffd = uffd
         self.faults = 0
         self.halted = False
+        self.changed: list[tuple[int, int]] = []  # ranges named by REMOVE/UNMAP/REMAP events
         self.hot = HotCalls(pid)
         # hugetlb regions: a fault unprotects the whole huge page (a part would fail).
         huge = sorted((v.start, v.end, v.page_size) for v in regions if v.page_size != PAGE)
@@ -108,6 +155,7 @@ class PreFaultServer:
                 retry, busy = busy, []
                 if raw:
                     msgs = decode_messages(raw)
+                    self._note_events(msgs)
                     faults = msgs["a1"][msgs["event"] == k.UFFD_EVENT_PAGEFAULT]
                     for addr in faults.tolist():
                         retry.append(self._unit(scanner, addr & ~(PAGE - 1)))
@@ -117,6 +165,14 @@ class PreFaultServer:
                         busy.append((lo, hi))
         finally:
             scanner.close()
+
+    def _note_events(self, msgs: np.ndarray) -> None:
+        for m in msgs[msgs["event"] != k.UFFD_EVENT_PAGEFAULT].tolist():
+            ev, a0, a1, a2 = m[0], m[4], m[5], m[6]
+            if ev in (k.UFFD_EVENT_REMOVE, k.UFFD_EVENT_UNMAP):
+                self.changed.append((a0, a1))
+            elif ev == k.UFFD_EVENT_REMAP:
+                self.changed += [(a0, a0 + a2), (a1, a1 + a2)]
 
     def _unit(self, scanner: PagemapScanner, addr: int) -> tuple[int, int]:
         """The range to unprotect for a fault at ``addr``: its page, or its whole huge page
@@ -129,3 +185,40 @@ class PreFaultServer:
             size = HUGE_PMD if len(found) else PAGE
         lo = addr // size * size
         return lo, lo + size
+
+
+async def protect_then_freeze(
+    pid: int,
+    comm: str,
+    uffd: Uffd,
+    regions: list[Vma],
+    at_instant: Callable[[FrozenTarget, PreProtected], T],
+    meanwhile: Callable[[PreProtected], Awaitable[None]] | None = None,
+) -> tuple[PreProtected, FrozenTarget, T]:
+    """Write-protect ``regions`` while the target runs (serving the faults this causes),
+    then freeze it and call ``at_instant(frozen_target, pre)`` with every thread stopped and
+    the fault server halted (``pre.changed`` complete); returns (pre, frozen target, its
+    result). ``meanwhile`` runs between the two (tests make the target act there).
+
+    The freeze runs in one worker thread (ptrace wants a single tracer thread) while the
+    trio thread keeps serving faults until every thread is stopped.
+    """
+    server = PreFaultServer(pid, uffd, regions)
+
+    def halt_server() -> None:  # from the freeze's thread once every thread is stopped
+        trio.from_thread.run_sync(server.halt)
+
+    def freeze(pre: PreProtected) -> tuple[FrozenTarget, T]:
+        with frozen_again(pid, comm, uffd, on_stopped=halt_server) as ft:
+            pre.changed = list(server.changed)
+            return ft, at_instant(ft, pre)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        pre = await trio.to_thread.run_sync(preprotect_regions, pid, uffd, regions)
+        if meanwhile is not None:
+            await meanwhile(pre)
+        ft, result = await trio.to_thread.run_sync(freeze, pre)
+        nursery.cancel_scope.cancel()
+    pre.faults = server.faults
+    return pre, ft, result

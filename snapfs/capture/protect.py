@@ -20,7 +20,8 @@ from snapfs.capture.freeze import FrozenTarget
 from snapfs.capture.ledger import Extent, Ledger
 from snapfs.capture.maps import Vma, classify
 from snapfs.capture.memory import read_pages_robust
-from snapfs.capture.pagemap import PagemapScanner
+from snapfs.capture.pagemap import REGION_DTYPE, PagemapScanner
+from snapfs.capture.preprotect import PreProtected, populated_ranges
 from snapfs.capture.uffd import WANTED_FEATURES
 
 MINIMAL_FEATURES = k.UFFD_FEATURE_PAGEFAULT_FLAG_WP | k.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
@@ -50,19 +51,6 @@ class Prepared:
     @property
     def copied_bytes(self) -> int:
         return sum(int(c.mask.sum()) for c in self.copies) * k.PAGE_SIZE
-
-
-def _populated(scanner: PagemapScanner, v: Vma, report: int = 0) -> np.ndarray:
-    """Present (or swapped) pages of a VMA that are not the shared zero page (``categories``
-    holds PAGE_IS_HUGE and the ``report`` bits)."""
-    return scanner.scan(
-        v.start,
-        v.end,
-        require=0,
-        exclude=k.PAGE_IS_PFNZERO,
-        anyof=k.PAGE_IS_PRESENT | k.PAGE_IS_SWAPPED,
-        report=k.PAGE_IS_HUGE | report,
-    )
 
 
 def _shmem_cached(pid: int, v: Vma) -> list[tuple[int, int]] | None:
@@ -149,6 +137,35 @@ def handshake(uffd) -> int:
 _COALESCE_GAP = 32 * k.PAGE_SIZE
 
 
+def _touches(changed: list[tuple[int, int]], v: Vma) -> bool:
+    return any(lo < v.end and hi > v.start for lo, hi in changed)
+
+
+def _union(known: np.ndarray, written: np.ndarray) -> np.ndarray:
+    """Sorted ranges covering both inputs; a range keeps the WRITTEN bit if it came from
+    ``written`` (overlaps are cut so every page has exactly one range)."""
+    if not len(written):
+        return known
+    if not len(known):
+        return written
+    # Page-granular sweep over the boundaries: few ranges each, so this stays small.
+    edges = np.unique(np.concatenate([known["start"], known["end"], written["start"], written["end"]]))
+    lo, hi = edges[:-1], edges[1:]
+
+    def cover(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        i = np.searchsorted(r["start"], lo, side="right") - 1
+        ok = (i >= 0) & (lo < r["end"][np.maximum(i, 0)])
+        return ok, np.where(ok, r["categories"][np.maximum(i, 0)], 0)
+
+    in_k, cat_k = cover(known)
+    in_w, cat_w = cover(written)
+    keep = in_k | in_w
+    out = np.empty(int(keep.sum()), dtype=REGION_DTYPE)
+    out["start"], out["end"] = lo[keep], hi[keep]
+    out["categories"] = np.where(in_w, cat_w | k.PAGE_IS_WRITTEN, cat_k)[keep]
+    return out
+
+
 def _coalesce(starts: list[int], ends: list[int]) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for s, e in zip(starts, ends):
@@ -165,19 +182,20 @@ def protect_and_record(
     include_readonly: bool,
     huge_sizes: dict[int, int],
     features: int,
-    unprotectable: dict[int, str] | None = None,
+    pre: PreProtected | None = None,
 ) -> Prepared:
     """Run inside the freeze: protect, record populated pages, copy what cannot be protected.
 
-    The uffd has had its handshake (``features``). Memory may already be protected (see
-    :mod:`~snapfs.capture.preprotect`): registering is then a no-op, and only pages that are
-    populated but not protected (``PAGE_IS_WRITTEN``: written or first populated since) are
-    protected here, so the cost follows what changed, not the target's size. Without
-    pre-protection every populated page is "written" and gets protected here.
-    ``unprotectable`` names VMAs (by start) the kernel refused to protect earlier.
+    The uffd has had its handshake (``features``). With ``pre`` the memory was protected
+    while the target ran (:mod:`~snapfs.capture.preprotect`): registering is then a no-op,
+    only pages populated but not protected (``PAGE_IS_WRITTEN``: written or first populated
+    since) are protected here, and for VMAs unchanged since, the populated pages are those
+    recorded then plus the written ones — so the cost follows what changed, not the
+    target's size. Without ``pre`` every populated page is "written" and protected here.
     """
     t0 = time.monotonic()
-    unprotectable = unprotectable or {}
+    pre = pre or PreProtected()
+    unprotectable = pre.unprotectable
     regions = classify(ft.maps, include_readonly=include_readonly, huge_sizes=huge_sizes)
     extents: list[Extent] = []
     copy_jobs: list[tuple[int, Vma, np.ndarray]] = []
@@ -189,7 +207,15 @@ def protect_and_record(
             if v.mode == "wp" and v.start in unprotectable:
                 v.mode = "copy"
                 v.meta["unprotectable"] = unprotectable[v.start]
-            ranges = _populated(scanner, v, k.PAGE_IS_WRITTEN if v.mode == "wp" else 0)
+            known = pre.populated.get((v.start, v.end)) if v.mode == "wp" else None
+            if known is not None and not _touches(pre.changed, v):
+                written = scanner.scan(
+                    v.start, v.end, require=k.PAGE_IS_WRITTEN, exclude=k.PAGE_IS_PFNZERO,
+                    anyof=k.PAGE_IS_PRESENT | k.PAGE_IS_SWAPPED, report=k.PAGE_IS_HUGE,
+                )
+                ranges = _union(known, written)
+            else:
+                ranges = populated_ranges(scanner, v, k.PAGE_IS_WRITTEN if v.mode == "wp" else 0)
             idx = len(kept)
             unmapped: list[tuple[int, int]] = []
             if v.kind == "shmem" and v.mode == "wp":

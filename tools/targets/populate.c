@@ -7,6 +7,7 @@
  *   [N/2, N)     never touched
  * stdin commands, each acknowledged with "ok <letter>":
  *   p: write 0xEE over pages [0, N/8) and [N/2, 3N/4) (the latter populated only now)
+ *   d: madvise(MADV_DONTNEED) pages [N/8, N/4) (they become holes)
  *   q: exit 0
  */
 #include <stdio.h>
@@ -33,6 +34,11 @@ int main(int argc, char **argv) {
             memset(buf, 0xEE, n / 8 * PAGE);
             memset(buf + n / 2 * PAGE, 0xEE, n / 4 * PAGE);
             printf("ok p\n");
+            fflush(stdout);
+        }
+        if (line[0] == 'd') {
+            madvise(buf + n / 8 * PAGE, n / 8 * PAGE, MADV_DONTNEED);
+            printf("ok d\n");
             fflush(stdout);
         }
     }
