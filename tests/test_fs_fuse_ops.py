@@ -8,12 +8,15 @@ import os
 
 import pyfuse3
 import pytest
+import trio
 
 from snapfs.errors import StoreCorrupt
 from snapfs.fs import inodes
 from snapfs.fs.fuse_ops import ROOT_TIMEOUT, STABLE_TIMEOUT, SnapfsOperations
 from snapfs.fs.model import SnapshotFS
+from snapfs.fs.openfile import WINDOW_MIN, OpenFile
 from snapfs.store import Store
+from snapfs.stream.vmstate import VmstateView
 from tests.test_fs_support import process_snapshot
 
 
@@ -70,3 +73,54 @@ async def test_errors_become_errnos(ops, monkeypatch, caplog):
         await ops.getattr(snap.st_ino, None)
     assert exc.value.errno == errno.EIO
     assert "ZeroDivisionError" in caplog.text and "Traceback" in caplog.text
+
+
+async def _read_like_the_kernel(ops, fh: int, size: int, chunk: int, in_flight: int) -> bytes:
+    """Sequential requests sent ahead of the reader, ``in_flight`` at a time, answered in any
+    order (the kernel's read-ahead), served with the daemon's nursery for background windows."""
+    got: dict[int, bytes] = {}
+    slots = trio.Semaphore(in_flight)
+
+    async def one(off: int) -> None:
+        try:
+            got[off] = bytes(await ops.read(fh, off, chunk))
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
+        for off in range(0, size, chunk):
+            await slots.acquire()
+            nursery.start_soon(one, off)
+    ops.nursery = None
+    return b"".join(got[off] for off in sorted(got))
+
+
+@pytest.mark.parametrize("path", ["ramblocks/anon-7f0000008000/data", "vmstate"])
+async def test_concurrent_sequential_requests_share_windows(ops, monkeypatch, path):
+    ops, app = ops
+    fetched: list[int] = []
+    fetch = OpenFile.fetch
+
+    def counting(self, off, size):
+        fetched.append(size)
+        return fetch(self, off, size)
+
+    monkeypatch.setattr(OpenFile, "fetch", counting)
+    inode = ops.fs.resolve(f"app/{path}")
+    size = ops.fs.getattr(inode).size
+    if path == "vmstate":
+        expect = VmstateView(ops.fs.store.open_snapshot("app")).read(0, size)
+    else:
+        expect = app[2].data
+    info = await ops.open(inode, os.O_RDONLY, None)
+    chunk = 128 * 1024
+    assert await _read_like_the_kernel(ops, info.fh, size, chunk, in_flight=6) == expect
+    assert len(fetched) < -(-size // chunk) / 2  # windows shared by requests, not one each
+    assert max(fetched) >= WINDOW_MIN
+    await ops.release(info.fh)
+    assert ops.fs.window_budget.used == 0  # every window given back
+    # One request at a time (no read-ahead): the same bytes.
+    info = await ops.open(inode, os.O_RDONLY, None)
+    assert await _read_like_the_kernel(ops, info.fh, size, chunk, in_flight=1) == expect
+    await ops.release(info.fh)

@@ -227,26 +227,31 @@ def test_corrupt_frame_raises_store_corrupt(store, app, store_dir):
     assert fs.read(fs.resolve("app/ramblocks/stack/data"), 0, 16 * PAGE) == app[3].data
 
 
+def _serve(of: OpenFile, pos: int, chunk: int, fetched: list[int]) -> bytes | memoryview:
+    """One request the way the adapter serves it, without the concurrency."""
+    of.note(pos, chunk)
+    chunk = min(chunk, of.size - pos)
+    got = of.cached(pos, chunk)
+    if got is None:
+        start, length = of.plan(pos, chunk)
+        fetched.append(length)
+        buf = of.fetch(start, length)
+        of.install(start, buf, keep=length > chunk)
+        got = of.part(buf, start, pos, chunk)
+    return got
+
+
 def test_open_file_windows_sequential_reads():
     data = bytes(np.random.default_rng(1).integers(0, 256, 6 << 20, dtype=np.uint8))
     view = BytesView(data)
     of = OpenFile(5, view)
     chunk = 128 * 1024
-    fetched = []
-    pos = 0
-    while pos < len(data):
-        got = of.cached(pos, chunk)
-        if got is None:
-            start, length = of.plan(pos, chunk)
-            fetched.append(length)
-            buf = of.fetch(start, length)
-            of.install(start, buf, keep=length > chunk)
-            got = of.take(pos, chunk, buf)
-        assert got == data[pos : pos + chunk]
+    fetched: list[int] = []
+    for pos in range(0, len(data), chunk):
+        assert _serve(of, pos, chunk, fetched) == data[pos : pos + chunk]
         window = of.next_prefetch()
         if window is not None:
             of.install(window[0], of.fetch(*window), keep=True)
-        pos += chunk
     assert len(fetched) < 6  # windows, not one fetch per request
     assert max(fetched) >= WINDOW_MIN
     assert 0 < of.budget.used <= 4 * (4 << 20)
@@ -254,21 +259,44 @@ def test_open_file_windows_sequential_reads():
     assert of.budget.used == 0
     # A budget too small for a window: reads are still right, nothing is kept.
     small = OpenFile(5, view, WindowBudget(64 * 1024))
+    fetched = []
     for pos in range(0, 2 << 20, chunk):
-        got = small.cached(pos, chunk)
-        if got is None:
-            start, length = small.plan(pos, chunk)
-            assert length == chunk  # no window fetched only to be thrown away
-            buf = small.fetch(start, length)
-            small.install(start, buf, keep=length > chunk)
-            got = small.take(pos, chunk, buf)
-        assert got == data[pos : pos + chunk]
+        assert _serve(small, pos, chunk, fetched) == data[pos : pos + chunk]
+    assert set(fetched) == {chunk}  # no window fetched only to be thrown away
     assert small.budget.used == 0
     # Random access: exact reads, nothing kept.
     of2 = OpenFile(5, view)
+    of2.note(4096, 10)
     assert of2.cached(4096, 10) is None
     assert of2.plan(4096, 10) == (4096, 10)
     assert of2.cached(len(data) + 5, 10) == b""
+
+
+def test_open_file_sequential_detection_survives_concurrent_requests():
+    """The kernel sends a sequential reader's next requests before the first is answered:
+    detection follows arrivals, and requests inside a running window wait for it."""
+    data = bytes(np.random.default_rng(2).integers(0, 256, 16 << 20, dtype=np.uint8))
+    of = OpenFile(5, BytesView(data))
+    mib = 1 << 20
+    of.note(0, mib)
+    assert of.plan(0, mib) == (0, mib)  # the first request: exact
+    of.note(mib, mib)  # arrives while the first is still being fetched
+    start, length = of.plan(mib, mib)
+    assert (start, length) == (mib, WINDOW_MIN) and length >= mib
+    of.begin_window((start, length))
+    ahead = of.next_prefetch()  # the next window starts before anyone asks for it
+    assert ahead == (start + length, WINDOW_MIN)
+    of.begin_window(ahead)
+    assert of.next_prefetch() is None  # at most MAX_INFLIGHT windows at once
+    of.note(2 * mib, mib)  # the kernel's next request falls in the prefetched window
+    assert of.inflight_covering(2 * mib) == ahead
+    assert of.inflight_covering(mib + 10) == (start, length)
+    of.end_window((start, length))
+    buf = of.fetch(start, length)
+    of.install(start, buf, keep=True)
+    assert of.part(buf, start, mib, mib) == data[mib : 2 * mib]
+    assert of.part(buf, start, 0, mib) is None  # not inside the window
+    assert of.cached(mib, mib) == data[mib : 2 * mib]
 
 
 def test_vmstate_view_is_served_when_its_module_exists(store, app):

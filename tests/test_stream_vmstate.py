@@ -204,3 +204,31 @@ def test_block_records_match_naive_encoding_at_any_offset(seed):
         n = rng.choice((1, 9, 4104, 70_000, rng.randrange(1, 200_000)))
         assert layout.read(off, n) == expect[off : off + n], (off, n)
     assert max(calls) <= 8192 * PAGE  # page data fetched per bounded window
+
+
+def test_read_pages_into_scatter_rows(store_dir):
+    """The scatter form behind the vmstate records: page ``pages[i]`` lands in ``dest[rows[i]]``
+    of a destination whose 4096-byte rows start at arbitrary byte offsets (a strided view);
+    holes and zero pages become zeros; bytes between the rows are left alone."""
+    from numpy.lib.stride_tricks import as_strided
+
+    with Store.open(store_dir, create=True) as store:
+        imgs = make_snapshot(store)
+        imgs["heap"][100:180] = 0
+        reader = store.open_snapshot("p1")
+        rng = np.random.default_rng(11)
+        for region in reader.regions:
+            img = imgs[region.name]
+            for _ in range(20):
+                pages = np.sort(rng.choice(len(img), size=rng.integers(1, len(img) + 1), replace=False))
+                gaps = rng.integers(0, 20, size=len(pages))  # irregular spacing, like 9-byte records
+                rows = np.cumsum(gaps + PAGE) - PAGE
+                out = np.full(int(rows[-1]) + PAGE, 0xA5, np.uint8)
+                dest = as_strided(out, shape=(len(out) - PAGE + 1, PAGE), strides=(1, 1))
+                reader.read_pages_into(region.index, pages, dest, rows)
+                expect = np.full_like(out, 0xA5)
+                for p, r in zip(pages.tolist(), rows.tolist()):
+                    expect[r : r + PAGE] = img[p]
+                assert np.array_equal(out, expect)
+        with pytest.raises(ValueError):
+            reader.read_pages_into(0, np.arange(3), np.empty((3, PAGE), np.uint8))

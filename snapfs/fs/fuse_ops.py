@@ -69,6 +69,16 @@ def _erofs(name: str) -> Callable[..., Awaitable[Any]]:
     return handler
 
 
+class _WindowJob:
+    """A window being fetched: ``done`` is set when ``data`` is there (None: it failed)."""
+
+    __slots__ = ("done", "data")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | memoryview | None = None
+
+
 class SnapfsOperations(pyfuse3.Operations):
     """pyfuse3 operations over a :class:`SnapshotFS`.
 
@@ -90,7 +100,7 @@ class SnapfsOperations(pyfuse3.Operations):
         # about 30% of the daemon's CPU went to futex hand-offs with 2 workers per core).
         self._limiter = trio.CapacityLimiter(threads or max(2, os.cpu_count() or 1))
         self._files: dict[int, OpenFile] = {}
-        self._prefetch_done: dict[tuple[int, int], trio.Event] = {}  # (fh, window offset)
+        self._jobs: dict[tuple[int, int], _WindowJob] = {}  # (fh, window offset): running
         self._fh = itertools.count(1)
         self._invalidate_lock = threading.Lock()
         fs.on_removed = self._invalidate_removed
@@ -194,39 +204,61 @@ class SnapfsOperations(pyfuse3.Operations):
         of = self._files.get(fh)
         if of is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        of.note(off, size)
+        size = min(size, of.size - off)
+        if size <= 0:
+            return b""
         data = of.cached(off, size)
         if data is None:
-            running = of.inflight_covering(off)
-            if running is not None:  # the window being prefetched holds it
-                await self._prefetch_done[(fh, running[0])].wait()
+            window = of.inflight_covering(off)
+            job = None if window is None else self._jobs.get((fh, window[0]))
+            if window is None:
+                start, length = of.plan(off, size)
+                if length > size:  # a sequential reader: one job for this and the next requests
+                    window = (start, length)
+                    job = self._start_window(fh, of, window)
+                    if self.nursery is None:  # no daemon nursery (tests): fetch it right here
+                        await self._fetch_window(fh, of, window, job)
+            self._start_prefetches(fh, of)
+            if job is not None:
+                await job.done.wait()
+                if job.data is not None:  # served from the job's result even if not kept
+                    data = of.part(job.data, window[0], off, size)
+            if data is None:
                 data = of.cached(off, size)
-        if data is None:
-            start, length = of.plan(off, size)
-            fetched = await self._run(of.fetch, start, length)
-            of.install(start, fetched, keep=length > size)
-            data = of.take(off, size, fetched)
-        self._start_prefetches(fh, of)
+        if data is None:  # random reads (and a failed window: its error is reported here)
+            data = await self._run(of.fetch, off, size)
         return data
+
+    def _start_window(self, fh: int, of: OpenFile, window: tuple[int, int]) -> _WindowJob:
+        """Fetch ``window`` in a worker thread (in the daemon's nursery: without one, the caller
+        runs :meth:`_fetch_window`); requests inside it wait for the job returned."""
+        job = self._jobs[(fh, window[0])] = _WindowJob()
+        of.begin_window(window)
+        if self.nursery is not None:
+            self.nursery.start_soon(self._fetch_window, fh, of, window, job)
+        return job
 
     def _start_prefetches(self, fh: int, of: OpenFile) -> None:
         if self.nursery is None:
             return
         while (window := of.next_prefetch()) is not None:
-            of.inflight.append(window)
-            self._prefetch_done[(fh, window[0])] = trio.Event()
-            self.nursery.start_soon(self._prefetch, fh, of, window)
+            self._start_window(fh, of, window)
 
-    async def _prefetch(self, fh: int, of: OpenFile, window: tuple[int, int]) -> None:
+    async def _fetch_window(self, fh: int, of: OpenFile, window: tuple[int, int], job: _WindowJob) -> None:
         try:
-            data = await self._run(of.fetch, *window)
-            of.install(window[0], data, keep=True)
+            job.data = await self._run(of.fetch, *window)
         except trio.Cancelled:
             raise
-        except Exception as exc:  # the read itself will report it, if it happens
-            log.debug("prefetch %r of fh %d failed: %s", window, fh, exc)
+        except Exception as exc:  # the requests waiting fall back to exact reads, which report it
+            log.debug("window %r of fh %d failed: %s", window, fh, exc)
         finally:
-            of.inflight.remove(window)
-            self._prefetch_done.pop((fh, window[0])).set()
+            of.end_window(window)
+            del self._jobs[(fh, window[0])]
+            job.done.set()
+        if job.data is not None:
+            of.install(window[0], job.data, keep=True)
+            self._start_prefetches(fh, of)
 
     @_fuse_handler
     async def release(self, fh: int) -> None:

@@ -17,6 +17,8 @@ from snapfs.store import _runs
 from snapfs.store._format import PAGE, FrameError, decode_frame, decompress_blob
 from snapfs.store.model import DATA, RegionInfo, SnapshotInfo
 
+# Up to this many runs, a range read loops over them in Python; more: vectorised over pages.
+_FEW_RUNS = 8
 
 
 class SnapshotReader:
@@ -106,28 +108,89 @@ class SnapshotReader:
         start = offset - first * PAGE
         return out.reshape(-1)[start:start + size].tobytes()
 
-    def read_pages_into(self, region_index: int, first_page: int, dest: np.ndarray) -> None:
-        """Fill ``dest`` (a writable ``(n, 4096)`` uint8 array) with pages ``first_page..+n``.
+    def read_pages_into(self, region_index: int, pages: int | np.ndarray, dest: np.ndarray,
+                        rows: np.ndarray | None = None) -> None:
+        """Copy pages of a region into rows of ``dest``, straight from the decoded frames.
 
-        One copy straight from the decoded frames (numpy releases the GIL while copying); zeros
-        for holes and zero pages. For readers of large ranges (the vmstate view, FUSE).
+        ``dest`` is a writable uint8 array of 4096-byte rows (strided, even overlapping, views
+        welcome). With ``pages`` an int, ``dest`` receives pages ``pages..pages+len(dest)-1``,
+        one per row. With ``pages`` an ascending array of page numbers, page ``pages[i]`` goes to
+        ``dest[rows[i]]`` (the vmstate view fills its records' payloads this way). Holes and
+        zero pages become zeros. One copy per byte; numpy releases the GIL while copying.
         Raises StoreCorrupt when a frame covering the range is damaged.
         """
-        last = first_page + dest.shape[0]
+        if isinstance(pages, (int, np.integer)):
+            self._read_range(region_index, int(pages), dest)
+            return
+        if rows is None or len(rows) != len(pages):
+            raise ValueError("pages given as an array need one row each")
+        if len(pages) == 0:
+            return
+        self._scatter(region_index, np.asarray(pages, np.int64), dest, np.asarray(rows, np.int64))
+
+    def _read_range(self, region_index: int, first: int, dest: np.ndarray) -> None:
+        """Pages ``first..first+len(dest)-1`` into the rows of ``dest``."""
+        count = dest.shape[0]
         runs, starts, ends = self._indexed_map(region_index)
-        sel = _runs.overlapping(runs, first_page, last, ends, starts)
-        pos = first_page
+        sel = _runs.overlapping(runs, first, first + count, ends, starts)
+        if len(sel) > _FEW_RUNS:  # many runs: vectorised
+            rows = np.arange(count, dtype=np.int64)
+            self._scatter(region_index, rows + first, dest, rows, sel)
+            return
+        pos = first  # a few runs (small reads): a plain loop costs less than the set-up
         for page, n, _kind, slot, seg, off, flen in sel[sel["kind"] == DATA].tolist():
-            lo, hi = max(page, first_page), min(page + n, last)
+            lo, hi = max(page, first), min(page + n, first + count)
             if lo > pos:
-                dest[pos - first_page:lo - first_page] = 0
+                dest[pos - first:lo - first] = 0
             frame = self._frame(seg, off, flen, region_index)
-            dest[lo - first_page:hi - first_page] = np.frombuffer(
+            dest[lo - first:hi - first] = np.frombuffer(
                 frame, np.uint8, count=(hi - lo) * PAGE, offset=(slot + lo - page) * PAGE
             ).reshape(-1, PAGE)
             pos = hi
-        if pos < last:
-            dest[pos - first_page:] = 0
+        if pos < first + count:
+            dest[pos - first:] = 0
+
+    def _scatter(self, region_index: int, pages: np.ndarray, dest: np.ndarray, rows: np.ndarray,
+                 sel: np.ndarray | None = None) -> None:
+        """Page ``pages[i]`` (ascending) into ``dest[rows[i]]``; ``sel``: the runs overlapping
+        them, if known."""
+        if sel is None:
+            runs, starts, ends = self._indexed_map(region_index)
+            sel = _runs.overlapping(runs, int(pages[0]), int(pages[-1]) + 1, ends, starts)
+        data = sel[sel["kind"] == DATA]
+        # The DATA run holding each page (holes and zero pages are in none).
+        run_first = data["page"].astype(np.int64)
+        k = np.searchsorted(run_first, pages, "right") - 1
+        inside = k >= 0
+        inside[inside] = pages[inside] < (run_first + data["n"])[k[inside]]
+        if not inside.all():
+            _zero_rows(dest, rows[~inside])
+            pages, rows, k = pages[inside], rows[inside], k[inside]
+            if len(pages) == 0:
+                return
+        slot = data["slot"][k].astype(np.int64) + (pages - run_first[k])
+        frame_key = ((data["seg"].astype(np.int64) << 32) | data["off"].astype(np.int64))[k]
+        # Python loops once per frame (32 pages), never per page or run: zero pages between
+        # data pages cut a frame's pages into many short runs. Whether a frame's slots are
+        # consecutive and its rows evenly spaced (then slices copy, without index arrays) is
+        # worked out for all pages at once: counts of breaks, compared per frame.
+        heads = np.flatnonzero(np.diff(frame_key, prepend=-1)).tolist()
+        first_run = k[heads].tolist()
+        slot_breaks = np.concatenate(([0], np.cumsum(np.diff(slot) != 1))).tolist()
+        row_step = np.diff(rows)
+        row_changes = np.concatenate(([0, 0], np.cumsum(row_step[1:] != row_step[:-1]))).tolist()
+        slots, row_at = slot.tolist(), rows.tolist()
+        segs, offs, flens = data["seg"].tolist(), data["off"].tolist(), data["flen"].tolist()
+        for a, b, j in zip(heads, heads[1:] + [len(pages)], first_run):  # pages a..b-1: one frame
+            frame = np.frombuffer(self._frame(segs[j], offs[j], flens[j], region_index),
+                                  np.uint8).reshape(-1, PAGE)
+            n, s0, r0 = b - a, slots[a], row_at[a]
+            src = frame[s0:s0 + n] if slot_breaks[b - 1] == slot_breaks[a] else frame[slot[a:b]]
+            step = row_at[a + 1] - r0 if n > 1 else 1
+            if step > 0 and (n <= 2 or row_changes[b - 1] == row_changes[a + 1]):
+                dest[r0:r0 + step * (n - 1) + 1:step] = src
+            else:
+                dest[rows[a:b]] = src
 
     def runs(self, region_index: int) -> Iterator[tuple[int, int, int]]:
         """(first_page, npages, kind) over the whole region, ascending; kind HOLE/ZERO/DATA."""
@@ -158,3 +221,11 @@ class SnapshotReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _zero_rows(dest: np.ndarray, rows: np.ndarray) -> None:
+    """``dest[rows] = 0``; one slice when ``rows`` are consecutive (a hole, a zero run)."""
+    if len(rows) and int(rows[-1] - rows[0]) == len(rows) - 1:
+        dest[int(rows[0]):int(rows[-1]) + 1] = 0
+    else:
+        dest[rows] = 0

@@ -5,10 +5,11 @@ framing, device state) and, per RAMBlock, a :class:`BlockRecords` piece: the blo
 PAGE records, described only by its page runs. The piece start offsets are kept in a sorted
 list and each block keeps the byte position of every run, so a read at any offset costs two
 bisections; nothing is materialised. Records are generated per read, vectorised with numpy
-(headers computed and scattered in one go, page data copied per data run), so a sequential
-read does no per-page Python work. Given a ``read_pages_into`` copier, page data goes from the
-decoded frames straight into the records, and :meth:`StreamLayout.read_buffer` hands the
-generated records on as a memoryview: one copy of each byte instead of four.
+(headers computed and scattered in one go, page data copied into every payload by one call),
+so a sequential read does no per-page or per-run Python work. Given a ``read_pages_into``
+copier, page data goes from the decoded frames straight into the records, and
+:meth:`StreamLayout.read_buffer` hands the generated records on as a memoryview: one copy of
+each byte instead of four.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from snapfs.stream import format as F
 
@@ -25,14 +27,12 @@ from snapfs.stream import format as F
 _MAX_RECORDS = 8192
 _DATA_RECORD = 8 + F.TARGET_PAGE_SIZE
 _ZERO_RECORD = 8 + 1
-_HDR_COLS = np.arange(8, dtype=np.int64)
 
 ReadPages = Callable[[int, int, int], bytes]  # (region, byte offset, size) -> bytes
-# (region, first page, destination rows of TARGET_PAGE_SIZE uint8, possibly strided) -> None:
-# pages copied straight from the decoded frames into the records (one copy, GIL released).
-ReadPagesInto = Callable[[int, int, np.ndarray], None]
-# At most this many data runs in a window are copied run by run; more: one dense span read.
-_DIRECT_RUNS = 32
+# (region, ascending pages, destination rows of TARGET_PAGE_SIZE uint8, row of each page) ->
+# None: SnapshotReader.read_pages_into, copying straight from the decoded frames into the
+# records' payloads (one copy, GIL released).
+ReadPagesInto = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -107,74 +107,43 @@ class BlockRecords:
         pos = self.byte_start[r] + k * self.rec_size[r]
         if g0 == 0:
             pos[0] = 0
-        size = np.where(is_data, _DATA_RECORD, _ZERO_RECORD)
         base = int(pos[0])
-        end = int(pos[-1] + size[-1]) + (plen if g1 == 1 else 0)
+        end = int(pos[-1] + (_DATA_RECORD if is_data[-1] else _ZERO_RECORD)) + (plen if g1 == 1 else 0)
         rel = pos - base
         out = np.empty(end - base, dtype=np.uint8)
 
         flags = np.where(is_data, F.RAM_PAGE, F.RAM_ZERO) | F.RAM_CONTINUE
         if g0 == 0:
             flags[0] &= ~F.RAM_CONTINUE
-        words = (pages.astype(np.uint64) * np.uint64(F.TARGET_PAGE_SIZE)) | flags.astype(np.uint64)
-        out[rel[:, None] + _HDR_COLS] = words.astype(">u8").view(np.uint8).reshape(-1, 8)
+        # Every header in one scatter: a big-endian u64 view of the bytes at each offset.
+        headers = np.ndarray((len(out) - 7,), ">u8", out, strides=(1,))
+        headers[rel] = (pages.astype(np.uint64) * np.uint64(F.TARGET_PAGE_SIZE)) | flags.astype(np.uint64)
         payload = rel + 8
         if g0 == 0:
             out[8 : 8 + plen] = self.prefix
             payload[0] += plen
         out[payload[~is_data]] = 0
-
-        # Page data, one copy per data run inside this window.
-        r0, r1 = int(r[0]), int(r[-1]) + 1
-        data_runs = np.flatnonzero(self.is_data[r0:r1]) + r0
-        if len(data_runs):
-            # Records [a, b) of each data run that fall in the window, and their first page.
-            a = np.maximum(self.rec_start[data_runs], g0)
-            b = np.minimum(self.rec_start[data_runs] + self.count[data_runs], g1)
-            p_a = self.first[data_runs] + a - self.rec_start[data_runs]
-            span_first = int(p_a[0])
-            span_pages = int(p_a[-1] + b[-1] - a[-1]) - span_first
-            if read_into is not None and len(data_runs) <= _DIRECT_RUNS:
-                self._fill_direct(out, rel, payload, g0, a.tolist(), b.tolist(), p_a.tolist(), read_into)
-                return base, out
-            whole = None
-            if read_into is not None and span_pages <= 2 * int((b - a).sum()) + 64:
-                whole = np.empty((span_pages, F.TARGET_PAGE_SIZE), np.uint8)
-                read_into(self.region, span_first, whole)
-            elif span_pages <= 2 * int((b - a).sum()) + 64:  # dense: one read for the window
-                whole = np.frombuffer(
-                    read_pages(self.region, span_first * F.TARGET_PAGE_SIZE, span_pages * F.TARGET_PAGE_SIZE),
-                    np.uint8,
-                ).reshape(-1, F.TARGET_PAGE_SIZE)
-            for a_i, b_i, p_i in zip(a.tolist(), b.tolist(), p_a.tolist()):
-                n = b_i - a_i
-                if whole is not None:
-                    src = whole[p_i - span_first : p_i - span_first + n]
-                else:
-                    src = np.frombuffer(
-                        read_pages(self.region, p_i * F.TARGET_PAGE_SIZE, n * F.TARGET_PAGE_SIZE), np.uint8
-                    ).reshape(n, F.TARGET_PAGE_SIZE)
-                if a_i == 0:  # the block's first record: its payload follows the idstr
-                    out[payload[0] : payload[0] + F.TARGET_PAGE_SIZE] = src[0]
-                    src, a_i, n = src[1:], 1, n - 1
-                    if not n:
-                        continue
-                start = int(rel[a_i - g0])
-                out[start : start + n * _DATA_RECORD].reshape(n, _DATA_RECORD)[:, 8:] = src
+        if is_data.any():
+            # A 4096-byte row at every byte offset: each data record's payload is the row at
+            # its offset, and the pages are copied there in one call, straight from the store.
+            rows = as_strided(out, shape=(len(out) - F.TARGET_PAGE_SIZE + 1, F.TARGET_PAGE_SIZE),
+                              strides=(1, 1))
+            (read_into or _pages_reader(read_pages))(self.region, pages[is_data], rows, payload[is_data])
         return base, out
 
-    def _fill_direct(self, out: np.ndarray, rel: np.ndarray, payload: np.ndarray, g0: int,
-                     a: list[int], b: list[int], p_a: list[int], read_into: ReadPagesInto) -> None:
-        """Copy each data run's pages from the store straight into its records' payloads."""
-        page = F.TARGET_PAGE_SIZE
-        for a_i, b_i, p_i in zip(a, b, p_a):
-            if a_i == 0:  # the block's first record: its payload follows the idstr
-                read_into(self.region, p_i, out[payload[0] : payload[0] + page].reshape(1, page))
-                a_i, p_i = 1, p_i + 1
-            n = b_i - a_i
-            if n > 0:
-                start = int(rel[a_i - g0])
-                read_into(self.region, p_i, out[start : start + n * _DATA_RECORD].reshape(n, _DATA_RECORD)[:, 8:])
+
+def _pages_reader(read_pages: ReadPages) -> ReadPagesInto:
+    """A :data:`ReadPagesInto` built on ``read_pages`` (bytes per range): one read per run of
+    consecutive pages. For layouts without a store reader (in-memory images, tests)."""
+
+    def read_into(region: int, pages: np.ndarray, dest: np.ndarray, rows: np.ndarray) -> None:
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(pages)]):
+            first = int(pages[a])
+            data = read_pages(region, first * F.TARGET_PAGE_SIZE, (b - a) * F.TARGET_PAGE_SIZE)
+            dest[rows[a:b]] = np.frombuffer(data, np.uint8).reshape(b - a, F.TARGET_PAGE_SIZE)
+
+    return read_into
 
 
 Piece = Literal | BlockRecords
