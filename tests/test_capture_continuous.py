@@ -4,8 +4,8 @@ stopped) and inherits the rest from its parent, and is still exactly one instant
 
 from __future__ import annotations
 
-
 import numpy as np
+import pytest
 import trio
 
 from snapfs.capture import CaptureOptions, capture_process
@@ -101,6 +101,8 @@ async def test_partly_written_memory_children_are_one_instant(store_dir, monkeyp
 
     monkeypatch.setattr(continuous, "_SPLIT_MIN", 1 << 20)
     monkeypatch.setattr(continuous, "SPLIT", 3)  # uneven slices, a pool even on 1 core
+    monkeypatch.setattr(continuous, "_SPLIT_COPY", 64 << 10)
+    monkeypatch.setattr(continuous, "_SPLIT_EARLY", 1 << 20)
     npages = 8192
     with Target("oracle", str(npages), "2", "anon", "plain", "3000") as t:
         with Store.open(store_dir, create=True) as store:
@@ -119,4 +121,121 @@ async def test_partly_written_memory_children_are_one_instant(store_dir, monkeyp
                 tracking.close()
             instants = [check_oracle(region_image(store.open_snapshot(n), t.addr, npages)) for n in names]
             assert instants == sorted(instants) and len(set(instants)) == len(instants)
+        assert_released(t.pid)
+
+
+def _before_the_stop(monkeypatch, action) -> None:
+    """Run ``action`` after the pre-pass copied its pages, just before the target is stopped."""
+    from snapfs.capture import continuous
+
+    stopped_pass = continuous._stopped_pass
+
+    def late(*args):
+        action()
+        return stopped_pass(*args)
+
+    monkeypatch.setattr(continuous, "_stopped_pass", late)
+
+
+@pytest.mark.parametrize("kind", ["anon", "thp"])
+@pytest.mark.parametrize("holes_written", [True, False], ids=["kernel-as-is", "ask-for-holes"])
+async def test_memory_dropped_between_prepass_and_stop_reads_as_zeros(store_dir, monkeypatch, kind,
+                                                                     holes_written):
+    """The target drops 2 MiB (a whole page table or huge page) after the pre-pass copied
+    it and before the stop: the child must show zeros there, not the copied bytes (the
+    stop's probe sees memory gone even without its page table), whether the kernel reports
+    such holes as written or the probe asks for them."""
+    from snapfs.capture import continuous
+
+    if not holes_written:
+        monkeypatch.setattr(continuous, "_holes_read_as_written", lambda: False)
+    npages = 8192
+    q = npages // 16
+    dropped = np.zeros(npages, bool)
+    dropped[npages // 4 : npages // 4 + q] = True
+    with Target("oracle", str(npages), "1", kind, "plain", "2000") as t:
+        with Store.open(store_dir, create=True) as store:
+            first = await capture_process(t.pid, store, "z0", CaptureOptions(continuous=True))
+            tracking = first.tracking
+            try:
+                await capture_next(tracking, store, "z1")
+                # Rewrite the soon-dropped block so the pre-pass copies it.
+                with open(f"/proc/{t.pid}/mem", "r+b", buffering=0) as mem:
+                    mem.seek(t.addr + npages // 4 * 4096)
+                    mem.write(b"\x5a" * (q * 4096))
+                replies = []
+                _before_the_stop(monkeypatch, lambda: replies.append(t.send("d")))
+                r = await capture_next(tracking, store, "z2")
+                assert replies == ["ok d"]
+            finally:
+                tracking.close()
+            assert r.info.meta["copied_bytes"] >= q * 4096  # the pre-pass did copy it
+            image = region_image(store.open_snapshot("z2"), t.addr, npages)
+            assert not image[dropped].any(), "dropped memory shows the pre-pass's copy"
+            check_oracle(image, skip=dropped)
+            assert r.info.meta["timing_ms"]["probed_vmas"] >= 1
+        assert_released(t.pid)
+
+
+async def test_written_after_the_prepass_copy_is_taken_at_the_stop(store_dir, monkeypatch):
+    """Pages the pre-pass copied and the target rewrote before the stop are copied again
+    during the stop; the others come from the pre-pass's copy."""
+    n = 8192
+
+    def rewrite() -> None:
+        with open(f"/proc/{t.pid}/mem", "r+b", buffering=0) as mem:
+            mem.seek(t.addr)
+            mem.write(b"\x33" * (16 * 4096))
+
+    with Target("populate", str(n)) as t:
+        with Store.open(store_dir, create=True) as store:
+            first = await capture_process(t.pid, store, "w0", CaptureOptions(continuous=True))
+            tracking = first.tracking
+            try:
+                assert t.send("p") == "ok p"  # writes [0, N/8) and populates [N/2, 3N/4)
+                _before_the_stop(monkeypatch, rewrite)
+                r = await capture_next(tracking, store, "w1")
+            finally:
+                tracking.close()
+            img = region_image(store.open_snapshot("w1"), t.addr, n)
+            ee, x33 = np.uint64(0xEEEEEEEEEEEEEEEE), np.uint64(0x3333333333333333)
+            assert (img[:16] == x33).all() and (img[16 : n // 8] == ee).all()
+            assert not img[n // 4 : n // 2].any() and (img[n // 2 : 3 * n // 4] == ee).all()
+            timing = r.info.meta["timing_ms"]
+            # The pre-pass copied what was written since w0; the stop only the rewritten
+            # pages (and small untracked mappings).
+            assert r.info.meta["copied_bytes"] >= (n // 8 + n // 4 + 16) * 4096
+            assert 16 * 4096 <= timing["stop_copied_bytes"] < 16 * 4096 + (1 << 20)
+        assert_released(t.pid)
+
+
+async def test_a_failed_child_does_not_lose_what_was_written(store_dir, monkeypatch):
+    """A child that fails after its passes re-protected the written pages (here: storing
+    fails) publishes nothing, and the next child still takes those pages."""
+    from snapfs.capture import continuous
+
+    n = 8192
+    with Target("populate", str(n)) as t:
+        with Store.open(store_dir, create=True) as store:
+            first = await capture_process(t.pid, store, "f0", CaptureOptions(continuous=True))
+            tracking = first.tracking
+            try:
+                assert t.send("p") == "ok p"
+                real_store = continuous._store
+
+                def failing_store(*args):
+                    raise OSError(28, "No space left on device (test)")
+
+                monkeypatch.setattr(continuous, "_store", failing_store)
+                with pytest.raises(OSError, match="test"):
+                    await capture_next(tracking, store, "f1")
+                assert [s.name for s in store.list_snapshots()] == ["f0"]
+                monkeypatch.setattr(continuous, "_store", real_store)
+                r = await capture_next(tracking, store, "f1")
+                assert r.info.parent == "f0"
+            finally:
+                tracking.close()
+            img = region_image(store.open_snapshot("f1"), t.addr, n)
+            ee = np.uint64(0xEEEEEEEEEEEEEEEE)
+            assert (img[: n // 8] == ee).all() and (img[n // 2 : 3 * n // 4] == ee).all()
         assert_released(t.pid)

@@ -131,6 +131,53 @@ def clip(runs: np.ndarray, first: int, last: int, ends: np.ndarray | None = None
     return sel
 
 
+def clip_many(runs: np.ndarray, firsts: np.ndarray, lasts: np.ndarray, ends: np.ndarray | None = None,
+              starts: np.ndarray | None = None) -> np.ndarray:
+    """:func:`clip` for many page ranges [firsts[i], lasts[i]) at once, in one vectorised pass
+    (a tracked child inherits thousands of ranges between its scattered dirty pages).
+
+    Ranges must be ascending and disjoint; the result is then non-overlapping, sorted
+    unless some runs are cut (those come last)."""
+    firsts = np.asarray(firsts, dtype=np.int64)
+    lasts = np.asarray(lasts, dtype=np.int64)
+    if len(runs) == 0 or len(firsts) == 0:
+        return EMPTY
+    if ends is None:
+        ends = ends_of(runs).astype(np.int64)
+    if starts is None:
+        starts = runs["page"].astype(np.int64)
+    # Runs lying wholly inside one range are kept as they are (the usual case when the
+    # ranges are everything but a few pages): one selection, no per-field arithmetic.
+    r = np.searchsorted(firsts, starts, side="right") - 1
+    whole = (r >= 0) & (ends <= lasts[np.maximum(r, 0)])
+    if whole.all():
+        return runs.copy()
+    cut = _clip_each(runs[~whole], firsts, lasts, ends[~whole], starts[~whole])
+    return np.concatenate([runs[whole], cut]) if whole.any() else cut
+
+
+def _clip_each(runs: np.ndarray, firsts: np.ndarray, lasts: np.ndarray, ends: np.ndarray,
+               starts: np.ndarray) -> np.ndarray:
+    """Every (run, range) intersection, clipped (the general case of :func:`clip_many`)."""
+    lo = np.searchsorted(ends, firsts, side="right")
+    hi = np.searchsorted(starts, lasts, side="left")
+    count = np.maximum(hi - lo, 0)
+    total = int(count.sum())
+    if total == 0:
+        return EMPTY
+    which = np.repeat(np.arange(len(firsts)), count)            # range of each output run
+    src = np.arange(total) - np.repeat(np.cumsum(count) - count, count) + np.repeat(lo, count)
+    sel = runs[src]                                              # fancy indexing: a copy
+    start = sel["page"].astype(np.int64)
+    new_start = np.maximum(start, firsts[which])
+    new_end = np.minimum(start + sel["n"], lasts[which])
+    data = sel["kind"] == DATA
+    sel["slot"][data] = (sel["slot"][data].astype(np.int64) + (new_start - start)[data]).astype(np.uint16)
+    sel["page"] = new_start
+    sel["n"] = new_end - new_start
+    return sel
+
+
 def locate(runs: np.ndarray, pages: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
     """Runs pointing at the parent's bytes for sorted ``pages``, all DATA in ``runs``.
 

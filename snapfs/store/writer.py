@@ -441,33 +441,82 @@ class SnapshotWriter:
         self.inherit_ranges(idx, [first_page], [npages])
 
     def inherit_ranges(self, idx: int, first_pages: Any, npages: Any) -> None:
-        """Several ranges of pages unchanged since the parent, in one call (what a tracked
-        incremental does between scattered dirty pages): one hash update and one compaction
-        instead of one per range."""
+        """Several ranges of pages unchanged since the parent (disjoint, any order), in one
+        vectorised pass (what a tracked incremental does between scattered dirty pages):
+        every range clipped from the parent's map at once, one hash update, one compaction."""
         firsts = np.asarray(first_pages, dtype=np.int64)
         counts = np.asarray(npages, dtype=np.int64)
         keep = counts > 0
         firsts, counts = firsts[keep], counts[keep]
         if len(firsts) == 0:
             return
-        reg = self._region(idx, int(firsts.min()), 0)
-        if int((firsts + counts).max()) > reg.npages:
-            raise ValueError(f"region {reg.spec.name!r}: inherited pages outside 0..{reg.npages}")
+        order = np.argsort(firsts, kind="stable")
+        firsts, counts = firsts[order], counts[order]
+        reg = self._region(idx, int(firsts[0]), 0)
+        lasts = firsts + counts
+        if int(lasts[-1]) > reg.npages or int(lasts.max()) > reg.npages or (firsts[1:] < lasts[:-1]).any():
+            raise ValueError(f"region {reg.spec.name!r}: inherited ranges must be disjoint and "
+                             f"inside 0..{reg.npages}")
         if reg.parent_idx is None:
             raise StoreError(f"region {reg.spec.name!r} has no counterpart in parent "
                              f"{self._parent_row['name'] if self._parent_row else None!r}: cannot inherit")
         runs, ends, starts = self._parent_indexed_map(reg.parent_idx)
-        parts = [_runs.clip(runs, f, f + n, ends, starts)
-                 for f, n in zip(firsts.tolist(), counts.tolist())]
-        # Every page of every range, ascending (ranges may come in any order).
-        order = np.argsort(firsts, kind="stable")
-        firsts, counts = firsts[order], counts[order]
+        part = _runs.clip_many(runs, firsts, lasts, ends, starts)
+        # Every inherited page keeps the parent's hash (a grandchild compares against them).
         offsets = np.repeat(firsts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
         pages = (np.arange(int(counts.sum()), dtype=np.int64) + offsets).astype(np.uint64)
         self._set_hashes(reg, pages, self._parent_hash(reg.parent_idx, pages))
         with self._lock:
-            reg.parts.extend(parts)
+            reg.parts.append(part)
             self._compact(reg)
+
+    def put_scattered(self, idx: int, pages: Any, data: Any, mask: Any = None) -> None:
+        """Store pages ``pages`` (ascending page numbers of region ``idx``) from ``data``
+        (``len(pages)`` * 4096 bytes, in that order); with ``mask`` only True pages are stored.
+        Same semantics as ``put_pages`` (zero pages as index entries, pages equal to the
+        parent's same page refer to its frame), in one pass whatever the number of pages:
+        a tracked child's few thousand scattered changed pages are one call, not thousands."""
+        pages = np.asarray(pages, dtype=np.int64)
+        view = memoryview(data).cast("B")
+        n = len(pages)
+        if len(view) != n * PAGE:
+            raise ValueError(f"put_scattered: {len(view)} bytes for {n} pages")
+        if n == 0:
+            return
+        reg = self._region(idx, int(pages[0]), 0)
+        if int(pages[-1]) >= reg.npages or (n > 1 and (np.diff(pages) <= 0).any()):
+            raise ValueError(f"region {reg.spec.name!r}: pages must be ascending, unique and inside "
+                             f"0..{reg.npages}")
+        words = np.frombuffer(view, "<u8").reshape(n, PAGE // 8)
+        sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+        if sel.shape != (n,):
+            raise ValueError(f"put_scattered: mask has shape {sel.shape}, expected ({n},)")
+        nonzero = np.bitwise_or.reduce(words, axis=1) != 0
+        zero_idx = np.flatnonzero(sel & ~nonzero)
+        data_idx = np.flatnonzero(sel & nonzero)
+        hashes = page_hashes(view, data_idx)
+        data_pages = pages[data_idx].astype(np.uint64)
+        self._set_hashes(reg, data_pages, hashes)
+        parts = [_runs.make_runs(pages[zero_idx].astype(np.uint64), ZERO)]
+        if reg.parent_idx is not None and len(data_idx):
+            same = self._parent_hash(reg.parent_idx, data_pages) == hashes
+            if same.any():
+                parts.append(self._parent_locate(reg.parent_idx, data_pages[same]))
+                data_idx, data_pages = data_idx[~same], data_pages[~same]
+        with self._lock:
+            reg.parts.extend(p for p in parts if len(p))
+            self._compact(reg)
+        k = len(data_idx)
+        full = k - k % FRAME_PAGES
+        if full:  # whole frames: one gather, written directly
+            src = memoryview(np.take(words, data_idx[:full], axis=0)).cast("B")
+            step = BATCH_FRAMES * FRAME_PAGES
+            for b in range(0, full, step):
+                end = min(b + step, full)
+                self._write_frames(idx, src[b * PAGE:end * PAGE], data_pages[b:end])
+        if k > full:  # the remainder joins the small-put pool (shared frames)
+            rest = data_idx[full:]
+            self._pool(words[rest].tobytes(), [idx] * len(rest), data_pages[full:].tolist())
 
     def mark_lost(self, idx: int, first_page: int, npages: int, reason: str) -> None:
         """Record pages that could not be captured (they read as holes); becomes a warning."""

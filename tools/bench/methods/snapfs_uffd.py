@@ -67,7 +67,8 @@ class _PeakRss:
 class Snapfs(Method):
     """One ``snapfs snapshot`` of the target into a fresh store, optionally with ``--rate``."""
 
-    how = ("snapfs snapshot PID --json --store DIR [--rate R]: pause_ms, duration_s, stored_bytes and "
+    how = ("snapfs snapshot PID --json --store DIR [--rate R]: pause_ms (the freeze; the earlier short "
+           "stop that takes the uffd is attach_pause_ms in results.json), duration_s, stored_bytes and "
            "faults from its JSON (duration = its duration_s; the command's wall time, Python start-up "
            "included, is wall_s in results.json)")
 
@@ -110,6 +111,7 @@ class Snapfs(Method):
         return Outcome(float(info.get("duration_s") or (t1 - t0)), int(info["stored_bytes"]),
                        tool_pause_ms=float(info["pause_ms"]),
                        extra={"wall_s": round(t1 - t0, 4), "faults": info.get("faults"),
+                              "attach_pause_ms": info.get("attach_pause_ms"),
                               "resident_bytes": info.get("resident_bytes"),
                               "zero_bytes": info.get("zero_bytes"),
                               "peak_rss_bytes": peak.bytes,
