@@ -48,7 +48,9 @@ async def test_one_instant_with_slow_scan(store_dir):
         result, reader, store = await _snapshot(t, store_dir, rate=32 << 20)
         check_oracle(region_image(reader, t.addr, npages), mixed=True)
         assert result.faults > npages // 4
-        assert result.duration_s >= 0.3
+        # The scan alone would take 0.5 s at 32 MiB/s; the writers' faults save many pages
+        # first (faster since the native fault loop), but the throttle still shows.
+        assert result.duration_s >= 0.15
         assert_released(t.pid)
         store.close()
 

@@ -8,6 +8,8 @@ live snapshot of it into a temporary store and, as soon as the capture's backgro
 starts, lets the target do ``--writes`` scattered one-byte writes ``--gap-us`` apart. The
 target times each write itself; writes that hit a page the scan already unprotected take
 well under 2 us and are not counted. Prints the target's p50/p90/p99/max per run.
+``SNAPFS_NO_NATIVE=1`` measures the Python fault thread alone (no native fault loop); with
+``FAULTLAT_TRACE=FILE`` the target also writes each slow write's address, start and duration.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from snapfs.capture import fastfault
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
@@ -43,7 +44,7 @@ from snapfs.capture.freeze import FrozenTarget, frozen
 from snapfs.capture.ledger import LOST
 from snapfs.capture.maps import Vma, classify, huge_page_sizes, read_maps
 from snapfs.capture.memory import prefaulted_buffer
-from snapfs.capture.priority import fault_thread_priority
+from snapfs.capture.priority import background_thread_priority, fault_thread_priority
 from snapfs.capture.preprotect import PreProtected, protect_then_freeze
 from snapfs.capture.protect import Prepared, handshake, protect_and_record
 from snapfs.capture.ptrace import check_target
@@ -186,6 +187,9 @@ class _Capture:
         # The scan's buffers are allocated (and their pages touched) before the freeze: done
         # after the resume, it delayed the fault path by ~10 ms while the target was writing.
         self.buffers = [prefaulted_buffer(CHUNK) for _ in range(self.workers * 2 + 1)]
+        # The native fault loop is compiled once per machine (~0.4 s): before the target is
+        # touched, so the first capture does not serve its faults on the slower Python path.
+        await trio.to_thread.run_sync(fastfault.ensure_built)
         t_start = time.monotonic()
         try:
             # 1. A short stop only to take a uffd for the target's memory.
@@ -380,9 +384,11 @@ class _Capture:
 
     def _put_pieces(self, buf: bytearray, pieces: list) -> None:
         view = memoryview(buf)
-        for region, first_page, off, mask in pieces:
-            if mask.any():
-                self.writer.put_pages(region, first_page, view[off : off + len(mask) * PAGE], mask)
+        # Niced: a woken writer of the target (and the fault threads) preempt compression.
+        with background_thread_priority():
+            for region, first_page, off, mask in pieces:
+                if mask.any():
+                    self.writer.put_pages(region, first_page, view[off : off + len(mask) * PAGE], mask)
 
 
 async def _stop_thread_on_cancel(stop, done: trio.Event) -> None:

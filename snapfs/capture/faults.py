@@ -1,14 +1,23 @@
-"""The fault path: serves the target's write faults first, in the trio thread.
+"""The fault path: serves the target's write faults first, in threads of its own.
 
-It waits on the uffd with ``wait_readable``, reads messages in batches and handles them in
-order. A write fault on a page still pending is served by copying the page (it still holds
-the freeze content: nobody unprotected it), claiming it in the ledger and only then
-unprotecting it, which wakes the writer; a THP or hugetlb page is saved and unprotected
+The common fault (one 4 KiB page of a populated, non-huge extent) is served by the native
+loop (:mod:`~snapfs.capture.fastfault`, SCHED_FIFO, no GIL: winning the GIL back from the
+scan and store threads cost 50 us at the median and ms at the tail). It forwards everything
+else to the Python fault thread, which serves every fault itself when the loop is not built.
+That thread (SCHED_FIFO too) blocks in ``ppoll``, reads messages in batches and handles them
+in order; its syscalls keep the GIL (a few us each). Both stop when the capture is
+cancelled or the uffd is closed (continuous mode switching to async tracking).
+
+A write fault on a page still pending is served by copying the page (it still holds the
+freeze content: nobody unprotected it), claiming it in the ledger and only then unprotecting
+it, which wakes the writer; a THP or hugetlb page is saved and unprotected
 whole. REMOVE (madvise DONTNEED), UNMAP and REMAP (mremap) events save at once what is still
 intact of the range (checked with ``PAGEMAP_SCAN`` after reading) and report the rest lost.
 
-Saved pages go to a queue drained by :meth:`FaultPath.run_store` into the store; a page
-leaves the queue only once written, so a cancelled flush loses nothing.
+Saved pages go to a queue drained by :meth:`FaultPath.run_store` (trio side) into the
+store; a page leaves the queue only once written, so a cancelled flush loses nothing. The
+queue is bounded (``QUEUE_LIMIT``): past it, the fault thread waits for the store. Huge-page
+saves reuse warm 2 MiB buffers (reading into fresh memory costs ~10x more).
 """
 
 from __future__ import annotations
@@ -18,19 +27,25 @@ import collections
 import ctypes
 import errno
 import os
+import threading
 
 import numpy as np
 import trio
 
+from snapfs.capture import fastfault
 from snapfs.capture import kernel as k
 from snapfs.capture.context import PAGE, CaptureContext, still_frozen
+from snapfs.capture.fastfault import NativeLoop
 from snapfs.capture.ledger import HUGE_PMD, LOST
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
+from snapfs.capture.priority import background_thread_priority, realtime_thread
 from snapfs.capture.uffd import decode_messages
 from snapfs.errors import TargetError
 
 QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faults wait
+FLUSH_BYTES = 8 << 20  # written per worker-thread call: a full queue frees up sooner
+HUGE_POOL = 16  # warm 2 MiB buffers kept for THP saves
 _RETRY_FIRST, _RETRY_MAX = 50e-6, 5e-3
 _BATCH = 256  # uffd messages read at once
 STORE_BATCH_DELAY = 5e-3  # seconds saved pages wait to be written with the next ones
@@ -57,6 +72,42 @@ _libc.process_vm_readv.argtypes = [
 _libc.read.restype = ctypes.c_ssize_t
 _libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _libc.ioctl.restype = ctypes.c_int  # variadic: arguments passed as given (c_ulong, pointer)
+
+# CDLL: ppoll blocks, so it must release the GIL.
+_libc_blocking = ctypes.CDLL(None, use_errno=True)
+
+
+class _PollFd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+
+_libc_blocking.ppoll.restype = ctypes.c_int
+_libc_blocking.ppoll.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p]
+_POLLIN = 0x1
+
+
+class _Waiter:
+    """ppoll on the uffd and a stop eventfd, with a sub-millisecond timeout when asked."""
+
+    def __init__(self, uffd: int, stop: int) -> None:
+        self._fds = (_PollFd * 2)((uffd, _POLLIN, 0), (stop, _POLLIN, 0))
+        self._ts = _Timespec(0, 0)
+        self._ts_ref = ctypes.byref(self._ts)
+
+    def wait(self, timeout: float | None) -> None:
+        """Return when either fd is readable (or hangs up), or after ``timeout`` seconds."""
+        ts = None
+        if timeout is not None:
+            self._ts.sec, self._ts.nsec = int(timeout), int(timeout % 1 * 1e9)
+            ts = self._ts_ref
+        if _libc_blocking.ppoll(self._fds, 2, ts, None) < 0:
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                raise OSError(err, f"ppoll on userfaultfd: {os.strerror(err)}")
 
 
 class HotCalls:
@@ -112,51 +163,177 @@ class FaultPath:
 
     def __init__(self, ctx: CaptureContext) -> None:
         self.ctx = ctx
-        self.items: collections.deque = collections.deque()  # (region, first, data, mask)
+        # (region, first, data, mask, in the native ring)
+        self.items: collections.deque = collections.deque()
         self.queued_bytes = 0
         self.item_ready = trio.Event()
-        self.drained = trio.Event()
+        # Guards items/queued_bytes between the fault thread and the trio side; the fault
+        # thread waits on it while the queue is over QUEUE_LIMIT.
+        self.queue_cond = threading.Condition(threading.Lock())
         self.busy: list[tuple[int, int]] = []  # unprotects refused with EAGAIN, to retry
         self.hot = HotCalls(ctx.pid)
+        self.huge_pool: list[bytearray] = []  # warm HUGE_PMD buffers for THP saves
+        self._notified = False  # the trio side has been told about queued items
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stopping = False
+        self._stop_fd = -1
+        self._exited = threading.Event()  # the Python fault thread is not running
+        self._native_exited = threading.Event()  # nor the native loop
+        self._exited.set()
+        self._native_exited.set()
+        self._in_threads: set[int] = set()  # idents of the fault threads while they run
+        self.native: NativeLoop | None = None
 
     # ---------------------------------------------------------------- the loop
     async def run(self) -> None:
-        """Serve faults until cancelled."""
+        """Serve faults until cancelled or the uffd is closed: the native loop (if built)
+        serves the common case, the Python fault thread the rest (or everything)."""
         uffd = self.ctx.uffd
-        scanner = PagemapScanner(self.ctx.pid)
-        retry = _RETRY_FIRST
+        if uffd.fd < 0:
+            return
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        lib = fastfault.library()
+        native = None
         try:
-            while uffd.fd >= 0:  # closed: continuous mode switched to async tracking
-                if self.queued_bytes > QUEUE_LIMIT:  # bounded memory: let the store catch up
-                    self.drained = trio.Event()
-                    await self.drained.wait()
-                # An unprotect refused (EAGAIN) while the target changes its mappings works
-                # once the event is read and the changing thread has run on; nothing signals
-                # that moment, hence a short backoff while any is pending.
-                try:
-                    if self.busy:
-                        with trio.move_on_after(retry):
-                            await trio.lowlevel.wait_readable(uffd.fd)
-                    else:  # no cancel scope per fault: it costs the trio thread more than
-                        await trio.lowlevel.wait_readable(uffd.fd)  # the fault's syscalls
-                except trio.ClosedResourceError:
-                    return  # continuous mode switched to async tracking
-                if uffd.fd < 0:
-                    return
-                raw = self.hot.read_messages(uffd.fd)
-                if len(raw) == k.UFFD_MSG_SIZE and raw[0] == k.UFFD_EVENT_PAGEFAULT:
-                    # The common case, kept free of numpy: one write fault.
-                    addr = int.from_bytes(raw[16:24], "little") & ~(PAGE - 1)
-                    if not self._serve_one(addr):
-                        self.serve(np.array([addr], dtype=np.uint64))
-                elif raw:
-                    self.handle(decode_messages(raw), scanner)
-                busy, self.busy = self.busy, []
-                for lo, hi in busy:
-                    self._unprotect(lo, hi)
-                retry = min(retry * 2, _RETRY_MAX) if self.busy else _RETRY_FIRST
+            if lib is not None:
+                native = self.native = NativeLoop(lib, self.ctx.pid, uffd.fd, self._stop_fd, self.ctx.ledger)
+            uffd.before_close.append(self.stop)
+            done = trio.Event()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._stop_on_cancel, done)
+                    if native is not None:
+                        nursery.start_soon(self._run_native, native)
+                        nursery.start_soon(self._drain_native, native)
+                    try:
+                        fd = uffd.fd if native is None else native.forward_r
+                        await trio.to_thread.run_sync(self._serve_thread, fd, abandon_on_cancel=False)
+                    finally:
+                        done.set()
+            finally:
+                uffd.before_close.remove(self.stop)
         finally:
-            scanner.close()
+            if native is not None:
+                self._import_native(native)  # pages it saved before stopping
+                # Added once the Python fault thread is gone: it counts into ctx.faults too.
+                self.ctx.faults += native.new_faults()
+                native.close()
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+
+    async def _stop_on_cancel(self, done: trio.Event) -> None:
+        try:
+            await done.wait()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Make the fault threads return, and wait until they no longer use the uffd (any
+        thread; from a fault thread itself it only asks)."""
+        with self.queue_cond:
+            self._stopping = True
+            self.queue_cond.notify_all()
+        if self._stop_fd >= 0:
+            os.eventfd_write(self._stop_fd, 1)
+        if threading.get_ident() not in self._in_threads:
+            self._exited.wait()
+            self._native_exited.wait()
+
+    async def _run_native(self, native: NativeLoop) -> None:
+        await trio.to_thread.run_sync(self._native_thread, native, abandon_on_cancel=False)
+
+    def _native_thread(self, native: NativeLoop) -> None:
+        """Thread body: the native loop, until stopped."""
+        self._native_exited.clear()  # before the check: stop() then waits for us
+        self._in_threads.add(threading.get_ident())
+        try:
+            if self._stopping:
+                return
+            with realtime_thread():
+                err = native.run()
+            if err == -errno.ESRCH:
+                raise TargetError(f"process {self.ctx.pid} exited")
+            if err:
+                raise OSError(-err, f"native fault loop: {os.strerror(-err)}")
+        finally:
+            self._in_threads.discard(threading.get_ident())
+            self._native_exited.set()
+
+    async def _drain_native(self, native: NativeLoop) -> None:
+        """Hand the pages the native loop saved to the store side as they come."""
+        while True:
+            native.arm()
+            if native.published() == native.consumed:  # armed before this check: no lost wake-up
+                await trio.lowlevel.wait_readable(native.notify_fd)
+                try:
+                    os.eventfd_read(native.notify_fd)
+                except BlockingIOError:
+                    pass
+            self._import_native(native)
+
+    def _import_native(self, native: NativeLoop) -> None:
+        records = native.take()
+        ctx = self.ctx
+        for slot, addr, ext in records:
+            region, first = ctx.page_of(ext, addr)
+            self._queue(region, first, native.page(slot), None, ring=True)
+        ctx.done_bytes += len(records) * PAGE
+        if records:
+            self.item_ready.set()
+
+    def _serve_thread(self, fd: int) -> None:
+        """Thread body: serve the faults read from ``fd`` (the uffd, or the native loop's
+        forwarding pipe) until stopped."""
+        self._exited.clear()  # before the check: stop() then waits for us
+        self._in_threads.add(threading.get_ident())
+        scanner = None
+        try:
+            if self._stopping:
+                return
+            scanner = PagemapScanner(self.ctx.pid)
+            waiter = _Waiter(fd, self._stop_fd)
+            retry = _RETRY_FIRST
+            with realtime_thread():
+                while not self._stopping:
+                    if self.queued_bytes > QUEUE_LIMIT:  # bounded memory: let the store catch up
+                        with self.queue_cond:
+                            while self.queued_bytes > QUEUE_LIMIT and not self._stopping:
+                                self.queue_cond.wait()
+                        continue
+                    # An unprotect refused (EAGAIN) while the target changes its mappings
+                    # works once the event is read and the changing thread has run on;
+                    # nothing signals that moment, hence a short backoff while any is pending.
+                    waiter.wait(retry if self.busy else None)
+                    if self._stopping:
+                        return
+                    self.serve_ready(fd, scanner)
+                    retry = min(retry * 2, _RETRY_MAX) if self.busy else _RETRY_FIRST
+                    if self.items and not self._notified:
+                        self._notified = True
+                        self._token.run_sync_soon(self._wake_store)
+        finally:
+            if scanner is not None:
+                scanner.close()
+            self._in_threads.discard(threading.get_ident())
+            self._exited.set()
+
+    def serve_ready(self, fd: int, scanner: PagemapScanner) -> None:
+        """Read and serve the messages waiting on the uffd; retry refused unprotects."""
+        raw = self.hot.read_messages(fd)
+        if len(raw) == k.UFFD_MSG_SIZE and raw[0] == k.UFFD_EVENT_PAGEFAULT:
+            # The common case, kept free of numpy: one write fault.
+            addr = int.from_bytes(raw[16:24], "little") & ~(PAGE - 1)
+            if not self._serve_one(addr):
+                self.serve(np.array([addr], dtype=np.uint64))
+        elif raw:
+            self.handle(decode_messages(raw), scanner)
+        busy, self.busy = self.busy, []
+        for lo, hi in busy:
+            self._unprotect(lo, hi)
+
+    def _wake_store(self) -> None:  # in the trio thread
+        self.item_ready.set()
 
     def handle(self, msgs: np.ndarray, scanner: PagemapScanner) -> None:
         """Handle a batch: events first, then faults.
@@ -247,7 +424,7 @@ class FaultPath:
             if not pending.any():
                 continue
             src = s if moved_to is None else moved_to + (s - lo)
-            buf = bytearray(e - s)
+            buf = self.huge_pool.pop() if e - s == HUGE_PMD and self.huge_pool else bytearray(e - s)
             ok = read_pages_robust(ctx.pid, buf, [(src, e - s)])
             if scanner is not None:
                 wp = ctx.regions[led.regions_of[ext]].mode == "wp"
@@ -272,31 +449,50 @@ class FaultPath:
             self.ctx.mark_lost_slots(np.concatenate(lost), f"{what} by the target during the capture")
 
     # ------------------------------------------------------------ store side
-    def _queue(self, region: int, first: int, data, mask: np.ndarray | None) -> None:
-        self.items.append((region, first, data, mask))
-        self.queued_bytes += len(data)
-        self.item_ready.set()
+    def _queue(self, region: int, first: int, data, mask: np.ndarray | None, ring: bool = False) -> None:
+        with self.queue_cond:
+            self.items.append((region, first, data, mask, ring))
+            self.queued_bytes += len(data)
 
     async def run_store(self, limiter: trio.CapacityLimiter) -> None:
         """Write queued pages to the store in batches, until cancelled."""
         while True:
             await self.item_ready.wait()
-            # A worker-thread round trip per fault would cost the trio thread more than
-            # serving the fault: let faults arriving meanwhile join this batch.
+            # A worker-thread round trip per fault would cost more than serving the fault:
+            # let faults arriving meanwhile join this batch.
             await trio.sleep(STORE_BATCH_DELAY)
             self.item_ready = trio.Event()
+            self._notified = False  # items queued from now on notify again
             await self.flush(limiter)
 
     async def flush(self, limiter: trio.CapacityLimiter) -> None:
-        """Write every queued page (items leave the queue only once written)."""
-        while self.items:
-            batch = list(self.items)
+        """Write every queued page (items leave the queue only once written), FLUSH_BYTES
+        at a time so that a fault thread waiting for room goes on early."""
+        while True:
+            with self.queue_cond:
+                batch, size = [], 0
+                for item in self.items:
+                    if batch and size + len(item[2]) > FLUSH_BYTES:
+                        break
+                    batch.append(item)
+                    size += len(item[2])
+            if not batch:
+                return
             await trio.to_thread.run_sync(self._put, batch, limiter=limiter)
-            for _ in batch:
-                self.items.popleft()
-            self.queued_bytes -= sum(len(b[2]) for b in batch)
-            self.drained.set()
+            with self.queue_cond:
+                for _ in batch:
+                    self.items.popleft()
+                self.queued_bytes -= size
+                self.queue_cond.notify_all()
+            ring = sum(1 for item in batch if item[4])
+            if ring:
+                self.native.release(ring)  # after the write: the loop may reuse the slots
+            for item in batch:
+                data = item[2]
+                if len(data) == HUGE_PMD and type(data) is bytearray and len(self.huge_pool) < HUGE_POOL:
+                    self.huge_pool.append(data)
 
     def _put(self, batch: list) -> None:
-        for region, first, data, mask in batch:
-            self.ctx.writer.put_pages(region, first, data, mask)
+        with background_thread_priority():  # a woken target preempts the compression
+            for region, first, data, mask, _ in batch:
+                self.ctx.writer.put_pages(region, first, data, mask)

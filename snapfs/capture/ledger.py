@@ -1,6 +1,7 @@
 """The ledger: which pages were populated at the freeze, and which of them are saved.
 
-Shared by the fault path (trio thread) and the scan (worker thread) under one lock. A page
+Shared by the fault path (its Python thread and its native loop, see fastfault.py) and the
+scan (worker thread) under one lock, a pthread mutex so that the native loop can take it. A page
 is *claimed* (state 1) by whoever saves it first, always before that page is unprotected;
 the other party then drops its copy. Pages that could not be captured are claimed as lost
 (state 2). Only populated pages have an entry, so a sparse 64 GiB reservation costs nothing.
@@ -9,7 +10,7 @@ the other party then drops its copy. Pages that could not be captured are claime
 from __future__ import annotations
 
 import bisect
-import threading
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,33 @@ class Extent:
     start: int  # address
     end: int
     huge: bool  # THP-mapped (4 KiB-page regions) or a hugetlb region
+
+
+# Uncontended: trylock and unlock keep the GIL (releasing it is a chance to lose it for a
+# switch interval). Contended: wait without the GIL, since the holder may need it to go on.
+_libc_gil = ctypes.PyDLL(None)
+_libc_nogil = ctypes.CDLL(None)
+for _f in (_libc_gil.pthread_mutex_trylock, _libc_gil.pthread_mutex_unlock, _libc_nogil.pthread_mutex_lock):
+    _f.argtypes = [ctypes.c_void_p]
+
+
+class MutexLock:
+    """A pthread mutex usable from Python (``with lock:``) and from native code (``address``).
+    Held only for a few array operations, never across a syscall."""
+
+    def __init__(self) -> None:
+        self._mutex = ctypes.create_string_buffer(64)  # zeroed = PTHREAD_MUTEX_INITIALIZER (glibc)
+        self.address = ctypes.addressof(self._mutex)
+        self._trylock = _libc_gil.pthread_mutex_trylock
+        self._lock = _libc_nogil.pthread_mutex_lock
+        self._unlock = _libc_gil.pthread_mutex_unlock
+
+    def __enter__(self) -> None:
+        if self._trylock(self.address):
+            self._lock(self.address)
+
+    def __exit__(self, *exc: object) -> None:
+        self._unlock(self.address)
 
 
 class Ledger:
@@ -51,7 +79,7 @@ class Ledger:
         self.huge = self.ext_huge.tolist()
         self.regions_of = self.ext_region.tolist()
         self.region_starts = region_starts
-        self.lock = threading.Lock()
+        self.lock = MutexLock()
 
     @property
     def total_pages(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,6 +47,9 @@ class Uffd:
         self.fd = fd
         self.features = 0
         self._tls = threading.local()  # one reusable ioctl argument per thread
+        # Called by close() before the fd is closed: a thread using the fd stops first (the
+        # number could otherwise be reused by the next open while that thread still polls it).
+        self.before_close: list[Callable[[], None]] = []
 
     def api(self, wanted: int = WANTED_FEATURES) -> int:
         """UFFDIO_API handshake (once per fd) enabling ``wanted``; returns what the kernel
@@ -117,5 +121,7 @@ class Uffd:
     def close(self) -> None:
         """Close the fd: the kernel drops all protection and wakes the target."""
         if self.fd >= 0:
+            for hook in list(self.before_close):
+                hook()
             fd, self.fd = self.fd, -1
             os.close(fd)

@@ -8,6 +8,9 @@
  * write. Prints "lat n=... p50_us=... p90_us=... p99_us=... max_us=..." over the writes that
  * took longer than 2 us (a plain store to a writable page takes well under that), and
  * "slow=<count>", then waits for another line (or EOF) before exiting.
+ * With FAULTLAT_TRACE=<file> in the environment it also writes one line per slow write,
+ * "<page address> <start ns> <duration ns>" (CLOCK_MONOTONIC), to match with a fault
+ * server's own timestamps.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -41,15 +44,26 @@ int main(int argc, char **argv) {
     char line[16];
     if (!fgets(line, sizeof line, stdin)) return 0;
     double *lat = calloc(writes, sizeof *lat);
+    double *start = calloc(writes, sizeof *start);
+    size_t *page = calloc(writes, sizeof *page);
     size_t slow = 0;
     for (size_t i = 0; i < writes; i++) {
         size_t p = (i * 2654435761u) % n;
         double t0 = now_us();
         ((volatile char *)buf)[p * 4096 + 5] = 1;
         double dt = now_us() - t0;
-        if (dt > 2.0) lat[slow++] = dt;
+        if (dt > 2.0) {
+            start[slow] = t0;
+            page[slow] = p;
+            lat[slow++] = dt;
+        }
         usleep(gap);
     }
+    const char *trace = getenv("FAULTLAT_TRACE");
+    FILE *tf = trace ? fopen(trace, "w") : NULL;
+    for (size_t i = 0; tf && i < slow; i++)
+        fprintf(tf, "%p %.0f %.0f\n", (void *)(buf + page[i] * 4096), start[i] * 1e3, lat[i] * 1e3);
+    if (tf) fclose(tf);
     qsort(lat, slow, sizeof *lat, cmp);
     if (slow)
         printf("lat n=%zu p50_us=%.1f p90_us=%.1f p99_us=%.1f max_us=%.1f\n", slow, lat[slow / 2],

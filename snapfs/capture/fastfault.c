@@ -1,0 +1,190 @@
+/*
+ * The fault path's common case in C, run in a thread of its own without the GIL
+ * (snapfs/capture/fastfault.py loads it with ctypes; faults.py is the fallback and handles
+ * everything this loop does not).
+ *
+ * A Python fault thread needs the GIL for every fault, and the scan and compression threads
+ * hold it often: winning it back took 50 us (one switch interval) at the median and
+ * milliseconds at the tail. This loop serves a batch of write faults on 4 KiB pages of
+ * populated, non-huge extents: copy the page into a ring shared with Python, claim it in the
+ * ledger (under the ledger's mutex), then unprotect it, which wakes the writer. Anything else
+ * (events, huge pages, addresses outside the ledger, a full ring, an unprotect refused with
+ * EAGAIN) is forwarded as the raw uffd messages, on a pipe, to the Python
+ * fault thread, which handles it exactly as before.
+ *
+ * Ring protocol (single producer: this loop; single consumer: Python): slot i % capacity
+ * holds the page of record i; counters[0] = head (records published, release store after
+ * the page is copied), counters[1] = tail (records Python has written to the store),
+ * counters[2] = faults served here, counters[3] = "armed": Python asks for an eventfd write
+ * on the next published record.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define MSG_SIZE 32
+#define MAX_MSGS 128 /* 4096 bytes: a forwarded batch is one atomic pipe write */
+#define EVENT_PAGEFAULT 0x12
+
+struct msg { /* struct uffd_msg, pagefault variant */
+    uint8_t event, reserved1;
+    uint16_t reserved2;
+    uint32_t reserved3;
+    uint64_t flags, address, ptid;
+};
+
+struct wp_arg { uint64_t start, len, mode; };
+
+struct ledger {
+    const uint64_t *start, *end;
+    const int64_t *base;
+    const uint8_t *huge;
+    int64_t n;
+    uint8_t *state;
+    pthread_mutex_t *lock;
+};
+
+static int64_t find_extent(const struct ledger *l, uint64_t addr)
+{
+    int64_t lo = 0, hi = l->n; /* first extent with start > addr */
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (l->start[mid] <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo > 0 && addr < l->end[lo - 1])
+        return lo - 1;
+    return -1;
+}
+
+#define STOPPED 1 /* write_all: the stop fd became readable first */
+
+/* Write all of buf to the (non-blocking) fd, waiting for room; gives up once stop_fd is
+ * readable (the reader may be gone). 0, STOPPED or -errno. */
+static int write_all(int fd, int stop_fd, const void *buf, size_t len)
+{
+    while (len) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN)
+                return -errno;
+            struct pollfd fds[2] = {{.fd = fd, .events = POLLOUT}, {.fd = stop_fd, .events = POLLIN}};
+            if (poll(fds, 2, -1) < 0 && errno != EINTR)
+                return -errno;
+            if (fds[1].revents)
+                return STOPPED;
+            continue;
+        }
+        buf = (const char *)buf + n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Serve faults until stop_fd is readable. Returns 0, or -errno on a fatal error (-ESRCH:
+ * the target is gone). */
+int snapfs_fault_loop(int uffd, int stop_fd, int forward_fd, int notify_fd, int pid,
+                      unsigned long wp_request, const uint64_t *ext_start,
+                      const uint64_t *ext_end, const int64_t *ext_base, const uint8_t *ext_huge,
+                      int64_t n_ext, uint8_t *state, pthread_mutex_t *lock, uint8_t *pages,
+                      uint64_t *records, uint64_t capacity, uint64_t *counters)
+{
+    struct ledger l = {ext_start, ext_end, ext_base, ext_huge, n_ext, state, lock};
+    struct pollfd fds[2] = {{.fd = uffd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    struct msg msgs[MAX_MSGS];
+    int64_t exts[MAX_MSGS];
+    for (;;) {
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (fds[1].revents)
+            return 0;
+        if (fds[0].revents & POLLNVAL)
+            return -EBADF;
+        ssize_t got = read(uffd, msgs, sizeof msgs);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            return -errno;
+        }
+        int n = (int)(got / MSG_SIZE);
+        if (n == 0)
+            continue;
+        /* Only batches made of simple faults are served here (a batch with an event must
+         * be handled events first, by Python). */
+        uint64_t head = __atomic_load_n(&counters[0], __ATOMIC_RELAXED);
+        uint64_t tail = __atomic_load_n(&counters[1], __ATOMIC_ACQUIRE);
+        int simple = head - tail + (uint64_t)n <= capacity;
+        for (int i = 0; simple && i < n; i++) {
+            exts[i] = msgs[i].event == EVENT_PAGEFAULT ? find_extent(&l, msgs[i].address) : -1;
+            simple = exts[i] >= 0 && !l.huge[exts[i]];
+        }
+        if (!simple) {
+            int err = write_all(forward_fd, stop_fd, msgs, (size_t)n * MSG_SIZE);
+            if (err)
+                return err == STOPPED ? 0 : err;
+            continue;
+        }
+        int published = 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t addr = msgs[i].address & ~(PAGE - 1);
+            int64_t e = exts[i];
+            int64_t slot = l.base[e] + (int64_t)((addr - l.start[e]) / PAGE);
+            if (__atomic_load_n(&l.state[slot], __ATOMIC_RELAXED) == 0) {
+                uint8_t *dst = pages + (head % capacity) * PAGE;
+                struct iovec local = {dst, PAGE}, remote = {(void *)addr, PAGE};
+                ssize_t r = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+                if (r < 0 && errno == ESRCH)
+                    return -ESRCH;
+                if (r == (ssize_t)PAGE) { /* else unmapped meanwhile: the event says so */
+                    int mine = 0;
+                    pthread_mutex_lock(l.lock);
+                    if (l.state[slot] == 0) {
+                        l.state[slot] = 1;
+                        mine = 1;
+                    }
+                    pthread_mutex_unlock(l.lock);
+                    if (mine) {
+                        records[2 * (head % capacity)] = addr;
+                        records[2 * (head % capacity) + 1] = (uint64_t)e;
+                        head++;
+                        __atomic_store_n(&counters[0], head, __ATOMIC_RELEASE);
+                        published = 1;
+                    }
+                }
+            }
+            struct wp_arg arg = {addr, PAGE, 0};
+            if (ioctl(uffd, wp_request, &arg) != 0) {
+                if (errno == EAGAIN) { /* a mapping change pending: Python retries */
+                    int err = write_all(forward_fd, stop_fd, &msgs[i], MSG_SIZE);
+                    if (err)
+                        return err == STOPPED ? 0 : err;
+                    continue;
+                }
+                if (errno != ENOENT && errno != EINVAL && errno != ENOMEM && errno != ESRCH &&
+                    errno != EFAULT)
+                    return -errno;
+            }
+            __atomic_fetch_add(&counters[2], 1, __ATOMIC_RELAXED);
+        }
+        if (published && __atomic_exchange_n(&counters[3], 0, __ATOMIC_ACQ_REL)) {
+            uint64_t one = 1;
+            int err = write_all(notify_fd, stop_fd, &one, sizeof one);
+            if (err)
+                return err == STOPPED ? 0 : err;
+        }
+    }
+}

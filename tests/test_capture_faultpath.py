@@ -1,0 +1,64 @@
+"""The fault path both ways: the native loop (snapfs/capture/fastfault.c) serving the common
+fault without the GIL, and the Python fault thread alone (no compiler, or not built yet).
+Either way the image is one instant and the target is released."""
+
+from __future__ import annotations
+
+import pytest
+
+from snapfs.capture import CaptureOptions, capture_process, fastfault
+from snapfs.store import Store
+from tests.test_capture_support import Target, assert_released, check_oracle, region_image
+
+
+@pytest.fixture
+def native_counts(monkeypatch):
+    """Faults served by each native loop run of the test (empty: the loop never ran)."""
+    served: list[int] = []
+    run = fastfault.NativeLoop.run
+
+    def counted(self):
+        err = run(self)
+        served.append(int(self.counters[fastfault.FAULTS]))
+        return err
+
+    monkeypatch.setattr(fastfault.NativeLoop, "run", counted)
+    return served
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+async def test_slow_scan_image_is_one_instant(store_dir, monkeypatch, native_counts, native):
+    """A throttled scan, two writers: most pages are saved by the fault path."""
+    if native:
+        assert fastfault.ensure_built(120), "the native fault loop did not build (is gcc installed?)"
+    else:
+        monkeypatch.setattr(fastfault, "library", lambda: None)
+    npages = 4096
+    with Target("oracle", str(npages), "2", "anon", "mixed") as t:
+        with Store.open(store_dir, create=True) as store:
+            result = await capture_process(t.pid, store, "s", CaptureOptions(rate=32 << 20))
+            check_oracle(region_image(store.open_snapshot("s"), t.addr, npages), mixed=True)
+        assert result.faults > npages // 4
+        if native:
+            assert len(native_counts) == 1 and native_counts[0] > npages // 8
+        else:
+            assert native_counts == []
+        assert_released(t.pid)
+        assert t.proc.poll() is None
+
+
+async def test_native_ring_smaller_than_the_faults(store_dir, monkeypatch, native_counts):
+    """More faults than ring slots: the loop forwards what does not fit to the Python thread
+    until the store frees slots; nothing is lost or stored twice."""
+    assert fastfault.ensure_built(120)
+    monkeypatch.setattr(fastfault, "RING_PAGES", 16)
+    npages = 4096
+    with Target("oracle", str(npages), "2", "anon", "mixed") as t:
+        with Store.open(store_dir, create=True) as store:
+            result = await capture_process(t.pid, store, "s", CaptureOptions(rate=32 << 20))
+            reader = store.open_snapshot("s")
+            check_oracle(region_image(reader, t.addr, npages), mixed=True)
+            assert not reader.info.warnings
+        assert native_counts and native_counts[0] > 0
+        assert result.faults > npages // 4
+        assert_released(t.pid)
