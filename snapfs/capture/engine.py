@@ -8,8 +8,9 @@
    faults this causes by unprotecting only;
 3. freezes it (:func:`~snapfs.capture.freeze.frozen_again`: the snapshot instant), re-protects
    the pages written or populated since and records the populated pages
-   (:mod:`~snapfs.capture.protect`), resumes it — so the pause follows what the target wrote
-   during step 2, not its size;
+   (:mod:`~snapfs.capture.protect`), starts the fault path, resumes it — so the pause
+   follows what the target wrote during step 2, not its size, and the target's first write
+   after the resume is served at once;
 4. runs in one nursery:
 
 - the **fault path** (:mod:`~snapfs.capture.faults`, a trio task) serving write faults first;
@@ -190,6 +191,8 @@ class _Capture:
         # The native fault loop is compiled once per machine (~0.4 s): before the target is
         # touched, so the first capture does not serve its faults on the slower Python path.
         await trio.to_thread.run_sync(fastfault.ensure_built)
+        fastfault.preallocate_ring()
+        self.shared = shared
         t_start = time.monotonic()
         try:
             # 1. A short stop only to take a uffd for the target's memory.
@@ -198,22 +201,13 @@ class _Capture:
             features = handshake(uffd)
             with fault_thread_priority():
                 try:
-                    pre, ft, prep = await self._protect_and_freeze(uffd, comm, features, huge_sizes)
-                except BaseExceptionGroup as eg:
-                    raise _collapse(eg) from None
-                # 4. The target runs again: save every page recorded, faults first.
-                self.prep = prep
-                self.ctx = ctx = CaptureContext(
-                    pid=self.pid,
-                    uffd=uffd,
-                    ledger=prep.ledger,
-                    regions=prep.regions,
-                    region_index=self._describe_regions(prep, shared),
-                    writer=writer,
-                )
-                self.total_bytes = prep.ledger.total_pages * PAGE + prep.copied_bytes
-                try:
-                    await self._background(ctx)
+                    # The fault path starts inside the freeze (see _start_faults), in this
+                    # nursery; everything else in _background once the target runs again.
+                    async with trio.open_nursery() as self.fault_nursery:
+                        pre, ft, prep = await self._protect_and_freeze(uffd, comm, features, huge_sizes)
+                        # 4. The target runs again: save every page recorded, faults first.
+                        ctx = self.ctx
+                        await self._background(ctx)
                 except BaseExceptionGroup as eg:
                     raise _collapse(eg) from None
             uffd.close()  # every page is saved: drop the protection now
@@ -267,15 +261,44 @@ class _Capture:
         )
 
         def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
-            return protect_and_record(
+            prep = protect_and_record(
                 ft,
                 include_readonly=opts.include_readonly,
                 huge_sizes=huge_sizes,
                 features=features,
                 pre=pre,
             )
+            # Resume only once the fault path serves: started after the resume, it took
+            # 4-300 ms to come up (trio scheduling, the GIL) while the target's first
+            # writes waited on protected pages — a stall longer than the pause itself.
+            trio.from_thread.run(self._start_faults, uffd, prep)
+            return prep
 
         return await protect_then_freeze(self.pid, comm, uffd, regions, at_instant)
+
+    async def _start_faults(self, uffd: Uffd, prep: Prepared) -> None:
+        """In the trio thread, while the target is still stopped: the capture context and
+        the fault path (its threads starting) — the last step of the freeze."""
+        self.prep = prep
+        self.ctx = CaptureContext(
+            pid=self.pid,
+            uffd=uffd,
+            ledger=prep.ledger,
+            regions=prep.regions,
+            region_index=self._describe_regions(prep, self.shared),
+            writer=self.writer,
+        )
+        self.total_bytes = prep.ledger.total_pages * PAGE + prep.copied_bytes
+        self.faults = FaultPath(self.ctx)
+        await self.fault_nursery.start(self._serve_faults)
+
+    async def _serve_faults(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.faults_done = trio.Event()
+        try:
+            with trio.CancelScope() as self.fault_scope:
+                await self.faults.run(task_status=task_status)
+        finally:
+            self.faults_done.set()  # its last pages are queued: the final flush may run
 
     def _describe_regions(self, prep: Prepared, shared: set) -> list[int]:
         """Declare every region to the writer (returns their store indices); warn about
@@ -305,7 +328,7 @@ class _Capture:
 
     # ----------------------------------------------------------- background
     async def _background(self, ctx: CaptureContext) -> None:
-        faults = FaultPath(ctx)
+        faults = self.faults  # already serving (started inside the freeze)
         # In continuous mode pages stay protected after the scan: the fault path unprotects
         # only what is written, so at the end the protection says what changed.
         scan = Scan(ctx, self.options.rate, unprotect=not self.options.continuous)
@@ -319,7 +342,6 @@ class _Capture:
             async with trio.open_nursery() as outer:
                 # Tasks that live until the scan and the store work are done.
                 outer.start_soon(self._watch_exit, pidfd)
-                outer.start_soon(faults.run)
                 outer.start_soon(faults.run_store, self.limiter)
                 if self.progress_cb is not None:
                     outer.start_soon(self._progress_loop)
@@ -344,8 +366,10 @@ class _Capture:
                     )
                 # Everything is claimed: stop serving faults (closing the uffd after this
                 # wakes any writer), then write what the fault path saved.
+                self.fault_scope.cancel()
                 outer.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
+                await self.faults_done.wait()
                 await faults.flush(self.limiter)
         finally:
             os.close(pidfd)

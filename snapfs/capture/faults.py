@@ -187,11 +187,13 @@ class FaultPath:
         self.native: NativeLoop | None = None
 
     # ---------------------------------------------------------------- the loop
-    async def run(self) -> None:
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve faults until cancelled or the uffd is closed: the native loop (if built)
-        serves the common case, the Python fault thread the rest (or everything)."""
+        serves the common case, the Python fault thread the rest (or everything). With
+        ``nursery.start`` it returns once the serving threads are starting."""
         uffd = self.ctx.uffd
         if uffd.fd < 0:
+            task_status.started()
             return
         self._token = trio.lowlevel.current_trio_token()
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -210,6 +212,7 @@ class FaultPath:
                         nursery.start_soon(self._drain_native, native)
                     try:
                         fd = uffd.fd if native is None else native.forward_r
+                        task_status.started()
                         await trio.to_thread.run_sync(self._serve_thread, fd, abandon_on_cancel=False)
                     finally:
                         done.set()
