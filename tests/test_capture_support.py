@@ -132,7 +132,7 @@ def assert_released(pid: int) -> None:
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except FileNotFoundError:  # the thread exited meanwhile
+        except (FileNotFoundError, ProcessLookupError):  # the thread exited meanwhile
             continue
         state = stat.rsplit(")", 1)[1].split()[0]
         assert state not in ("t", "T"), f"thread {tid} is stopped ({state})"
