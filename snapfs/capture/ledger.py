@@ -62,12 +62,32 @@ class Ledger:
     """Populated pages at the freeze and their state; see the module docstring."""
 
     def __init__(self, extents: list[Extent], region_starts: list[int]) -> None:
-        extents = sorted(extents, key=lambda e: e.start)
-        n = len(extents)
-        self.ext_start = np.array([e.start for e in extents], dtype=np.uint64).reshape(n)
-        self.ext_end = np.array([e.end for e in extents], dtype=np.uint64).reshape(n)
-        self.ext_region = np.array([e.region for e in extents], dtype=np.int32).reshape(n)
-        self.ext_huge = np.array([e.huge for e in extents], dtype=bool).reshape(n)
+        self._build(
+            np.array([e.start for e in extents], dtype=np.uint64).reshape(len(extents)),
+            np.array([e.end for e in extents], dtype=np.uint64).reshape(len(extents)),
+            np.array([e.region for e in extents], dtype=np.int32).reshape(len(extents)),
+            np.array([e.huge for e in extents], dtype=bool).reshape(len(extents)),
+            region_starts,
+        )
+
+    @classmethod
+    def from_arrays(cls, starts: np.ndarray, ends: np.ndarray, regions: np.ndarray,
+                    huge: np.ndarray, region_starts: list[int]) -> Ledger:
+        """The same from parallel arrays (no Python object per extent: a fragmented heap has
+        tens of thousands, and the ledger is built inside the freeze)."""
+        ledger = cls.__new__(cls)
+        ledger._build(np.asarray(starts, np.uint64), np.asarray(ends, np.uint64),
+                      np.asarray(regions, np.int32), np.asarray(huge, bool), region_starts)
+        return ledger
+
+    def _build(self, starts: np.ndarray, ends: np.ndarray, regions: np.ndarray, huge: np.ndarray,
+               region_starts: list[int]) -> None:
+        order = np.argsort(starts, kind="stable")
+        n = len(order)
+        self.ext_start = starts[order]
+        self.ext_end = ends[order]
+        self.ext_region = regions[order]
+        self.ext_huge = huge[order]
         npages = (self.ext_end - self.ext_start) >> np.uint64(PAGE_SHIFT)
         self.ext_base = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(npages, out=self.ext_base[1:])

@@ -17,7 +17,7 @@ import numpy as np
 
 from snapfs.capture import kernel as k
 from snapfs.capture.freeze import FrozenTarget
-from snapfs.capture.ledger import Extent, Ledger
+from snapfs.capture.ledger import Ledger
 from snapfs.capture.maps import Vma, classify
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import REGION_DTYPE, PagemapScanner
@@ -168,6 +168,21 @@ def _union(known: np.ndarray, written: np.ndarray) -> np.ndarray:
     return out
 
 
+def _extents(region: int, ranges: np.ndarray, huge_region: bool):
+    """(starts, ends, regions, huge) of a region's populated ranges, adjacent ranges with the
+    same huge-ness merged (the scan splits them by the WRITTEN bit too) — vectorised: a
+    fragmented heap has tens of thousands of ranges, and this runs inside the freeze."""
+    st, en = ranges["start"], ranges["end"]
+    hg = (ranges["categories"] & k.PAGE_IS_HUGE) != 0
+    if huge_region:
+        hg[:] = True
+    if len(st) > 1:
+        head = np.flatnonzero(np.r_[True, (st[1:] != en[:-1]) | (hg[1:] != hg[:-1])])
+        last = np.r_[head[1:] - 1, len(st) - 1]
+        st, en, hg = st[head], en[last], hg[head]
+    return st, en, np.full(len(st), region, np.int32), hg
+
+
 def _coalesce(starts: list[int], ends: list[int]) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for s, e in zip(starts, ends):
@@ -199,7 +214,7 @@ def protect_and_record(
     pre = pre or PreProtected()
     unprotectable = pre.unprotectable
     regions = classify(ft.maps, include_readonly=include_readonly, huge_sizes=huge_sizes)
-    extents: list[Extent] = []
+    extents: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # per region
     copy_jobs: list[tuple[int, Vma, np.ndarray]] = []
     kept: list[Vma] = []
     scanner = PagemapScanner(ft.pid)
@@ -247,22 +262,21 @@ def protect_and_record(
                 copy_jobs.append((idx, v, ranges))
             else:
                 huge_region = v.page_size != k.PAGE_SIZE
-                for s, e, cat in zip(
-                    ranges["start"].tolist(), ranges["end"].tolist(), ranges["categories"].tolist()
-                ):
-                    huge = huge_region or bool(cat & k.PAGE_IS_HUGE)
-                    last = extents[-1] if extents else None
-                    if last and last.region == idx and last.end == s and last.huge == huge:
-                        last.end = e  # split only by the WRITTEN bit: one extent
-                    else:
-                        extents.append(Extent(idx, s, e, huge))
-                for s, e in unmapped:
-                    extents.append(Extent(idx, s, e, huge_region))
+                extents.append(_extents(idx, ranges, huge_region))
+                if unmapped:
+                    extents.append((
+                        np.array([s for s, _ in unmapped], np.uint64),
+                        np.array([e for _, e in unmapped], np.uint64),
+                        np.full(len(unmapped), idx, np.int32),
+                        np.full(len(unmapped), huge_region, bool),
+                    ))
             kept.append(v)
         copies = _copy_all(ft.pid, copy_jobs)
     finally:
         scanner.close()
-    ledger = Ledger(extents, [v.start for v in kept])
+    cols = [np.concatenate([e[i] for e in extents]) if extents else np.empty(0, dt)
+            for i, dt in enumerate((np.uint64, np.uint64, np.int32, bool))]
+    ledger = Ledger.from_arrays(*cols, [v.start for v in kept])
     return Prepared(
         regions=kept,
         ledger=ledger,
