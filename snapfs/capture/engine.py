@@ -13,7 +13,9 @@
    after the resume is served at once;
 4. runs in one nursery:
 
-- the **fault path** (:mod:`~snapfs.capture.faults`, a trio task) serving write faults first;
+- the **fault path** (:mod:`~snapfs.capture.faults`: the native loop and a Python fault
+  thread, supervised from this nursery; already started during step 3) serving write faults
+  first;
 - the **scan** (:mod:`~snapfs.capture.scan`, one worker thread) copying the rest;
 - **store workers** compressing and writing through ``trio.to_thread`` with a limiter sized
   to the cores; buffers circulate through bounded channels, so memory stays bounded;

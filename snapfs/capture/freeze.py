@@ -126,8 +126,7 @@ async def frozen(pid: int, record: bool = True) -> AsyncIterator[FrozenTarget]:
         yield target
         ok = True
     except OSError as exc:
-        if exc.errno == errno.ESRCH:  # a ptrace request found the target gone
-            raise TargetError(f"process {pid} exited during the snapshot") from None
+        _raise_if_gone(pid, exc)
         raise
     finally:
         _release_protected(proc, None if ok else uffd)
@@ -170,13 +169,18 @@ def frozen_again(
         )
         yield target
     except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            raise TargetError(f"process {pid} exited during the snapshot") from None
+        _raise_if_gone(pid, exc)
         raise
     finally:
         proc.release()
         if target is not None:
             target.resumed_at = time.monotonic()
+
+
+def _raise_if_gone(pid: int, exc: OSError) -> None:
+    """A ptrace request that found the target gone (ESRCH) becomes a clear TargetError."""
+    if exc.errno == errno.ESRCH:
+        raise TargetError(f"process {pid} exited during the snapshot") from None
 
 
 def take_userfaultfd(proc: StoppedProcess) -> int:

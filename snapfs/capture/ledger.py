@@ -11,24 +11,12 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-from dataclasses import dataclass
-
 import numpy as np
 
 from snapfs.capture.kernel import PAGE_SHIFT, PAGE_SIZE
 
 PENDING, SAVED, LOST = 0, 1, 2
 HUGE_PMD = 2 << 20  # a transparent huge page on x86_64 and 4 KiB-page aarch64
-
-
-@dataclass
-class Extent:
-    """A run of populated pages in one region (input to :class:`Ledger`)."""
-
-    region: int  # index in the capture's region list
-    start: int  # address
-    end: int
-    huge: bool  # THP-mapped (4 KiB-page regions) or a hugetlb region
 
 
 # Uncontended: trylock and unlock keep the GIL (releasing it is a chance to lose it for a
@@ -61,33 +49,17 @@ class MutexLock:
 class Ledger:
     """Populated pages at the freeze and their state; see the module docstring."""
 
-    def __init__(self, extents: list[Extent], region_starts: list[int]) -> None:
-        self._build(
-            np.array([e.start for e in extents], dtype=np.uint64).reshape(len(extents)),
-            np.array([e.end for e in extents], dtype=np.uint64).reshape(len(extents)),
-            np.array([e.region for e in extents], dtype=np.int32).reshape(len(extents)),
-            np.array([e.huge for e in extents], dtype=bool).reshape(len(extents)),
-            region_starts,
-        )
-
-    @classmethod
-    def from_arrays(cls, starts: np.ndarray, ends: np.ndarray, regions: np.ndarray,
-                    huge: np.ndarray, region_starts: list[int]) -> Ledger:
-        """The same from parallel arrays (no Python object per extent: a fragmented heap has
-        tens of thousands, and the ledger is built inside the freeze)."""
-        ledger = cls.__new__(cls)
-        ledger._build(np.asarray(starts, np.uint64), np.asarray(ends, np.uint64),
-                      np.asarray(regions, np.int32), np.asarray(huge, bool), region_starts)
-        return ledger
-
-    def _build(self, starts: np.ndarray, ends: np.ndarray, regions: np.ndarray, huge: np.ndarray,
-               region_starts: list[int]) -> None:
+    def __init__(self, starts: np.ndarray, ends: np.ndarray, regions: np.ndarray,
+                 huge: np.ndarray, region_starts: list[int]) -> None:
+        """Extents as parallel arrays: address range, index in the capture's region list, and
+        whether it is THP-mapped or in a hugetlb region (no Python object per extent: a
+        fragmented heap has tens of thousands, and the ledger is built inside the freeze)."""
         order = np.argsort(starts, kind="stable")
         n = len(order)
-        self.ext_start = starts[order]
-        self.ext_end = ends[order]
-        self.ext_region = regions[order]
-        self.ext_huge = huge[order]
+        self.ext_start = np.asarray(starts, np.uint64)[order]
+        self.ext_end = np.asarray(ends, np.uint64)[order]
+        self.ext_region = np.asarray(regions, np.int32)[order]
+        self.ext_huge = np.asarray(huge, bool)[order]
         npages = (self.ext_end - self.ext_start) >> np.uint64(PAGE_SHIFT)
         self.ext_base = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(npages, out=self.ext_base[1:])

@@ -100,13 +100,13 @@ def _retrying(call, *args, **kwargs) -> None:
             delay = min(delay * 2, 5e-3)
 
 
-def populated_ranges(scanner: PagemapScanner, v: Vma, report: int = 0) -> np.ndarray:
-    """Present (or swapped) pages of a VMA that are not the shared zero page (``categories``
-    holds PAGE_IS_HUGE and the ``report`` bits)."""
+def populated_ranges(scanner: PagemapScanner, v: Vma, report: int = 0, require: int = 0) -> np.ndarray:
+    """Present (or swapped) pages of a VMA that are not the shared zero page, and have the
+    ``require`` categories (``categories`` holds PAGE_IS_HUGE and the ``report`` bits)."""
     return scanner.scan(
         v.start,
         v.end,
-        require=0,
+        require=require,
         exclude=k.PAGE_IS_PFNZERO,
         anyof=k.PAGE_IS_PRESENT | k.PAGE_IS_SWAPPED,
         report=k.PAGE_IS_HUGE | report,

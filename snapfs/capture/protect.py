@@ -183,14 +183,14 @@ def _extents(region: int, ranges: np.ndarray, huge_region: bool):
     return st, en, np.full(len(st), region, np.int32), hg
 
 
-def _coalesce(starts: list[int], ends: list[int]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for s, e in zip(starts, ends):
-        if out and s - out[-1][1] <= _COALESCE_GAP:
-            out[-1][1] = e
-        else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
+def _coalesce(ranges: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted disjoint ranges merged across gaps of at most _COALESCE_GAP."""
+    if not len(ranges):
+        return []
+    st, en = ranges["start"], ranges["end"]
+    head = np.flatnonzero(np.r_[True, st[1:] - en[:-1] > _COALESCE_GAP])
+    last = np.r_[head[1:] - 1, len(st) - 1]
+    return list(zip(st[head].tolist(), en[last].tolist()))
 
 
 def protect_and_record(
@@ -226,11 +226,7 @@ def protect_and_record(
                 v.meta["unprotectable"] = unprotectable[v.start]
             known = pre.populated.get((v.start, v.end)) if v.mode == "wp" else None
             if known is not None and not _touches(pre.changed, v):
-                written = scanner.scan(
-                    v.start, v.end, require=k.PAGE_IS_WRITTEN, exclude=k.PAGE_IS_PFNZERO,
-                    anyof=k.PAGE_IS_PRESENT | k.PAGE_IS_SWAPPED, report=k.PAGE_IS_HUGE,
-                )
-                ranges = _union(known, written)
+                ranges = _union(known, populated_ranges(scanner, v, require=k.PAGE_IS_WRITTEN))
             else:
                 ranges = populated_ranges(scanner, v, k.PAGE_IS_WRITTEN if v.mode == "wp" else 0)
             idx = len(kept)
@@ -247,7 +243,7 @@ def protect_and_record(
                     unmapped = _subtract(cached, present)
             if v.mode == "wp" and (len(ranges) or unmapped):
                 written = ranges[(ranges["categories"] & k.PAGE_IS_WRITTEN) != 0]
-                todo = _coalesce(written["start"].tolist(), written["end"].tolist()) + unmapped
+                todo = _coalesce(written) + unmapped
                 try:
                     ft.uffd.register_wp(v.start, v.length)  # no-op if pre-protected
                     for s, e in todo:
@@ -276,7 +272,7 @@ def protect_and_record(
         scanner.close()
     cols = [np.concatenate([e[i] for e in extents]) if extents else np.empty(0, dt)
             for i, dt in enumerate((np.uint64, np.uint64, np.int32, bool))]
-    ledger = Ledger.from_arrays(*cols, [v.start for v in kept])
+    ledger = Ledger(*cols, [v.start for v in kept])
     return Prepared(
         regions=kept,
         ledger=ledger,
