@@ -26,12 +26,19 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096UL
 #define MSG_SIZE 32
 #define MAX_MSGS 128 /* 4096 bytes: a forwarded batch is one atomic pipe write */
 #define EVENT_PAGEFAULT 0x12
+/* After serving faults, the next wait ends after this long even when nothing came. The woken
+ * writer usually has a slightly negative EEVDF lag (it ran just before faulting), so when
+ * this thread sleeps the kernel may pick a capture thread over it, and on this PREEMPT_NONE,
+ * HZ=250 kernel nothing re-picks until that thread blocks or its slice ends (1-4 ms). The
+ * short timer wakeup preempts whatever runs; the pick after it finds the writer eligible. */
+#define KICK_NS 30000
 
 struct msg { /* struct uffd_msg, pagefault variant */
     uint8_t event, reserved1;
@@ -104,12 +111,18 @@ int snapfs_fault_loop(int uffd, int stop_fd, int forward_fd, int notify_fd, int 
     struct pollfd fds[2] = {{.fd = uffd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
     struct msg msgs[MAX_MSGS];
     int64_t exts[MAX_MSGS];
+    const struct timespec kick = {0, KICK_NS};
+    int served = 0; /* faults served since the last wait: wait with the kick timeout */
     for (;;) {
-        if (poll(fds, 2, -1) < 0) {
+        int ready = ppoll(fds, 2, served ? &kick : NULL, NULL);
+        served = 0;
+        if (ready < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
+        if (ready == 0)
+            continue;
         if (fds[1].revents)
             return 0;
         if (fds[0].revents & POLLNVAL)
@@ -179,6 +192,7 @@ int snapfs_fault_loop(int uffd, int stop_fd, int forward_fd, int notify_fd, int 
                     return -errno;
             }
             __atomic_fetch_add(&counters[2], 1, __ATOMIC_RELAXED);
+            served = 1;
         }
         if (published && __atomic_exchange_n(&counters[3], 0, __ATOMIC_ACQ_REL)) {
             uint64_t one = 1;

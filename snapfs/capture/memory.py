@@ -12,6 +12,11 @@ import numpy as np
 from snapfs.capture.kernel import IOV_MAX, PAGE_SIZE, check, ffi, libc
 from snapfs.errors import TargetError
 
+# Longest piece one remote iovec asks the kernel to copy. process_vm_readv pins up to 1024
+# pages of an iovec, then copies them with no preemption point; this kernel is PREEMPT_NONE,
+# so a 4 MiB iovec kept a CPU for ~1 ms, and a target woken on that CPU (a served fault, a
+# timer) waited that long. Pinning yields between pieces: 256 KiB bounds the wait to ~70 us.
+MAX_COPY = 256 << 10
 
 
 def prefaulted_buffer(size: int) -> bytearray:
@@ -40,7 +45,7 @@ def readv_into(pid: int, buf, ranges, buf_offset: int = 0) -> int:
     Returns the number of bytes copied: less than the total when a range is not mapped any
     more (the copy stops at the first unreadable byte, as the kernel does).
     """
-    remote_all = np.ascontiguousarray(np.asarray(ranges, dtype=np.int64).reshape(-1, 2)).view(np.uint64)
+    remote_all = _split(np.asarray(ranges, dtype=np.int64).reshape(-1, 2)).view(np.uint64)
     view = ffi.from_buffer(buf, require_writable=True)
     local = ffi.new("struct iovec[1]")
     total = 0
@@ -96,6 +101,20 @@ def write_memory(pid: int, addr: int, data: bytes) -> None:
         if got == 0:
             raise OSError(errno.EFAULT, f"process {pid}: {addr + done:#x} is not writable")
         done += got
+
+
+def _split(ranges: np.ndarray) -> np.ndarray:
+    """``ranges`` (n, 2) cut into pieces of at most :data:`MAX_COPY` bytes, in order."""
+    lengths = ranges[:, 1]
+    if not len(ranges) or int(lengths.max()) <= MAX_COPY:
+        return np.ascontiguousarray(ranges)
+    counts = np.maximum((lengths + MAX_COPY - 1) // MAX_COPY, 1)
+    owner = np.repeat(np.arange(len(ranges)), counts)
+    within = (np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)) * MAX_COPY
+    out = np.empty((len(owner), 2), dtype=np.int64)
+    out[:, 0] = ranges[owner, 0] + within
+    out[:, 1] = np.minimum(MAX_COPY, lengths[owner] - within)
+    return out
 
 
 def read_pages_robust(pid: int, buf, ranges) -> np.ndarray:

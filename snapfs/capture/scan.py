@@ -18,7 +18,6 @@ import trio
 from snapfs.capture.context import PAGE, CaptureContext, still_frozen
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
-from snapfs.capture.priority import background_thread_priority
 
 CHUNK = 4 << 20  # a multiple of the 2 MiB THP size
 
@@ -38,8 +37,7 @@ class Scan:
         first page, offset, claimed mask)`` and ``pooled`` says the buffer goes back.
         Returns when done or when :attr:`stop` is set; raises trio.Cancelled if cancelled
         while waiting on a channel, TargetError if the target is gone."""
-        # Niced: a target woken from a fault (and the fault threads) preempt the scan at once.
-        with background_thread_priority():
+        with self.ctx.background.thread():
             self._run(work_send, free_recv)
 
     def _run(self, work_send, free_recv) -> None:
