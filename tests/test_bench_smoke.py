@@ -132,6 +132,9 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
         if row["write_rate"] != 0:
             assert row["throughput_ratio"] is not None and row["pause_source"] == "target"
 
+    idle = [r for r in results["rows"] if r["method"] == "snapfs" and r["write_rate"] == 0 and not r["error"]]
+    assert idle and len(idle[0]["duration_s_runs"]) == 3  # best of 3, like the zstd floor
+
     floors = results["floors"]
     assert {"write_protect", "process_vm_readv", "zstd"} <= set(floors)
     assert floors["zstd"]["Bps"] > 0 and floors["process_vm_readv"]["reused_buffer_Bps"] > 0
@@ -145,7 +148,7 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
         assert "skipped" in section or section, name
 
     goals = results["goals"]
-    assert len(goals) == 5 and all(g["pass"] in (True, False, None) for g in goals)
+    assert len(goals) == 6 and all(g["pass"] in (True, False, None) for g in goals)
 
     md = (out / "results.md").read_text()
     for heading in ("## Goals (snapfs)", "## Physical floors", "## Snapshot of a writing process",
