@@ -16,7 +16,7 @@ from snapfs.fs import inodes
 from snapfs.fs.memview import VM_ALIGN
 from snapfs.fs.model import FsError, SnapshotFS
 from snapfs.fs.names import decode_name, encode_name, unique_entries
-from snapfs.fs.openfile import WINDOW_MIN, OpenFile, WindowBudget
+from snapfs.fs.openfile import MAX_INFLIGHT, WINDOW_MIN, OpenFile, WindowBudget
 from snapfs.fs.views import BytesView
 from tests.test_fs_support import MARKER, PAGE, TOP_START, process_snapshot, vm_snapshot, write_snapshot
 
@@ -287,7 +287,10 @@ def test_open_file_sequential_detection_survives_concurrent_requests():
     ahead = of.next_prefetch()  # the next window starts before anyone asks for it
     assert ahead == (start + length, WINDOW_MIN)
     of.begin_window(ahead)
-    assert of.next_prefetch() is None  # at most MAX_INFLIGHT windows at once
+    while (more := of.next_prefetch()) is not None:
+        assert more[0] == of.inflight[-1][0] + of.inflight[-1][1]  # each right after the last
+        of.begin_window(more)
+    assert len(of.inflight) == MAX_INFLIGHT  # at most MAX_INFLIGHT windows at once
     of.note(2 * mib, mib)  # the kernel's next request falls in the prefetched window
     assert of.inflight_covering(2 * mib) == ahead
     assert of.inflight_covering(mib + 10) == (start, length)

@@ -26,7 +26,8 @@ from snapfs.fs.views import is_immutable
 WINDOW_MIN = 1 << 20
 WINDOW_MAX = 4 << 20
 WINDOW_BUDGET = 128 << 20  # all windows of all open files together (memory stays bounded)
-MAX_INFLIGHT = 2  # windows decoded in parallel: decompression releases the GIL
+MAX_INFLIGHT = 3  # windows decoded at once: decompression releases the GIL, and a third keeps
+# both CPUs busy while a window waits for the GIL or the disk
 KEEP_SEGMENTS = 2 + MAX_INFLIGHT  # the current window, the one after it, and those arriving
 
 
