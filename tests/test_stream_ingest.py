@@ -80,6 +80,59 @@ def test_precopy_duplicates_last_copy_wins_and_vm_blobs_kept(store_dir):
         assert VmstateView(again).read(0, view.size) == out
 
 
+def _resend_stream() -> tuple[bytes, bytes]:
+    """1200 pages sent in order (zero records among pages 768-1023), then pages 10-19 sent
+    again ~5 MB later, then 40000 zero pages (a 128 MiB chunk with no data at all): every
+    way the spool finds a page in the stream's own file."""
+    n = 1200
+    img = bytearray(n * PAGE)
+    recs = [page(0, pg(1), b"pc.ram")]
+    img[0:PAGE] = pg(1)
+    for p in range(1, n):
+        if 768 <= p < 1024 and p % 3 == 0:
+            recs.append(zero(p * PAGE))
+        else:
+            data = bytes([p % 251 + 1]) * 100 + bytes(range(256)) * 15 + bytes(156)
+            recs.append(page(p * PAGE, data))
+            img[p * PAGE:(p + 1) * PAGE] = data
+    again = [page(p * PAGE, pg(200 + p)) for p in range(10, 20)]
+    for p in range(10, 20):
+        img[p * PAGE:(p + 1) * PAGE] = pg(200 + p)
+    zeros = [zero(p * PAGE) for p in range(n, n + 40000)]
+    img += bytes(40000 * PAGE)
+    stream = (header() + start(((b"pc.ram", (n + 40000) * PAGE),)) + part(*recs) + part(*again)
+              + part(*zeros) + END)
+    return stream, bytes(img)
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "pipe"])
+def test_pages_read_back_from_where_the_stream_holds_them(store_dir, tmp_path, kind):
+    """From a file or a pipe's capture, pages are referenced in the stream, not copied: the
+    image is the same as from an in-memory stream, resent pages included."""
+    stream, img = _resend_stream()
+    with Store.open(store_dir, create=True) as store:
+        if kind == "memory":
+            info = ingest_stream(io.BytesIO(stream), store, "s")
+        elif kind == "file":
+            path = tmp_path / "stream.bin"
+            path.write_bytes(b"junk" + stream)
+            with open(path, "rb") as f:
+                assert f.read(4) == b"junk"  # the stream starts further in: offsets follow
+                info = ingest_stream(f, store, "s")
+        else:
+            r, w = os.pipe()
+            feeder = threading.Thread(target=lambda: (os.write(w, stream), os.close(w)))
+            feeder.start()
+            try:
+                info = ingest_stream(PipeCapture(r, tmp_path), store, "s")
+            finally:
+                feeder.join()
+                os.close(r)
+        assert info.meta["qemu_stream"]["duplicate_records"] == 10
+        reader = store.open_snapshot("s")
+        assert reader.read(0, 0, len(img)) == img
+
+
 def test_ram_only_stream_becomes_process_kind(store_dir):
     stream, expect, _ = precopy_stream(with_devices=False)
     with Store.open(store_dir, create=True) as store:

@@ -60,8 +60,6 @@ def ingest_stream(
         except BaseException:
             writer.abort()
             raise
-        if capture is not None:
-            capture.close()  # the stream is in the page spool now: drop the raw copy early
         return commit_spooled(writer, spooled, meta or {})
     finally:
         if capture is not None:
@@ -122,12 +120,32 @@ def spool_all(
 
     (A :class:`PipeCapture` is not drained here: closing it discards the rest.)
     """
+    source, base = _stream_file(src)
     try:
-        return spool_stream(src, directory=spool_dir(store), limits=limits, progress=progress)
+        spooled = spool_stream(src, directory=spool_dir(store), limits=limits, progress=progress,
+                               source=source, source_base=base)
+        if isinstance(src, PipeCapture):
+            spooled.source_owner = src  # its file holds the pages until the spool is closed
+        return spooled
     except BaseException:
         if not isinstance(src, PipeCapture):
             drain(src)
         raise
+
+
+def _stream_file(src: BinaryIO | PipeCapture) -> tuple[int | None, int]:
+    """(fd, offset) of a file already holding ``src``'s bytes from that offset on, so the
+    spool references pages there instead of copying them: a capture's file, or a regular file
+    given as ``src``; (None, 0) for anything else."""
+    if isinstance(src, PipeCapture):
+        return src.file_fd, 0
+    try:
+        fd = src.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode) and src.seekable():
+            return fd, src.tell()  # the logical position: read-ahead buffering accounted for
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None, 0
 
 
 def commit_spooled(writer: Any, spooled: SpooledStream, meta: dict[str, Any]) -> SnapshotInfo:

@@ -158,9 +158,11 @@ async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: St
                 await qmp.execute("getfd", {"fdname": fdname}, fds=(wfd,))
             finally:
                 os.close(wfd)
+            # On success the spool owns the capture: its file holds the pages until commit.
             return await _migrate_and_spool(qmp, fdname, capture, store, show_progress)
-        finally:
+        except BaseException:
             capture.close()
+            raise
     finally:
         with trio.CancelScope(shield=True):
             try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -203,6 +203,13 @@ def read_stream(src: BinaryIO, limits: Limits = Limits()) -> Iterator[tuple]:
     and validated; anything malformed raises StreamError (a subclass of SnapfsError).
     """
     return _Parser(_Input(src), limits).events()
+
+
+def read_stream_at(src: BinaryIO, limits: Limits = Limits()) -> tuple[Iterator[tuple], Callable[[], int]]:
+    """:func:`read_stream`, plus a function giving the stream offset the parser has consumed
+    up to: right after an EV_PAGE event, its 4096 bytes end there."""
+    inp = _Input(src)
+    return _Parser(inp, limits).events(), lambda: inp.offset
 
 
 class _Parser:
