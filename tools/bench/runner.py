@@ -131,7 +131,7 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
                         continue
                     try:
                         row = _run_one(m, spec, target, workdir, plan, log)
-                        if rate == 0 and m.name == "snapfs" and "error" not in row:
+                        if rate == 0 and m.name == "snapfs" and not row.get("error"):
                             row["duration_s_runs"] = _throughput_runs(m, row, target, workdir)
                         results["rows"].append(row)
                     except TargetError as e:
