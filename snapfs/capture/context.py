@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,6 @@ from snapfs.capture import kernel as k
 from snapfs.capture.ledger import Ledger, runs_of
 from snapfs.capture.maps import Vma
 from snapfs.capture.pagemap import PagemapScanner
-from snapfs.capture.priority import Background
 from snapfs.capture.uffd import Uffd
 
 PAGE = k.PAGE_SIZE
@@ -29,7 +28,6 @@ class CaptureContext:
     writer: Any  # snapfs.store.SnapshotWriter
     done_bytes: int = 0  # pages claimed so far (progress)
     faults: int = 0  # write faults served
-    background: Background = field(default_factory=Background)  # scan/compression priority
 
     def page_of(self, ext: int, addr: int) -> tuple[int, int]:
         """(store region index, page number in that region) of ``addr`` in extent ``ext``."""

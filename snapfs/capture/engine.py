@@ -47,7 +47,7 @@ from snapfs.capture.freeze import FrozenTarget, frozen
 from snapfs.capture.ledger import LOST
 from snapfs.capture.maps import Vma, classify, huge_page_sizes, read_maps
 from snapfs.capture.memory import prefaulted_buffer
-from snapfs.capture.priority import fault_thread_priority
+from snapfs.capture.priority import background_thread_priority, fault_thread_priority
 from snapfs.capture.preprotect import PreProtected, protect_then_freeze
 from snapfs.capture.protect import Prepared, handshake, protect_and_record
 from snapfs.capture.ptrace import check_target
@@ -228,7 +228,6 @@ class _Capture:
                     "preprotect_ms": pre.elapsed_ms,
                     "preprotect_faults": pre.faults,
                     "reprotected_pages": prep.reprotected_pages,
-                    "idle_priority_until_s": ctx.background.idle_until_s,
                 }
             )
         except BaseException:
@@ -351,9 +350,6 @@ class _Capture:
                 scan_done = trio.Event()
                 async with trio.open_nursery() as inner:
                     inner.start_soon(_stop_thread_on_cancel, scan.stop, scan_done)
-                    inner.start_soon(
-                        ctx.background.guard, lambda: ctx.done_bytes, self.options.rate, scan_done
-                    )
                     for _ in range(self.workers):
                         inner.start_soon(self._store_worker, work_recv.clone(), free_send.clone())
                     await self._store_copies()
@@ -414,7 +410,8 @@ class _Capture:
 
     def _put_pieces(self, buf: bytearray, pieces: list) -> None:
         view = memoryview(buf)
-        with self.ctx.background.thread():
+        # Niced: a woken writer of the target (and the fault threads) preempt compression.
+        with background_thread_priority():
             for region, first_page, off, mask in pieces:
                 if mask.any():
                     self.writer.put_pages(region, first_page, view[off : off + len(mask) * PAGE], mask)

@@ -40,7 +40,7 @@ from snapfs.capture.fastfault import NativeLoop
 from snapfs.capture.ledger import HUGE_PMD, LOST
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
-from snapfs.capture.priority import realtime_thread
+from snapfs.capture.priority import background_thread_priority, realtime_thread
 from snapfs.capture.uffd import decode_messages
 from snapfs.errors import TargetError
 
@@ -503,7 +503,7 @@ class FaultPath:
     def _put(self, batch: list) -> None:
         writer = self.ctx.writer
         singles: dict[int, list[tuple[int, Any]]] = {}
-        with self.ctx.background.thread():
+        with background_thread_priority():  # a woken target preempts the compression
             for region, first, data, mask, _ in batch:
                 if mask is None and len(data) == PAGE:
                     singles.setdefault(region, []).append((first, data))

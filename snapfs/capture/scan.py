@@ -18,6 +18,7 @@ import trio
 from snapfs.capture.context import PAGE, CaptureContext, still_frozen
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
+from snapfs.capture.priority import background_thread_priority
 
 CHUNK = 4 << 20  # a multiple of the 2 MiB THP size
 
@@ -37,7 +38,8 @@ class Scan:
         first page, offset, claimed mask)`` and ``pooled`` says the buffer goes back.
         Returns when done or when :attr:`stop` is set; raises trio.Cancelled if cancelled
         while waiting on a channel, TargetError if the target is gone."""
-        with self.ctx.background.thread():
+        # Niced: a target woken from a fault (and the fault threads) preempt the scan at once.
+        with background_thread_priority():
             self._run(work_send, free_recv)
 
     def _run(self, work_send, free_recv) -> None:
