@@ -46,6 +46,13 @@ struct pm_scan_arg {
 """
 )
 libc = ffi.dlopen(None)
+# cffi parses a type string with pycparser on its first use (~1 ms): done here, not during a
+# target's pause (get_fpregs' "char[]" was first parsed inside the freeze).
+for _type in ("char[]", "long", "unsigned long", "uintptr_t", "void *", "struct iovec *",
+              "struct iovec[1]", "struct page_region[]", "struct pm_scan_arg *",
+              "struct uffdio_api *", "struct uffdio_range *", "struct uffdio_register *",
+              "struct uffdio_writeprotect *", "struct user_regs *"):
+    ffi.typeof(_type)
 
 assert ffi.sizeof("struct uffd_msg") == 32
 assert ffi.sizeof("struct pm_scan_arg") == 96
