@@ -202,7 +202,7 @@ def read_stream(src: BinaryIO, limits: Limits = Limits()) -> Iterator[tuple]:
     The last event is EV_DEVICES or EV_END, and only once the whole input has been consumed
     and validated; anything malformed raises StreamError (a subclass of SnapfsError).
     """
-    return _Parser(_Input(src), limits).events()
+    return read_stream_at(src, limits)[0]
 
 
 def read_stream_at(src: BinaryIO, limits: Limits = Limits()) -> tuple[Iterator[tuple], Callable[[], int]]:
