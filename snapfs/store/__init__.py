@@ -38,9 +38,11 @@ Design decisions and why:
   Small out-of-order puts (fault path: single pages, THPs) are pooled into one bounded
   buffer (< 32 pages) and written as full frames.
   Large puts compress up to 32 frames, reserve their space once and write them with one
-  pwritev; segments are preallocated 32 MiB ahead and written back in the background
-  (sync_file_range), so commit's fsync has little left; commit trims the preallocation
-  before the fsync.
+  single append; segments are preallocated 32 MiB ahead and appended with O_DIRECT
+  (``_appender``: frames are staged into reused 1 MiB buffers that a thread per open segment
+  writes, so no page-cache page is allocated and commit's fsync has only the device flush
+  left; buffered writes with background writeback where O_DIRECT is refused); commit
+  writes each staged tail and trims the preallocation before the fsync.
 * **Atomic publication**: begin_snapshot reserves the name with a 'pending' row tied to a
   lock file; commit fsyncs every segment and the segments directory, then ONE SQLite
   transaction inserts frames/regions/hashes/references and flips the row to 'committed' and

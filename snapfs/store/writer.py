@@ -4,10 +4,11 @@ Threads: ``put_pages`` may run concurrently in several threads. Zero detection, 
 compression run in the calling thread without locks (zstd, CRC and pwrite release the GIL);
 only the segment offset reservation and small bookkeeping appends take a lock. A large put
 gathers its data pages once, compresses up to BATCH_FRAMES frames, reserves their space in one
-step, writes them with one pwritev and records their runs in one vectorised pass: the Python
-work per put stays small, so two put threads do not serialise on the GIL. Small puts (single
-pages, THPs) are pooled in one bounded buffer until a full 128 KiB frame is ready. Segments
-are written back in the background (:class:`Writeback`) so commit's fsync has little left.
+step, appends them to the lane's segment and records their runs in one vectorised pass: the
+Python work per put stays small, so two put threads do not serialise on the GIL. Small puts
+(single pages, THPs) are pooled in one bounded buffer until a full 128 KiB frame is ready.
+Segments are appended with O_DIRECT from a thread of their own (:mod:`._appender`), so commit's
+fsync has little left.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from snapfs.store import _runs
 from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_BYTES, FrameError,
                                   compress_blob, compress_payload, decompress_blob, frame_header,
                                   segment_header)
-from snapfs.store._pagehash import ALGO, page_hash_list, page_hashes
+from snapfs.store._pagehash import ALGO, native_available, page_hash_list, page_hashes
+from snapfs.store._appender import Appender
 from snapfs.store._fsutil import (PREALLOC_STEP, Writeback, disk_full_error, fsync_dir, is_disk_full,
-                                  preallocate, pwrite_all, pwritev_all)
+                                  preallocate)
 from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInfo
 
 BATCH_FRAMES = 32             # frames compressed, reserved and written together (4 MiB raw)
@@ -60,6 +62,7 @@ class _Segment:
     id: int
     fd: int
     size: int
+    app: Appender
     prealloc: int = 0          # blocks reserved (KEEP_SIZE) up to here; commit trims the rest
 
 
@@ -99,6 +102,7 @@ class SnapshotWriter:
         self._failed: BaseException | None = None
         self._done = False
         self._writeback = Writeback()
+        native_available()                     # starts building the page-hash helper if needed
         self._parent_regions: list[Any] = []
         # idx -> (runs, ends, starts): ends/starts as contiguous int64 for fast searches
         self._parent_maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -308,11 +312,10 @@ class SnapshotWriter:
                 iov: list[bytes | memoryview] = []
                 for codec, payload, pcrc in comp:
                     iov += (frame_header(codec, len(payload), pcrc, FRAME_PAGES, seg.id), payload)
-                pwritev_all(seg.fd, iov, off)
+                seg.app.append(off, iov)
         except (OSError, StoreError) as exc:
             self._fail(exc)
             raise self._failed from None
-        self._writeback.written(seg.fd, off)
         offs = off + np.concatenate(([0], np.cumsum(flens[:-1])))
         # Runs of all frames at once: break where pages stop being consecutive or a frame starts.
         k = len(pages)
@@ -354,15 +357,19 @@ class SnapshotWriter:
         Blocks are preallocated PREALLOC_STEP ahead of the end: appends then skip the
         filesystem's block allocation; commit trims what was not used.
         """
+        full = None
         with self._lock:
             seg = self._lanes[lane]
             if seg is None or seg.size + nbytes > SEGMENT_MAX_BYTES:
+                full = seg
                 seg = self._lanes[lane] = self._new_segment()
             off = seg.size
             seg.size += nbytes
             grow_to = 0
             if seg.size > seg.prealloc:
                 grow_to = seg.prealloc = seg.size + PREALLOC_STEP
+        if full is not None:
+            full.app.finish()              # this lane's thread was its only appender
         if grow_to:
             preallocate(seg.fd, off, grow_to - off)
         return seg, off
@@ -396,11 +403,10 @@ class SnapshotWriter:
             with self._lane() as lane:
                 seg, off = self._reserve(lane, flen)
                 header = frame_header(codec, len(payload), pcrc, npages, seg.id)
-                pwritev_all(seg.fd, [header, payload], off)
+                seg.app.append(off, [header, payload])
         except (OSError, StoreError) as exc:
             self._fail(exc)
             raise self._failed from None
-        self._writeback.written(seg.fd, off)
         slots = np.arange(npages)
         new_parts = []
         for r in np.unique(regs).tolist():
@@ -454,9 +460,9 @@ class SnapshotWriter:
         fd = os.open(self._store.segment_path(seg_id),
                      os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         header = segment_header(seg_id)
-        seg = _Segment(seg_id, fd, len(header))
+        seg = _Segment(seg_id, fd, len(header), Appender(fd, self._writeback))
         self._segments.append(seg)
-        pwrite_all(fd, header, 0)
+        seg.app.append(0, [header])
         return seg
 
     def inherit(self, idx: int, first_page: int, npages: int) -> None:
@@ -582,6 +588,8 @@ class SnapshotWriter:
         if tail is not None:
             self._write_frame(*tail)
         try:
+            for seg in self._segments:
+                seg.app.finish()
             error = self._writeback.close()
             if error is not None:
                 raise error
@@ -683,6 +691,7 @@ class SnapshotWriter:
     def _release(self) -> None:
         self._writeback.close()                 # its thread must not outlive the fds
         for seg in self._segments:
+            seg.app.close()                     # nor may the segments' I/O threads
             try:
                 os.close(seg.fd)
             except OSError:
