@@ -157,6 +157,24 @@ def test_page_hash_fallback_and_algorithm_mismatch(store, monkeypatch):
     assert store.open_snapshot("b").read(0, 0, 64 * PAGE) == img.tobytes()
 
 
+def test_native_page_hashes_equal_the_per_page_ones(monkeypatch):
+    """The C helper must give exactly the per-page XXH3 values: stored hashes of snapshots
+    written either way are compared with each other."""
+    from snapfs.store import _pagehash
+    if _pagehash._xxh3 is None:
+        pytest.skip("no libxxhash on this system")
+    assert _pagehash.native_available(timeout=120), "the page-hash helper did not build (is gcc installed?)"
+    img = np.random.default_rng(9).integers(0, 256, size=(300, PAGE), dtype=np.uint8)
+    img[7] = 0
+    view = memoryview(img).cast("B")
+    pages = np.array([0, 7, 8, 150, 151, 299] + list(range(20, 60)))
+    native = _pagehash.page_hashes(view, pages)
+    monkeypatch.setattr(_pagehash, "NATIVE_MIN_PAGES", 10**9)        # force the per-page path
+    assert native.tolist() == _pagehash.page_hashes(view, pages).tolist()
+    with pytest.raises(IndexError):
+        _pagehash.page_hashes(view, np.array([300] * 20))
+
+
 def test_inherit_ranges_equals_one_inherit_per_range(store):
     """The batched call gives the same child as one inherit() per range, in any order."""
     write_synthetic(store, "parent", 7, [3000])

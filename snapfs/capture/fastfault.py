@@ -11,110 +11,41 @@ every fault (slower, same result).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from snapfs.capture import kernel as k
 from snapfs.capture.ledger import Ledger
+from snapfs.native import NativeLibrary
 
 SOURCE = Path(__file__).with_name("fastfault.c")
 RING_PAGES = 2048  # 8 MiB of saved pages between the loop and the store
 HEAD, TAIL, FAULTS, ARMED = range(4)  # the shared counters (see fastfault.c)
 
-_lib: ctypes.CDLL | None = None
-_build_lock = threading.Lock()
-_building: threading.Thread | None = None
 
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "snapfs"
-
-
-def _library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    return _cache_dir() / f"fastfault-{digest}.so"
-
-
-def _build(out: Path) -> None:
-    """Compile the loop into ``out`` (atomically: a temporary file renamed over it)."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise OSError("no C compiler")
-    old = os.umask(0o077)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(out.parent, 0o700)
-        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}.{threading.get_ident()}")
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(tmp), str(SOURCE)],
-                       check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)
-    finally:
-        os.umask(old)
-    for stale in out.parent.glob("fastfault-*"):  # older versions, builds killed midway
-        try:
-            if stale != out and (stale.suffix == ".so" or time.time() - stale.stat().st_mtime > 600):
-                stale.unlink()
-        except OSError:
-            pass
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))  # CDLL: the loop blocks, so the GIL is released
+def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.snapfs_fault_loop
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_ulong] + [ctypes.c_void_p] * 4 + [
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_uint64, ctypes.c_void_p,
     ]  # fmt: skip
-    return lib
+
+
+_native = NativeLibrary(SOURCE, _declare)  # CDLL: the loop blocks, so the GIL is released
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded native loop, or None if it is not built (yet): a first call starts the
     build in a background thread, so no capture waits for the compiler."""
-    global _lib, _building
-    if _lib is not None:
-        return _lib
-    if os.environ.get("SNAPFS_NO_NATIVE") == "1":  # force the Python fault path
-        return None
-    with _build_lock:
-        try:
-            path = _library_path()
-            if path.exists():
-                _lib = _load(path)
-                return _lib
-        except OSError:
-            return None
-        if _building is None:
-            # Not a daemon: a short-lived snapfs process finishes the build before exiting.
-            _building = threading.Thread(target=_build_quietly, args=(path,),
-                                         name="snapfs-build-fastfault")
-            _building.start()
-    return None
-
-
-def _build_quietly(path: Path) -> None:
-    try:
-        _build(path)
-    except (OSError, subprocess.SubprocessError):
-        pass  # the Python fault path serves every fault
+    return _native.get()
 
 
 def ensure_built(timeout: float | None = None) -> bool:
     """Build (waiting up to ``timeout``) and load the loop; True if available."""
-    if library() is not None:
-        return True
-    if _building is not None:
-        _building.join(timeout)
-    return library() is not None
+    return _native.ensure_built(timeout)
 
 
 _spare_rings: list[np.ndarray] = []
