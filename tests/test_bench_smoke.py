@@ -134,6 +134,8 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
 
     idle = [r for r in results["rows"] if r["method"] == "snapfs" and r["write_rate"] == 0 and not r["error"]]
     assert idle and len(idle[0]["duration_s_runs"]) == 3  # best of 3, like the zstd floor
+    side = idle[0]["zstd_side_by_side"]                     # zstd measured between the captures
+    assert len(side["pass_Bps"]) == 3 and side["Bps"] == max(side["pass_Bps"]) > 0
 
     floors = results["floors"]
     assert {"write_protect", "process_vm_readv", "zstd"} <= set(floors)

@@ -84,6 +84,10 @@ def markdown(results: dict, command: str, img_prefix: str = "") -> str:
               f"| process_vm_readv, one read into fresh memory | {_mb(pvr.get('fresh_memory_Bps'))} |",
               f"| zstd level 1 alone, {z.get('threads')} threads, 128 KiB frames, zero pages skipped "
               f"(per resident byte) | {_mb(z.get('Bps'))} |",
+              *[f"| the same, best of the passes interleaved with snapfs's throughput captures "
+                f"({', '.join(_mb(b) for b in r['zstd_side_by_side']['pass_Bps'])}) | "
+                f"{_mb(r['zstd_side_by_side']['Bps'])} |"
+                for r in results["rows"] if r.get("zstd_side_by_side")],
               f"| compression ratio of the non-zero pages | {_f(z.get('ratio'))} |", ""]
         if wp.get("error"):
             L += [f"Write-protect floor failed: {wp['error']}", ""]
