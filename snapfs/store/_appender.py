@@ -41,7 +41,7 @@ class Appender:
         self.end = 0                       # bytes appended so far (the file's logical size)
         self._writeback = writeback
         self._direct = direct and _set_direct(fd, True)
-        self._error: OSError | None = None
+        self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if self._direct:
             self._free: queue.SimpleQueue = queue.SimpleQueue()
@@ -59,7 +59,7 @@ class Appender:
 
     def append(self, offset: int, buffers: list) -> None:
         """Write ``buffers`` back to back at ``offset``, which must be the current end.
-        Raises the OSError of an earlier background write, if one failed."""
+        Raises the error of an earlier background write (an OSError), if one failed."""
         if offset != self.end:
             raise ValueError(f"segment append at {offset}, expected {self.end}")
         self._raise_error()
@@ -118,8 +118,8 @@ class Appender:
             try:
                 if self._error is None:
                     self._write(memoryview(buf)[:nbytes], off)
-            except OSError as exc:
-                self._error = exc
+            except BaseException as exc:  # kept for the appending thread; this one goes on
+                self._error = exc         # freeing buffers, so no append waits for ever
             finally:
                 self._free.put(buf)
 
