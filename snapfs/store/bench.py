@@ -24,7 +24,6 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zstandard
@@ -86,25 +85,6 @@ def _zstd_alone(img: np.ndarray, threads: int, level: int) -> tuple[float, float
     return time.monotonic() - t0, time.process_time() - c0
 
 
-def _zstd_floor_style(img: np.ndarray, threads: int, level: int) -> float:
-    """Seconds for zstd alone the way tools/bench/floors.py measures it (the issue's yardstick):
-    zero check and gather of the whole image in one thread, then frames compressed by a pool."""
-    local = threading.local()
-
-    def compress(frame: np.ndarray) -> int:
-        cctx = getattr(local, "cctx", None)
-        if cctx is None:
-            cctx = local.cctx = zstandard.ZstdCompressor(level=level)
-        return len(cctx.compress(frame.tobytes()))
-
-    t0 = time.monotonic()
-    pages = img[img.any(axis=1)].reshape(-1)
-    step = 32 * PAGE
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        sum(pool.map(compress, [pages[o:o + step] for o in range(0, len(pages), step)]))
-    return time.monotonic() - t0
-
-
 def _write(store: Store, name: str, img: np.ndarray, threads: int,
            parent: str | None = None) -> tuple[float, float, float]:
     """(seconds of put_pages, seconds including commit, process CPU seconds of the puts)."""
@@ -142,11 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(dir=args.dir)
     try:
         store = Store.open(os.path.join(root, "store"))
-        zstd_s = zstd_cpu = floor_s = put_s = total_s = put_cpu = float("inf")
+        zstd_s = zstd_cpu = put_s = total_s = put_cpu = float("inf")
         for i in range(max(1, args.repeat)):       # best of N: noise only ever slows things down
             z, zc = _zstd_alone(img, args.threads, store.level)
             zstd_s, zstd_cpu = min(zstd_s, z), min(zstd_cpu, zc)
-            floor_s = min(floor_s, _zstd_floor_style(img, args.threads, store.level))
             if i:
                 store.remove("full")
                 store.gc()
@@ -155,13 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         info = store.info("full")
         print(f"zstd alone (level {store.level}, 128 KiB frames, zero pages skipped, {args.threads} threads): "
               f"{format_rate(size / zstd_s)} ({zstd_s:.2f} s)")
-        print(f"zstd alone as tools/bench floors measure it (one-thread zero check and gather): "
-              f"{format_rate(size / floor_s)} ({floor_s:.2f} s)")
         print(f"full write puts: {format_rate(size / put_s)} ({put_s:.2f} s) = x{zstd_s / put_s:.2f} of zstd "
-              f"alone, x{floor_s / put_s:.2f} of the floors' zstd")
+              f"alone")
         print(f"full write with commit: {format_rate(size / total_s)} ({total_s:.2f} s, commit "
-              f"{total_s - put_s:.2f} s) = x{zstd_s / total_s:.2f} of zstd alone, x{floor_s / total_s:.2f} "
-              f"of the floors' zstd, stored {info.stored_bytes / size:.1%} of {args.size}")
+              f"{total_s - put_s:.2f} s) = x{zstd_s / total_s:.2f} of zstd alone, "
+              f"stored {info.stored_bytes / size:.1%} of {args.size}")
         print(f"CPU seconds (robust on a busy machine): zstd alone {zstd_cpu:.2f} s, puts {put_cpu:.2f} s "
               f"= x{zstd_cpu / put_cpu:.2f}")
         changed = rng.choice(npages, npages // 100, replace=False)

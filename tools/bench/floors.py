@@ -5,14 +5,16 @@
   not writing; the best of a few runs. snapfs's pause cannot be shorter than this.
 - process_vm_readv: reading the data region in 1 MiB reads into a reused buffer.
 - zstd alone: the region's bytes, zero pages skipped (numpy check), the rest compressed at
-  level 1 in 128 KiB frames by ``threads`` threads; throughput counted over all resident bytes,
-  as snapfs's capture throughput is.
+  level 1 in 128 KiB frames by ``threads`` threads (each checking and gathering its own 4 MiB
+  chunks into a reused buffer); throughput counted over all resident bytes, as snapfs's
+  capture throughput is.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,27 +70,46 @@ def read_region(target: Target) -> tuple[np.ndarray, dict]:
                   "bytes": target.size}
 
 
+CHUNK_PAGES = 1024  # 4 MiB per task, as snapfs's scan hands chunks to its compression threads
+
+
 def zstd_alone(data: np.ndarray, threads: int, passes: int = 3) -> dict:
     """Compress ``data`` the way the bench's sinks do, with ``threads`` threads, no I/O; the
-    best of ``passes`` (``pass_Bps`` lists every pass)."""
-    local: dict[int, zstandard.ZstdCompressor] = {}
+    best of ``passes`` (``pass_Bps`` lists every pass).
 
-    def compress(chunk: np.ndarray) -> int:
-        import threading
-        c = local.setdefault(threading.get_ident(), zstandard.ZstdCompressor(level=ZSTD_LEVEL))
-        return len(c.compress(chunk.tobytes()))
+    Each thread takes 4 MiB chunks, finds their non-zero pages, gathers them into a buffer of
+    its own that it reuses, and compresses them in 128 KiB frames: only the work zstd alone
+    needs, done in parallel. No pass allocates memory per chunk: on these VMs fresh memory is
+    a host fault per page (freed memory goes back to the host), and a floor that gathered into
+    a new 700 MB array came out anywhere between 0.36 and 1.30 GB/s.
+    """
+    local = threading.local()
+    pages_all = data.reshape(-1, PAGE)
+
+    def compress(first: int) -> tuple[int, int]:
+        c = getattr(local, "c", None)
+        if c is None:
+            c = local.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            local.buf = np.empty((CHUNK_PAGES, PAGE), np.uint8)
+        chunk = pages_all[first:first + CHUNK_PAGES]
+        idx = np.flatnonzero(nonzero_pages(chunk.reshape(-1)))
+        gathered = np.take(chunk, idx, axis=0, out=local.buf[:len(idx)], mode="clip")
+        flat = memoryview(gathered.reshape(-1))
+        out = sum(len(c.compress(flat[o:o + FRAME_BYTES])) for o in range(0, len(flat), FRAME_BYTES))
+        return len(idx), out
 
     times = []
-    out = 0
+    nz = out = 0
+    firsts = range(0, len(pages_all), CHUNK_PAGES)
     with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(compress, firsts[:threads]))   # each thread's buffer and context, untimed
         for _ in range(passes):  # best of N: a floor is what the machine can do, noise only slows it
             t0 = time.perf_counter()
-            mask = nonzero_pages(data)
-            pages = data.reshape(-1, PAGE)[mask].reshape(-1)
-            out = sum(pool.map(compress, [pages[o : o + FRAME_BYTES] for o in range(0, len(pages), FRAME_BYTES)]))
+            results = list(pool.map(compress, firsts))
             times.append(time.perf_counter() - t0)
+        nz = sum(n for n, _ in results) * PAGE
+        out = sum(o for _, o in results)
     best = min(times)
-    nz = int(mask.sum()) * PAGE
     return {"Bps": len(data) / best, "nonzero_Bps": nz / best, "threads": threads,
             "pass_Bps": [len(data) / t for t in times],
             "nonzero_bytes": nz, "compressed_bytes": out, "ratio": nz / out if out else None}
