@@ -36,8 +36,13 @@ async def test_lookup_getattr_read(ops):
     heap = await ops.lookup(rb.st_ino, b"heap", None)
     data = await ops.lookup(heap.st_ino, b"data", None)
     assert data.entry_timeout == STABLE_TIMEOUT and data.st_size == len(app[0].data)
+    assert data.st_blksize == 1 << 20                  # cat and cp read 1 MiB at a time
     info = await ops.open(data.st_ino, os.O_RDONLY, None)
-    assert info.keep_cache and not info.direct_io
+    assert info.keep_cache and not info.direct_io     # region data: the page cache serves re-reads
+    vmstate = await ops.lookup(snap.st_ino, b"vmstate", None)
+    vinfo = await ops.open(vmstate.st_ino, os.O_RDONLY, None)
+    assert vinfo.direct_io and not vinfo.keep_cache   # a stream read once: straight to the reader
+    await ops.release(vinfo.fh)
     got = b""
     while len(got) < data.st_size:  # sequential 128 KiB requests, as the kernel sends them
         got += await ops.read(info.fh, len(got), 128 * 1024)

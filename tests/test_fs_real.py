@@ -105,6 +105,11 @@ def test_standard_tools_on_a_real_snapshot(real_snapshot, tmp_path, snapfs_env):
             assert res.returncode == 0
             assert len(res.stdout) == (snap / "vmstate").stat().st_size
             assert res.stdout == (snap / "vmstate").read_bytes()
+            # vmstate bypasses the page cache: every read reaches the daemon, at any offset
+            assert run(["cat", str(snap / "vmstate")]).stdout == res.stdout
+            with open(snap / "vmstate", "rb", buffering=0) as f:
+                for off, n in [(len(res.stdout) // 3, 5000), (17, 1 << 20), (len(res.stdout) - 100, 4096)]:
+                    assert os.pread(f.fileno(), n, off) == res.stdout[off:off + n]
 
 
 def test_readers_while_a_capture_commits(real_snapshot, tmp_path, snapfs_env):

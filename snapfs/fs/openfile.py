@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from snapfs.fs.views import is_immutable
+from snapfs.fs.views import is_immutable, is_streamed
 
 WINDOW_MIN = 1 << 20
 WINDOW_MAX = 4 << 20
@@ -66,6 +66,7 @@ class OpenFile:
         self.view = view
         self.budget = budget or WindowBudget()
         self.immutable = is_immutable(view)
+        self.streamed = is_streamed(view)
         self._segments: list[tuple[int, memoryview]] = []  # (offset, data), ascending
         self._expected = 0  # where a sequential reader's next request starts
         self._streak = 0  # consecutive sequential requests

@@ -47,6 +47,13 @@ def is_immutable(view: Any) -> bool:
     return not getattr(view, "size_may_change", False)
 
 
+def is_streamed(view: Any) -> bool:
+    """Whether the file is a stream read once from start to end (``vmstate``): the mount then
+    hands each read to the daemon (FUSE ``direct_io``) instead of going through the page
+    cache (see :mod:`snapfs.fs.fuse_ops`)."""
+    return bool(getattr(view, "streamed", False))
+
+
 class BytesView:
     """A small file held in memory (the ``info.json`` files)."""
 

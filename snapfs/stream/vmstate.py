@@ -47,6 +47,8 @@ class VmstateView:
     read size (records are generated per read, never cached).
     """
 
+    streamed = True  # read once, start to end (a restore): the mount bypasses the page cache
+
     def __init__(self, reader: Any) -> None:
         self._reader = reader
         info = reader.info
