@@ -34,7 +34,7 @@ STABLE_TIMEOUT = 3600.0
 ROOT_TIMEOUT = 1.0
 # st_blksize: cat, cp and Python's open() size their reads by it (cat: 128 KiB at least). A
 # 1 MiB read is one FUSE request (max_pages 256), where 128 KiB made eight: with vmstate read
-# past the page cache, `cat vmstate` went from 460-630 to 810-900 MB/s cold.
+# past the page cache, `cat vmstate` went from 540-630 to 720-905 MB/s cold.
 IO_BLOCK = 1 << 20
 
 T = TypeVar("T")

@@ -38,7 +38,7 @@ Design decisions and why:
   Small out-of-order puts (fault path: single pages, THPs) are pooled into one bounded
   buffer (< 32 pages) and written as full frames.
   Large puts compress up to 32 frames, reserve their space once and write them with one
-  single append; segments are preallocated 32 MiB ahead and appended with O_DIRECT
+  append; segments are preallocated 32 MiB ahead and appended with O_DIRECT
   (``_appender``: frames are staged into reused 1 MiB buffers that a thread per open segment
   writes, so no page-cache page is allocated and commit's fsync has only the device flush
   left; buffered writes with background writeback where O_DIRECT is refused); commit

@@ -29,10 +29,10 @@ from snapfs.store import _runs
 from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_BYTES, FrameError,
                                   compress_blob, compress_payload, decompress_blob, frame_header,
                                   segment_header)
-from snapfs.store._pagehash import ALGO, native_available, page_hash_list, page_hashes
 from snapfs.store._appender import Appender
 from snapfs.store._fsutil import (PREALLOC_STEP, Writeback, disk_full_error, fsync_dir, is_disk_full,
                                   preallocate)
+from snapfs.store._pagehash import ALGO, native_available, page_hash_list, page_hashes
 from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInfo
 
 BATCH_FRAMES = 32             # frames compressed, reserved and written together (4 MiB raw)
