@@ -4,9 +4,9 @@ XXH3-64 through libxxhash (a dependency of apt, so present on Debian/Ubuntu) run
 GB/s, eight times blake2b through hashlib; blake2b-64 is the fallback. Many pages are hashed
 in one call of a small C helper (``pagehash.c``, built on demand like the native fault loop):
 no Python and no GIL per page, so the other compression thread runs meanwhile. The algorithm
-is stored next to each hash chunk: a child only compares with a parent hashed the same way (otherwise it
-simply stores every page — never a wrong match). Value 0 means "no data page"; real hashes have
-their low bit forced to 1.
+is stored next to each hash chunk: a child only compares with a parent hashed the same way
+(otherwise it simply stores every page — never a wrong match). Value 0 means "no data page";
+real hashes have their low bit forced to 1.
 """
 
 from __future__ import annotations
