@@ -26,6 +26,26 @@ DEV = Path("/dev/userfaultfd")
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not DEV.exists(), reason="needs root")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _account_removed_after():
+    """The test user and group are created on first use; remove them after the module when
+    they were not there before (a machine is left as the tests found it)."""
+    had_group, had_user = _exists(grp.getgrnam, GROUP), _exists(pwd.getpwnam, USER)
+    yield
+    if not had_user and _exists(pwd.getpwnam, USER):
+        subprocess.run(["userdel", USER], check=False, capture_output=True)
+    if not had_group and _exists(grp.getgrnam, GROUP):
+        subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
+
+
+def _exists(lookup, name: str) -> bool:
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _ensure_account() -> None:
     try:
         grp.getgrnam(GROUP)
