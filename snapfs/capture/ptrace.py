@@ -38,9 +38,9 @@ def check_target(pid: int) -> str:
     return comm
 
 
-def _tracer_pid(pid: int) -> int:
+def _tracer_pid(pid: int, tid: int | None = None) -> int:
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status") as f:
             for line in f:
                 if line.startswith("TracerPid:"):
                     return int(line.split()[1])
@@ -49,10 +49,11 @@ def _tracer_pid(pid: int) -> int:
     return 0
 
 
-def permission_error(pid: int) -> PermissionDenied:
-    """The PermissionDenied to raise when ptrace (or /proc access) to ``pid`` is refused."""
-    tracer = _tracer_pid(pid)
-    if tracer:
+def permission_error(pid: int, tid: int | None = None) -> PermissionDenied:
+    """The PermissionDenied to raise when ptrace (or /proc access) to ``pid`` (its thread
+    ``tid``) is refused."""
+    tracer = _tracer_pid(pid, tid)
+    if tracer and tracer != os.getpid():
         return PermissionDenied(
             f"process {pid} is already traced by PID {tracer} (a debugger?): detach it and retry"
         )
@@ -72,6 +73,16 @@ def list_tids(pid: int) -> list[int]:
         return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except (FileNotFoundError, ProcessLookupError):
         return []
+
+
+def _thread_exiting(pid: int, tid: int) -> bool:
+    """True if thread ``tid`` of ``pid`` is gone or exiting (state Z or X)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in (b"Z", b"X")
 
 
 class StoppedProcess:
@@ -122,7 +133,9 @@ class StoppedProcess:
                     raise TargetError(f"process {self.pid} exited") from None
                 return False
             if exc.errno == errno.EPERM:
-                raise permission_error(self.pid) from None
+                if tid != self.pid and _thread_exiting(self.pid, tid):
+                    return False  # the kernel refuses EPERM, not ESRCH, for an exiting thread
+                raise permission_error(self.pid, tid) from None
             raise
         try:
             k.ptrace(k.PTRACE_INTERRUPT, tid)
