@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -87,3 +88,30 @@ def test_full_segments_rotate_and_read_back(tmp_path, monkeypatch):
         assert store.check(verify_data=True)["problems"] == []
     finally:
         store.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a ramfs")
+def test_a_store_on_a_filesystem_without_o_direct(tmp_path):
+    """ramfs refuses O_DIRECT: segments are then written through the page cache, same bytes."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        fd = os.open(mnt / "probe", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            assert not Appender(fd, Writeback()).direct
+        finally:
+            os.close(fd)
+        pages = np.random.default_rng(5).integers(0, 256, (1024, 4096), dtype=np.uint8)
+        pages[::3] = 0
+        with Store.open(mnt / "store", create=True) as store:
+            w = store.begin_snapshot("s", {})
+            idx = w.add_region(RegionSpec("heap", 0, len(pages) * 4096, kind="heap"))
+            for first in range(0, len(pages), 256):
+                w.put_pages(idx, first, pages[first:first + 256])
+            w.commit()
+            with store.open_snapshot("s") as r:
+                assert r.read(0, 0, len(pages) * 4096) == pages.tobytes()
+            assert store.check(verify_data=True)["problems"] == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
