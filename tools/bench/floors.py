@@ -102,7 +102,7 @@ def zstd_alone(data: np.ndarray, threads: int, passes: int = 3) -> dict:
     nz = out = 0
     firsts = range(0, len(pages_all), CHUNK_PAGES)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(compress, firsts[:threads]))   # each thread's buffer and context, untimed
+        list(pool.map(compress, firsts[:threads]))   # untimed warm-up: contexts and buffers
         for _ in range(passes):  # best of N: a floor is what the machine can do, noise only slows it
             t0 = time.perf_counter()
             results = list(pool.map(compress, firsts))
