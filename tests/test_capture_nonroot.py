@@ -4,6 +4,7 @@ test user, and a group given access to /dev/userfaultfd for the duration of the 
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import pwd
@@ -30,12 +31,16 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not DEV.exists(), reason="n
 def _account_removed_after():
     """The test user and group are created on first use; remove them after the module when
     they were not there before (a machine is left as the tests found it)."""
-    had_group, had_user = _exists(grp.getgrnam, GROUP), _exists(pwd.getpwnam, USER)
-    yield
-    if not had_user and _exists(pwd.getpwnam, USER):
-        subprocess.run(["userdel", USER], check=False, capture_output=True)
-    if not had_group and _exists(grp.getgrnam, GROUP):
-        subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
+    # The account and /dev/userfaultfd's mode are machine-wide: two suites running at once
+    # (two checkouts) take turns.
+    with open("/run/lock/snapfs-nonroot-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        had_group, had_user = _exists(grp.getgrnam, GROUP), _exists(pwd.getpwnam, USER)
+        yield
+        if not had_user and _exists(pwd.getpwnam, USER):
+            subprocess.run(["userdel", USER], check=False, capture_output=True)
+        if not had_group and _exists(grp.getgrnam, GROUP):
+            subprocess.run(["groupdel", GROUP], check=False, capture_output=True)
 
 
 def _exists(lookup, name: str) -> bool:
