@@ -1,5 +1,5 @@
 """The fault path both ways: the native loop (snapfs/capture/fastfault.c) serving the common
-fault without the GIL, and the Python fault thread alone (no compiler, or not built yet).
+fault without the GIL, and the Python fault thread alone (``SNAPFS_NO_NATIVE=1``).
 Either way the image is one instant and the target is released."""
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def native_counts(monkeypatch):
 async def test_slow_scan_image_is_one_instant(store_dir, monkeypatch, native_counts, native):
     """A throttled scan, two writers: most pages are saved by the fault path."""
     if native:
-        assert fastfault.ensure_built(120), "the native fault loop did not build (is gcc installed?)"
+        assert fastfault.library() is not None, "the compiled fault loop is off (SNAPFS_NO_NATIVE=1?)"
     else:
-        monkeypatch.setattr(fastfault, "library", lambda: None)
+        monkeypatch.setenv("SNAPFS_NO_NATIVE", "1")
     npages = 4096
     with Target("oracle", str(npages), "2", "anon", "mixed") as t:
         with Store.open(store_dir, create=True) as store:
@@ -50,7 +50,6 @@ async def test_slow_scan_image_is_one_instant(store_dir, monkeypatch, native_cou
 async def test_native_ring_smaller_than_the_faults(store_dir, monkeypatch, native_counts):
     """More faults than ring slots: the loop forwards what does not fit to the Python thread
     until the store frees slots; nothing is lost or stored twice."""
-    assert fastfault.ensure_built(120)
     monkeypatch.setattr(fastfault, "RING_PAGES", 16)
     npages = 4096
     with Target("oracle", str(npages), "2", "anon", "mixed") as t:

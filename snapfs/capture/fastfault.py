@@ -1,51 +1,32 @@
-"""The native fault loop (fastfault.c): build on demand, load with ctypes, share its ring.
+"""The native fault loop (fastfault.c, compiled at install time into
+``snapfs.capture._native``): run it and share its ring.
 
 The loop serves the common write fault (one 4 KiB page of a populated, non-huge extent)
 without the GIL; :mod:`~snapfs.capture.faults` starts it in a worker thread and handles
-everything it forwards. It is compiled with the system C compiler into a per-user cache
-(``$XDG_CACHE_HOME/snapfs``, 0700) the first time it is needed; while that runs, or if no
-compiler is available (or with ``SNAPFS_NO_NATIVE=1``), the Python fault thread serves
-every fault (slower, same result).
+everything it forwards. With ``SNAPFS_NO_NATIVE=1`` the Python fault thread serves every
+fault (slower, same result).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-from pathlib import Path
 
 import numpy as np
 
+from snapfs import native
 from snapfs.capture import kernel as k
 from snapfs.capture.ledger import Ledger
-from snapfs.native import NativeLibrary
 
-SOURCE = Path(__file__).with_name("fastfault.c")
+_ext = native.load("snapfs.capture._native")
+ffi, _lib = _ext.ffi, _ext.lib
 RING_PAGES = 2048  # 8 MiB of saved pages between the loop and the store
 HEAD, TAIL, FAULTS, ARMED = range(4)  # the shared counters (see fastfault.c)
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    fn = lib.snapfs_fault_loop
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_ulong] + [ctypes.c_void_p] * 4 + [
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_uint64, ctypes.c_void_p,
-    ]  # fmt: skip
-
-
-_native = NativeLibrary(SOURCE, _declare)  # CDLL: the loop blocks, so the GIL is released
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded native loop, or None if it is not built (yet): a first call starts the
-    build in a background thread, so no capture waits for the compiler."""
-    return _native.get()
-
-
-def ensure_built(timeout: float | None = None) -> bool:
-    """Build (waiting up to ``timeout``) and load the loop; True if available."""
-    return _native.ensure_built(timeout)
+def library():
+    """The compiled loop (cffi ``lib``: its call releases the GIL), or None with
+    ``SNAPFS_NO_NATIVE=1``."""
+    return None if native.disabled() else _lib
 
 
 _spare_rings: list[np.ndarray] = []
@@ -68,7 +49,7 @@ def preallocate_ring() -> None:
 class NativeLoop:
     """One run of the native loop over one uffd: its ring, counters and pipes."""
 
-    def __init__(self, lib: ctypes.CDLL, pid: int, uffd: int, stop_fd: int, ledger: Ledger) -> None:
+    def __init__(self, lib, pid: int, uffd: int, stop_fd: int, ledger: Ledger) -> None:
         self.lib = lib
         self.pid = pid
         self.uffd = uffd
@@ -87,12 +68,14 @@ class NativeLoop:
     def run(self) -> int:
         """The loop itself (blocks until stop_fd is readable): 0 or -errno."""
         led = self.ledger
-        ptr = lambda a: a.ctypes.data  # noqa: E731
+        buf = ffi.from_buffer  # pointers into the arrays, which outlive the call
         return self.lib.snapfs_fault_loop(
             self.uffd, self.stop_fd, self.forward_w, self.notify_fd, self.pid,
-            k.UFFDIO_WRITEPROTECT, ptr(led.ext_start), ptr(led.ext_end), ptr(led.ext_base),
-            ptr(self._huge), len(led.ext_start), ptr(led.state), led.lock.address,
-            ptr(self.pages), ptr(self.records), RING_PAGES, ptr(self.counters),
+            k.UFFDIO_WRITEPROTECT, buf("uint64_t[]", led.ext_start), buf("uint64_t[]", led.ext_end),
+            buf("int64_t[]", led.ext_base), buf("uint8_t[]", self._huge), len(led.ext_start),
+            buf("uint8_t[]", led.state), ffi.cast("pthread_mutex_t *", led.lock.address),
+            buf("uint8_t[]", self.pages), buf("uint64_t[]", self.records), RING_PAGES,
+            buf("uint64_t[]", self.counters),
         )  # fmt: skip
 
     def arm(self) -> None:

@@ -2,10 +2,10 @@
 
 XXH3-64 through libxxhash (a dependency of apt, so present on Debian/Ubuntu) runs at several
 GB/s, eight times blake2b through hashlib; blake2b-64 is the fallback. Many pages are hashed
-in one call of a small C helper (``pagehash.c``, built on demand like the native fault loop):
-no Python and no GIL per page, so the other compression thread runs meanwhile. The algorithm
-is stored next to each hash chunk: a child only compares with a parent hashed the same way
-(otherwise it simply stores every page — never a wrong match). Value 0 means "no data page";
+in one call of a small C helper (``pagehash.c``, compiled at install time into
+``snapfs.store._native``): no Python and no GIL per page, so the other compression thread runs
+meanwhile. The algorithm is stored next to each hash chunk: a child only compares with a
+parent hashed the same way (otherwise it simply stores every page — never a wrong match). Value 0 means "no data page";
 real hashes have their low bit forced to 1.
 """
 
@@ -14,11 +14,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 from itertools import repeat
-from pathlib import Path
 
 import numpy as np
 
-from snapfs.native import NativeLibrary
+from snapfs import native
 
 PAGE = 4096
 
@@ -37,23 +36,9 @@ except (OSError, AttributeError):                 # pragma: no cover - depends o
 
 NATIVE_MIN_PAGES = 16        # fewer: the per-page map below has less set-up
 
-
-def _declare(lib: ctypes.CDLL) -> None:
-    fn = lib.snapfs_hash_pages
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_size_t, ctypes.c_void_p]
-
-
-_native = NativeLibrary(Path(__file__).with_name("pagehash.c"), _declare)
-_xxh3_address = ctypes.cast(_xxh3, ctypes.c_void_p).value if _xxh3 is not None else None
-
-
-def native_available(timeout: float | None = 0) -> bool:
-    """True once the C helper is built and loaded (a first call starts the build; waits up
-    to ``timeout`` seconds for it, None: until done)."""
-    if _xxh3 is None:
-        return False
-    return _native.get() is not None if timeout == 0 else _native.ensure_built(timeout)
+_ext = native.load("snapfs.store._native")
+_ffi, _lib = _ext.ffi, _ext.lib
+_xxh3_fn = _ffi.cast("void *", ctypes.cast(_xxh3, ctypes.c_void_p).value) if _xxh3 is not None else None
 
 
 def _page_addresses(view: memoryview, idx: np.ndarray) -> list[int]:
@@ -69,12 +54,12 @@ def page_hashes(view: memoryview, idx: np.ndarray) -> np.ndarray:
     if _xxh3 is not None:
         if len(view) < (int(idx.max()) + 1) * PAGE or int(idx.min()) < 0:
             raise IndexError("page_hashes: page index outside the buffer")
-        lib = _native.get() if len(idx) >= NATIVE_MIN_PAGES else None
-        if lib is not None:
+        if len(idx) >= NATIVE_MIN_PAGES and not native.disabled():
             pages = np.ascontiguousarray(idx, np.int64)
             out = np.empty(len(pages), np.uint64)
-            base = np.frombuffer(view, np.uint8).ctypes.data
-            lib.snapfs_hash_pages(_xxh3_address, base, pages.ctypes.data, len(pages), out.ctypes.data)
+            buf = _ffi.from_buffer
+            _lib.snapfs_hash_pages(_xxh3_fn, buf("uint8_t[]", view), buf("int64_t[]", pages), len(pages),
+                                   buf("uint64_t[]", out))
             return out
         addrs = _page_addresses(view, idx)
         out = np.fromiter(map(_xxh3, addrs, repeat(PAGE, len(addrs))), np.uint64, len(addrs))

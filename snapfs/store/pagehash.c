@@ -1,8 +1,7 @@
 /* XXH3-64 of many 4 KiB pages in one call, so hashing a chunk takes no GIL and no Python per
  * page (see _pagehash.py). The XXH3 function comes from the caller (libxxhash, loaded there),
  * so this file needs no xxhash headers. */
-#include <stddef.h>
-#include <stdint.h>
+#include "pagehash.h"
 
 typedef uint64_t (*xxh3_fn)(const void *, size_t);
 

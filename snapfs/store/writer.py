@@ -32,7 +32,7 @@ from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_B
 from snapfs.store._appender import Appender
 from snapfs.store._fsutil import (PREALLOC_STEP, Writeback, disk_full_error, fsync_dir, is_disk_full,
                                   preallocate)
-from snapfs.store._pagehash import ALGO, native_available, page_hash_list, page_hashes
+from snapfs.store._pagehash import ALGO, page_hash_list, page_hashes
 from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInfo
 
 BATCH_FRAMES = 32             # frames compressed, reserved and written together (4 MiB raw)
@@ -102,7 +102,6 @@ class SnapshotWriter:
         self._failed: BaseException | None = None
         self._done = False
         self._writeback = Writeback()
-        native_available()                     # starts building the page-hash helper if needed
         self._parent_regions: list[Any] = []
         # idx -> (runs, ends, starts): ends/starts as contiguous int64 for fast searches
         self._parent_maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
