@@ -42,6 +42,7 @@ class PagemapScanner:
         arg = self._arg
         out = []
         pos = start
+        done = start  # every match below this address has been reported
         while pos < end:
             arg.size = k.ffi.sizeof("struct pm_scan_arg")
             arg.flags = flags
@@ -56,9 +57,19 @@ class PagemapScanner:
             arg.category_anyof_mask = anyof
             arg.return_mask = report | require | exclude | anyof
             n = k.ioctl(self.fd, k.PAGEMAP_SCAN, arg)
-            if n:
-                out.append(self._vec_np[:n].copy())
-            walk_end = arg.walk_end
+            found = self._vec_np[:n].copy()
+            if n and int(found["start"][0]) < done:
+                # Already reported by the previous call (see below): keep only what is new.
+                found = found[found["end"] > done]
+                found["start"] = np.maximum(found["start"], np.uint64(done))
+            if len(found):
+                out.append(found)
+                done = int(found["end"][-1])
+            # The kernel leaves walk_end at its last buffer-full stop when the walk then
+            # finishes: a call that fills ``vec`` exactly at the end of the walk reports a
+            # walk_end behind its last range (a fragmented 64 MiB mapping: its last 4 MiB
+            # reported twice, so those pages were saved twice). Resume after what was seen.
+            walk_end = max(int(arg.walk_end), done)
             if walk_end <= pos or walk_end >= end or n < _VEC_LEN:
                 break
             pos = walk_end
