@@ -314,3 +314,43 @@ def test_run_compaction_keeps_every_page(store, monkeypatch):
         for i, n in enumerate((2000, 50)):
             assert r.read(i, 0, n * PAGE) == expected_image(8, i, n, version)
             assert list(r.runs(i)) == _expected_runs(region_kinds(n))
+
+
+def test_a_page_given_twice_is_refused_loudly(store):
+    """Each page reaches the writer at most once: a second put (whole, masked, scattered,
+    single page, or inherited) is an internal error that aborts the snapshot."""
+    from snapfs.store.writer import PageGivenTwice
+
+    pages = np.random.default_rng(5).integers(0, 256, size=(64, PAGE), dtype=np.uint8)
+    attempts = {
+        "put": lambda w, i: w.put_pages(i, 40, pages[:10].tobytes()),
+        "masked": lambda w, i: w.put_pages(i, 0, pages.tobytes(), np.arange(64) == 63),
+        "scattered": lambda w, i: w.put_scattered(i, [2, 50, 60], pages[:3].tobytes()),
+        "single": lambda w, i: w.put_pages(i, 49, pages[0].tobytes()),
+        "zero": lambda w, i: w.put_pages(i, 45, bytes(PAGE)),
+    }
+    for what, again in attempts.items():
+        w = store.begin_snapshot(f"twice-{what}", {})
+        i = w.add_region(RegionSpec("anon", 0, 128 * PAGE))
+        w.put_pages(i, 30, pages[:20].tobytes())       # pages 30..49
+        w.put_scattered(i, [60, 63], pages[:2].tobytes())
+        with pytest.raises(PageGivenTwice, match=f"page .* of region 'anon' was handed to the store twice"):
+            again(w, i)
+        with pytest.raises(PageGivenTwice):
+            w.commit()
+        assert store.list_snapshots() == []
+    # Pages not given before are fine, however they arrive.
+    w = store.begin_snapshot("once", {})
+    i = w.add_region(RegionSpec("anon", 0, 128 * PAGE))
+    w.put_pages(i, 30, pages[:20].tobytes())
+    w.put_pages(i, 0, pages[:30].tobytes(), np.arange(30) % 2 == 0)
+    w.put_pages(i, 1, pages[0].tobytes())
+    w.put_scattered(i, [3, 5, 100], pages[:3].tobytes())
+    w.commit()
+    # An inherited page cannot be put again either.
+    w = store.begin_snapshot("child", {}, parent="once")
+    i = w.add_region(RegionSpec("anon", 0, 128 * PAGE))
+    w.inherit(i, 0, 64)
+    with pytest.raises(PageGivenTwice, match="page 63 "):
+        w.put_pages(i, 63, pages[:2].tobytes())
+    w.abort()

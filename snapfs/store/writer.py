@@ -54,7 +54,15 @@ class _Region:
     merged: list[np.ndarray] = field(default_factory=list)    # sorted runs, sizes decreasing
     zero_pending: list[int] = field(default_factory=list)     # zero pages from small puts
     hashes: dict[int, np.ndarray] = field(default_factory=dict)
+    given: dict[int, np.ndarray] = field(default_factory=dict)   # pages handed over, per hash chunk
     lost: list[tuple[int, int, str]] = field(default_factory=list)
+
+
+class PageGivenTwice(RuntimeError):
+    """A caller handed the writer a page it already had (the contract says at most once).
+
+    A bug in the caller, not an expected condition: the snapshot is aborted, and the error
+    is not a SnapfsError so that it is reported loudly (with its traceback)."""
 
 
 @dataclass
@@ -209,6 +217,31 @@ class SnapshotWriter:
             sel = chunks == chunk
             self._hash_chunk(reg, chunk)[pages[sel] - np.uint64(chunk * HASH_CHUNK)] = values[sel]
 
+    def _hand_over(self, reg: _Region, pages: np.ndarray) -> None:
+        """Record that ``pages`` (ascending, unique) of ``reg`` were put or inherited; raise
+        :class:`PageGivenTwice` (and fail the writer) for a page already handed over."""
+        if len(pages) == 0:
+            return
+        pages = pages.astype(np.int64, copy=False)
+        one = int(pages[0]) // HASH_CHUNK == int(pages[-1]) // HASH_CHUNK   # the usual case
+        chunks = None if one else pages // HASH_CHUNK
+        with self._lock:
+            for chunk in [int(pages[0]) // HASH_CHUNK] if chunks is None else np.unique(chunks).tolist():
+                mine = pages if one else pages[chunks == chunk]
+                given = reg.given.get(chunk)
+                if given is None:
+                    given = reg.given[chunk] = np.zeros(min(HASH_CHUNK, reg.npages - chunk * HASH_CHUNK), bool)
+                local = mine - chunk * HASH_CHUNK
+                again = given[local]
+                if again.any():
+                    page = int(mine[np.argmax(again)])
+                    self._failed = PageGivenTwice(
+                        f"internal error: page {page} of region {reg.spec.name!r} was handed to the "
+                        f"store twice ({int(again.sum())} pages of this call were): snapshot "
+                        f"{self.name!r} aborted; please report this bug")
+                    raise self._failed
+                given[local] = True
+
     # ----------------------------------------------------------------- putting pages
     def put_pages(self, idx: int, first_page: int, data: Any, mask: np.ndarray | None = None) -> None:
         """Store pages ``first_page..`` of region ``idx`` from ``data`` (n*4096 bytes).
@@ -230,6 +263,7 @@ class SnapshotWriter:
         sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
         if sel.shape != (n,):
             raise ValueError(f"put_pages: mask has shape {sel.shape}, expected ({n},)")
+        self._hand_over(reg, np.flatnonzero(sel) + first_page)
         nonzero = np.bitwise_or.reduce(words, axis=1) != 0     # ~1.6x faster than any()
         zero_idx = np.flatnonzero(sel & ~nonzero)
         data_idx = np.flatnonzero(sel & nonzero)
@@ -251,6 +285,7 @@ class SnapshotWriter:
                    mask: Any) -> None:
         """put_pages for a few pages (the fault path): plain Python beats numpy's set-up cost."""
         keep = range(n) if mask is None else [i for i in range(n) if mask[i]]
+        self._hand_over(reg, np.array(keep, np.int64) + first_page)
         data = [i for i in keep if view[i * PAGE:(i + 1) * PAGE] != ZERO_PAGE]
         if len(data) < len(keep):
             zeros = [first_page + i for i in keep if i not in data]
@@ -493,6 +528,7 @@ class SnapshotWriter:
         # Every inherited page keeps the parent's hash (a grandchild compares against them).
         offsets = np.repeat(firsts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
         pages = (np.arange(int(counts.sum()), dtype=np.int64) + offsets).astype(np.uint64)
+        self._hand_over(reg, pages)
         self._set_hashes(reg, pages, self._parent_hash(reg.parent_idx, pages))
         with self._lock:
             reg.parts.append(part)
@@ -519,6 +555,7 @@ class SnapshotWriter:
         sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
         if sel.shape != (n,):
             raise ValueError(f"put_scattered: mask has shape {sel.shape}, expected ({n},)")
+        self._hand_over(reg, pages[sel])
         nonzero = np.bitwise_or.reduce(words, axis=1) != 0
         zero_idx = np.flatnonzero(sel & ~nonzero)
         data_idx = np.flatnonzero(sel & nonzero)
