@@ -60,6 +60,12 @@ def test_rm_gc_check(populated, snapfs_env):
     assert len(json.loads(run(snapfs_env, "list", "--json").stdout)) == 2
     p = run(snapfs_env, "rm", "base")
     assert p.returncode == 0 and p.stdout.startswith("removed base; reclaimed ")
+    # The child says where its chain goes now.
+    (line,) = run(snapfs_env, "list").stdout.splitlines()[1:]
+    assert line.startswith("child ") and line.rstrip().endswith(" - (base removed)")
+    assert "parent:    - (base removed)" in run(snapfs_env, "info", "child").stdout
+    info = json.loads(run(snapfs_env, "info", "child", "--json").stdout)
+    assert info["parent"] is None and info["removed_parents"] == ["base"]
     p = run(snapfs_env, "check", "--verify-data")
     assert p.returncode == 0 and p.stdout.strip().endswith("OK")
     p = run(snapfs_env, "gc", "--json")

@@ -46,7 +46,8 @@ def test_chain_and_removing_parents_keeps_children_readable(store):
     store.remove(["c0", "c1"])
     store.gc()
     r = store.open_snapshot("c2")
-    assert r.info.parent == "c1"
+    # The chain now ends at c2; it says which ancestors were removed.
+    assert (r.info.parent, r.info.removed_parents) == (None, ["c1", "c0"])
     for i, pages in enumerate((n, 40)):
         assert r.read(i, 0, pages * PAGE) == expected_image(4, i, pages, version=2)
     after = store.check(verify_data=True)
@@ -272,3 +273,26 @@ def write_synthetic_like(store, name: str, parent: str, image: np.ndarray):
     idx = w.add_region(RegionSpec("heap", 0x10000, image.shape[0] * PAGE, kind="heap"))
     w.put_pages(idx, 0, image.tobytes())
     return w.commit()
+
+
+def test_removing_a_parent_repoints_its_children(store):
+    """After `rm PARENT` a child names its nearest remaining ancestor (and the removed ones)."""
+    write_synthetic(store, "g", 4, [200])
+    write_synthetic(store, "p", 4, [200], version=1, parent="g")
+    write_synthetic(store, "c", 4, [200], version=2, parent="p")
+    write_synthetic(store, "d", 4, [200], version=2, parent="p")
+    store.remove("p")
+    for name in ("c", "d"):
+        info = store.info(name)
+        assert (info.parent, info.removed_parents) == ("g", ["p"])
+    assert store.info("g").removed_parents == []
+    # The name is free again: a new 'p' is not mistaken for c's parent.
+    write_synthetic(store, "p", 5, [200])
+    store.remove("g")
+    assert (store.info("c").parent, store.info("c").removed_parents) == (None, ["p", "g"])
+    assert store.info("c").to_json()["removed_parents"] == ["p", "g"]
+    assert store.open_snapshot("c").read(0, 0, 200 * PAGE) == expected_image(4, 0, 200, version=2)
+    # A grandchild taken from c after all that names c only.
+    write_synthetic(store, "e", 4, [200], version=2, parent="c")
+    assert (store.info("e").parent, store.info("e").removed_parents) == ("c", [])
+    assert store.check(verify_data=True)["ok"]

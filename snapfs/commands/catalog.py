@@ -37,6 +37,13 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _parent(s: SnapshotInfo) -> str:
+    """The parent column: the nearest ancestor still stored, and the removed ones before it."""
+    if not s.removed_parents:
+        return s.parent or "-"
+    return f"{s.parent or '-'} ({', '.join(s.removed_parents)} removed)"
+
+
 def _pause(s: SnapshotInfo) -> str:
     return "-" if s.pause_ms is None else f"{s.pause_ms:.1f} ms"
 
@@ -56,7 +63,7 @@ def run_list(args: argparse.Namespace) -> int:
     rows = [("NAME", "CREATED", "TARGET", "PAUSE", "RESIDENT", "STORED", "SHARED", "PARENT")]
     for s in snaps:
         rows.append((s.name, _when(s.created), _target(s), _pause(s), format_bytes(s.resident_bytes),
-                     format_bytes(s.stored_bytes), format_bytes(s.shared_bytes), s.parent or "-"))
+                     format_bytes(s.stored_bytes), format_bytes(s.shared_bytes), _parent(s)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -85,7 +92,7 @@ def run_info(args: argparse.Namespace) -> int:
         ("resident", f"{format_bytes(info.resident_bytes)} (zero pages {format_bytes(info.zero_bytes)})"),
         ("stored", f"{format_bytes(info.stored_bytes)} own, {format_bytes(info.shared_bytes)} shared with parents"),
         ("faults", str(info.faults)),
-        ("parent", info.parent or "-"),
+        ("parent", _parent(info)),
         ("regions", str(info.region_count)),
     ]
     for key, value in lines:

@@ -53,6 +53,9 @@ class SnapshotInfo:
 
     ``stored_bytes`` counts frames this snapshot wrote; ``shared_bytes`` frames it refers to
     that an ancestor wrote. ``resident_bytes`` = captured pages (data + zero) * 4 KiB.
+    ``parent`` is the nearest ancestor still in the store; ``removed_parents`` the ancestors
+    removed between it and this snapshot, nearest first (this snapshot keeps the pages it
+    shares with them).
     """
 
     id: int
@@ -74,6 +77,7 @@ class SnapshotInfo:
     warnings: list[str]
     meta: dict[str, Any]
     region_count: int
+    removed_parents: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""

@@ -57,7 +57,7 @@ def _info_from_row(row: sqlite3.Row) -> SnapshotInfo:
         stored_bytes=info.get("stored_bytes", 0), shared_bytes=info.get("shared_bytes", 0),
         faults=info.get("faults", 0), parent=row["parent_name"],
         warnings=list(info.get("warnings", [])), meta=dict(info.get("meta", {})),
-        region_count=info.get("region_count", 0),
+        region_count=info.get("region_count", 0), removed_parents=list(info.get("removed_parents", [])),
     )
 
 
@@ -418,7 +418,9 @@ class Store:
     def remove(self, names: list[str] | tuple[str, ...] | str) -> None:
         """Remove committed snapshots (all or none); space is reclaimed by :meth:`gc`.
 
-        Children stay readable: they reference frames, not their parent's rows.
+        Children stay readable: they reference frames, not their parent's rows. A child's
+        ``parent`` becomes its nearest ancestor still in the store (or None) and the removed
+        ones are listed in its ``removed_parents``.
         """
         if isinstance(names, str):
             names = [names]
@@ -437,11 +439,36 @@ class Store:
                     if self.writer_alive(child["lock"]):
                         raise StoreError(f"snapshot {name!r} is the parent of capture {child['name']!r} "
                                          "in progress: nothing removed; retry when it finishes")
+            self._repoint_children(conn, ids)
             for snap_id in ids:
                 for table in ("regions", "hashes", "seg_refs", "blobs"):
                     conn.execute(f"DELETE FROM {table} WHERE snapshot_id=?", (snap_id,))
                 conn.execute("DELETE FROM snapshots WHERE id=?", (snap_id,))
             conn.execute("UPDATE counters SET value=value+1 WHERE name='generation'")
+
+    @staticmethod
+    def _repoint_children(conn: sqlite3.Connection, ids: list[int]) -> None:
+        """Children of snapshots being removed now name their nearest remaining ancestor as
+        parent (or none), and list the removed ones in ``removed_parents``, nearest first."""
+        gone = {r["id"]: r for r in conn.execute(
+            f"SELECT id, name, parent_id, parent_name FROM snapshots WHERE id IN ({','.join('?' * len(ids))})",
+            ids).fetchall()}
+        children = conn.execute(
+            f"SELECT id, parent_id, info FROM snapshots WHERE state='committed' AND parent_id IN "
+            f"({','.join('?' * len(ids))})", ids).fetchall()
+        for child in children:
+            if child["id"] in gone:
+                continue
+            removed: list[str] = []
+            parent_id, parent_name = child["parent_id"], None
+            while parent_id in gone:
+                removed.append(gone[parent_id]["name"])
+                parent_id, parent_name = gone[parent_id]["parent_id"], gone[parent_id]["parent_name"]
+            info = json.loads(child["info"])
+            info["removed_parents"] = list(info.get("removed_parents", [])) + removed
+            conn.execute("UPDATE snapshots SET parent_id=?, parent_name=?, info=? WHERE id=?",
+                         (parent_id, parent_name if parent_id is not None else None, json.dumps(info),
+                          child["id"]))
 
     def gc(self) -> dict[str, Any]:
         """Reclaim space no snapshot references; safe during mounts and captures. See maintenance.gc."""
