@@ -3,22 +3,25 @@
 
 An aarch64 port provides a module with the same names (``REGS_STRUCT``, ``REG_NAMES``,
 ``SYS``, ``SYSCALL_INSN``, ``set_syscall``, ``syscall_result``, ``emulate_restart``,
-``pc``/``sp``) and :mod:`snapfs.capture.arch` picks it by ``platform.machine()``.
+``pc``/``sp``, and what it takes from ``snapfs.elfcore.aarch64``) and :mod:`snapfs.capture.arch`
+picks it by ``platform.machine()``.
 """
 
 from __future__ import annotations
 
-NAME = "x86_64"
+# The register layout and the register sets recorded at the freeze are shared with the core
+# view (snapfs.elfcore.x86_64): one description of the registers for both.
+from snapfs.elfcore.x86_64 import (  # noqa: F401
+    FPREGS_SIZE,
+    NAME,
+    RECORDED_REGSETS,
+    REG_NAMES,
+    REGSET_BUFFER,
+    fpregs_from_regsets,
+)
 
-# struct user_regs_struct from <sys/user.h>, in order.
-REG_NAMES: tuple[str, ...] = (
-    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
-    "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds",
-    "es", "fs", "gs",
-)  # fmt: skip
 REGS_STRUCT = "struct user_regs { unsigned long long " + ", ".join(REG_NAMES) + "; };"
 REGS_SIZE = 8 * len(REG_NAMES)
-FPREGS_SIZE = 512  # struct user_fpregs_struct (FXSAVE area), read with PTRACE_GETFPREGS
 
 # Syscall numbers (asm/unistd_64.h) used for injection and by snapfs itself.
 SYS = {

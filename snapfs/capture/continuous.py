@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
+from snapfs.capture import coreinfo
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.engine import CaptureOptions, CaptureResult, region_spec
@@ -58,8 +59,10 @@ from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.protect import Prepared
 from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread
 from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
+from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.target_info import process_meta
 from snapfs.capture.uffd import Uffd
+from snapfs.elfcore.state import BLOB as CORE_BLOB
 from snapfs.errors import TargetError
 
 PAGE = k.PAGE_SIZE
@@ -450,6 +453,7 @@ class _StopResult:
     ok: np.ndarray               # per page of ``copied``: read
     pause_ms: float
     times: dict
+    maps_text: str               # /proc/PID/maps at the stop (every mapping, for the core view)
 
 
 def _early_cost(early: list[tuple]) -> int:
@@ -595,7 +599,7 @@ def _stopped_pass_rt(tracking: Tracking, pre: Prepass, need: np.ndarray, scanner
              "copy_ms": (t3 - t2) * 1e3, "rearm_ms": (t4 - t3) * 1e3, "resume_ms": (t5 - t4) * 1e3,
              "probed_vmas": len(probed), "stop_copied_bytes": size}
     return _StopResult(vmas, threads, tracked, found_all, written_all, spans, buf, ok,
-                       (t5 - t_stop) * 1e3, times)
+                       (t5 - t_stop) * 1e3, times, text)
 
 
 def _run_walks(scanner: PagemapScanner, job: list[tuple]) -> list[tuple]:
@@ -715,6 +719,7 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
     comm = check_target(pid)
     meta = process_meta(pid, comm)
     meta["created"] = time.time()
+    core_before = coreinfo.before_freeze(pid)
     writer = store.begin_snapshot(name, meta, tracking.parent)
     t_start = time.monotonic()
     stop: _StopResult | None = None
@@ -746,6 +751,8 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
                 s.close()
         t_resumed = time.monotonic()
         # The target runs again; store what was copied and inherit the rest.
+        threads, core_blob = await trio.to_thread.run_sync(_after_stop, pid, core_before, stop, writer)
+        writer.put_blob(CORE_BLOB, core_blob)
         index = [writer.add_region(region_spec(v)) for v in stop.vmas]
         times = dict(stop.times)
         times.update(await trio.to_thread.run_sync(_store, writer, index, stop, pre_pages, pre_ok, pre_buf))
@@ -758,7 +765,7 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
             "pause_ms": stop.pause_ms,
             "duration_s": duration,
             "faults": 0,
-            "threads": stop.threads,
+            "threads": threads,
             "tracked_incremental": True,
             "copied_bytes": copied,
             "timing_ms": {key: round(val, 3) for key, val in times.items()},
@@ -787,6 +794,14 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
         info=info,
         tracking=tracking,
     )
+
+
+def _after_stop(pid: int, core_before, stop: _StopResult, writer) -> tuple[dict, bytes]:
+    """After the stop (a worker thread): the private pages of read-only file mappings and the
+    core view's records, as the first snapshot's engine does."""
+    maps = parse_maps(stop.maps_text)
+    save_private_pages(pid, maps, writer, {v.start for v in stop.vmas})
+    return coreinfo.record(pid, core_before, maps, stop.threads)
 
 
 def _keep_written(tracking: Tracking, pre: Prepass, stop: _StopResult | None, stopping: bool) -> None:

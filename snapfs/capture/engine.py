@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from snapfs.capture import fastfault
+from snapfs.capture import coreinfo, fastfault
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
@@ -51,9 +51,11 @@ from snapfs.capture.priority import background_thread_priority, fault_thread_pri
 from snapfs.capture.preprotect import PreProtected, protect_then_freeze
 from snapfs.capture.protect import Prepared, handshake, protect_and_record
 from snapfs.capture.ptrace import check_target
+from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.target_info import process_meta, shared_with_others
 from snapfs.capture.uffd import Uffd
+from snapfs.elfcore.state import BLOB as CORE_BLOB
 from snapfs.errors import TargetError
 
 PAGE = k.PAGE_SIZE
@@ -185,6 +187,7 @@ class _Capture:
         shared = shared_with_others(self.pid, premaps)
         meta = process_meta(self.pid, comm)
         meta["created"] = time.time()
+        core_before = coreinfo.before_freeze(self.pid)
         writer = self.writer = self.store.begin_snapshot(self.name, meta, self.options.parent)
         uffd: Uffd | None = None
         # The scan's buffers are allocated (and their pages touched) before the freeze: done
@@ -204,6 +207,9 @@ class _Capture:
                     # nursery; everything else in _background once the target runs again.
                     async with trio.open_nursery() as self.fault_nursery:
                         pre, ft, prep = await self._protect_and_freeze(uffd, comm, features, huge_sizes)
+                        threads, core_blob = await trio.to_thread.run_sync(
+                            self._after_resume, core_before, ft, prep, limiter=self.limiter
+                        )
                         # 4. The target runs again: save every page recorded, faults first.
                         ctx = self.ctx
                         await self._background(ctx)
@@ -212,13 +218,14 @@ class _Capture:
             uffd.close()  # every page is saved: drop the protection now
             self._report_unsaved()
             duration = time.monotonic() - t_start
+            writer.put_blob(CORE_BLOB, core_blob)
             info = writer.commit(
                 {
                     "pause_ms": ft.pause_ms,
                     "duration_s": duration,
                     "faults": ctx.faults,
                     "warnings": self.warnings,
-                    "threads": ft.threads,
+                    "threads": threads,
                     "protect_ms": prep.protect_ms,
                     "uffd_features": prep.features,
                     "attach_pause_ms": attach.pause_ms,
@@ -250,6 +257,13 @@ class _Capture:
             info=info,
             tracking=self.tracking,
         )
+
+    def _after_resume(self, core_before, ft: FrozenTarget, prep: Prepared) -> tuple[dict, bytes]:
+        """What is recorded just after the resume (in a worker thread): the private pages of
+        read-only file mappings, and the threads' and core view's records (see
+        :mod:`snapfs.capture.relocated`, :mod:`snapfs.capture.coreinfo`)."""
+        save_private_pages(self.pid, ft.maps, self.writer, {v.start for v in prep.regions})
+        return coreinfo.record(self.pid, core_before, ft.maps, ft.threads)
 
     async def _protect_and_freeze(self, uffd: Uffd, comm: str, features: int, huge_sizes):
         """Steps 2 and 3: write-protect the memory while the target runs, then freeze it and

@@ -136,6 +136,11 @@ def _basename(path: str) -> str:
     return base or "file"
 
 
+def file_region_name(v: Vma) -> str:
+    """The (unique) base name of a file-backed VMA's region: ``libc.so.6-7f1c2a400000``."""
+    return f"{_basename(v.path)}-{v.start:x}"
+
+
 def classify(vmas: list[Vma], *, include_readonly: bool, huge_sizes: dict[int, int]) -> list[Vma]:
     """Set ``mode``, ``kind``, ``name`` and ``page_size`` on each VMA; return the captured ones
     (``mode != "skip"``) in address order, with unique names."""
@@ -170,7 +175,7 @@ def classify(vmas: list[Vma], *, include_readonly: bool, huge_sizes: dict[int, i
             base = f"{_basename(path) if path else 'shmem'}-{v.start:x}"
         elif v.is_file or (path.startswith("/") and v.inode != 0):
             v.kind = "file"
-            base = f"{_basename(path)}-{v.start:x}"
+            base = file_region_name(v)
             if v.writable:
                 v.mode = "copy"
             elif include_readonly:

@@ -100,6 +100,9 @@ class StoppedProcess:
         self._injector: Injector | None = None
         # Address of a `syscall` instruction, found before the stop to keep the pause short.
         self.syscall_insn: int | None = None
+        # get_regsets' buffer, allocated before the stop rather than inside the pause.
+        self._regset_buf = k.ffi.new("char[]", arch.REGSET_BUFFER)
+        self._regset_iov = k.ffi.new("struct iovec *")
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
@@ -197,8 +200,39 @@ class StoppedProcess:
             return b""
         return bytes(k.ffi.buffer(buf))
 
+    def get_regsets(self, tid: int) -> dict[int, bytes]:
+        """The thread's register sets ``arch.RECORDED_REGSETS`` (PTRACE_GETREGSET) by note
+        type; one the CPU or kernel does not offer is left out."""
+        buf, iov = self._regset_buf, self._regset_iov
+        out = {}
+        for nt in arch.RECORDED_REGSETS:
+            iov.iov_base, iov.iov_len = buf, arch.REGSET_BUFFER
+            try:
+                k.ptrace(k.PTRACE_GETREGSET, tid, nt, iov)
+            except OSError:
+                continue
+            out[nt] = bytes(k.ffi.buffer(buf, iov.iov_len))
+        return out
+
+    def get_siginfo(self, tid: int) -> bytes | None:
+        """The siginfo of the signal ``tid`` was stopped delivering (None if not in such a stop)."""
+        sig = self._pending_signal.get(tid)
+        if not sig or (self._injector is not None and tid == self._injector.tid):
+            return None  # an injection went through its signal-delivery stop: its siginfo is gone
+        buf = k.ffi.new("char[]", k.SIGINFO_SIZE)
+        try:
+            k.ptrace(k.PTRACE_GETSIGINFO, tid, 0, buf)
+        except OSError:
+            return None
+        info = bytes(k.ffi.buffer(buf))
+        return info if int.from_bytes(info[:4], "little") == sig else None
+
     def record_threads(self) -> dict[str, dict]:
-        """Registers (and fp registers, hex) of every thread, as of the stop, by tid."""
+        """Every thread's state as of the stop, by tid: general registers (``regs``), the
+        FXSAVE area (``fpregs``, hex), the register sets ``arch.RECORDED_REGSETS`` (``regsets``,
+        bytes by note type) and, for a thread stopped while a signal was being delivered to it,
+        that signal's ``siginfo`` (bytes). Only what can change is read here, inside the pause:
+        thread names are read after it (:func:`snapfs.capture.coreinfo.thread_names`)."""
         out: dict[str, dict] = {}
         for tid in list(self.tids):
             if self._injector is not None and tid == self._injector.tid:
@@ -210,17 +244,18 @@ class StoppedProcess:
                     if exc.errno != errno.ESRCH or tid == self.pid:
                         raise
                     continue  # killed while stopped: it has no state to record
-
-            try:
-                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
-                    comm = f.read().strip()
-            except OSError:
-                comm = ""
-            out[str(tid)] = {
-                "comm": comm,
+            regsets = self.get_regsets(tid)
+            fpregs = arch.fpregs_from_regsets(regsets)  # no GETFPREGS where XSAVE holds it
+            entry = {
                 "regs": {name: int(getattr(regs, name)) for name in arch.REG_NAMES},
-                "fpregs": self.get_fpregs(tid).hex(),
+                "fpregs": (self.get_fpregs(tid) if fpregs is None else fpregs).hex(),
+                "regsets": regsets,
             }
+            if tid in self._pending_signal:
+                siginfo = self.get_siginfo(tid)
+                if siginfo:
+                    entry["siginfo"] = siginfo
+            out[str(tid)] = entry
         return out
 
     def injector(self) -> Injector:

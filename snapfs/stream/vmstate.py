@@ -13,7 +13,9 @@ Layout (deterministic for a given snapshot)::
     process: EOF VMDESCRIPTION      vm: QEMU's device FULL sections, EOF, VMDESCRIPTION
 
 Holes and zero pages are sent as ZERO records (fill 0), everything else as PAGE records, so
-loading the stream over live memory (``snapfs incoming --pid``) resets pages to zero too.
+loading the stream over live memory (``snapfs incoming --pid``) resets pages to zero too. The
+holes of a region whose meta says ``holes: "file"`` (the changed pages of a read-only file
+mapping, :mod:`snapfs.capture.relocated`) are the file's bytes: they are not sent at all.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from snapfs.store.model import HOLE
 from snapfs.stream import format as F
 from snapfs.stream.writer import BlockRuns, Literal, StreamLayout, merge_runs, ram_pieces
 
@@ -64,7 +67,10 @@ class VmstateView:
         blocks = []
         for region in reader.regions:
             rmeta = region.meta or {}
-            runs = [] if rmeta.get("ignored") else merge_runs(reader.runs(region.index))
+            runs = [] if rmeta.get("ignored") else reader.runs(region.index)
+            if rmeta.get("holes") == "file":  # holes hold the file's bytes: not sent (kept on restore)
+                runs = [r for r in runs if r[2] != HOLE]
+            runs = merge_runs(runs)
             blocks.append(
                 BlockRuns(
                     region=region.index,

@@ -1,0 +1,156 @@
+"""What a capture records for the ``core`` view: registers and register sets at the freeze,
+the auxv, the process status, every mapping, and the private pages of read-only file mappings
+(the dynamic linker's relocations)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from snapfs.capture import CaptureOptions, capture_process, stopped
+from snapfs.capture import kernel as k
+from snapfs.capture.maps import read_maps
+from snapfs.elfcore import x86_64
+from snapfs.elfcore.state import BLOB, CoreState
+from snapfs.store import HOLE, Store
+from tests.test_capture_support import Target
+
+pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 register layout")
+
+
+async def test_freeze_records_what_the_core_needs(store_dir):
+    with Target("coretarget") as t:
+        tids = sorted(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
+        auxv = Path(f"/proc/{t.pid}/auxv").read_bytes()
+        with Store.open(store_dir, create=True) as store:
+            await capture_process(t.pid, store, "s", CaptureOptions())
+            reader = store.open_snapshot("s")
+            blob = reader.blob(BLOB)
+            state = CoreState.from_snapshot(reader.info, blob)
+            meta_threads = reader.info.meta["threads"]
+
+            # Registers stay in the metadata (with names read after the resume); the XSAVE
+            # areas and the rest are in the blob, not in the catalog's info row.
+            assert sorted(map(int, meta_threads)) == tids
+            assert all(set(t_) == {"comm", "regs", "fpregs"} for t_ in meta_threads.values())
+            assert meta_threads[str(t.pid)]["comm"] == "coretarget"
+            assert "regsets" not in json.dumps(reader.info.meta)
+            assert json.loads(blob)["format"] == 1
+
+            assert state.arch == "x86_64" and state.pid == t.pid
+            assert [th.tid for th in state.threads] == [t.pid] + [x for x in tids if x != t.pid]
+            assert state.auxv == auxv
+            assert state.status.ppid == os.getpid() and state.status.uid == os.getuid()
+            for th in state.threads:
+                xstate = th.regsets[x86_64.NT_X86_XSTATE]
+                assert len(xstate) >= 576  # legacy area + XSAVE header
+                # the XSAVE area holds the FXSAVE area: fpregs are derived, not read again
+                assert th.fpregs == x86_64.fpregs_from_regsets(th.regsets)
+                assert int.from_bytes(xstate[464:472], "little") & 3 == 3  # XCR0: x87 | SSE
+                assert th.siginfo is None  # no signal was being delivered
+
+            # Every mapping at the instant, code included (NT_FILE names it for gdb).
+            libc_code = [m for m in state.mappings if "libc.so" in m.path and m.perms.startswith("r-x")]
+            assert len(libc_code) == 1 and libc_code[0].is_file
+            assert {m.start for m in state.mappings} >= {r.start for r in reader.regions}
+
+            # The private pages of read-only file mappings (RELRO: the GOT, .dynamic) are
+            # saved; their holes are the file's bytes.
+            relro = [r for r in reader.regions if r.meta.get("holes") == "file"]
+            assert any("libc.so" in r.path for r in relro)
+            for r in relro:
+                assert r.perms[1] == "-" and r.kind == "file" and r.data_pages + r.zero_pages > 0
+
+
+async def test_xstate_fx_part_is_what_getfpregs_returns():
+    """The derivation of NT_PRFPREG from the XSAVE area matches PTRACE_GETFPREGS byte for byte."""
+    with Target("coretarget") as t:
+        with stopped(t.pid) as proc:
+            for tid in proc.tids:
+                derived = x86_64.fpregs_from_regsets(proc.get_regsets(tid))
+                assert derived == proc.get_fpregs(tid)
+
+
+async def test_relro_pages_are_the_relocated_bytes(store_dir):
+    """What is saved of a read-only library mapping is what the process sees there."""
+    from snapfs.capture import read_memory
+
+    with Target("coretarget") as t:
+        with Store.open(store_dir, create=True) as store:
+            await capture_process(t.pid, store, "s", CaptureOptions())
+            reader = store.open_snapshot("s")
+            for r in [r for r in reader.regions if r.meta.get("holes") == "file"]:
+                for first, n, kind in reader.runs(r.index):
+                    if kind == HOLE:
+                        continue
+                    addr = r.start + first * 4096
+                    assert reader.read(r.index, first * 4096, n * 4096) == read_memory(t.pid, addr, n * 4096)
+
+
+async def test_continuous_children_record_it_too(store_dir):
+    from snapfs.capture.continuous import capture_next
+
+    with Target("coretarget") as t:
+        with Store.open(store_dir, create=True) as store:
+            first = await capture_process(t.pid, store, "s0", CaptureOptions(continuous=True))
+            try:
+                await capture_next(first.tracking, store, "s1")
+            finally:
+                first.tracking.close()
+            reader = store.open_snapshot("s1")
+            state = CoreState.from_snapshot(reader.info, reader.blob(BLOB))
+            assert state.auxv and state.mappings and len(state.threads) == 5
+            assert all(x86_64.NT_X86_XSTATE in th.regsets for th in state.threads)
+            assert any(r.meta.get("holes") == "file" for r in reader.regions)
+
+
+def test_vmas_read_only_file_mappings_have_private_pages():
+    """The premise: a dynamically linked process has RELRO pages that differ from the file
+    (the kernel's PAGEMAP_SCAN reports them as not file pages)."""
+    from snapfs.capture.pagemap import PagemapScanner
+
+    with Target("coretarget") as t:
+        scanner = PagemapScanner(t.pid)
+        try:
+            found = 0
+            for v in read_maps(t.pid):
+                if v.is_file and not v.writable and not v.shared:
+                    found += len(scanner.scan(v.start, v.end, require=0,
+                                              exclude=k.PAGE_IS_FILE | k.PAGE_IS_PFNZERO,
+                                              anyof=k.PAGE_IS_PRESENT))
+        finally:
+            scanner.close()
+        assert found > 0
+
+
+def test_a_signal_caught_by_the_stop_is_recorded_with_its_siginfo():
+    """A thread stopped while a signal was being delivered to it: its siginfo is recorded
+    (the core gives it as that thread's NT_SIGINFO and pr_cursig)."""
+    import ctypes
+    import signal
+
+    from snapfs.capture.ptrace import StoppedProcess
+
+    with Target("coretarget", "1") as t:
+        idle = max(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
+        proc = StoppedProcess(t.pid)
+        proc.stop()
+        try:
+            # Queue a signal to the stopped idle thread and let it run into its delivery.
+            assert ctypes.CDLL(None, use_errno=True).tgkill(t.pid, idle, signal.SIGUSR1) == 0
+            k.ptrace(k.PTRACE_CONT, idle, 0, 0)
+            status = proc.wait(idle)
+            assert os.WSTOPSIG(status) == signal.SIGUSR1 and status >> 16 == 0
+            proc._pending_signal[idle] = signal.SIGUSR1  # as the stop records such a stop
+            threads = proc.record_threads()
+        finally:
+            proc._pending_signal.clear()  # do not re-deliver it (no handler: it would kill)
+            proc.release()
+        info = threads[str(idle)]["siginfo"]
+        signo, _errno, code, sender = struct.unpack_from("<iii4xi", info)
+        assert signo == signal.SIGUSR1 and code == -6 and sender == os.getpid()  # SI_TKILL
+        assert all("siginfo" not in v for tid, v in threads.items() if tid != str(idle))
