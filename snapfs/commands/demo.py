@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if rc != 0:
             return rc
         block = _verify(store, name, addr, length)
+        gdb_core = _show_core(store, name)
     finally:
         target.kill()
         target.wait()
@@ -59,10 +60,45 @@ def run(args: argparse.Namespace) -> int:
         f"  mkdir -p /tmp/snaps && snapfs mount /tmp/snaps --store {store}\n"
         f"  ls /tmp/snaps/{name}/ramblocks\n"
         f"  strings /tmp/snaps/{name}/ramblocks/{block}/data | grep -c {MARKER.decode()}\n"
+        f"  {gdb_core} /tmp/snaps/{name}/core -batch -ex 'thread apply all bt'\n"
         f"  snapfs umount /tmp/snaps\n"
         f"Without FUSE: snapfs cat {name} ramblocks/{block}/data --store {store} | strings | head"
     )
     return 0
+
+
+def _show_core(store_dir, name: str) -> str:
+    """Open the snapshot's ``core`` with gdb (when installed) and print the innermost frames
+    of the main thread; return the gdb command line to put before a core's path."""
+    import shlex
+    import shutil
+    import tempfile
+
+    from snapfs.commands.mount import write_sparse
+    from snapfs.fs.core import CoreView
+    from snapfs.store import Store
+
+    with Store.open(store_dir) as store:
+        view = CoreView(store.open_snapshot(name))
+        exe = view.state.exe
+        gdb = f"gdb {shlex.quote(exe)}" if exe else "gdb -c"
+        if shutil.which("gdb") is None:
+            print(f"core: `{view.describe()['open']}` opens the snapshot in gdb (not installed here)")
+            return gdb
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/core"
+            with open(path, "wb") as f:
+                write_sparse(f.fileno(), view, view.size, view.data_extents())
+            res = subprocess.run(["gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off",
+                                  "-ex", "bt 6", *([exe] if exe else []), path],
+                                 capture_output=True, text=True, timeout=120)
+    # gdb prints the innermost frame once on loading the core, then again in the backtrace.
+    frames = list(dict.fromkeys(line for line in res.stdout.splitlines() if line.startswith("#")))
+    print(f"core: `{view.describe()['open']}` shows every thread at the snapshot instant; "
+          "the main thread's innermost frames:")
+    for line in frames or ["(gdb printed no frames)"]:
+        print(f"  {line[:110]}")
+    return gdb
 
 
 def _verify(store_dir, name: str, addr: int, length: int) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -86,10 +88,15 @@ def run_cat(args: argparse.Namespace) -> int:
 def _copy_out(view: object) -> int:
     out = sys.stdout.buffer
     size = int(view.size)  # type: ignore[attr-defined]
+    extents = getattr(view, "data_extents", None)
     try:
-        for offset in range(0, size, CAT_CHUNK):
-            out.write(view.read(offset, min(CAT_CHUNK, size - offset)))  # type: ignore[attr-defined]
-        out.flush()
+        if extents is not None and _seekable_file(out.fileno()):
+            out.flush()
+            write_sparse(out.fileno(), view, size, extents())
+        else:
+            for offset in range(0, size, CAT_CHUNK):
+                out.write(view.read(offset, min(CAT_CHUNK, size - offset)))  # type: ignore[attr-defined]
+            out.flush()
     except BrokenPipeError:
         # The reader went away (`| head`): not an error. Point stdout at /dev/null so the
         # interpreter's final flush does not complain.
@@ -99,3 +106,27 @@ def _copy_out(view: object) -> int:
         return 0
     return 0
 
+
+def _seekable_file(fd: int) -> bool:
+    """Whether ``fd`` is a regular file we may seek in (not opened for appending)."""
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+    except OSError:
+        return False
+
+
+def write_sparse(fd: int, view: object, size: int, extents) -> None:
+    """Write only the parts of ``view`` that may hold data, each at its offset from the file
+    position; the rest stays a hole (reads as zeros), so `snapfs cat NAME core > file` takes
+    the space of the stored pages, not of the address space."""
+    base = os.lseek(fd, 0, os.SEEK_CUR)
+    read = getattr(view, "read_buffer", None) or view.read  # type: ignore[attr-defined]
+    for start, length in extents:
+        for pos in range(start, start + length, CAT_CHUNK):
+            data = memoryview(read(pos, min(CAT_CHUNK, start + length - pos)))
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], base + pos + done)
+    if os.fstat(fd).st_size < base + size:
+        os.ftruncate(fd, base + size)
+    os.lseek(fd, base + size, os.SEEK_SET)

@@ -39,35 +39,50 @@ class LoadedSnapshot:
         self.mem = MemView(reader, self.regions, self.info.kind)
         self._providers = providers  # (local, provider) of the providers whose module exists
         self._lock = threading.Lock()
-        self._provider_views: dict[int, tuple[str, Any]] | None = None
+        self._provider_views: dict[int, Any] = {}  # local -> view (None: failed or not applicable)
+        self._provider_locks = {local: threading.Lock() for local, _ in providers}
         self._info_json: BytesView | None = None
         self._region_json: OrderedDict[int, BytesView] = OrderedDict()
 
     # -- snapshot-level files --------------------------------------------------------------
-    def extra_views(self) -> dict[int, tuple[str, Any]]:
-        """``local -> (name, view)`` of the provider views that apply to this snapshot."""
-        with self._lock:
-            if self._provider_views is None:
-                views: dict[int, tuple[str, Any]] = {}
-                for local, provider in self._providers:
-                    factory = provider.load()
-                    view = None
-                    if factory is not None:
-                        try:
-                            view = factory(self.reader)
-                        except Exception:  # a broken view must not hide the rest of the snapshot
-                            log.exception("view %s of snapshot %s failed", provider.name, self.info.name)
-                    if view is not None:
-                        views[local] = (provider.name, view)
-                self._provider_views = views
-            return self._provider_views
+    def extra_names(self) -> dict[int, str]:
+        """``local -> name`` of the provider views listed for this snapshot's kind, known
+        without building them (a lookup of ``core`` builds no other view)."""
+        return {local: p.name for local, p in self._providers if self.info.kind in p.kinds}
+
+    def provider_view(self, local: int) -> Any | None:
+        """The view of provider node ``local``, built on first use (None if it does not apply
+        or failed to build: logged, the rest of the snapshot stays readable)."""
+        provider = dict(self._providers).get(local)
+        if provider is None or self.info.kind not in provider.kinds:
+            return None
+        with self._provider_locks[local]:  # one build per view; other views stay available
+            if local not in self._provider_views:
+                view = None
+                factory = provider.load()
+                if factory is not None:
+                    try:
+                        view = factory(self.reader)
+                    except Exception:
+                        log.exception("view %s of snapshot %s failed", provider.name, self.info.name)
+                self._provider_views[local] = view
+            return self._provider_views[local]
 
     def info_json(self) -> BytesView:
-        """``<snapshot>/info.json``: the snapshot's metadata and its list of regions."""
+        """``<snapshot>/info.json``: the snapshot's metadata, what its views say about
+        themselves (``core``: how to open it) and its list of regions."""
+        with self._lock:
+            if self._info_json is not None:
+                return self._info_json
+        doc = self.info.to_json()
+        for local, name in self.extra_names().items():
+            provider = dict(self._providers)[local]
+            view = self.provider_view(local) if provider.describes else None
+            if view is not None:
+                doc[name] = view.describe()
+        doc["regions"] = [self._region_doc(i) for i in range(len(self.regions))]
         with self._lock:
             if self._info_json is None:
-                doc = self.info.to_json()
-                doc["regions"] = [self._region_doc(i) for i in range(len(self.regions))]
                 self._info_json = BytesView(_json_bytes(doc))
             return self._info_json
 
@@ -122,8 +137,7 @@ class LoadedSnapshot:
         if local == inodes.MEM:
             return self.mem
         if inodes.PROVIDER_BASE <= local < inodes.REGION_BASE:
-            found = self.extra_views().get(local)
-            return found[1] if found else None
+            return self.provider_view(local)
         if local >= inodes.REGION_BASE:
             index, part = inodes.split_region_local(local)
             if index >= len(self.regions):

@@ -233,7 +233,7 @@ class SnapshotFS:
         if local == inodes.SNAP_DIR:
             snap = self.loaded(slot)
             names = [("info.json", inodes.SNAP_INFO), ("ramblocks", inodes.RAMBLOCKS), ("mem", inodes.MEM)]
-            names += [(name, loc) for loc, (name, _) in sorted(snap.extra_views().items())]
+            names += [(name, loc) for loc, name in sorted(snap.extra_names().items())]
             return names
         if local == inodes.RAMBLOCKS:
             snap = self.loaded(slot)
@@ -300,7 +300,15 @@ class SnapshotFS:
             return out
         slot = inodes.unpack(inode)[0]
         children = [(n, loc) for n, loc in self._children(inode) if loc > after][:limit]
-        return [Entry(name, self.getattr(inodes.pack(slot, loc)), loc) for name, loc in children]
+        out = []
+        for name, loc in children:
+            try:
+                out.append(Entry(name, self.getattr(inodes.pack(slot, loc)), loc))
+            except FsError:
+                if not inodes.PROVIDER_BASE <= loc < inodes.REGION_BASE:
+                    raise
+                # A view that failed to build (logged): the rest of the snapshot stays listed.
+        return out
 
     def resolve(self, path: str) -> int:
         """The inode at ``path`` (relative to the mount's root, ``/``-separated entries)."""

@@ -4,11 +4,13 @@ Every file of the layout is a *view* over one snapshot's reader. The built-in on
 (:class:`BytesView` for the ``info.json`` files, :class:`RegionDataView` for
 ``ramblocks/<block>/data``); ``mem`` is :class:`snapfs.fs.memview.MemView`.
 
-Snapshot-level views defined elsewhere (``vmstate``, roadmap: ``core``) are *providers*: an
-entry in :data:`PROVIDERS` names a module and a factory called with the snapshot's reader. The
-module is imported on first use; a provider whose module does not exist is not listed, so
-adding the ``core`` view is writing one module. A factory may return ``None`` for snapshots it
-does not apply to.
+Snapshot-level views defined elsewhere (``vmstate``, ``core``) are *providers*: an entry in
+:data:`PROVIDERS` names a module and a factory called with the snapshot's reader. The module is
+imported on first use; a provider whose module does not exist is not listed. A provider names
+the snapshot kinds it applies to (``core``: process snapshots only), so a lookup builds no
+other view; each view is built on its first use (a view that fails to build is logged and
+left out of listings). A provider that ``describes`` itself adds
+its view's ``describe()`` dict to the snapshot's ``info.json`` under its name.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class RegionDataView:
             return b""
         return self._reader.read(self._index, offset, size)
 
+    def data_extents(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the stored pages; the rest reads as zeros (sparse copies)."""
+        return self._reader.data_extents(self._index)
+
     def read_buffer(self, offset: int, size: int) -> bytes | memoryview:
         """Like :meth:`read`; page-aligned requests (all of FUSE's) are copied once, straight
         from the decoded frames into a fresh buffer handed on as a read-only memoryview."""
@@ -104,6 +110,8 @@ class ViewProvider:
     name: str
     module: str
     factory: str
+    kinds: tuple[str, ...] = ("process", "vm")  # snapshot kinds it applies to
+    describes: bool = False  # its view has describe(): a dict for the snapshot's info.json
 
     def available(self) -> bool:
         """Whether the module exists (checked without importing it)."""
@@ -126,5 +134,5 @@ class ViewProvider:
 # numbers of a running mount depend on positions).
 PROVIDERS: tuple[ViewProvider, ...] = (
     ViewProvider("vmstate", "snapfs.stream.vmstate", "VmstateView"),
-    ViewProvider("core", "snapfs.fs.core", "CoreView"),
+    ViewProvider("core", "snapfs.fs.core", "CoreView", kinds=("process",), describes=True),
 )
