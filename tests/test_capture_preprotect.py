@@ -10,7 +10,7 @@ import trio
 
 from snapfs.capture import kernel as k
 from snapfs.capture.freeze import frozen
-from snapfs.capture.maps import classify, read_maps
+from snapfs.capture.maps import ClassifiedMaps, read_maps_text
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.preprotect import protect_then_freeze
 from snapfs.capture.protect import handshake, protect_and_record
@@ -30,7 +30,7 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
             uffd = attach.uffd
         try:
             features = handshake(uffd)
-            regions = classify(read_maps(t.pid), include_readonly=False, huge_sizes={})
+            maps = ClassifiedMaps(read_maps_text(t.pid), include_readonly=False, huge_sizes={})
 
             async def meanwhile(pre) -> None:
                 assert pre.protected_bytes >= n * PAGE and not pre.unprotectable
@@ -47,7 +47,7 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
                 )
 
             pre, _ft, prep = await protect_then_freeze(
-                t.pid, "populate", uffd, regions, at_instant, meanwhile
+                t.pid, "populate", uffd, maps, at_instant, meanwhile
             )
             assert pre.faults >= n // 8
             assert prep.reprotected_pages >= n // 8 + n // 4

@@ -26,12 +26,12 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from snapfs.capture import kernel as k
-from snapfs.capture.maps import Vma, read_maps
+from snapfs.capture.maps import Vma, parse_maps, read_maps_text
 from snapfs.capture.memory import read_memory, write_memory
 from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
 from snapfs.capture.uffd import Uffd
@@ -75,11 +75,20 @@ class FrozenTarget:
     comm: str
     proc: StoppedProcess
     uffd: Uffd
-    maps: list[Vma]
+    maps_text: str  # /proc/PID/maps at the stop (parsed on first use of ``maps``)
     threads: dict[str, dict]
     stopped_at: float  # time.monotonic() when the stop began
     resumed_at: float | None = None
     injected_ms: float = 0.0
+    _maps: list[Vma] | None = field(default=None, repr=False)
+
+    @property
+    def maps(self) -> list[Vma]:
+        """The VMAs at the stop. Parsed lazily: with tens of thousands of mappings, parsing
+        costs more than the rest of the pause (the capture compares the text instead)."""
+        if self._maps is None:
+            self._maps = parse_maps(self.maps_text)
+        return self._maps
 
     @property
     def pause_ms(self) -> float:
@@ -118,7 +127,7 @@ async def frozen(pid: int, record: bool = True) -> AsyncIterator[FrozenTarget]:
             comm=comm,
             proc=proc,
             uffd=uffd,
-            maps=read_maps(pid) if record else [],
+            maps_text=read_maps_text(pid) if record else "",
             threads=proc.record_threads() if record else {},
             stopped_at=t0,
             injected_ms=injected_ms,
@@ -163,7 +172,7 @@ def frozen_again(
             comm=comm,
             proc=proc,
             uffd=uffd,
-            maps=read_maps(pid),
+            maps_text=read_maps_text(pid),
             threads=proc.record_threads(),
             stopped_at=t0,
         )

@@ -18,7 +18,7 @@ import numpy as np
 from snapfs.capture import kernel as k
 from snapfs.capture.freeze import FrozenTarget
 from snapfs.capture.ledger import Ledger
-from snapfs.capture.maps import Vma, classify
+from snapfs.capture.maps import ClassifiedMaps, Vma
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import REGION_DTYPE, PagemapScanner
 from snapfs.capture.preprotect import PreProtected, populated_ranges
@@ -135,10 +135,9 @@ def handshake(uffd) -> int:
 # Written ranges closer than this are re-protected with one ioctl: protecting a page that is
 # already protected costs ~80 ns, an extra ioctl a few us.
 _COALESCE_GAP = 32 * k.PAGE_SIZE
-
-
-def _touches(changed: list[tuple[int, int]], v: Vma) -> bool:
-    return any(lo < v.end and hi > v.start for lo, hi in changed)
+# A run of VMAs with more VMAs to scan in full than this is scanned whole (one ioctl).
+_FULL_SCAN_EACH = 16
+_NO_RANGES = np.empty(0, dtype=REGION_DTYPE)
 
 
 def _union(known: np.ndarray, written: np.ndarray) -> np.ndarray:
@@ -168,29 +167,49 @@ def _union(known: np.ndarray, written: np.ndarray) -> np.ndarray:
     return out
 
 
-def _extents(region: int, ranges: np.ndarray, huge_region: bool):
-    """(starts, ends, regions, huge) of a region's populated ranges, adjacent ranges with the
-    same huge-ness merged (the scan splits them by the WRITTEN bit too) — vectorised: a
-    fragmented heap has tens of thousands of ranges, and this runs inside the freeze."""
-    st, en = ranges["start"], ranges["end"]
-    hg = (ranges["categories"] & k.PAGE_IS_HUGE) != 0
-    if huge_region:
-        hg[:] = True
-    if len(st) > 1:
-        head = np.flatnonzero(np.r_[True, (st[1:] != en[:-1]) | (hg[1:] != hg[:-1])])
-        last = np.r_[head[1:] - 1, len(st) - 1]
-        st, en, hg = st[head], en[last], hg[head]
-    return st, en, np.full(len(st), region, np.int32), hg
+def _by_region(r: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    """Sorted disjoint ranges ``r`` cut at the bounds of the sorted disjoint VMAs
+    [starts, ends): (start, end, categories, VMA index) of every non-empty piece, in order
+    (a scan over a run of VMAs merges ranges across their bounds)."""
+    if not len(r) or not len(starts):
+        e = np.empty(0, np.uint64)
+        return e, e, e, np.empty(0, np.int64)
+    first = np.searchsorted(ends, r["start"], side="right")  # first VMA ending after the start
+    last = np.searchsorted(starts, r["end"], side="left")    # VMAs starting before the end
+    count = np.maximum(last - first, 0)
+    ri = np.repeat(np.arange(len(r)), count)
+    vi = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + np.repeat(first, count)
+    lo = np.maximum(r["start"][ri], starts[vi])
+    hi = np.minimum(r["end"][ri], ends[vi])
+    keep = hi > lo
+    return lo[keep], hi[keep], r["categories"][ri][keep], vi[keep]
 
 
-def _coalesce(ranges: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted disjoint ranges merged across gaps of at most _COALESCE_GAP."""
-    if not len(ranges):
+def _as_ranges(lo: np.ndarray, hi: np.ndarray, cat: np.ndarray) -> np.ndarray:
+    out = np.empty(len(lo), dtype=REGION_DTYPE)
+    out["start"], out["end"], out["categories"] = lo, hi, cat
+    return out
+
+
+def _coalesce(lo: np.ndarray, hi: np.ndarray, group: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted disjoint ranges merged across gaps of at most _COALESCE_GAP, never across a
+    change of ``group`` (the run of VMAs one ioctl may cover)."""
+    if not len(lo):
         return []
-    st, en = ranges["start"], ranges["end"]
-    head = np.flatnonzero(np.r_[True, st[1:] - en[:-1] > _COALESCE_GAP])
-    last = np.r_[head[1:] - 1, len(st) - 1]
-    return list(zip(st[head].tolist(), en[last].tolist()))
+    head = np.flatnonzero(np.r_[True, (lo[1:] - hi[:-1] > _COALESCE_GAP) | (group[1:] != group[:-1])])
+    last = np.r_[head[1:] - 1, len(lo) - 1]
+    return list(zip(lo[head].tolist(), hi[last].tolist()))
+
+
+def _merge_extents(lo, hi, huge, region):
+    """Adjacent pieces of one region with the same huge-ness merged (the scans also split
+    them by the WRITTEN bit) — vectorised: a fragmented heap has tens of thousands."""
+    if len(lo) > 1:
+        head = np.flatnonzero(np.r_[True, (lo[1:] != hi[:-1]) | (huge[1:] != huge[:-1])
+                                    | (region[1:] != region[:-1])])
+        last = np.r_[head[1:] - 1, len(lo) - 1]
+        lo, hi, huge, region = lo[head], hi[last], huge[head], region[head]
+    return lo, hi, huge, region
 
 
 def protect_and_record(
@@ -204,80 +223,184 @@ def protect_and_record(
     """Run inside the freeze: protect, record populated pages, copy what cannot be protected.
 
     The uffd has had its handshake (``features``). With ``pre`` the memory was protected
-    while the target ran (:mod:`~snapfs.capture.preprotect`): registering is then a no-op,
-    only pages populated but not protected (``PAGE_IS_WRITTEN``: written or first populated
-    since) are protected here, and for VMAs unchanged since, the populated pages are those
-    recorded then plus the written ones — so the cost follows what changed, not the
-    target's size. Without ``pre`` every populated page is "written" and protected here.
+    while the target ran (:mod:`~snapfs.capture.preprotect`): only pages populated but not
+    protected (``PAGE_IS_WRITTEN``: written or first populated since) are protected here, and
+    for VMAs unchanged since, the populated pages are those recorded then plus the written
+    ones — so the cost follows what changed, not the target's size. Without ``pre`` every
+    populated page is "written" and protected here.
+
+    Nothing here is done VMA by VMA when the VMA is unchanged: the maps text is compared with
+    the one pre-protection followed, each run of adjacent protectable VMAs is scanned with one
+    ``PAGEMAP_SCAN`` and re-protected with one ioctl per coalesced range, and the results
+    are assigned to VMAs with array operations (65 000 mappings paused 2.1-2.4 s when each
+    VMA took its own scan, register and Python bookkeeping).
     """
     t0 = time.monotonic()
     pre = pre or PreProtected()
-    unprotectable = pre.unprotectable
-    regions = classify(ft.maps, include_readonly=include_readonly, huge_sizes=huge_sizes)
-    extents: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # per region
-    copy_jobs: list[tuple[int, Vma, np.ndarray]] = []
-    kept: list[Vma] = []
+    maps = pre.maps
+    if maps is None:
+        maps = ClassifiedMaps(ft.maps_text, include_readonly=include_readonly, huge_sizes=huge_sizes)
+    else:
+        maps.update(ft.maps_text)
+    regions = maps.regions
+    starts, ends = maps.starts, maps.ends
+    n = len(regions)
+    for start, reason in pre.unprotectable.items():
+        i = int(np.searchsorted(starts, np.uint64(start)))
+        if i < n and regions[i].start == start and regions[i].mode == "wp":
+            regions[i].mode = "copy"
+            regions[i].meta["unprotectable"] = reason
+    # Unchanged since pre-protection: the same bounds were protected then, and no event
+    # (DONTNEED, munmap, mremap) touched it since.
+    prot = pre.protected
+    j = np.minimum(np.searchsorted(prot[:, 0], starts), max(len(prot) - 1, 0))
+    known = (prot[j, 0] == starts) & (prot[j, 1] == ends) if len(prot) else np.zeros(n, bool)
+    for lo, hi in pre.changed:
+        known[np.searchsorted(ends, np.uint64(lo), side="right"):np.searchsorted(starts, np.uint64(hi))] = False
+
     scanner = PagemapScanner(ft.pid)
     protected_pages = 0
+    copy_jobs: list[tuple[int, Vma, np.ndarray]] = []
     try:
-        for v in regions:
-            if v.mode == "wp" and v.start in unprotectable:
-                v.mode = "copy"
-                v.meta["unprotectable"] = unprotectable[v.start]
-            known = pre.populated.get((v.start, v.end)) if v.mode == "wp" else None
-            if known is not None and not _touches(pre.changed, v):
-                ranges = _union(known, populated_ranges(scanner, v, require=k.PAGE_IS_WRITTEN))
+        # 1. Per run of protectable VMAs: what was written or populated since pre-protection
+        # (one scan), and in full the VMAs not known from then (new, changed, or no pre).
+        modes = np.array([v.mode == "wp" for v in regions], bool) if n else np.zeros(0, bool)
+        unknown_all = modes & ~known
+        full, runw = [], []
+        for lo, hi, first, last in maps.wp_runs():
+            unknown = (np.flatnonzero(unknown_all[first:last]) + first).tolist()
+            if not unknown:
+                runw.append(populated_ranges(scanner, lo, hi, require=k.PAGE_IS_WRITTEN))
+            elif len(unknown) > _FULL_SCAN_EACH or len(unknown) == last - first:
+                full.append(populated_ranges(scanner, lo, hi, k.PAGE_IS_WRITTEN))
+                _register_new(ft.uffd, regions[first:last], run=(lo, hi))
+                known[first:last] = False  # the full scan stands for the whole run
             else:
-                ranges = populated_ranges(scanner, v, k.PAGE_IS_WRITTEN if v.mode == "wp" else 0)
-            idx = len(kept)
-            unmapped: list[tuple[int, int]] = []
-            if v.kind == "shmem" and v.mode == "wp":
-                # File pages the target has not mapped (written through another mapping or
-                # with write()): protected too (the uffd installs markers on empty entries),
-                # so they are saved like the others.
-                cached = _shmem_cached(ft.pid, v)
-                if cached is None:
-                    v.meta["unmapped_file_pages"] = "not checked (no access to map_files)"
-                else:
-                    present = list(zip(ranges["start"].tolist(), ranges["end"].tolist()))
-                    unmapped = _subtract(cached, present)
-            if v.mode == "wp" and (len(ranges) or unmapped):
-                written = ranges[(ranges["categories"] & k.PAGE_IS_WRITTEN) != 0]
-                todo = _coalesce(written) + unmapped
-                try:
-                    ft.uffd.register_wp(v.start, v.length)  # no-op if pre-protected
-                    for s, e in todo:
-                        ft.uffd.protect(s, e - s, wp=True)
-                        protected_pages += (e - s) // k.PAGE_SIZE
-                except OSError as exc:
-                    if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP):
-                        raise
-                    v.mode = "copy"  # cannot be write-protected: copy it now, stopped
-                    v.meta["unprotectable"] = exc.strerror
-            if v.mode == "copy":
-                copy_jobs.append((idx, v, ranges))
-            else:
-                huge_region = v.page_size != k.PAGE_SIZE
-                extents.append(_extents(idx, ranges, huge_region))
-                if unmapped:
-                    extents.append((
-                        np.array([s for s, _ in unmapped], np.uint64),
-                        np.array([e for _, e in unmapped], np.uint64),
-                        np.full(len(unmapped), idx, np.int32),
-                        np.full(len(unmapped), huge_region, bool),
-                    ))
-            kept.append(v)
+                runw.append(populated_ranges(scanner, lo, hi, require=k.PAGE_IS_WRITTEN))
+                for i in unknown:
+                    full.append(populated_ranges(scanner, regions[i].start, regions[i].end, k.PAGE_IS_WRITTEN))
+                _register_new(ft.uffd, [regions[i] for i in unknown])
+        # Populated pages known from pre-protection (known VMAs only), the full scans (the
+        # other VMAs: disjoint from those), and what was written since.
+        plo, phi, pcat, pvi = _by_region(pre.populated, starts, ends)
+        sel = known[pvi]
+        base = np.concatenate([_as_ranges(plo[sel], phi[sel], pcat[sel]), *full])
+        base = base[np.argsort(base["start"], kind="stable")]
+        ranges = _union(base, np.concatenate([_NO_RANGES, *runw]))
+        lo, hi, cat, vi = _by_region(ranges, starts, ends)
+        keep = modes[vi] if len(vi) else np.zeros(0, bool)
+        lo, hi, cat, vi = lo[keep], hi[keep], cat[keep], vi[keep]
+
+        # 2. Re-protect what is written: one ioctl per coalesced range within a run.
+        is_written = (cat & k.PAGE_IS_WRITTEN) != 0
+        run_of = np.zeros(n, np.int64)
+        for r, (_, _, first, last) in enumerate(maps.wp_runs()):
+            run_of[first:last] = r
+        todo = _coalesce(lo[is_written], hi[is_written], run_of[vi[is_written]])
+        failed: set[int] = set()
+        for a, b in todo:
+            try:
+                ft.uffd.protect(a, b - a, wp=True)
+                protected_pages += (b - a) // k.PAGE_SIZE
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP, errno.ENOENT):
+                    raise
+                failed |= _protect_each(ft.uffd, regions, starts, ends, a, b)
+        for i in failed:  # cannot be write-protected: copy it now, stopped
+            regions[i].mode = "copy"
+            regions[i].meta["unprotectable"] = "write-protect refused"
+
+        # 3. The VMAs handled one by one: copies, read-only, shmem pages not mapped.
+        extra = []
+        for i, v in enumerate(regions):
+            if v.mode == "wp" and v.kind == "shmem":
+                extra += _shmem_unmapped(ft, v, i, lo[vi == i], hi[vi == i])
+            elif v.mode == "copy":
+                copy_jobs.append((i, v, populated_ranges(scanner, v.start, v.end)))
+            elif v.mode == "readonly":
+                r = populated_ranges(scanner, v.start, v.end)
+                extra.append((r["start"], r["end"], r["categories"], np.full(len(r), i, np.int64)))
+        if failed:
+            keep = np.array([regions[i].mode == "wp" for i in vi.tolist()], bool)
+            lo, hi, cat, vi = lo[keep], hi[keep], cat[keep], vi[keep]
+        for elo, ehi, ecat, evi in extra:
+            lo, hi, cat, vi = (np.concatenate([lo, elo]), np.concatenate([hi, ehi]),
+                               np.concatenate([cat, ecat]), np.concatenate([vi, evi]))
+        order = np.argsort(lo, kind="stable")
+        lo, hi, cat, vi = lo[order], hi[order], cat[order], vi[order]
+        page_sizes = np.array([v.page_size for v in regions], np.uint64) if n else np.zeros(0, np.uint64)
+        huge = ((cat & k.PAGE_IS_HUGE) != 0) | (page_sizes[vi] != k.PAGE_SIZE)
+        lo, hi, huge, vi = _merge_extents(lo, hi, huge, vi)
         copies = _copy_all(ft.pid, copy_jobs)
     finally:
         scanner.close()
-    cols = [np.concatenate([e[i] for e in extents]) if extents else np.empty(0, dt)
-            for i, dt in enumerate((np.uint64, np.uint64, np.int32, bool))]
-    ledger = Ledger(*cols, [v.start for v in kept])
+    ledger = Ledger(lo, hi, vi.astype(np.int32), huge, [v.start for v in regions])
     return Prepared(
-        regions=kept,
+        regions=regions,
         ledger=ledger,
         copies=copies,
         features=features,
         protect_ms=(time.monotonic() - t0) * 1000.0,
         reprotected_pages=protected_pages,
     )
+
+
+def _register_new(uffd, vmas: list[Vma], run: tuple[int, int] | None = None) -> None:
+    """Register VMAs not known from pre-protection (a no-op for those registered already);
+    with ``run``, first try the whole run in one call. A VMA the kernel refuses becomes a
+    copy."""
+    if run is not None:
+        try:
+            uffd.register_wp(run[0], run[1] - run[0])
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP):
+                raise
+    for v in vmas:
+        if v.mode != "wp":
+            continue
+        try:
+            uffd.register_wp(v.start, v.length)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP):
+                raise
+            v.mode = "copy"
+            v.meta["unprotectable"] = exc.strerror
+
+
+def _protect_each(uffd, regions: list[Vma], starts: np.ndarray, ends: np.ndarray, a: int, b: int) -> set[int]:
+    """Protect [a, b) VMA by VMA (one of them refused a ranged call); returns the indices of
+    the VMAs that cannot be write-protected."""
+    failed = set()
+    for i in range(int(np.searchsorted(ends, np.uint64(a), side="right")), int(np.searchsorted(starts, np.uint64(b)))):
+        v = regions[i]
+        try:
+            uffd.protect(max(a, v.start), min(b, v.end) - max(a, v.start), wp=True)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP, errno.ENOENT):
+                raise
+            failed.add(i)
+    return failed
+
+
+def _shmem_unmapped(ft: FrozenTarget, v: Vma, i: int, lo: np.ndarray, hi: np.ndarray) -> list[tuple]:
+    """File pages of a shmem VMA that the target has not mapped (written through another
+    mapping or with write()): protected too (the uffd installs markers on empty entries), so
+    they are saved like the others. Returns extents to add to the ledger."""
+    cached = _shmem_cached(ft.pid, v)
+    if cached is None:
+        v.meta["unmapped_file_pages"] = "not checked (no access to map_files)"
+        return []
+    unmapped = _subtract(cached, list(zip(lo.tolist(), hi.tolist())))
+    if not unmapped:
+        return []
+    try:
+        for s, e in unmapped:
+            ft.uffd.protect(s, e - s, wp=True)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP, errno.ENOENT):
+            raise
+        return []
+    huge = v.page_size != k.PAGE_SIZE
+    return [(np.array([s for s, _ in unmapped], np.uint64), np.array([e for _, e in unmapped], np.uint64),
+             np.full(len(unmapped), k.PAGE_IS_HUGE if huge else 0, np.uint64), np.full(len(unmapped), i, np.int64))]
