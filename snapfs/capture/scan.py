@@ -1,10 +1,11 @@
 """The background scan: copies every page populated at the freeze, in a worker thread.
 
-For each chunk (2 MiB-aligned so huge pages are not split): skip it if the fault path has
+For each batch (populated pieces filling one 4 MiB buffer, cut on 2 MiB boundaries so huge
+pages are not split; many small mappings share a batch): skip it if the fault path has
 claimed all of it; read it with ``process_vm_readv`` (GIL released); check with
 ``PAGEMAP_SCAN`` that the pages read were still write-protected (so still the freeze
-content); claim, under the ledger lock, those nobody claimed yet; only then unprotect the
-chunk; hand the buffer to the store workers. ``rate`` throttles only this.
+content); claim, under the ledger lock, those nobody claimed yet; only then unprotect them;
+hand the buffer to the store workers. ``rate`` throttles only this.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import trio
 
 from snapfs.capture.context import PAGE, CaptureContext, still_frozen
@@ -47,64 +49,116 @@ class Scan:
         scanner = PagemapScanner(ctx.pid)
         started = time.monotonic()
         scanned = 0
+        plan = _Plan(ctx)
+        wp_region = np.array([v.mode == "wp" for v in ctx.regions], bool)
         try:
-            for lo, hi, wp in self.chunks():
+            for first, last in plan.batches():
                 if self.stop.is_set():
                     return
-                live = []
-                for ext, s, e in led.pieces(lo, hi):
-                    a, b = led.slots(ext, s, e)
-                    if (led.state[a:b] == 0).any():  # else the fault path took it all
-                        live.append((ext, s, e, a, b))
-                if not live:
+                a, b = int(plan.slot[first]), int(plan.slot[last - 1] + plan.npages[last - 1])
+                if not (led.state[a:b] == 0).any():  # the fault path took it all
                     continue
                 if self.rate:
                     ahead = scanned / self.rate - (time.monotonic() - started)
                     if ahead > 0 and self.stop.wait(ahead):
                         return
-                size = sum(e - s for _, s, e, _, _ in live)
+                lo, hi = plan.lo[first:last], plan.hi[first:last]
+                size = (b - a) * PAGE
                 pooled = size <= CHUNK  # else a 1 GiB hugetlb page: a buffer of its own
                 buf = trio.from_thread.run(free_recv.receive) if pooled else bytearray(size)
-                ok = read_pages_robust(ctx.pid, buf, [(s, e - s) for _, s, e, _, _ in live])
-                valid = still_frozen(scanner, lo, hi, wp)
+                ok = read_pages_robust(ctx.pid, buf, np.stack([lo, hi - lo], axis=1).astype(np.int64))
+                wp = wp_region[plan.region[first:last]]
+                span_lo, span_hi = int(lo[0]), int(hi[-1])
+                # One PAGEMAP_SCAN for the whole batch (the gaps between its pieces are never
+                # read), VMA by VMA only where protected and unprotected regions mix.
+                if wp.all() or not wp.any():
+                    valid = still_frozen(scanner, span_lo, span_hi, bool(wp[0]))
+                else:
+                    valid = np.zeros((span_hi - span_lo) // PAGE, bool)
+                    for x, y, w in zip(lo.tolist(), hi.tolist(), wp.tolist()):
+                        valid[(x - span_lo) // PAGE:(y - span_lo) // PAGE] = still_frozen(scanner, x, y, w)
+                rel = _page_offsets(lo - np.uint64(span_lo), plan.npages[first:last])
+                mine = led.claim(a, b, ok & valid[rel])
                 pieces = []
                 pos = 0
-                claimed = 0
-                for ext, s, e, a, b in live:
-                    n = b - a
-                    rel = (s - lo) // PAGE
-                    mine = led.claim(a, b, ok[pos : pos + n] & valid[rel : rel + n])
-                    region, first = ctx.page_of(ext, s)
-                    pieces.append((region, first, pos * PAGE, mine))
-                    claimed += int(mine.sum())
+                for ext, x, n in zip(plan.ext[first:last].tolist(), lo.tolist(),
+                                     plan.npages[first:last].tolist()):
+                    region, page = ctx.page_of(ext, x)
+                    pieces.append((region, page, pos * PAGE, mine[pos:pos + n]))
                     pos += n
-                if wp and self.unprotect:
+                if self.unprotect:
                     # Marked saved above, so unprotecting is safe. "busy" (an mmap change
                     # pending): they stay protected; a write to them reaches the fault
-                    # path, which finds them saved and just unprotects.
-                    ctx.uffd.unprotect_quiet(lo, hi - lo)
+                    # path, which finds them saved and just unprotects. One call per run of
+                    # adjacent pieces (a call across another VMA would fail).
+                    for x, y in _adjacent(lo[wp], hi[wp]):
+                        ctx.uffd.unprotect_quiet(x, y - x)
                 scanned += size
-                ctx.done_bytes += claimed * PAGE
+                ctx.done_bytes += int(mine.sum()) * PAGE
                 trio.from_thread.run(work_send.send, (buf, pieces, pooled))
         finally:
             scanner.close()
 
-    def chunks(self) -> Iterator[tuple[int, int, bool]]:
-        """(lo, hi, write_protected) chunks: within one region, aligned to CHUNK (or to the
-        region's huge page size), covering every extent of the ledger."""
-        led = self.ctx.ledger
-        regions = self.ctx.regions
+
+class _Plan:
+    """The ledger's extents cut into pieces that never cross a CHUNK boundary (or a huge
+    page's), as arrays, grouped into batches of consecutive pieces that fill one CHUNK
+    buffer. A batch's pieces have consecutive ledger slots (extents are laid out in address
+    order), so its claim is one slice and its buffer maps page for page onto the slots.
+    A target with tens of thousands of small mappings has as many extents: one buffer, one
+    scan, one claim and one hand-off to the store per extent cost more than copying them."""
+
+    def __init__(self, ctx: CaptureContext) -> None:
+        led = ctx.ledger
+        step = np.array([max(CHUNK, v.page_size) for v in ctx.regions], np.uint64)
+        st, en, reg = led.ext_start, led.ext_end, led.ext_region
+        if len(st):
+            ext_step = step[reg]
+            # Cut points: every step boundary strictly inside an extent.
+            first_cut = (st // ext_step + np.uint64(1)) * ext_step
+            ncuts = np.where(en > first_cut, (en - first_cut + ext_step - np.uint64(1)) // ext_step, 0).astype(np.int64)
+            owner = np.repeat(np.arange(len(st)), ncuts + 1)
+            k_in = np.arange(len(owner)) - np.repeat(np.cumsum(ncuts + 1) - (ncuts + 1), ncuts + 1)
+            k_in = k_in.astype(np.uint64)
+            lo = np.where(k_in == 0, st[owner], first_cut[owner] + (k_in - np.uint64(1)) * ext_step[owner])
+            hi = np.minimum(first_cut[owner] + k_in * ext_step[owner], en[owner])
+        else:
+            owner = np.empty(0, np.int64)
+            lo = hi = np.empty(0, np.uint64)
+        self.lo, self.hi, self.ext = lo, hi, owner
+        self.region = reg[owner] if len(owner) else np.empty(0, np.int32)
+        self.npages = ((hi - lo) // np.uint64(PAGE)).astype(np.int64)
+        self.slot = led.ext_base[owner] + ((lo - st[owner]) // np.uint64(PAGE)).astype(np.int64) \
+            if len(owner) else np.empty(0, np.int64)
+
+    def batches(self) -> Iterator[tuple[int, int]]:
+        """[first, last) piece indices of each batch: at most CHUNK bytes (a bigger piece,
+        a hugetlb page, alone), no gap of more than CHUNK between pieces."""
+        n = len(self.lo)
+        size = self.npages * PAGE
         i = 0
-        n = len(led.starts)
         while i < n:
-            region = led.regions_of[i]
-            v = regions[region]
-            step = max(CHUNK, v.page_size)
-            lo = led.starts[i] // step * step
-            while i < n and led.regions_of[i] == region:
-                lo = max(lo, led.starts[i] // step * step)
-                hi = lo + step
-                yield max(lo, v.start), min(hi, v.end), v.mode == "wp"
-                lo = hi
-                while i < n and led.regions_of[i] == region and led.ends[i] <= lo:
-                    i += 1
+            j = i + 1
+            total = int(size[i])
+            while j < n and total + int(size[j]) <= CHUNK and int(self.lo[j] - self.hi[j - 1]) <= CHUNK:
+                total += int(size[j])
+                j += 1
+            yield i, j
+            i = j
+
+
+def _page_offsets(rel_start: np.ndarray, npages: np.ndarray) -> np.ndarray:
+    """Page indices (from the span's start) of every page of pieces starting ``rel_start``
+    bytes into the span, ``npages`` long, in order."""
+    total = int(npages.sum())
+    base = np.repeat((rel_start // np.uint64(PAGE)).astype(np.int64), npages)
+    return base + (np.arange(total) - np.repeat(np.cumsum(npages) - npages, npages))
+
+
+def _adjacent(lo: np.ndarray, hi: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted disjoint ranges with touching ones merged."""
+    if not len(lo):
+        return []
+    head = np.flatnonzero(np.r_[True, lo[1:] != hi[:-1]])
+    last = np.r_[head[1:] - 1, len(lo) - 1]
+    return list(zip(lo[head].tolist(), hi[last].tolist()))
