@@ -48,11 +48,15 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096UL
-#define MAX_THREADS 8
+#define MAX_THREADS 64
+#define MAX_IDLE 1024
+#define STALL_LOG 4096 /* long stalls kept for the report (a ring) */
+#define STALL_REPORT 32 /* the longest ones of a window are reported */
 #define HIST_SUB 16 /* sub-buckets per power of two: ~6% resolution */
 #define HIST_BUCKETS (HIST_SUB + 40 * HIST_SUB)
 #define BACKLOG_NS 100000000ULL /* a paced writer catches up at most 100 ms of missed writes */
@@ -75,12 +79,23 @@ static struct config {
     const char *handoff_path;
     double duration, interval;
     uint64_t slow_ns;
+    uint64_t stall_log_ns;   /* stalls at least this long are logged with their time */
+    uint64_t mappings;       /* split the region into this many VMAs (0/1: one) */
+    int idle_threads;        /* threads that wake every idle_period_ms and time their lateness */
+    double idle_period_ms;
+    double gc_rate;          /* GC cycles/s over the arenas (0: no GC thread) */
+    int gc_arenas;
+    uint64_t gc_arena_size;
+    const char *fork_path;   /* SIGHUP: fork a child that writes the region here */
 } cfg = {
     .size = 64UL << 20, .mix_zero = 30, .mix_text = 40, .threads = 1, .rate = 0,
     .access = A_UNIFORM, .hot_frac = 0.1, .hot_prob = 0.9, .seed = 1, .slow_ns = 2000,
+    .stall_log_ns = 1000000, .idle_period_ms = 10, .gc_arenas = 16, .gc_arena_size = 16UL << 20,
+    .fork_path = "/dev/null",
 };
 
 static void die(const char *msg, const char *arg) __attribute__((noreturn));
+static void log_stall(uint64_t end, uint64_t stall, int who);
 static uint8_t *region;
 static uint64_t npages;
 static int out_fd = 1;
@@ -322,6 +337,7 @@ static void *writer_thread(void *arg)
         bump(&st->writes, 1);
         atomic_store_explicit(&st->last_write_ns, end, memory_order_relaxed);
         raise_max(&st->max_stall_ns, stall);
+        log_stall(end, stall, t);
         raise_max(&st->max_write_ns, write_ns);
         if (write_ns >= cfg.slow_ns) {
             bump(&st->slow, 1);
@@ -333,6 +349,107 @@ static void *writer_thread(void *arg)
         if (period > 0 && deadline < (double)end - BACKLOG_NS)
             deadline = (double)end - BACKLOG_NS; /* drop backlog older than 100 ms */
     }
+}
+
+
+/* ---- long stalls, with their time (for attributing them to a snapshot's phases) ---- */
+
+enum { WHO_IDLE = 1000, WHO_GC = 3000 }; /* writers are 0..threads-1, idle thread i is 1000+i */
+static struct { _Atomic uint64_t end_ns, stall_ns; _Atomic int who; } stall_log[STALL_LOG];
+static _Atomic uint64_t stall_log_n;
+static _Atomic uint64_t idle_max_stall_ns, gc_max_stall_ns; /* since the last report */
+static _Atomic uint64_t idle_wakeups, gc_cycles;
+
+static void log_stall(uint64_t end, uint64_t stall, int who)
+{
+    if (stall < cfg.stall_log_ns)
+        return;
+    uint64_t i = atomic_fetch_add(&stall_log_n, 1) % STALL_LOG;
+    atomic_store_explicit(&stall_log[i].end_ns, end, memory_order_relaxed);
+    atomic_store_explicit(&stall_log[i].stall_ns, stall, memory_order_relaxed);
+    atomic_store_explicit(&stall_log[i].who, who, memory_order_relaxed);
+}
+
+static void raise_max_shared(_Atomic uint64_t *m, uint64_t v)
+{
+    uint64_t cur = atomic_load_explicit(m, memory_order_relaxed);
+    while (v > cur && !atomic_compare_exchange_weak(m, &cur, v))
+        ;
+}
+
+/* Idle threads (a JVM has hundreds: compiler, GC workers, timers, pools): each wakes every
+ * idle_period_ms, touches its stack, and counts how late it woke as a stall. */
+static void *idle_thread(void *arg)
+{
+    int i = (int)(intptr_t)arg;
+    uint64_t period = (uint64_t)(cfg.idle_period_ms * 1e6);
+    uint64_t next = now_ns() + period * (uint64_t)i / (uint64_t)(cfg.idle_threads ? cfg.idle_threads : 1);
+    char scratch[256];
+    while (!atomic_load_explicit(&stopping, memory_order_relaxed)) {
+        struct timespec ts = {.tv_sec = (time_t)(next / 1000000000ULL), .tv_nsec = (long)(next % 1000000000ULL)};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+            ;
+        uint64_t now = now_ns();
+        *(volatile char *)&scratch[now & 255] = 1; /* touch the stack, as a woken thread does */
+        uint64_t late = now > next ? now - next : 0;
+        raise_max_shared(&idle_max_stall_ns, late);
+        log_stall(now, late, WHO_IDLE + i);
+        atomic_fetch_add_explicit(&idle_wakeups, 1, memory_order_relaxed);
+        next += period;
+        if (next < now)
+            next = now + period; /* missed periods are one stall, not many */
+    }
+    return NULL;
+}
+
+/* A garbage collector's memory traffic: gc_rate times a second it takes the next arena of a
+ * pool, drops it (MADV_DONTNEED: a uffd REMOVE event; every 4th cycle munmap + mmap: UNMAP),
+ * and allocates into it again (first touches), then copies ("evacuates") 1/8 of it into the
+ * previous arena (writes to populated memory). Each cycle's lateness plus its own duration
+ * is a stall: a JVM's allocating threads wait for such a pause. */
+static void *gc_thread(void *arg)
+{
+    (void)arg;
+    int n = cfg.gc_arenas;
+    uint64_t sz = cfg.gc_arena_size;
+    uint8_t **arenas = calloc((size_t)n, sizeof *arenas);
+    for (int i = 0; i < n; i++) {
+        arenas[i] = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (arenas[i] == MAP_FAILED)
+            die("gc arena mmap failed", strerror(errno));
+        madvise(arenas[i], sz, MADV_NOHUGEPAGE);
+        memset(arenas[i], 0x5a, sz);
+    }
+    uint64_t period = (uint64_t)(1e9 / cfg.gc_rate);
+    uint64_t next = now_ns() + period, cycle = 0;
+    while (!atomic_load_explicit(&stopping, memory_order_relaxed)) {
+        struct timespec ts = {.tv_sec = (time_t)(next / 1000000000ULL), .tv_nsec = (long)(next % 1000000000ULL)};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+            ;
+        int i = (int)(cycle % (uint64_t)n), prev = (int)((cycle + (uint64_t)n - 1) % (uint64_t)n);
+        if (cycle % 4 == 3) {
+            munmap(arenas[i], sz);
+            arenas[i] = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (arenas[i] == MAP_FAILED)
+                die("gc arena mmap failed", strerror(errno));
+            madvise(arenas[i], sz, MADV_NOHUGEPAGE);
+        } else {
+            madvise(arenas[i], sz, MADV_DONTNEED);
+        }
+        for (uint64_t off = 0; off < sz; off += PAGE) /* allocation: first touch of every page */
+            arenas[i][off] = (uint8_t)cycle;
+        memcpy(arenas[prev], arenas[i], sz / 8); /* evacuation into populated memory */
+        uint64_t now = now_ns();
+        uint64_t stall = now > next ? now - next : 0;
+        raise_max_shared(&gc_max_stall_ns, stall);
+        log_stall(now, stall, WHO_GC);
+        atomic_fetch_add_explicit(&gc_cycles, 1, memory_order_relaxed);
+        cycle++;
+        next += period;
+        if (next < now)
+            next = now + period;
+    }
+    return NULL;
 }
 
 /* ---- reporting ---- */
@@ -410,6 +527,39 @@ static void flush_line(void)
     outlen = 0;
 }
 
+static uint64_t stall_log_seen; /* stall_log_n at the previous report */
+
+/* "stalls": the window's longest logged stalls, [end time s, ms, who], longest first. */
+static void emit_stalls(void)
+{
+    uint64_t n = atomic_load(&stall_log_n), first = stall_log_seen;
+    if (n - first > STALL_LOG)
+        first = n - STALL_LOG;
+    stall_log_seen = n;
+    uint64_t best[STALL_REPORT];
+    int nb = 0;
+    for (uint64_t i = first; i < n; i++) { /* keep the STALL_REPORT longest, sorted */
+        uint64_t v = atomic_load_explicit(&stall_log[i % STALL_LOG].stall_ns, memory_order_relaxed);
+        int pos = nb;
+        while (pos > 0 && atomic_load_explicit(&stall_log[best[pos - 1] % STALL_LOG].stall_ns,
+                                               memory_order_relaxed) < v)
+            pos--;
+        if (pos >= STALL_REPORT)
+            continue;
+        if (nb < STALL_REPORT)
+            nb++;
+        memmove(&best[pos + 1], &best[pos], (size_t)(nb - 1 - pos) * sizeof best[0]);
+        best[pos] = i;
+    }
+    emit("\"stalls\":[");
+    for (int j = 0; j < nb; j++) {
+        uint64_t i = best[j] % STALL_LOG;
+        emit("%s[%.6f,%.3f,%d]", j ? "," : "", (double)atomic_load(&stall_log[i].end_ns) / 1e9,
+             (double)atomic_load(&stall_log[i].stall_ns) / 1e6, atomic_load(&stall_log[i].who));
+    }
+    emit("],");
+}
+
 static void report(const char *reason)
 {
     struct snap cur;
@@ -436,6 +586,12 @@ static void report(const char *reason)
         if (mw > win_max_write)
             win_max_write = mw;
     }
+    uint64_t writer_max_stall = win_max_stall;
+    uint64_t idle_max = atomic_exchange(&idle_max_stall_ns, 0), gc_max = atomic_exchange(&gc_max_stall_ns, 0);
+    if (idle_max > win_max_stall)
+        win_max_stall = idle_max;
+    if (gc_max > win_max_stall)
+        win_max_stall = gc_max;
     if (win_max_stall > total_max_stall)
         total_max_stall = win_max_stall;
     if (win_max_write > total_max_write)
@@ -451,6 +607,11 @@ static void report(const char *reason)
          win_slow ? (double)win_max_write / 1e3 : -1.0,
          pct_us(cur.hist, prev_snap.hist, 50), pct_us(cur.hist, prev_snap.hist, 90),
          pct_us(cur.hist, prev_snap.hist, 99), pct_us(cur.stall_hist, prev_snap.stall_hist, 99));
+    emit("\"writer_max_stall_us\":%.1f,\"idle_max_stall_us\":%.1f,\"gc_max_stall_us\":%.1f,"
+         "\"idle_wakeups\":%" PRIu64 ",\"gc_cycles\":%" PRIu64 ",",
+         (double)writer_max_stall / 1e3, (double)idle_max / 1e3, (double)gc_max / 1e3,
+         atomic_load(&idle_wakeups), atomic_load(&gc_cycles));
+    emit_stalls();
     emit("\"threads\":[");
     for (int t = 0; t < cfg.threads; t++)
         emit("%s{\"writes\":%" PRIu64 ",\"max_stall_us\":%.1f,\"stalled_now_us\":%.1f,"
@@ -510,6 +671,58 @@ static void set_quiesced(int on)
     } else {
         emit("{\"event\":\"resumed\",\"pid\":%d,\"t\":%.6f}", getpid(), (double)now_ns() / 1e9);
     }
+    flush_line();
+}
+
+/* ---- the fork peer (SIGHUP): how in-memory databases save (Redis BGSAVE) ----
+ * The main thread forks; the child writes the whole region to cfg.fork_path and exits while
+ * the writers go on (their copy-on-write faults are stalls like any other). The "forked"
+ * line, once the child is reaped, gives fork()'s own duration and the child's. */
+
+static pid_t save_child;
+static uint64_t save_started, save_fork_ns;
+
+static void fork_save(void)
+{
+    if (save_child > 0)
+        return; /* one save at a time */
+    uint64_t t0 = now_ns();
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(cfg.fork_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (fd < 0)
+            _exit(3);
+        uint64_t off = 0, len = npages * PAGE;
+        while (off < len) {
+            ssize_t w = write(fd, region + off, len - off > (1UL << 20) ? (1UL << 20) : len - off);
+            if (w < 0 && errno != EINTR)
+                _exit(4);
+            if (w > 0)
+                off += (uint64_t)w;
+        }
+        _exit(close(fd) < 0 ? 5 : 0);
+    }
+    uint64_t t1 = now_ns();
+    log_stall(t1, t1 - t0, WHO_GC + 1);
+    if (pid < 0) {
+        emit("{\"event\":\"forked\",\"pid\":%d,\"error\":\"%s\"}", getpid(), strerror(errno));
+        flush_line();
+        return;
+    }
+    save_child = pid;
+    save_started = t0;
+    save_fork_ns = t1 - t0;
+}
+
+static void reap_save(void)
+{
+    int status;
+    if (save_child <= 0 || waitpid(save_child, &status, WNOHANG) != save_child)
+        return;
+    save_child = 0;
+    emit("{\"event\":\"forked\",\"pid\":%d,\"fork_us\":%.1f,\"child_s\":%.6f,\"status\":%d}",
+         getpid(), (double)save_fork_ns / 1e3, (double)(now_ns() - save_started) / 1e9,
+         WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
     flush_line();
 }
 
@@ -588,7 +801,7 @@ static void usage(FILE *f)
             "  -m, --mix Z,C,R          percent zero, compressible, random pages (default 30,40,30)\n"
             "      --thp                madvise(MADV_HUGEPAGE) (default MADV_NOHUGEPAGE)\n"
             "      --memfd              back the region with a memfd (shmem), MAP_SHARED\n"
-            "  -t, --threads N          writer threads, 1-8 (default 1)\n"
+            "  -t, --threads N          writer threads, 1-64 (default 1)\n"
             "  -r, --rate R             total page writes/s: 0 = none (default), N, or max\n"
             "  -a, --access MODE        uniform (default) | hot[:FRACTION[:PROBABILITY]]\n"
             "                           (hot set: the first FRACTION of pages, default 0.1:0.9)\n"
@@ -601,7 +814,19 @@ static void usage(FILE *f)
             "  -d, --duration SECONDS   exit after this long (default: until SIGTERM/SIGINT)\n"
             "  -i, --interval SECONDS   also report every SECONDS\n"
             "      --slow-ns NS         a write slower than this is a slow write (default 2000)\n"
-            "Signals: SIGUSR1 report, SIGUSR2 quiesce/resume writers, SIGTERM/SIGINT final report + exit.\n");
+            "      --stall-log-ns NS    stalls this long are reported with their time (default 1 ms)\n"
+            "      --mappings N         split the region into N mappings (VMAs) of equal size\n"
+            "      --idle-threads N     threads waking every --idle-period-ms (default 10), timing\n"
+            "                           their lateness as stalls (a JVM has hundreds)\n"
+            "      --gc-rate N          a GC thread: N cycles/s, each drops an arena of a pool\n"
+            "                           (MADV_DONTNEED, every 4th munmap+mmap), re-allocates it and\n"
+            "                           copies 1/8 of it into the previous one\n"
+            "      --gc-arenas N        arenas in the pool (default 16)\n"
+            "      --gc-arena-size SIZE (default 16M)\n"
+            "      --fork-dump PATH     on SIGHUP fork a child that writes the region to PATH and exits\n"
+            "                           (default /dev/null); a \"forked\" line times fork() and the child\n"
+            "Signals: SIGUSR1 report, SIGUSR2 quiesce/resume writers, SIGHUP fork a saving child,\n"
+            "SIGTERM/SIGINT final report + exit.\n");
 }
 
 static void die(const char *msg, const char *arg)
@@ -642,7 +867,8 @@ static double parse_double(const char *s, const char *what)
 
 static void parse_args(int argc, char **argv)
 {
-    enum { O_THP = 256, O_MEMFD, O_SEED, O_STATS, O_DUMP, O_SLOW, O_HANDOFF };
+    enum { O_THP = 256, O_MEMFD, O_SEED, O_STATS, O_DUMP, O_SLOW, O_HANDOFF, O_STALL_LOG, O_MAPPINGS,
+           O_IDLE, O_IDLE_PERIOD, O_GC_RATE, O_GC_ARENAS, O_GC_ARENA_SIZE, O_FORK_DUMP };
     static const struct option opts[] = {
         {"size", required_argument, 0, 's'},      {"mix", required_argument, 0, 'm'},
         {"thp", no_argument, 0, O_THP},            {"memfd", no_argument, 0, O_MEMFD},
@@ -652,6 +878,10 @@ static void parse_args(int argc, char **argv)
         {"duration", required_argument, 0, 'd'},  {"interval", required_argument, 0, 'i'},
         {"slow-ns", required_argument, 0, O_SLOW}, {"help", no_argument, 0, 'h'},
         {"uffd-handoff", required_argument, 0, O_HANDOFF},
+        {"stall-log-ns", required_argument, 0, O_STALL_LOG}, {"mappings", required_argument, 0, O_MAPPINGS},
+        {"idle-threads", required_argument, 0, O_IDLE}, {"idle-period-ms", required_argument, 0, O_IDLE_PERIOD},
+        {"gc-rate", required_argument, 0, O_GC_RATE}, {"gc-arenas", required_argument, 0, O_GC_ARENAS},
+        {"gc-arena-size", required_argument, 0, O_GC_ARENA_SIZE}, {"fork-dump", required_argument, 0, O_FORK_DUMP},
         {0, 0, 0, 0},
     };
     int c;
@@ -671,7 +901,7 @@ static void parse_args(int argc, char **argv)
         case 't':
             cfg.threads = atoi(optarg);
             if (cfg.threads < 1 || cfg.threads > MAX_THREADS)
-                die("--threads must be 1-8", optarg);
+                die("--threads must be 1-64", optarg);
             break;
         case 'r':
             cfg.rate = strcmp(optarg, "max") == 0 ? -1 : parse_double(optarg, "bad --rate");
@@ -700,6 +930,22 @@ static void parse_args(int argc, char **argv)
         case 'd': cfg.duration = parse_double(optarg, "bad --duration"); break;
         case 'i': cfg.interval = parse_double(optarg, "bad --interval"); break;
         case O_SLOW: cfg.slow_ns = (uint64_t)parse_double(optarg, "bad --slow-ns"); break;
+        case O_STALL_LOG: cfg.stall_log_ns = (uint64_t)parse_double(optarg, "bad --stall-log-ns"); break;
+        case O_MAPPINGS: cfg.mappings = (uint64_t)parse_double(optarg, "bad --mappings"); break;
+        case O_IDLE:
+            cfg.idle_threads = atoi(optarg);
+            if (cfg.idle_threads < 0 || cfg.idle_threads > MAX_IDLE)
+                die("--idle-threads must be 0-1024", optarg);
+            break;
+        case O_IDLE_PERIOD: cfg.idle_period_ms = parse_double(optarg, "bad --idle-period-ms"); break;
+        case O_GC_RATE: cfg.gc_rate = parse_double(optarg, "bad --gc-rate"); break;
+        case O_GC_ARENAS:
+            cfg.gc_arenas = atoi(optarg);
+            if (cfg.gc_arenas < 2)
+                die("--gc-arenas must be at least 2", optarg);
+            break;
+        case O_GC_ARENA_SIZE: cfg.gc_arena_size = parse_size(optarg); break;
+        case O_FORK_DUMP: cfg.fork_path = optarg; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(2);
         }
@@ -739,6 +985,17 @@ int main(int argc, char **argv)
         die("mmap failed", strerror(errno));
     if (!cfg.memfd)
         madvise(region, cfg.size, cfg.thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    if (cfg.mappings > 1) {
+        /* Every other piece executable too: neighbours with different flags never merge, so
+         * the region is cfg.mappings VMAs (vm.max_map_count must allow it). */
+        if (cfg.mappings > npages)
+            die("--mappings is more than the pages of --size", NULL);
+        for (uint64_t j = 1; j < cfg.mappings; j += 2) {
+            uint64_t lo = npages * j / cfg.mappings, hi = npages * (j + 1) / cfg.mappings;
+            if (mprotect(region + lo * PAGE, (hi - lo) * PAGE, PROT_READ | PROT_WRITE | PROT_EXEC) < 0)
+                die("mprotect for --mappings failed (vm.max_map_count?)", strerror(errno));
+        }
+    }
 
     /* Signals are taken synchronously by the main thread; block them before any thread. */
     sigset_t sigs;
@@ -747,6 +1004,8 @@ int main(int argc, char **argv)
     sigaddset(&sigs, SIGUSR2);
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    sigaddset(&sigs, SIGCHLD);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 
     uint64_t fill_start = now_ns();
@@ -770,16 +1029,23 @@ int main(int argc, char **argv)
     for (int t = 0; t < cfg.threads; t++)
         pthread_create(&writers[t], NULL, writer_thread, (void *)(intptr_t)t);
 
+    static pthread_t idlers[MAX_IDLE], gc;
+    for (int i = 0; i < cfg.idle_threads; i++)
+        pthread_create(&idlers[i], NULL, idle_thread, (void *)(intptr_t)i);
+    if (cfg.gc_rate > 0)
+        pthread_create(&gc, NULL, gc_thread, NULL);
     if (cfg.handoff_path)
         start_handoff(cfg.handoff_path);
     emit("{\"event\":\"ready\",\"pid\":%d,\"base\":\"0x%lx\",\"size\":%" PRIu64
          ",\"pages\":%" PRIu64 ",\"zero_pages\":%" PRIu64 ",\"text_pages\":%" PRIu64
          ",\"random_pages\":%" PRIu64 ",\"nonzero_bytes\":%" PRIu64
-         ",\"thp\":%s,\"memfd\":%s,\"threads\":%d,\"rate\":%.1f,\"access\":\"%s\","
+         ",\"thp\":%s,\"memfd\":%s,\"threads\":%d,\"idle_threads\":%d,\"mappings\":%" PRIu64
+         ",\"gc_rate\":%g,\"rate\":%.1f,\"access\":\"%s\","
          "\"hot_frac\":%g,\"hot_prob\":%g,\"seed\":%" PRIu64 ",\"fill_s\":%.3f}",
          getpid(), (unsigned long)region, cfg.size, npages, counts[K_ZERO], counts[K_TEXT],
          counts[K_RANDOM], (counts[K_TEXT] + counts[K_RANDOM]) * PAGE,
-         cfg.thp ? "true" : "false", cfg.memfd ? "true" : "false", cfg.threads, cfg.rate,
+         cfg.thp ? "true" : "false", cfg.memfd ? "true" : "false", cfg.threads, cfg.idle_threads,
+         cfg.mappings, cfg.gc_rate, cfg.rate,
          access_name(), cfg.hot_frac, cfg.hot_prob, cfg.seed, fill_s);
     flush_line();
 
@@ -814,6 +1080,10 @@ int main(int argc, char **argv)
             report("usr1");
         } else if (sig == SIGUSR2) {
             set_quiesced(!atomic_load(&quiesce));
+        } else if (sig == SIGHUP) {
+            fork_save();
+        } else if (sig == SIGCHLD) {
+            reap_save();
         } else {
             final_reason = sig == SIGTERM ? "sigterm" : "sigint";
             break;
@@ -825,6 +1095,10 @@ int main(int argc, char **argv)
     pthread_mutex_unlock(&ctl_mu);
     for (int t = 0; t < cfg.threads; t++)
         pthread_join(writers[t], NULL);
+    for (int i = 0; i < cfg.idle_threads; i++)
+        pthread_join(idlers[i], NULL);
+    if (cfg.gc_rate > 0)
+        pthread_join(gc, NULL);
     report(final_reason);
     return 0;
 }
