@@ -111,6 +111,10 @@ class CaptureResult:
     info: Any = None  # the committed SnapshotInfo
     tracking: Any = None  # with CaptureOptions.continuous: a continuous.Tracking (close it)
     attach_pause_ms: float = 0.0  # the earlier short stop that took the uffd
+    # When each phase ran, in time.monotonic() seconds (CLOCK_MONOTONIC, the clock a target
+    # can time its own stalls with): "attach" and "freeze" are [stop, resume], "preprotect"
+    # lies between them, the background copy from the freeze's resume to "end".
+    phases: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The ``--json`` object."""
@@ -127,6 +131,8 @@ class CaptureResult:
             "faults": self.faults,
             "regions": self.regions,
             "warnings": list(self.warnings),
+            "phases": {k: [round(x, 6) for x in v] if isinstance(v, list) else round(v, 6)
+                       for k, v in self.phases.items()},
         }
 
 
@@ -256,6 +262,9 @@ class _Capture:
             warnings=list(info.warnings),
             info=info,
             tracking=self.tracking,
+            phases={"start": t_start, "attach": [attach.stopped_at, attach.resumed_at],
+                    "preprotect": [attach.resumed_at, ft.stopped_at],
+                    "freeze": [ft.stopped_at, ft.resumed_at], "end": time.monotonic()},
         )
 
     def _after_resume(self, core_before, ft: FrozenTarget, prep: Prepared) -> tuple[dict, bytes]:
