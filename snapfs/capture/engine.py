@@ -49,7 +49,7 @@ from snapfs.capture.maps import ClassifiedMaps, Vma, huge_page_sizes, read_maps_
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.priority import background_thread_priority, fault_thread_priority
 from snapfs.capture.preprotect import PreProtected, protect_then_freeze
-from snapfs.capture.protect import Prepared, handshake, protect_and_record
+from snapfs.capture.protect import Prepared, copy_buffer_for, handshake, protect_and_record
 from snapfs.capture.ptrace import check_target
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
@@ -282,6 +282,8 @@ class _Capture:
             read_maps_text(self.pid), include_readonly=opts.include_readonly, huge_sizes=huge_sizes
         )
 
+        copy_buffer = copy_buffer_for(maps.regions)
+
         def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
             prep = protect_and_record(
                 ft,
@@ -289,6 +291,7 @@ class _Capture:
                 huge_sizes=huge_sizes,
                 features=features,
                 pre=pre,
+                copy_buffer=copy_buffer,
             )
             # Resume only once the fault path serves: started after the resume, it took
             # 4-300 ms to come up (trio scheduling, the GIL) while the target's first
