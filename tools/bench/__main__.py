@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="only re-render the report and plots of an earlier run's results.json into --out")
     p.add_argument("--size", metavar="SIZE", help="target size instead of the plan's (e.g. 4G)")
     p.add_argument("--rates", metavar="LIST", help="write rates in pages/s instead of the plan's, e.g. 0,10000,max")
+    p.add_argument("--only", metavar="LIST",
+                   help="run only these sections (comma-separated): " + ", ".join(runner.SECTIONS)
+                   + " (methods = the write-rate sweep of every method, with the floors)")
+    p.add_argument("--threads", metavar="LIST", help="writer-thread counts of the matrix, e.g. 1,4,16")
+    p.add_argument("--thp", metavar="LIST", help="THP modes of the matrix: off,on")
     p.add_argument("--docs", type=Path, metavar="DIR",
                    help="also write DIR/performance.md and DIR/performance/*.png from this run")
     args = p.parse_args(argv)
@@ -43,11 +48,21 @@ def main(argv: list[str] | None = None) -> int:
             the_plan.size = parse_size(args.size)
         if args.rates:
             the_plan.rates = [-1.0 if r.strip() == "max" else float(r) for r in args.rates.split(",")]
-    except (ValueError, UsageError) as e:
+        if args.threads:
+            the_plan.thread_counts = [int(t) for t in args.threads.split(",")]
+        if args.thp:
+            the_plan.thp_modes = [{"off": False, "on": True}[t.strip()] for t in args.thp.split(",")]
+        only = None
+        if args.only:
+            only = {x.strip() for x in args.only.split(",")}
+            if only - set(runner.SECTIONS):
+                raise ValueError(f"unknown sections {sorted(only - set(runner.SECTIONS))}: choose from "
+                                 + ", ".join(runner.SECTIONS))
+    except (ValueError, KeyError, UsageError) as e:
         p.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m tools.bench" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    results = runner.run(the_plan, args.out, install_peers=not args.no_install)
+    results = runner.run(the_plan, args.out, install_peers=not args.no_install, only=only)
     results["goals"] = goals.evaluate(results)
     js, md = report.write(results, args.out, command)
     pngs = plots.write(results, args.out)

@@ -28,6 +28,23 @@ class Plan:
     readpath_size: int = 64 * MiB
     # Extra snapfs-only targets at limit_write_rate: label -> TargetSpec overrides
     variants: dict[str, dict] = field(default_factory=dict)
+    # Issue 12's rows (tools/bench/stalls.py): snapfs and the fork peer at every rate > 0 for
+    # each writer-thread count and THP mode; the JVM-like target; many mappings; throughput.
+    thread_counts: list[int] = field(default_factory=lambda: [1, 4, 16])
+    thp_modes: list[bool] = field(default_factory=lambda: [False, True])
+    matrix_rates: list[float] | None = None  # None: every rate of ``rates`` above 0
+    jvm_size: int = 3 * GiB
+    jvm_writers: int = 16
+    jvm_idle_threads: int = 200
+    jvm_gc_rate: float = 20
+    jvm_write_rate: float = 50000
+    mappings: int = 65000
+    mappings_size: int = 1 * GiB
+    throughput_sizes: list[int] = field(default_factory=lambda: [1 * GiB, 4 * GiB])
+    throughput_rounds: int = 2
+    every_children: int = 3          # --every children per incremental target
+    every_period_s: float = 4.0      # --every period of the memwriter series (the Python one: half)
+    python_target_size: int = 300 * MiB
 
     def to_json(self) -> dict:
         """Plain dict for results.json."""
@@ -38,26 +55,27 @@ def quick() -> Plan:
     """Small target, few rates: the whole bench in well under 3 minutes."""
     return Plan(mode="quick", size=64 * MiB, rates=[0, 20000, -1], snapfs_rate_limits=["64M"],
                 limit_write_rate=20000, settle_s=0.3, precopy_max_rounds=5,
-                qemu_mem=96 * MiB, readpath_size=32 * MiB, variants={"THP": {"thp": True}})
+                qemu_mem=96 * MiB, readpath_size=32 * MiB, variants={"THP": {"thp": True}},
+                thread_counts=[1, 4], matrix_rates=[20000], jvm_size=128 * MiB, jvm_writers=4,
+                jvm_idle_threads=40, jvm_write_rate=20000, mappings=4000, mappings_size=64 * MiB,
+                throughput_sizes=[64 * MiB], throughput_rounds=1, every_children=2,
+                every_period_s=1.5, python_target_size=32 * MiB)
 
 
 def full() -> Plan:
     """1 GiB target, write rates from 0 to as fast as possible (~10-15 minutes)."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return Plan(mode="full", size=1 * GiB, rates=[0, 1000, 10000, 100000, 1000000, -1],
                 snapfs_rate_limits=["100M", "300M"], limit_write_rate=10000,
                 qemu_mem=1 * GiB, readpath_size=1 * GiB,
-                variants=full_variants())
+                variants=full_variants(),
+                throughput_sizes=[1 * GiB, 4 * GiB] if available >= 12 * GiB else [1 * GiB])
 
 
 def full_variants() -> dict[str, dict]:
-    """snapfs-only variants of the full run: THP, 4 writers, a hot set, and 4 GiB where memory
-    allows (the target plus room for the store's page cache and the other peers)."""
-    variants: dict[str, dict] = {"THP": {"thp": True}, "4 writer threads": {"threads": 4},
-                                 "hot set 10%/90%": {"access": "hot:0.1:0.9"}}
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if available >= 12 * GiB:
-        variants["4 GiB"] = {"size": 4 * GiB}
-    return variants
+    """snapfs-only variants of the full run: a hot set (thread counts, THP and 4 GiB have rows
+    of their own in stalls.py)."""
+    return {"hot set 10%/90%": {"access": "hot:0.1:0.9"}}
 
 
 def rate_label(rate: float) -> str:

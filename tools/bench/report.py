@@ -38,6 +38,42 @@ def _main_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _stall_table(rows: list[dict]) -> list[str]:
+    """Issue 12's rows: the target's worst stall beside its undisturbed window, per row."""
+    out = ["| section | target | write rate | method | worst stall ms | undisturbed ms | where the worst "
+           "fell | tool's pause ms | duration s | slow-write p50 / p99 µs | throughput during / before | "
+           "CPU-s/GiB |",
+           "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['section']} | {r.get('shape', '')} | {r['write_rate_label']} | {r['method']} | "
+                       f"FAILED: {r['error']} ||||||||")
+            continue
+        stalls = r.get("stalls") or []
+        where = f"{stalls[0]['phase']} ({stalls[0]['who']})" if stalls else "–"
+        cpu = (r.get("extra") or {}).get("cpu_s")
+        per_gib = cpu / (r["resident_bytes"] / 2**30) if cpu is not None and r.get("resident_bytes") else None
+        out.append(
+            f"| {r['section']} | {r.get('shape', '')} | {r['write_rate_label']} | {r['method']} | "
+            f"{_f(r.get('pause_ms'))} | {_f(r.get('baseline_max_stall_ms'))} | {where} | "
+            f"{_f(r.get('tool_pause_ms'))} | {_f(r.get('duration_s'), '{:.3f}')} | "
+            f"{_f(r.get('slow_p50_us'), '{:.0f}')} / {_f(r.get('slow_p99_us'), '{:.0f}')} | "
+            f"{_f(r.get('throughput_ratio'))} | {_f(per_gib)} |")
+    return out
+
+
+def _every_lines(every: dict) -> list[str]:
+    out = []
+    for key, e in (every or {}).items():
+        if "skipped" in e:
+            out.append(f"- **{key}**: skipped — {e['skipped']}")
+            continue
+        out.append(f"- **{key}** ({e['target']}): first snapshot pause {e['first']['pause_ms']:.2f} ms; "
+                   f"children {', '.join(f'{p:.2f}' for p in e['child_pause_ms'])} ms; one-shot "
+                   f"{e['one_shot_pause_ms']:.2f} ms")
+    return out
+
+
 def markdown(results: dict, command: str, img_prefix: str = "") -> str:
     """The report as markdown; the PNGs are referenced as ``img_prefix + file name``."""
     m, plan = results["machine"], results["plan"]
@@ -69,6 +105,29 @@ def markdown(results: dict, command: str, img_prefix: str = "") -> str:
         note = f" ({g['note']})" if g["note"] else ""
         L.append(f"| {g['goal']} | {g['measured']}{note} | **{verdict}** |")
     L.append("")
+    per_row = [g for g in results.get("goals", []) if g.get("rows")]
+    if per_row:
+        L += ["Every row of each per-row goal:", ""]
+        for g in per_row:
+            L.append(f"- {g['goal']}:")
+            L += [f"  - {'PASS' if r['pass'] else 'FAIL' if r['pass'] is False else 'n/a'}: {r['row']}"
+                  for r in g["rows"]]
+        L.append("")
+
+    stall_rows = [r for r in results["rows"] if r.get("section")]
+    if stall_rows:
+        L += ["## What the target suffers: writer threads, THP, JVM-like, many mappings, throughput", "",
+              "Each target runs snapfs and its peers in turn (fork: the target forks a child that "
+              "writes its memory out, as in-memory databases save). *Worst stall*: the longest stall "
+              "the target measured during the run; *undisturbed*: the same in the "
+              f"{plan['settle_s']} s before it; *where*: the capture phase that stall overlapped most "
+              "(attach, preprotect, freeze, background) and the thread it hit; *tool's pause*: "
+              "snapfs's pause_ms (the freeze), fork() as the target timed it, stop-copy's stop.", ""]
+        L += _stall_table(stall_rows)
+        L += ["", f"![worst stall by method and thread count]({img_prefix}stall_by_threads.png)", ""]
+    if results.get("every"):
+        L += ["## `--every` pauses against a one-shot snapshot of the same target", ""]
+        L += _every_lines(results["every"]) + [""]
 
     f = results.get("floors") or {}
     if f:

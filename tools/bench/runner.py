@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench import floors, machine, peers, readpaths
+from tools.bench import every, floors, machine, peers, readpaths, stalls
 from tools.bench.methods import Method
 from tools.bench.methods.gcore import Gcore
 from tools.bench.methods.precopy import PreCopy
@@ -46,6 +46,13 @@ def _row(method: Method, spec: TargetSpec, target: Target, before: Window, durin
         "slow_p50_us": during.slow_p50_us, "slow_p99_us": during.slow_p99_us,
         "slow_max_us": during.raw.get("slow_max_us") if during.slow_writes else None,
         "baseline_slow_writes": before.slow_writes if writing else None,
+        # The capture phase each of the window's longest stalls fell in (stalls.attribute).
+        "stalls": stalls.attribute(during.stalls[:8], (outcome.extra.get("phases") if outcome else None))
+        if writing else None,
+        "baseline_stalls": stalls.attribute(before.stalls[:3], None) if writing else None,
+        "writer_max_stall_ms": during.raw.get("writer_max_stall_us", 0) / 1e3 if writing else None,
+        "idle_max_stall_ms": during.raw.get("idle_max_stall_us", 0) / 1e3 if writing else None,
+        "gc_max_stall_ms": during.raw.get("gc_max_stall_us", 0) / 1e3 if writing else None,
     }
     if outcome is not None:
         # The target can only time a pause while it writes; at rate 0 the tool's own figure is used.
@@ -92,12 +99,20 @@ def _throughput_runs(method: Method, row: dict, target: Target, workdir: Path, t
     row["zstd_side_by_side"] = {"Bps": max(passes), "pass_Bps": passes, "threads": threads}
 
 
-def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
-    """Run every section of ``plan``; return the results (also what results.json holds)."""
+SECTIONS = ("methods", "matrix", "jvm", "mappings", "throughput", "every", "qemu", "readpaths")
+
+
+def run(plan: Plan, out_dir: Path, install_peers: bool = True, only: set[str] | None = None) -> dict:
+    """Run every section of ``plan`` (or those in ``only``, see SECTIONS); return the results
+    (also what results.json holds)."""
+    def wanted(section: str) -> bool:
+        return only is None or section in only
+
     log = Log()
     started = time.time()
     results: dict = {"plan": plan.to_json(), "machine": machine.describe(), "started": started,
-                     "rows": [], "missing": {}, "floors": {}, "qemu": None, "readpaths": {}}
+                     "rows": [], "missing": {}, "floors": {}, "qemu": None, "readpaths": {},
+                     "sections": sorted(only) if only else list(SECTIONS), "every": {}}
     peer_status = peers.ensure(install_peers)
     results["peers"] = peer_status
     for peer, st in peer_status.items():
@@ -120,7 +135,7 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
 
     workdir = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=out_dir))
     try:
-        for rate in plan.rates:
+        for rate in plan.rates if wanted("methods") else []:
             spec = TargetSpec(size=plan.size, rate=rate, threads=plan.writer_threads)
             log(f"target {plan.size >> 20} MiB, write rate {rate_label(rate)} pages/s")
             with Target(spec) as target:
@@ -147,7 +162,7 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
                         log(f"  {m.name:<22} FAILED: target stopped answering ({e}); next rate")
                         break
         snapfs = next((m for m in usable if m.name == "snapfs"), None)
-        for label, overrides in plan.variants.items():
+        for label, overrides in plan.variants.items() if wanted("methods") else []:
             if snapfs is None:
                 break
             spec = TargetSpec(size=plan.size, rate=plan.limit_write_rate, threads=plan.writer_threads)
@@ -169,9 +184,16 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
                            "write_rate_label": rate_label(spec.rate), "error": f"target stopped answering: {e}"}
                 row["variant"] = dict(overrides, **extra)
                 results["rows"].append(row)
+        if snapfs is not None:
+            results["rows"] += stalls.run(plan, workdir, log, _run_one, only)
+            if wanted("every"):
+                log("--every children and one-shot pauses")
+                results["every"] = every.run(plan, workdir, log)
         qemu = QemuBackground(plan.qemu_mem, plan.qemu_guest_rate)
         reason = qemu.available()
-        if reason:
+        if not wanted("qemu"):
+            pass
+        elif reason:
             results["missing"]["qemu background-snapshot"] = reason
             log(f"QEMU background-snapshot not run: {reason}")
         else:
@@ -184,8 +206,9 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True) -> dict:
             except Exception as e:  # noqa: BLE001
                 results["qemu"] = {"error": f"{type(e).__name__}: {e}"}
                 log(f"  qemu FAILED: {e}")
-        log(f"read paths ({plan.readpath_size >> 20} MiB region)")
-        results["readpaths"] = readpaths.run(plan, workdir, log)
+        if wanted("readpaths"):
+            log(f"read paths ({plan.readpath_size >> 20} MiB region)")
+            results["readpaths"] = readpaths.run(plan, workdir, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = time.time() - started

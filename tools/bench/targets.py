@@ -31,6 +31,10 @@ class TargetSpec:
     mix: tuple[int, int, int] = (30, 40, 30)
     access: str = "uniform"
     thp: bool = False
+    idle_threads: int = 0      # threads waking every 10 ms (a JVM has hundreds)
+    gc_rate: float = 0         # GC cycles/s over a pool of arenas (drop, re-allocate, copy)
+    mappings: int = 0          # the region split into this many VMAs
+    fork_dump: str | None = None  # where the fork peer's child writes the region (SIGHUP)
 
     def argv(self, binary: Path, handoff: str | None) -> list[str]:
         """The memwriter command line."""
@@ -39,6 +43,14 @@ class TargetSpec:
                 "--mix", ",".join(map(str, self.mix)), "--access", self.access]
         if self.thp:
             argv.append("--thp")
+        if self.idle_threads:
+            argv += ["--idle-threads", str(self.idle_threads)]
+        if self.gc_rate:
+            argv += ["--gc-rate", f"{self.gc_rate:g}"]
+        if self.mappings > 1:
+            argv += ["--mappings", str(self.mappings)]
+        if self.fork_dump:
+            argv += ["--fork-dump", self.fork_dump]
         if handoff:
             argv += ["--uffd-handoff", handoff]
         return argv
@@ -61,6 +73,9 @@ class Window:
     slow_p50_us: float | None
     slow_p99_us: float | None
     raw: dict = field(repr=False)
+    # The window's longest stalls: (end, ms, who) with end in CLOCK_MONOTONIC seconds (the
+    # clock of time.monotonic()); who = writer index, 1000 + idle thread, 3000 GC, 3001 fork.
+    stalls: list[tuple[float, float, int]] = field(default_factory=list)
 
     @classmethod
     def from_report(cls, r: dict) -> Window:
@@ -68,7 +83,8 @@ class Window:
         def opt(v: float) -> float | None:
             return None if v < 0 else v
         return cls(r["window_s"], r["writes"], r["writes_per_s"], r["max_stall_us"],
-                   r["slow_writes"], opt(r["slow_p50_us"]), opt(r["slow_p99_us"]), r)
+                   r["slow_writes"], opt(r["slow_p50_us"]), opt(r["slow_p99_us"]), r,
+                   [tuple(x) for x in r.get("stalls", [])])
 
 
 class TargetError(RuntimeError):
@@ -122,6 +138,12 @@ class Target:
         """Close the current measuring window and return its stats (SIGUSR1 → report)."""
         os.kill(self.pid, signal.SIGUSR1)
         return Window.from_report(self._next("report", timeout))
+
+    def fork_save(self, timeout: float = 300) -> dict:
+        """The fork peer: SIGHUP makes the target fork a child that writes the region out
+        (spec.fork_dump); returns the target's "forked" line once the child is reaped."""
+        os.kill(self.pid, signal.SIGHUP)
+        return self._next("forked", timeout)
 
     def settle(self, seconds: float) -> Window:
         """Let the target run undisturbed for ``seconds``; return that window (the "before")."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import resource
 import json
 import os
 import shutil
@@ -88,12 +89,18 @@ class Snapfs(Method):
         return None
 
     def run(self, target: Target, workdir: Path) -> Outcome:
+        return self.snapshot(target.pid, workdir)
+
+    def snapshot(self, pid: int, workdir: Path) -> Outcome:
+        """One snapshot of any process ``pid`` (``run`` without a memwriter)."""
         run = next(_RUNS)
         store = workdir / f"store-{run}"
-        argv = [*snapfs_argv(), "snapshot", str(target.pid), "--json", "--store", str(store),
+        argv = [*snapfs_argv(), "snapshot", str(pid), "--json", "--store", str(store),
                 "--name", f"bench-{run}"]
         if self.rate:
             argv += ["--rate", self.rate]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spawned = time.monotonic()
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=snapfs_env(), cwd=ROOT)
@@ -103,16 +110,23 @@ class Snapfs(Method):
         finally:
             peak.stop()
         t1 = time.perf_counter()
+        exited = time.monotonic()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only snapfs ended meanwhile
+        cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         shutil.rmtree(store, ignore_errors=True)  # only the figures matter; keep disk use flat
         if proc.returncode != 0:
             tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"snapfs snapshot failed (exit {proc.returncode}): {tail[0]}")
         info = json.loads(stdout)
+        phases = info.get("phases")
+        if phases:  # the process's start-up (imports) and exit, on the same clock
+            phases.update(spawned=spawned, exited=exited)
         return Outcome(float(info.get("duration_s") or (t1 - t0)), int(info["stored_bytes"]),
                        tool_pause_ms=float(info["pause_ms"]),
                        extra={"wall_s": round(t1 - t0, 4), "faults": info.get("faults"),
                               "attach_pause_ms": info.get("attach_pause_ms"),
                               "resident_bytes": info.get("resident_bytes"),
                               "zero_bytes": info.get("zero_bytes"),
-                              "peak_rss_bytes": peak.bytes,
+                              "peak_rss_bytes": peak.bytes, "cpu_s": round(cpu_s, 3),
+                              "phases": phases,
                               "warnings": info.get("warnings") or []})
