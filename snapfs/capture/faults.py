@@ -359,7 +359,10 @@ class FaultPath:
             if ev == k.UFFD_EVENT_REMOVE:
                 self.range_changed(scanner, a0, a1, None, "madvise(DONTNEED/REMOVE)")
             elif ev == k.UFFD_EVENT_UNMAP:
-                self.range_changed(scanner, a0, a1, None, "munmap")
+                # Sent once the range is unmapped (munmap completes, then waits for this read):
+                # nothing is left to save. Trying read it page by page, each failing: ~0.1 s
+                # per 16 MiB unmapped, while every fault forwarded here waited.
+                self.range_changed(scanner, a0, a1, None, "munmap", intact=False)
             elif ev == k.UFFD_EVENT_REMAP:
                 self.range_changed(scanner, a0, a0 + a2, a1, "mremap")
         if is_fault.any():
@@ -443,9 +446,12 @@ class FaultPath:
                 self._queue(region, first, buf, mine)
                 ctx.done_bytes += int(mine.sum()) * PAGE
 
-    def range_changed(self, scanner, lo: int, hi: int, moved_to: int | None, what: str) -> None:
-        """The target zapped, unmapped or moved [lo, hi): save what is intact, report the rest."""
-        self.save_now(lo, hi, moved_to, scanner)
+    def range_changed(self, scanner, lo: int, hi: int, moved_to: int | None, what: str,
+                      intact: bool = True) -> None:
+        """The target zapped, unmapped or moved [lo, hi): save what is intact (unless told
+        nothing is), report the rest."""
+        if intact:
+            self.save_now(lo, hi, moved_to, scanner)
         led = self.ctx.ledger
         lost = []
         for ext, s, e in led.pieces(lo, hi):
