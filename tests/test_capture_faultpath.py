@@ -59,5 +59,7 @@ async def test_native_ring_smaller_than_the_faults(store_dir, monkeypatch, nativ
             check_oracle(region_image(reader, t.addr, npages), mixed=True)
             assert not reader.info.warnings
         assert native_counts and native_counts[0] > 0
-        assert result.faults > npages // 4
+        # Far more faults than the 16 ring slots (pages written during pre-protection are
+        # scanned first, so fewer than a quarter of the pages may fault).
+        assert result.faults > npages // 8
         assert_released(t.pid)

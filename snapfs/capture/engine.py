@@ -213,6 +213,7 @@ class _Capture:
                     # nursery; everything else in _background once the target runs again.
                     async with trio.open_nursery() as self.fault_nursery:
                         pre, ft, prep = await self._protect_and_freeze(uffd, comm, features, huge_sizes)
+                        self.hot = pre.hot
                         threads, core_blob = await trio.to_thread.run_sync(
                             self._after_resume, core_before, ft, prep, limiter=self.limiter
                         )
@@ -357,7 +358,7 @@ class _Capture:
         faults = self.faults  # already serving (started inside the freeze)
         # In continuous mode pages stay protected after the scan: the fault path unprotects
         # only what is written, so at the end the protection says what changed.
-        scan = Scan(ctx, self.options.rate, unprotect=not self.options.continuous)
+        scan = Scan(ctx, self.options.rate, unprotect=not self.options.continuous, hot=self.hot)
         free_send, free_recv = trio.open_memory_channel[bytearray](len(self.buffers))
         for buf in self.buffers:
             free_send.send_nowait(buf)

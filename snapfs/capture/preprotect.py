@@ -60,6 +60,9 @@ class PreProtected:
     # Ranges the target zapped, unmapped or moved meanwhile (from the uffd's events): the
     # freeze scans the VMAs they touch in full.
     changed: list[tuple[int, int]] = field(default_factory=list)
+    # Pages the target wrote meanwhile (sorted, unique): likely written again soon after the
+    # freeze, so the scan copies them first.
+    hot: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
 
 
 def preprotect_regions(pid: int, uffd: Uffd, maps: ClassifiedMaps) -> PreProtected:
@@ -179,6 +182,7 @@ class PreFaultServer:
         self.faults = 0
         self.halted = False
         self.changed: list[tuple[int, int]] = []  # ranges named by REMOVE/UNMAP/REMAP events
+        self.written: list[int] = []  # page addresses the target wrote (one per fault)
         self.hot = HotCalls(pid)
         # hugetlb regions: a fault unprotects the whole huge page (a part would fail).
         huge = sorted((v.start, v.end, v.page_size) for v in regions if v.page_size != PAGE)
@@ -210,6 +214,7 @@ class PreFaultServer:
                     faults = msgs["a1"][msgs["event"] == k.UFFD_EVENT_PAGEFAULT]
                     for addr in faults.tolist():
                         retry.append(self._unit(scanner, addr & ~(PAGE - 1)))
+                        self.written.append(addr & ~(PAGE - 1))
                         self.faults += 1
                 for lo, hi in retry:
                     if self.hot.unprotect(self.uffd.fd, lo, hi) == "busy":
@@ -262,6 +267,7 @@ async def protect_then_freeze(
     def freeze(pre: PreProtected) -> tuple[FrozenTarget, T]:
         with frozen_again(pid, comm, uffd, on_stopped=halt_server) as ft:
             pre.changed = list(server.changed)
+            pre.hot = np.unique(np.array(server.written, np.uint64))
             return ft, at_instant(ft, pre)
 
     async with trio.open_nursery() as nursery:

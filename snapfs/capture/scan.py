@@ -28,10 +28,13 @@ CHUNK = 4 << 20  # a multiple of the 2 MiB THP size
 class Scan:
     """One scan over the ledger; :meth:`run` is the body of its worker thread."""
 
-    def __init__(self, ctx: CaptureContext, rate: float | None, unprotect: bool = True) -> None:
+    def __init__(self, ctx: CaptureContext, rate: float | None, unprotect: bool = True,
+                 hot: np.ndarray | None = None) -> None:
         self.ctx = ctx
         self.rate = rate
         self.unprotect = unprotect  # False: chunks stay protected (continuous mode)
+        # Pages written during pre-protection (sorted): their batches are copied first.
+        self.hot = hot if hot is not None else np.empty(0, np.uint64)
         self.stop = threading.Event()  # set on cancellation: ends a throttling sleep at once
 
     def run(self, work_send, free_recv) -> None:
@@ -52,7 +55,7 @@ class Scan:
         plan = _Plan(ctx)
         wp_region = np.array([v.mode == "wp" for v in ctx.regions], bool)
         try:
-            for first, last in plan.batches():
+            for first, last in plan.hot_first(plan.batches(), self.hot):
                 if self.stop.is_set():
                     return
                 a, b = int(plan.slot[first]), int(plan.slot[last - 1] + plan.npages[last - 1])
@@ -145,6 +148,22 @@ class _Plan:
                 j += 1
             yield i, j
             i = j
+
+
+    def hot_first(self, batches, hot: np.ndarray) -> list[tuple[int, int]]:
+        """``batches`` with those holding a ``hot`` page first (each group in address order):
+        a page the target wrote while memory was being protected is likely written again
+        soon, and once copied its next write does not fault."""
+        batches = list(batches)
+        if not len(hot) or not batches:
+            return batches
+        hits = np.searchsorted(hot, self.hi) - np.searchsorted(hot, self.lo)  # hot pages per piece
+        per = np.r_[0, np.cumsum(hits)]
+        first = np.array([b[0] for b in batches])
+        last = np.array([b[1] for b in batches])
+        is_hot = (per[last] - per[first]) > 0
+        return [b for b, h in zip(batches, is_hot.tolist()) if h] + \
+               [b for b, h in zip(batches, is_hot.tolist()) if not h]
 
 
 def _page_offsets(rel_start: np.ndarray, npages: np.ndarray) -> np.ndarray:
