@@ -38,6 +38,7 @@ SYS = {
     "userfaultfd": 323,
     "pidfd_open": 434,
     "pidfd_getfd": 438,
+    "process_madvise": 440,
 }
 
 # The `syscall` instruction; the [vdso] text contains it, so injection modifies no code.

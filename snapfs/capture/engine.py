@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from snapfs.capture import coreinfo, fastfault
+from snapfs.capture import coreinfo, fastfault, hugepages
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
@@ -111,6 +111,7 @@ class CaptureResult:
     info: Any = None  # the committed SnapshotInfo
     tracking: Any = None  # with CaptureOptions.continuous: a continuous.Tracking (close it)
     attach_pause_ms: float = 0.0  # the earlier short stop that took the uffd
+    huge_restored_bytes: int = 0  # THP ranges split by the capture and mapped huge again
     # When each phase ran, in time.monotonic() seconds (CLOCK_MONOTONIC, the clock a target
     # can time its own stalls with): "attach" and "freeze" are [stop, resume], "preprotect"
     # lies between them, the background copy from the freeze's resume to "end".
@@ -131,6 +132,7 @@ class CaptureResult:
             "faults": self.faults,
             "regions": self.regions,
             "warnings": list(self.warnings),
+            "huge_restored_bytes": self.huge_restored_bytes,
             "phases": {k: [round(x, 6) for x in v] if isinstance(v, list) else round(v, 6)
                        for k, v in self.phases.items()},
         }
@@ -248,6 +250,11 @@ class _Capture:
                 self.tracking.close()
             writer.abort()
             raise
+        # Published. Huge pages the fault path split are mapped huge again (best effort).
+        try:
+            huge_restored = await trio.to_thread.run_sync(hugepages.restore, self.pid, prep.thp)
+        except OSError:  # the target is gone
+            huge_restored = 0
         return CaptureResult(
             name=info.name,
             pid=self.pid,
@@ -263,6 +270,7 @@ class _Capture:
             warnings=list(info.warnings),
             info=info,
             tracking=self.tracking,
+            huge_restored_bytes=huge_restored,
             phases={"start": t_start, "attach": [attach.stopped_at, attach.resumed_at],
                     "preprotect": [attach.resumed_at, ft.stopped_at],
                     "freeze": [ft.stopped_at, ft.resumed_at], "end": time.monotonic()},

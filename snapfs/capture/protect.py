@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +47,9 @@ class Prepared:
     features: int
     protect_ms: float
     reprotected_pages: int = 0  # pages protected during the freeze
+    # Ranges mapped as transparent huge pages at the freeze ((n, 2), 2 MiB aligned): the fault
+    # path saves them 4 KiB at a time, hugepages.restore maps them huge again after.
+    thp: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.uint64))
 
     @property
     def copied_bytes(self) -> int:
@@ -354,6 +357,8 @@ def protect_and_record(
         # p99: at 10k writes/s every THP of a GiB is written within ~50 ms of the freeze, so
         # the fault path copied the whole target and waited for the store.
         huge = page_sizes[vi] != k.PAGE_SIZE
+        is_thp = ((cat & k.PAGE_IS_HUGE) != 0) & ~huge
+        thp = np.stack([lo[is_thp], hi[is_thp]], axis=1) if is_thp.any() else np.empty((0, 2), np.uint64)
         lo, hi, huge, vi = _merge_extents(lo, hi, huge, vi)
         copies = _copy_all(ft.pid, copy_jobs, copy_buffer)
     finally:
@@ -366,6 +371,7 @@ def protect_and_record(
         features=features,
         protect_ms=(time.monotonic() - t0) * 1000.0,
         reprotected_pages=protected_pages,
+        thp=thp,
     )
 
 
