@@ -55,7 +55,8 @@
 #define PAGE 4096UL
 #define MAX_THREADS 64
 #define MAX_IDLE 1024
-#define STALL_LOG 4096 /* long stalls kept for the report (a ring) */
+#define STALL_LOG 65536 /* long stalls kept for the report (a ring: hundreds of idle threads
+                           * under load log thousands a second) */
 #define STALL_REPORT 32 /* the longest ones of a window are reported */
 #define HIST_SUB 16 /* sub-buckets per power of two: ~6% resolution */
 #define HIST_BUCKETS (HIST_SUB + 40 * HIST_SUB)
