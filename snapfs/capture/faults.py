@@ -37,7 +37,7 @@ from snapfs.capture import fastfault
 from snapfs.capture import kernel as k
 from snapfs.capture.context import PAGE, CaptureContext, still_frozen
 from snapfs.capture.fastfault import NativeLoop
-from snapfs.capture.ledger import HUGE_PMD, LOST
+from snapfs.capture.ledger import HUGE_PMD, LOST, runs_of
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.priority import background_thread_priority, realtime_thread
@@ -435,10 +435,24 @@ class FaultPath:
             if not pending.any():
                 continue
             src = s if moved_to is None else moved_to + (s - lo)
-            buf = self.huge_pool.pop() if e - s == HUGE_PMD and self.huge_pool else bytearray(e - s)
-            ok = read_pages_robust(ctx.pid, buf, [(src, e - s)])
             if scanner is not None:
+                # The kernel zaps (or moves) the range as soon as the event is read, so most of
+                # it is usually gone already: read only what is still intact (a GC dropping
+                # 16 MiB arenas had every one read whole, into fresh memory, for nothing).
                 wp = ctx.regions[led.regions_of[ext]].mode == "wp"
+                pending &= still_frozen(scanner, src, src + (e - s), wp)
+                if not pending.any():
+                    continue
+            buf = self.huge_pool.pop() if e - s == HUGE_PMD and self.huge_pool else bytearray(e - s)
+            if pending.all():
+                ok = read_pages_robust(ctx.pid, buf, [(src, e - s)])
+            else:  # only the runs still pending (a calloc'd buffer's other pages stay untouched)
+                ok = np.zeros(len(pending), bool)
+                view = memoryview(buf)
+                for first, count in runs_of(pending):
+                    ok[first:first + count] = read_pages_robust(
+                        ctx.pid, view[first * PAGE:(first + count) * PAGE], [(src + first * PAGE, count * PAGE)])
+            if scanner is not None:
                 ok &= still_frozen(scanner, src, src + (e - s), wp)
             mine = led.claim(a, b, ok & pending)
             if mine.any():
