@@ -96,6 +96,9 @@ class Tracking:
     buffer: bytearray = field(default_factory=bytearray)  # pages copied by the pre-pass
     stop_buffer: bytearray = field(default_factory=bytearray)  # pages copied while stopped
     last_stop_bytes: int = 0
+    # The stop that switched from the capture's sync uffd to async tracking (a pause of its
+    # own: the sync protection is dropped and all memory protected again inside it).
+    switch_pause_ms: float = 0.0
     # Helper threads for the stop (scan and copy split across cores): made on first use.
     pool: ThreadPoolExecutor | None = None
 
@@ -144,10 +147,14 @@ async def start_tracking(
         trio.lowlevel.notify_closing(ctx.uffd.fd)
         ctx.uffd.close()
 
+    stop_ms = 0.0
+
     def switch() -> tuple[Uffd, dict]:
+        nonlocal stop_ms
         # All ptrace requests of this stop come from this one worker thread.
         proc = StoppedProcess(ctx.pid)
         proc.syscall_insn = insn
+        t0 = time.monotonic()
         proc.stop()  # threads blocked on a sync fault stop once the fault path served it
         scanner = PagemapScanner(ctx.pid)
         new: Uffd | None = None
@@ -176,6 +183,7 @@ async def start_tracking(
         finally:
             scanner.close()
             proc.release()
+            stop_ms = (time.monotonic() - t0) * 1e3
 
     uffd, written = await trio.to_thread.run_sync(switch)
     return Tracking(
@@ -186,6 +194,7 @@ async def start_tracking(
         parent=name,
         parent_regions={v.name: v.length for v in prep.regions},
         written_before=written,
+        switch_pause_ms=stop_ms,
     )
 
 

@@ -112,6 +112,7 @@ class CaptureResult:
     tracking: Any = None  # with CaptureOptions.continuous: a continuous.Tracking (close it)
     attach_pause_ms: float = 0.0  # the earlier short stop that took the uffd
     huge_restored_bytes: int = 0  # THP ranges split by the capture and mapped huge again
+    switch_pause_ms: float = 0.0  # continuous mode: the later stop that started async tracking
     # When each phase ran, in time.monotonic() seconds (CLOCK_MONOTONIC, the clock a target
     # can time its own stalls with): "attach" and "freeze" are [stop, resume], "preprotect"
     # lies between them, the background copy from the freeze's resume to "end".
@@ -133,6 +134,7 @@ class CaptureResult:
             "regions": self.regions,
             "warnings": list(self.warnings),
             "huge_restored_bytes": self.huge_restored_bytes,
+            "switch_pause_ms": round(self.switch_pause_ms, 3),
             "phases": {k: [round(x, 6) for x in v] if isinstance(v, list) else round(v, 6)
                        for k, v in self.phases.items()},
         }
@@ -271,6 +273,7 @@ class _Capture:
             info=info,
             tracking=self.tracking,
             huge_restored_bytes=huge_restored,
+            switch_pause_ms=self.tracking.switch_pause_ms if self.tracking is not None else 0.0,
             phases={"start": t_start, "attach": [attach.stopped_at, attach.resumed_at],
                     "preprotect": [attach.resumed_at, ft.stopped_at],
                     "freeze": [ft.stopped_at, ft.resumed_at], "end": time.monotonic()},

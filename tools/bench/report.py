@@ -68,7 +68,8 @@ def _every_lines(every: dict) -> list[str]:
         if "skipped" in e:
             out.append(f"- **{key}**: skipped — {e['skipped']}")
             continue
-        out.append(f"- **{key}** ({e['target']}): first snapshot pause {e['first']['pause_ms']:.2f} ms; "
+        out.append(f"- **{key}** ({e['target']}): first snapshot pause {e['first']['pause_ms']:.2f} ms "
+                   f"(then {e['first'].get('switch_pause_ms') or 0:.2f} ms to switch to async tracking); "
                    f"children {', '.join(f'{p:.2f}' for p in e['child_pause_ms'])} ms; one-shot "
                    f"{e['one_shot_pause_ms']:.2f} ms")
     return out
