@@ -55,7 +55,7 @@ _PYTHON_TARGET = textwrap.dedent("""
 """)
 
 
-def _series(pid: int, store: Path, children: int, period: float, between=None) -> list[dict]:
+def series(pid: int, store: Path, children: int, period: float, between=None) -> list[dict]:
     """``snapfs snapshot PID --every PERIOD``: the first snapshot and ``children`` children
     (``between(i)`` runs after each snapshot line); their JSON lines."""
     argv = [*snapfs_argv(), "snapshot", str(pid), "--json", "--store", str(store), "--name", "every",
@@ -104,7 +104,7 @@ def memwriter_series(plan: Plan, workdir: Path, fraction: float = 0.01) -> dict:
             for j, p in enumerate(chosen.tolist()):
                 kernel.process_vm_writev(target.pid, new[j], [(target.base + p * PAGE, PAGE)])
 
-        snaps = _series(target.pid, workdir / "every-mw", plan.every_children, plan.every_period_s, rewrite)
+        snaps = series(target.pid, workdir / "every-mw", plan.every_children, plan.every_period_s, rewrite)
         one = _one_shot(target, workdir)
     return _summary(snaps, one, f"memwriter {plan.readpath_size >> 20} MiB, {fraction:.0%} rewritten per child")
 
@@ -118,7 +118,7 @@ def python_series(plan: Plan, workdir: Path) -> dict:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the Python target did not start")
 
-        snaps = _series(proc.pid, workdir / "every-py", plan.every_children, plan.every_period_s / 2)
+        snaps = series(proc.pid, workdir / "every-py", plan.every_children, plan.every_period_s / 2)
         one = Snapfs().snapshot(proc.pid, workdir)
         one_shot = {"pause_ms": one.tool_pause_ms, "duration_s": one.duration_s}
         with open(f"/proc/{proc.pid}/status") as f:

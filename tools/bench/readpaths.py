@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import time
@@ -20,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from tools.bench import kernel
+from tools.bench.every import series
 from tools.bench.methods.snapfs_uffd import ROOT, snapfs_argv, snapfs_env
 from tools.bench.plan import Plan
 from tools.bench.targets import Target, TargetSpec
@@ -215,33 +215,16 @@ def incremental(target: Target, store_dir: Path, fraction: float = 0.01) -> dict
     new_pages = np.roll(pages[chosen], 8, axis=1)  # still non-zero, but changed
     del image, pages
     period = 6.0
-    argv = [*snapfs_argv(), "snapshot", str(target.pid), "--json", "--store", str(store_dir),
-            "--name", "incr", "--every", f"{period:g}s"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=snapfs_env(), cwd=ROOT)
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        if not first:
-            raise RuntimeError(f"snapfs snapshot --every: {proc.stderr.read().strip()[-300:] if proc.stderr else ''}")
-        t_first = time.monotonic()
-        full = json.loads(first)
+
+    def rewrite(_i: int) -> None:
+        t0 = time.monotonic()  # just after the first snapshot's line
         for i, p in enumerate(chosen.tolist()):
             kernel.process_vm_writev(target.pid, new_pages[i], [(target.base + p * PAGE, PAGE)])
-        dirtied = len(chosen)
-        if time.monotonic() - t_first > period - full["duration_s"] - 0.5:
+        if time.monotonic() - t0 > period - 1.0:
             raise RuntimeError("rewriting the pages took too long: they may straddle the second snapshot")
-        second = proc.stdout.readline()
-        if not second:
-            raise RuntimeError("snapfs snapshot --every stopped after the first snapshot")
-        child = json.loads(second)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+    full, child = series(target.pid, store_dir, 1, period, rewrite)
+    dirtied = len(chosen)
     return {"dirty_pages": dirtied, "dirty_fraction": dirtied / npages, "full": full, "child": child,
             "pause_ratio": child["pause_ms"] / full["pause_ms"] if full["pause_ms"] else None,
             "duration_ratio": child["duration_s"] / full["duration_s"] if full["duration_s"] else None,
