@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096
@@ -102,6 +103,7 @@ def test_memwriter_rejects_bad_options(target_bin):
     assert proc.returncode == 2 and "--mix" in proc.stderr
 
 
+@pytest.mark.timeout(900)  # a few minutes on a quiet machine; several suites at once take longer
 def test_bench_quick_outputs_are_well_formed(tmp_path):
     out = tmp_path / "bench"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -255,7 +255,7 @@ class _Capture:
         # Published. Huge pages the fault path split are mapped huge again (best effort).
         try:
             huge_restored = await trio.to_thread.run_sync(hugepages.restore, self.pid, prep.thp)
-        except OSError:  # the target is gone
+        except (OSError, TargetError):  # the target is gone
             huge_restored = 0
         return CaptureResult(
             name=info.name,

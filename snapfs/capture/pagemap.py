@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from snapfs.capture import kernel as k
+from snapfs.errors import TargetError
 
 _VEC_LEN = 4096
 REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
@@ -17,7 +18,11 @@ class PagemapScanner:
     """Owns an fd on ``/proc/PID/pagemap``; :meth:`scan` returns matching ranges."""
 
     def __init__(self, pid: int) -> None:
-        self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            # A fault thread starting as the target exits: a clear error, not a traceback.
+            raise TargetError(f"process {pid} exited") from None
         self._vec = k.ffi.new("struct page_region[]", _VEC_LEN)
         self._vec_np = np.frombuffer(k.ffi.buffer(self._vec), dtype=REGION_DTYPE)
         self._arg = k.ffi.new("struct pm_scan_arg *")
