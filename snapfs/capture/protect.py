@@ -309,6 +309,8 @@ def protect_and_record(
         base = base[np.argsort(base["start"], kind="stable")]
         ranges = _union(base, np.concatenate([_NO_RANGES, *runw]))
         lo, hi, cat, vi = _by_region(ranges, starts, ends)
+        # Again: a VMA whose register was refused above is copied, not in the ledger.
+        modes = np.array([v.mode == "wp" for v in regions], bool) if n else np.zeros(0, bool)
         keep = modes[vi] if len(vi) else np.zeros(0, bool)
         lo, hi, cat, vi = lo[keep], hi[keep], cat[keep], vi[keep]
 
