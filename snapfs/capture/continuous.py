@@ -36,7 +36,6 @@ dies, the kernel drops the async protection with its last fd: the target never n
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import mmap
@@ -338,7 +337,7 @@ def _holes_read_as_written() -> bool:
     scanner = None
     try:
         uffd.api(k.UFFD_FEATURE_WP_ASYNC)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+        base = int(k.ffi.cast("uintptr_t", k.ffi.from_buffer(area)))
         block = -(-base // _BLOCK) * _BLOCK  # a 2 MiB block inside: no page table under it
         uffd.register_wp(base, 4 << 20)
         scanner = PagemapScanner(os.getpid())

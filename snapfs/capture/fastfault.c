@@ -21,7 +21,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -30,9 +29,11 @@
 #include <unistd.h>
 
 #include "fastfault.h"
+#include "kabi.h"
+#include "ledger.h"
 
 #define PAGE 4096UL
-#define MSG_SIZE 32
+#define MSG_SIZE ((int)sizeof(struct uffd_msg))
 #define MAX_MSGS 128 /* 4096 bytes: a forwarded batch is one atomic pipe write */
 #define EVENT_PAGEFAULT 0x12
 /* After serving faults, the next wait ends after this long even when nothing came. The woken
@@ -42,22 +43,13 @@
  * short timer wakeup preempts whatever runs; the pick after it finds the writer eligible. */
 #define KICK_NS 30000
 
-struct msg { /* struct uffd_msg, pagefault variant */
-    uint8_t event, reserved1;
-    uint16_t reserved2;
-    uint32_t reserved3;
-    uint64_t flags, address, ptid;
-};
-
-struct wp_arg { uint64_t start, len, mode; };
-
 struct ledger {
     const uint64_t *start, *end;
     const int64_t *base;
     const uint8_t *huge;
     int64_t n;
     uint8_t *state;
-    pthread_mutex_t *lock;
+    snapfs_mutex *lock;
 };
 
 static int64_t find_extent(const struct ledger *l, uint64_t addr)
@@ -73,6 +65,30 @@ static int64_t find_extent(const struct ledger *l, uint64_t addr)
     if (lo > 0 && addr < l->end[lo - 1])
         return lo - 1;
     return -1;
+}
+
+int snapfs_serve_page(int pid, int uffd, unsigned long wp_request, uint64_t addr, int64_t slot,
+                      uint8_t *state, snapfs_mutex *lock, uint8_t *page)
+{
+    int flags = 0;
+    if (slot >= 0 && __atomic_load_n(&state[slot], __ATOMIC_RELAXED) == 0) {
+        struct iovec local = {page, PAGE}, remote = {(void *)addr, PAGE};
+        ssize_t r = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+        if (r < 0 && errno == ESRCH)
+            return -ESRCH;
+        /* A short read: unmapped meanwhile (the event saying so follows); not saved. */
+        if (r == (ssize_t)PAGE && snapfs_claim_one(state, slot, lock))
+            flags |= SNAPFS_SAVED;
+    }
+    struct uffdio_writeprotect arg = {{addr, PAGE}, 0};
+    if (ioctl(uffd, wp_request, &arg) != 0) {
+        if (errno == EAGAIN) /* a mapping change pending: retry once its event is read */
+            flags |= SNAPFS_BUSY;
+        else if (errno != ENOENT && errno != EINVAL && errno != ENOMEM && errno != ESRCH &&
+                 errno != EFAULT) /* else unmapped meanwhile, or the target is gone */
+            return -errno;
+    }
+    return flags;
 }
 
 #define STOPPED 1 /* write_all: the stop fd became readable first */
@@ -106,12 +122,12 @@ static int write_all(int fd, int stop_fd, const void *buf, size_t len)
 int snapfs_fault_loop(int uffd, int stop_fd, int forward_fd, int notify_fd, int pid,
                       unsigned long wp_request, const uint64_t *ext_start,
                       const uint64_t *ext_end, const int64_t *ext_base, const uint8_t *ext_huge,
-                      int64_t n_ext, uint8_t *state, pthread_mutex_t *lock, uint8_t *pages,
+                      int64_t n_ext, uint8_t *state, snapfs_mutex *lock, uint8_t *pages,
                       uint64_t *records, uint64_t capacity, uint64_t *counters)
 {
     struct ledger l = {ext_start, ext_end, ext_base, ext_huge, n_ext, state, lock};
     struct pollfd fds[2] = {{.fd = uffd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
-    struct msg msgs[MAX_MSGS];
+    struct uffd_msg msgs[MAX_MSGS];
     int64_t exts[MAX_MSGS];
     const struct timespec kick = {0, KICK_NS};
     int served = 0; /* faults served since the last wait: wait with the kick timeout */
@@ -144,7 +160,7 @@ int snapfs_fault_loop(int uffd, int stop_fd, int forward_fd, int notify_fd, int 
         uint64_t tail = __atomic_load_n(&counters[1], __ATOMIC_ACQUIRE);
         int simple = head - tail + (uint64_t)n <= capacity;
         for (int i = 0; simple && i < n; i++) {
-            exts[i] = msgs[i].event == EVENT_PAGEFAULT ? find_extent(&l, msgs[i].address) : -1;
+            exts[i] = msgs[i].event == EVENT_PAGEFAULT ? find_extent(&l, msgs[i].a1) : -1;
             simple = exts[i] >= 0 && !l.huge[exts[i]];
         }
         if (!simple) {
@@ -155,43 +171,25 @@ int snapfs_fault_loop(int uffd, int stop_fd, int forward_fd, int notify_fd, int 
         }
         int published = 0;
         for (int i = 0; i < n; i++) {
-            uint64_t addr = msgs[i].address & ~(PAGE - 1);
+            uint64_t addr = msgs[i].a1 & ~(PAGE - 1);
             int64_t e = exts[i];
             int64_t slot = l.base[e] + (int64_t)((addr - l.start[e]) / PAGE);
-            if (__atomic_load_n(&l.state[slot], __ATOMIC_RELAXED) == 0) {
-                uint8_t *dst = pages + (head % capacity) * PAGE;
-                struct iovec local = {dst, PAGE}, remote = {(void *)addr, PAGE};
-                ssize_t r = process_vm_readv(pid, &local, 1, &remote, 1, 0);
-                if (r < 0 && errno == ESRCH)
-                    return -ESRCH;
-                if (r == (ssize_t)PAGE) { /* else unmapped meanwhile: the event says so */
-                    int mine = 0;
-                    pthread_mutex_lock(l.lock);
-                    if (l.state[slot] == 0) {
-                        l.state[slot] = 1;
-                        mine = 1;
-                    }
-                    pthread_mutex_unlock(l.lock);
-                    if (mine) {
-                        records[2 * (head % capacity)] = addr;
-                        records[2 * (head % capacity) + 1] = (uint64_t)e;
-                        head++;
-                        __atomic_store_n(&counters[0], head, __ATOMIC_RELEASE);
-                        published = 1;
-                    }
-                }
+            int r = snapfs_serve_page(pid, uffd, wp_request, addr, slot, l.state, l.lock,
+                                      pages + (head % capacity) * PAGE);
+            if (r < 0)
+                return r;
+            if (r & SNAPFS_SAVED) {
+                records[2 * (head % capacity)] = addr;
+                records[2 * (head % capacity) + 1] = (uint64_t)e;
+                head++;
+                __atomic_store_n(&counters[0], head, __ATOMIC_RELEASE);
+                published = 1;
             }
-            struct wp_arg arg = {addr, PAGE, 0};
-            if (ioctl(uffd, wp_request, &arg) != 0) {
-                if (errno == EAGAIN) { /* a mapping change pending: Python retries */
-                    int err = write_all(forward_fd, stop_fd, &msgs[i], MSG_SIZE);
-                    if (err)
-                        return err == STOPPED ? 0 : err;
-                    continue;
-                }
-                if (errno != ENOENT && errno != EINVAL && errno != ENOMEM && errno != ESRCH &&
-                    errno != EFAULT)
-                    return -errno;
+            if (r & SNAPFS_BUSY) { /* Python retries the unprotect */
+                int err = write_all(forward_fd, stop_fd, &msgs[i], MSG_SIZE);
+                if (err)
+                    return err == STOPPED ? 0 : err;
+                continue;
             }
             __atomic_fetch_add(&counters[2], 1, __ATOMIC_RELAXED);
             served = 1;

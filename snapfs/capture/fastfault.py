@@ -15,10 +15,9 @@ import numpy as np
 
 from snapfs import native
 from snapfs.capture import kernel as k
+from snapfs.capture.kernel import ffi
 from snapfs.capture.ledger import Ledger
 
-_ext = native.load("snapfs.capture._native")
-ffi, _lib = _ext.ffi, _ext.lib
 RING_PAGES = 2048  # 8 MiB of saved pages between the loop and the store
 HEAD, TAIL, FAULTS, ARMED = range(4)  # the shared counters (see fastfault.c)
 
@@ -26,7 +25,7 @@ HEAD, TAIL, FAULTS, ARMED = range(4)  # the shared counters (see fastfault.c)
 def library():
     """The compiled loop (cffi ``lib``: its call releases the GIL), or None with
     ``SNAPFS_NO_NATIVE=1``."""
-    return None if native.disabled() else _lib
+    return None if native.disabled() else k.lib
 
 
 _spare_rings: list[np.ndarray] = []
@@ -73,7 +72,7 @@ class NativeLoop:
             self.uffd, self.stop_fd, self.forward_w, self.notify_fd, self.pid,
             k.UFFDIO_WRITEPROTECT, buf("uint64_t[]", led.ext_start), buf("uint64_t[]", led.ext_end),
             buf("int64_t[]", led.ext_base), buf("uint8_t[]", self._huge), len(led.ext_start),
-            buf("uint8_t[]", led.state), ffi.cast("pthread_mutex_t *", led.lock.address),
+            led.c_state, led.lock,
             buf("uint8_t[]", self.pages), buf("uint64_t[]", self.records), RING_PAGES,
             buf("uint64_t[]", self.counters),
         )  # fmt: skip

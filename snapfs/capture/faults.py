@@ -3,10 +3,12 @@
 The common fault (one 4 KiB page of a populated, non-huge extent) is served by the native
 loop (:mod:`~snapfs.capture.fastfault`, SCHED_FIFO, no GIL: winning the GIL back from the
 scan and store threads cost 50 us at the median and ms at the tail). It forwards everything
-else to the Python fault thread, which serves every fault itself when the loop is not built.
-That thread (SCHED_FIFO too) blocks in ``ppoll``, reads messages in batches and handles them
-in order; its syscalls keep the GIL (a few us each). Both stop when the capture is
-cancelled or the uffd is closed (continuous mode switching to async tracking).
+else to the Python fault thread, which serves every fault itself with ``SNAPFS_NO_NATIVE=1``.
+That thread (SCHED_FIFO too) waits and reads messages in batches, and handles them in order;
+each step that needs syscalls is one C call (:class:`HotCalls`: wait-and-read, one simple
+fault's read-claim-unprotect), since every call releases the GIL and winning it back costs
+up to a switch interval. Both stop when the capture is cancelled or the uffd is closed
+(continuous mode switching to async tracking).
 
 A write fault on a page still pending is served by copying the page (it still holds the
 freeze content: nobody unprotected it), claiming it in the ledger and only then unprotecting
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import ctypes
 import errno
 import os
 import threading
@@ -37,11 +38,12 @@ from snapfs.capture import fastfault
 from snapfs.capture import kernel as k
 from snapfs.capture.context import PAGE, CaptureContext, still_frozen
 from snapfs.capture.fastfault import NativeLoop
-from snapfs.capture.ledger import HUGE_PMD, LOST, runs_of
+from snapfs.capture.kernel import ffi, lib
+from snapfs.capture.ledger import HUGE_PMD, LOST, Ledger, runs_of
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.priority import background_thread_priority, realtime_thread
-from snapfs.capture.uffd import decode_messages
+from snapfs.capture.uffd import decode_messages, unprotect_outcome
 from snapfs.errors import TargetError
 
 QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faults wait
@@ -52,112 +54,54 @@ _BATCH = 256  # uffd messages read at once
 DRAIN_DELAY = 2e-3  # seconds the native loop's saved pages gather before being taken
 STORE_BATCH_DELAY = 5e-3  # seconds saved pages wait to be written with the next ones
 
-# PyDLL: calls through it keep the GIL. The fault path's syscalls take a few us; releasing
-# the GIL around each (as cffi, ctypes.CDLL, os.read and fcntl.ioctl do) means winning it
-# back from the scan and store threads each time, up to a switch interval per call.
-_libc = ctypes.PyDLL(None, use_errno=True)
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _WriteProtect(ctypes.Structure):  # struct uffdio_writeprotect
-    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64)]
-
-
-_libc.process_vm_readv.restype = ctypes.c_ssize_t
-_libc.process_vm_readv.argtypes = [
-    ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
-    ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong,
-]  # fmt: skip
-_libc.read.restype = ctypes.c_ssize_t
-_libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-_libc.ioctl.restype = ctypes.c_int  # variadic: arguments passed as given (c_ulong, pointer)
-
-# CDLL: ppoll blocks, so it must release the GIL.
-_libc_blocking = ctypes.CDLL(None, use_errno=True)
-
-
-class _PollFd(ctypes.Structure):
-    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
-
-
-_libc_blocking.ppoll.restype = ctypes.c_int
-_libc_blocking.ppoll.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p]
-_POLLIN = 0x1
-
-
-class _Waiter:
-    """ppoll on the uffd and a stop eventfd, with a sub-millisecond timeout when asked."""
-
-    def __init__(self, uffd: int, stop: int) -> None:
-        self._fds = (_PollFd * 2)((uffd, _POLLIN, 0), (stop, _POLLIN, 0))
-        self._ts = _Timespec(0, 0)
-        self._ts_ref = ctypes.byref(self._ts)
-
-    def wait(self, timeout: float | None) -> None:
-        """Return when either fd is readable (or hangs up), or after ``timeout`` seconds."""
-        ts = None
-        if timeout is not None:
-            self._ts.sec, self._ts.nsec = int(timeout), int(timeout % 1 * 1e9)
-            ts = self._ts_ref
-        if _libc_blocking.ppoll(self._fds, 2, ts, None) < 0:
-            err = ctypes.get_errno()
-            if err != errno.EINTR:
-                raise OSError(err, f"ppoll on userfaultfd: {os.strerror(err)}")
-
-
 class HotCalls:
-    """The fault path's per-fault syscalls with the GIL held and preallocated arguments:
-    read the uffd, read one page of the target, unprotect a range."""
+    """The fault path's C calls, with preallocated buffers; each is one call of the compiled
+    module, so one GIL release: wait for and read a batch of messages, serve one simple
+    fault (read, claim, unprotect), unprotect a range. One instance per thread."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._page = ctypes.create_string_buffer(PAGE)
-        self._local = _Iovec(ctypes.cast(self._page, ctypes.c_void_p), PAGE)
-        self._remote = _Iovec(0, PAGE)
-        self._msgs = ctypes.create_string_buffer(k.UFFD_MSG_SIZE * _BATCH)
-        self._wp = _WriteProtect(0, 0, 0)
-        self._wp_ref = ctypes.byref(self._wp)
-        self._wp_req = ctypes.c_ulong(k.UFFDIO_WRITEPROTECT)
+        self._msgs = ffi.new("char[]", k.UFFD_MSG_SIZE * _BATCH)
+        self._msgs_view = ffi.buffer(self._msgs)
+        self._page = ffi.new("uint8_t[]", PAGE)
+        self._page_view = ffi.buffer(self._page)
+        self._wp = ffi.new("struct uffdio_writeprotect *")
+
+    def wait_messages(self, fd: int, stop_fd: int, timeout: float | None) -> bytes:
+        """Wait until ``fd`` or ``stop_fd`` is readable (or ``timeout`` seconds), then read
+        up to _BATCH raw messages from ``fd``; b"" if none."""
+        ns = -1 if timeout is None else int(timeout * 1e9)
+        got = lib.snapfs_wait_read(fd, stop_fd, ns, self._msgs, len(self._msgs_view))
+        return self._messages(got)
 
     def read_messages(self, fd: int) -> bytes:
         """Up to _BATCH raw messages from the (non-blocking) uffd; b"" if none."""
-        got = _libc.read(fd, self._msgs, len(self._msgs))
-        if got < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EAGAIN, errno.EINTR):
-                return b""
-            raise OSError(err, f"read from userfaultfd: {os.strerror(err)}")
-        return self._msgs.raw[:got]
+        return self._messages(lib.snapfs_read(fd, self._msgs, len(self._msgs_view)))
 
-    def read_page(self, addr: int) -> bytes | None:
-        """The page at ``addr``, or None if it is not mapped any more."""
-        self._remote.base = addr
-        got = _libc.process_vm_readv(self.pid, self._local, 1, self._remote, 1, 0)
-        if got != PAGE:
-            if got < 0 and ctypes.get_errno() == errno.ESRCH:
-                raise TargetError(f"process {self.pid} exited")
-            return None
-        return self._page.raw
+    def _messages(self, got: int) -> bytes:
+        if got == -errno.EAGAIN:
+            return b""
+        return self._msgs_view[: k.check(got, "read from userfaultfd")]
+
+    def serve_page(self, uffd: int, addr: int, slot: int, ledger: Ledger) -> int:
+        """Save (if pending; the copy is then :meth:`page`) and unprotect the 4 KiB page at
+        ``addr``: flags ``SNAPFS_SAVED`` (this call claimed it), ``SNAPFS_BUSY`` (retry the
+        unprotect)."""
+        r = lib.snapfs_serve_page(self.pid, uffd, k.UFFDIO_WRITEPROTECT, addr, slot,
+                                  ledger.c_state, ledger.lock, self._page)
+        if r == -errno.ESRCH:
+            raise TargetError(f"process {self.pid} exited")
+        return k.check(r, "serving a write fault")
+
+    def page(self) -> bytes:
+        """The page the last :meth:`serve_page` saved."""
+        return self._page_view[:]
 
     def unprotect(self, fd: int, lo: int, hi: int) -> str:
         """Unprotect [lo, hi) and wake its waiters: "ok", "busy" (EAGAIN: a mapping change
         is pending, retry) or "gone" (unmapped meanwhile, or the target is gone)."""
-        self._wp.start, self._wp.len, self._wp.mode = lo, hi - lo, 0
-        if _libc.ioctl(fd, self._wp_req, self._wp_ref) == 0:
-            return "ok"
-        err = ctypes.get_errno()
-        if err == errno.EAGAIN:
-            return "busy"
-        if err in (errno.ENOENT, errno.EINVAL, errno.ENOMEM, errno.ESRCH, errno.EFAULT):
-            return "gone"
-        raise OSError(err, f"UFFDIO_WRITEPROTECT: {os.strerror(err)}")
+        self._wp.range.start, self._wp.range.len, self._wp.mode = lo, hi - lo, 0
+        return unprotect_outcome(lib.snapfs_ioctl(fd, k.UFFDIO_WRITEPROTECT, self._wp))
 
 
 class FaultPath:
@@ -300,7 +244,6 @@ class FaultPath:
             if self._stopping:
                 return
             scanner = PagemapScanner(self.ctx.pid)
-            waiter = _Waiter(fd, self._stop_fd)
             retry = _RETRY_FIRST
             with realtime_thread():
                 while not self._stopping:
@@ -312,10 +255,10 @@ class FaultPath:
                     # An unprotect refused (EAGAIN) while the target changes its mappings
                     # works once the event is read and the changing thread has run on;
                     # nothing signals that moment, hence a short backoff while any is pending.
-                    waiter.wait(retry if self.busy else None)
-                    if self._stopping:
+                    raw = self.hot.wait_messages(fd, self._stop_fd, retry if self.busy else None)
+                    if self._stopping and not raw:  # messages read are served even so
                         return
-                    self.serve_ready(fd, scanner)
+                    self.serve_ready(raw, scanner)
                     retry = min(retry * 2, _RETRY_MAX) if self.busy else _RETRY_FIRST
                     if self.items and not self._notified:
                         self._notified = True
@@ -326,9 +269,8 @@ class FaultPath:
             self._in_threads.discard(threading.get_ident())
             self._exited.set()
 
-    def serve_ready(self, fd: int, scanner: PagemapScanner) -> None:
-        """Read and serve the messages waiting on the uffd; retry refused unprotects."""
-        raw = self.hot.read_messages(fd)
+    def serve_ready(self, raw: bytes, scanner: PagemapScanner) -> None:
+        """Serve the messages read (``raw``, maybe none); retry refused unprotects."""
         if len(raw) == k.UFFD_MSG_SIZE and raw[0] == k.UFFD_EVENT_PAGEFAULT:
             # The common case, kept free of numpy: one write fault.
             addr = int.from_bytes(raw[16:24], "little") & ~(PAGE - 1)
@@ -393,13 +335,13 @@ class FaultPath:
         if ext < 0 or led.huge[ext]:
             return False
         slot = led.bases[ext] + ((addr - led.starts[ext]) >> k.PAGE_SHIFT)
-        if led.state[slot] == 0:
-            data = self.hot.read_page(addr)
-            if data is not None and led.claim_one(slot):
-                region, first = ctx.page_of(ext, addr)
-                self._queue(region, first, data, None)
-                ctx.done_bytes += PAGE
-        self._unprotect(addr, addr + PAGE)
+        flags = self.hot.serve_page(ctx.uffd.fd, addr, slot, led)
+        if flags & lib.SNAPFS_SAVED:
+            region, first = ctx.page_of(ext, addr)
+            self._queue(region, first, self.hot.page(), None)
+            ctx.done_bytes += PAGE
+        if flags & lib.SNAPFS_BUSY:
+            self.busy.append((addr, addr + PAGE))
         ctx.faults += 1
         return True
 

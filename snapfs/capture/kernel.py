@@ -1,57 +1,38 @@
-"""Kernel ABIs through cffi (ABI mode): raw syscalls, ioctl, process_vm_readv/writev,
-and the userfaultfd / PAGEMAP_SCAN constants and structs (installed headers are 6.1, so the
-newer ones are defined here).
+"""The capture engine's kernel ABI: the compiled cffi module, constants, and the one error
+convention.
 
-cffi releases the GIL during every call, so a worker thread copying memory with
-``process_vm_readv`` runs beside the trio event loop.
+Every ABI call goes through ``snapfs.capture._native``, compiled in cffi's API mode at
+install time from ``kabi.h`` (structs the installed headers lack, since they are older than
+the kernel, and the wrappers in ``kabi.c``), ``ledger.h`` and ``fastfault.h``. Each C
+function returns a value >= 0 or -errno; :func:`check` turns a negative one into
+``OSError``. Nothing reads errno. cffi releases the GIL during every call, so a worker thread
+copying memory with ``process_vm_readv`` runs beside the trio event loop; where one call per
+item would cost a GIL round trip per item, the loop is in C (the fault loop, the ledger's
+claims, the fault thread's wait-and-read).
+
+Concerns and their modules: userfaultfd (:mod:`~snapfs.capture.uffd`), PAGEMAP_SCAN
+(:mod:`~snapfs.capture.pagemap`), process_vm_readv/writev (:mod:`~snapfs.capture.memory`),
+ptrace (:mod:`~snapfs.capture.ptrace`), the fault loop (:mod:`~snapfs.capture.fastfault`),
+the ledger (:mod:`~snapfs.capture.ledger`); their constants are here.
 """
 
 from __future__ import annotations
 
 import os
 
-from cffi import FFI
-
+from snapfs import native
 from snapfs.capture import arch
 
-ffi = FFI()
-ffi.cdef(
-    arch.REGS_STRUCT
-    + """
-struct iovec { void *iov_base; size_t iov_len; };
-long syscall(long number, ...);
-int ioctl(int fd, unsigned long request, ...);
-ssize_t process_vm_readv(int pid, const struct iovec *local_iov, unsigned long liovcnt,
-                         const struct iovec *remote_iov, unsigned long riovcnt,
-                         unsigned long flags);
-ssize_t process_vm_writev(int pid, const struct iovec *local_iov, unsigned long liovcnt,
-                          const struct iovec *remote_iov, unsigned long riovcnt,
-                          unsigned long flags);
-int *__errno_location(void);
+_ext = native.load("snapfs.capture._native")
+ffi, lib = _ext.ffi, _ext.lib
 
-struct uffdio_api { uint64_t api; uint64_t features; uint64_t ioctls; };
-struct uffdio_range { uint64_t start; uint64_t len; };
-struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
-struct uffdio_writeprotect { struct uffdio_range range; uint64_t mode; };
-struct uffd_msg {
-    uint8_t event; uint8_t reserved1; uint16_t reserved2; uint32_t reserved3;
-    uint64_t a0; uint64_t a1; uint64_t a2;
-};
-struct page_region { uint64_t start; uint64_t end; uint64_t categories; };
-struct pm_scan_arg {
-    uint64_t size; uint64_t flags; uint64_t start; uint64_t end; uint64_t walk_end;
-    uint64_t vec; uint64_t vec_len; uint64_t max_pages; uint64_t category_inverted;
-    uint64_t category_mask; uint64_t category_anyof_mask; uint64_t return_mask;
-};
-"""
-)
-libc = ffi.dlopen(None)
 # cffi parses a type string with pycparser on its first use (~1 ms): done here, not during a
 # target's pause (get_fpregs' "char[]" was first parsed inside the freeze).
 for _type in ("char[]", "long", "unsigned long", "uintptr_t", "void *", "struct iovec *",
               "struct iovec[1]", "struct page_region[]", "struct pm_scan_arg *",
               "struct uffdio_api *", "struct uffdio_range *", "struct uffdio_register *",
-              "struct uffdio_writeprotect *", "struct user_regs *"):
+              "struct uffdio_writeprotect *", "struct user_regs *", "uint8_t[]", "uint64_t[]",
+              "int64_t[]", "int *"):
     ffi.typeof(_type)
 
 assert ffi.sizeof("struct uffd_msg") == 32
@@ -139,29 +120,25 @@ PTRACE_EVENT_STOP = 128
 WALL = 0x40000000
 
 
-def _errno() -> int:
-    return libc.__errno_location()[0]
-
-
 def check(ret: int, what: str) -> int:
-    """Raise ``OSError`` with the C errno when a libc call returned -1."""
-    if ret == -1:
-        err = _errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+    """``ret`` of a call of the compiled module; raise ``OSError`` if it is -errno."""
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
     return ret
 
 
 def syscall(name: str, *args: int) -> int:
-    """Raw syscall by name (numbers from the arch module); ``OSError`` on failure."""
-    cargs = [ffi.cast("long", a) for a in args]
-    return check(libc.syscall(ffi.cast("long", arch.SYS[name]), *cargs), name)
+    """Raw syscall by name (numbers from the arch module), up to six integer arguments;
+    ``OSError`` on failure."""
+    a = [x - (1 << 64) if x >= 1 << 63 else x for x in (*args, 0, 0, 0, 0, 0, 0)[:6]]  # as C longs
+    return check(lib.snapfs_syscall(arch.SYS[name], *a), name)
 
 
 def ioctl(fd: int, request: int, arg) -> int:
     """``ioctl(fd, request, arg)``; ``arg`` is a cffi pointer or an int."""
     if isinstance(arg, int):
-        arg = ffi.cast("unsigned long", arg)
-    return check(libc.ioctl(fd, ffi.cast("unsigned long", request), arg), f"ioctl {request:#x}")
+        arg = ffi.cast("void *", arg)
+    return check(lib.snapfs_ioctl(fd, request, arg), f"ioctl {request:#x}")
 
 
 def ptrace(request: int, tid: int, addr: int = 0, data=0) -> int:

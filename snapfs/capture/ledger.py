@@ -1,49 +1,23 @@
 """The ledger: which pages were populated at the freeze, and which of them are saved.
 
 Shared by the fault path (its Python thread and its native loop, see fastfault.py) and the
-scan (worker thread) under one lock, a pthread mutex so that the native loop can take it. A page
-is *claimed* (state 1) by whoever saves it first, always before that page is unprotected;
-the other party then drops its copy. Pages that could not be captured are claimed as lost
-(state 2). Only populated pages have an entry, so a sparse 64 GiB reservation costs nothing.
+scan (worker thread) under one lock, a pthread mutex that the native loop takes too: claims
+run in C under it (ledger.c), one call per claim. A page is *claimed* (state 1) by whoever
+saves it first, always before that page is unprotected; the other party then drops its copy.
+Pages that could not be captured are claimed as lost (state 2). Only populated pages have an
+entry, so a sparse 64 GiB reservation costs nothing.
 """
 
 from __future__ import annotations
 
 import bisect
-import ctypes
+
 import numpy as np
 
-from snapfs.capture.kernel import PAGE_SHIFT, PAGE_SIZE
+from snapfs.capture.kernel import PAGE_SHIFT, PAGE_SIZE, ffi, lib
 
 PENDING, SAVED, LOST = 0, 1, 2
 HUGE_PMD = 2 << 20  # a transparent huge page on x86_64 and 4 KiB-page aarch64
-
-
-# Uncontended: trylock and unlock keep the GIL (releasing it is a chance to lose it for a
-# switch interval). Contended: wait without the GIL, since the holder may need it to go on.
-_libc_gil = ctypes.PyDLL(None)
-_libc_nogil = ctypes.CDLL(None)
-for _f in (_libc_gil.pthread_mutex_trylock, _libc_gil.pthread_mutex_unlock, _libc_nogil.pthread_mutex_lock):
-    _f.argtypes = [ctypes.c_void_p]
-
-
-class MutexLock:
-    """A pthread mutex usable from Python (``with lock:``) and from native code (``address``).
-    Held only for a few array operations, never across a syscall."""
-
-    def __init__(self) -> None:
-        self._mutex = ctypes.create_string_buffer(64)  # zeroed = PTHREAD_MUTEX_INITIALIZER (glibc)
-        self.address = ctypes.addressof(self._mutex)
-        self._trylock = _libc_gil.pthread_mutex_trylock
-        self._lock = _libc_nogil.pthread_mutex_lock
-        self._unlock = _libc_gil.pthread_mutex_unlock
-
-    def __enter__(self) -> None:
-        if self._trylock(self.address):
-            self._lock(self.address)
-
-    def __exit__(self, *exc: object) -> None:
-        self._unlock(self.address)
 
 
 class Ledger:
@@ -71,7 +45,11 @@ class Ledger:
         self.huge = self.ext_huge.tolist()
         self.regions_of = self.ext_region.tolist()
         self.region_starts = region_starts
-        self.lock = MutexLock()
+        mutex = lib.snapfs_mutex_new()
+        if mutex == ffi.NULL:
+            raise MemoryError("ledger lock")
+        self.lock = ffi.gc(mutex, lib.snapfs_mutex_free)  # the pthread mutex, for the C side
+        self.c_state = ffi.from_buffer("uint8_t[]", self.state)  # (keeps state alive)
 
     @property
     def total_pages(self) -> int:
@@ -86,11 +64,7 @@ class Ledger:
 
     def claim_one(self, slot: int) -> bool:
         """Claim one page (the fault path's common case); True if this call claimed it."""
-        with self.lock:
-            if self.state[slot] == PENDING:
-                self.state[slot] = SAVED
-                return True
-        return False
+        return lib.snapfs_claim_one(self.c_state, slot, self.lock) == 1
 
     def overlapping(self, lo: int, hi: int) -> range:
         """Indices of extents intersecting [lo, hi)."""
@@ -119,10 +93,10 @@ class Ledger:
     def claim(self, a: int, b: int, ok: np.ndarray, state: int = SAVED) -> np.ndarray:
         """Under the lock: among slots [a, b), those PENDING with ``ok`` become ``state``.
         Returns the bool mask (length b-a) of slots claimed by this call."""
-        with self.lock:
-            view = self.state[a:b]
-            mine = (view == PENDING) & ok
-            view[mine] = state
+        mine = np.empty(b - a, bool)
+        if b > a:
+            okb = ffi.from_buffer("uint8_t[]", np.ascontiguousarray(ok, bool))
+            lib.snapfs_claim(self.c_state + a, b - a, okb, state, self.lock, ffi.from_buffer("uint8_t[]", mine))
         return mine
 
     def pending_bytes(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import numpy as np
 
-from snapfs.capture.kernel import IOV_MAX, PAGE_SIZE, check, ffi, libc
+from snapfs.capture.kernel import IOV_MAX, PAGE_SIZE, check, ffi, lib
 from snapfs.errors import TargetError
 
 # Longest piece one remote iovec asks the kernel to copy. process_vm_readv pins up to 1024
@@ -56,7 +56,7 @@ def readv_into(pid: int, buf, ranges, buf_offset: int = 0) -> int:
         local[0].iov_len = want
         remote = ffi.cast("struct iovec *", ffi.from_buffer(batch))
         try:
-            got = check(libc.process_vm_readv(pid, local, 1, remote, len(batch), 0), "process_vm_readv")
+            got = check(lib.snapfs_process_vm_readv(pid, local, 1, remote, len(batch)), "process_vm_readv")
         except OSError as exc:
             if exc.errno == errno.EFAULT:
                 return total
@@ -95,7 +95,7 @@ def write_memory(pid: int, addr: int, data: bytes) -> None:
         remote[0].iov_base = ffi.cast("void *", addr + done)
         remote[0].iov_len = len(data) - done
         try:
-            got = check(libc.process_vm_writev(pid, local, 1, remote, 1, 0), "process_vm_writev")
+            got = check(lib.snapfs_process_vm_writev(pid, local, 1, remote, 1), "process_vm_writev")
         except OSError as exc:
             _raise_target(exc, pid)
         if got == 0:
@@ -142,27 +142,3 @@ def read_pages_robust(pid: int, buf, ranges) -> np.ndarray:
         pending = np.concatenate([head if head[0, 1] > 0 else head[:0], pending[idx + 1 :]])
         page_cursor += 1  # the failing page stays False
     return ok
-
-
-class PageReader:
-    """Reads single pages with preallocated iovecs (the fault path's hot call)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._buf = ffi.new("char[]", PAGE_SIZE)
-        self._local = ffi.new("struct iovec[1]")
-        self._remote = ffi.new("struct iovec[1]")
-        self._local[0].iov_base = self._buf
-        self._local[0].iov_len = PAGE_SIZE
-        self._remote[0].iov_len = PAGE_SIZE
-        self._view = ffi.buffer(self._buf)
-
-    def read(self, addr: int) -> bytes | None:
-        """The page at ``addr``, or None if it is not mapped any more."""
-        self._remote[0].iov_base = ffi.cast("void *", addr)
-        got = libc.process_vm_readv(self.pid, self._local, 1, self._remote, 1, 0)
-        if got != PAGE_SIZE:
-            if got < 0 and ffi.errno == errno.ESRCH:
-                raise TargetError(f"process {self.pid} exited")
-            return None
-        return self._view[:]

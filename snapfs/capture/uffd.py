@@ -40,6 +40,19 @@ def decode_messages(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=MSG_DTYPE)
 
 
+def unprotect_outcome(ret: int) -> str:
+    """What an unprotect's UFFDIO_WRITEPROTECT returned (0 or -errno) means: "ok"; "busy"
+    (EAGAIN: a mapping change is pending, retry once its event is read); "gone" (unmapped
+    meanwhile, or the target is gone). Other errors raise ``OSError``."""
+    if ret == 0:
+        return "ok"
+    if ret == -errno.EAGAIN:
+        return "busy"
+    if -ret in (errno.ENOENT, errno.EINVAL, errno.ENOMEM, errno.ESRCH, errno.EFAULT):
+        return "gone"
+    raise OSError(-ret, f"UFFDIO_WRITEPROTECT: {os.strerror(-ret)}")
+
+
 class Uffd:
     """Owner of one userfaultfd (``fd`` is -1 once closed)."""
 
@@ -80,11 +93,15 @@ class Uffd:
             if exc.errno not in (errno.EINVAL, errno.ENOMEM, errno.ESRCH):
                 raise
 
-    def protect(self, start: int, length: int, wp: bool, wake: bool = True) -> None:
-        """Write-protect (``wp``) or unprotect a range; unprotecting wakes waiting threads."""
+    def _wp_arg(self):
         arg = getattr(self._tls, "wp_arg", None)
         if arg is None:
             arg = self._tls.wp_arg = k.ffi.new("struct uffdio_writeprotect *")
+        return arg
+
+    def protect(self, start: int, length: int, wp: bool, wake: bool = True) -> None:
+        """Write-protect (``wp``) or unprotect a range; unprotecting wakes waiting threads."""
+        arg = self._wp_arg()
         arg.range.start = start
         arg.range.len = length
         arg.mode = (k.UFFDIO_WRITEPROTECT_MODE_WP if wp else 0) | (
@@ -96,15 +113,9 @@ class Uffd:
         """Unprotect and wake. Returns ``"ok"``; ``"gone"`` if the range is no longer
         registered (unmapped meanwhile) or the target is gone; ``"busy"`` (EAGAIN) while the
         target is changing its mappings and the event saying so has not been read yet."""
-        try:
-            self.protect(start, length, wp=False)
-            return "ok"
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                return "busy"
-            if exc.errno in (errno.ENOENT, errno.EINVAL, errno.ENOMEM, errno.ESRCH, errno.EFAULT):
-                return "gone"
-            raise
+        arg = self._wp_arg()
+        arg.range.start, arg.range.len, arg.mode = start, length, 0
+        return unprotect_outcome(k.lib.snapfs_ioctl(self.fd, k.UFFDIO_WRITEPROTECT, arg))
 
     def read_raw(self, max_msgs: int = 256) -> bytes:
         """Non-blocking read of up to ``max_msgs`` messages as raw bytes (b"" if none);
