@@ -7,8 +7,9 @@ package, so nothing is compiled, or loaded from a cache or any other place a use
 write to, at run time. Installing needs a C compiler; without one the install stops with a
 message saying so (there is no silent slower fallback).
 
-``SNAPFS_NO_NATIVE=1`` makes callers take their Python paths instead (slower, same result):
-for tests and measurements. snapfs says so once on stderr when a path is taken that way.
+``SNAPFS_NO_NATIVE=1`` makes the capture serve every write fault in its Python fault thread
+instead of the native loop (slower, same result): for tests and measurements. snapfs says so
+once on stderr when it does.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ def load(name: str) -> ModuleType:
 
 
 def disabled() -> bool:
-    """True if ``SNAPFS_NO_NATIVE=1``: the caller takes its Python path (warned once)."""
+    """True if ``SNAPFS_NO_NATIVE=1``: the caller takes its Python path (said once)."""
     global _warned
     if os.environ.get("SNAPFS_NO_NATIVE") != "1":
         return False
     if not _warned:
         _warned = True
-        print("snapfs: warning: SNAPFS_NO_NATIVE=1: write faults and page hashes are served by "
-              "the slower Python paths", file=sys.stderr)
+        print("snapfs: warning: SNAPFS_NO_NATIVE=1: write faults are served by the slower "
+              "Python fault thread, not the native loop", file=sys.stderr)
     return True

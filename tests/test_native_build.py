@@ -9,9 +9,11 @@ with a message naming what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from snapfs.store import Store
 from tests.conftest import ROOT, snapfs_cmd
+from tests.test_capture_faultpath import native_counts  # noqa: F401 - a fixture
 from tests.test_capture_support import Target, assert_released, check_oracle, region_image
 
 NOBODY = 65534
@@ -59,64 +62,68 @@ def _planted_home(tmp_path: Path, marker: Path) -> Path:
     return home
 
 
-def _bindings(ld_dir: Path) -> str:
-    """Everything the dynamic linker logged (LD_DEBUG_OUTPUT writes one file per process)."""
+def _loaded(ld_dir: Path) -> str:
+    """What the dynamic linker logged (LD_DEBUG_OUTPUT writes one file per process)."""
     return "".join(p.read_text(errors="replace") for p in sorted(ld_dir.iterdir()))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the hole is root loading a user's library")
-def test_root_never_loads_a_helper_from_a_user_cache(tmp_path, store_dir):
-    marker = tmp_path / "constructor-ran"
-    home = _planted_home(tmp_path, marker)
-    ld_dir = tmp_path / "ld"
-    env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / "xdg-cache"),
-               PYTHONPATH=str(ROOT), SNAPFS_STORE=str(store_dir),
-               LD_DEBUG="files,bindings", LD_DEBUG_OUTPUT=str(ld_dir / "ld"))
-    env.pop("SNAPFS_NO_NATIVE", None)
+def _run(env: dict, ld_dir: Path, *args: str, stdin: bytes | None = None) -> tuple[subprocess.CompletedProcess, str]:
+    """One snapfs command with the dynamic linker's log of the files it loaded."""
+    shutil.rmtree(ld_dir, ignore_errors=True)
     ld_dir.mkdir()
+    run = subprocess.run([*snapfs_cmd(), *args], input=stdin, env=dict(env, LD_DEBUG_OUTPUT=str(ld_dir / "ld")),
+                         capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run, _loaded(ld_dir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the hole is root loading a user's library")
+async def test_root_never_loads_a_helper_from_a_user_cache(tmp_path, store_dir, monkeypatch, native_counts):
     import snapfs.capture._native as capture_native
     import snapfs.store._native as store_native
+    from snapfs.capture import CaptureOptions, capture_process
 
+    marker = tmp_path / "constructor-ran"
+    home = _planted_home(tmp_path, marker)
+    cache = home / "xdg-cache"
+    ld_dir = tmp_path / "ld"
+    env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(cache), PYTHONPATH=str(ROOT),
+               SNAPFS_STORE=str(store_dir), LD_DEBUG="files")
+    env.pop("SNAPFS_NO_NATIVE", None)
     npages = 4096
     with Target("oracle", str(npages), "2", "anon", "mixed") as t:
         # Throttled, so that most pages are saved by the fault path while the target writes.
-        snap = subprocess.run([*snapfs_cmd(), "snapshot", str(t.pid), "--name", "s1", "--rate", "32M"],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert snap.returncode == 0, snap.stderr
+        snap, snap_log = _run(env, ld_dir, "snapshot", str(t.pid), "--name", "s1", "--rate", "32M")
+        assert_released(t.pid)
+        # The same in this process, to see the native loop serve the faults.
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+        monkeypatch.delenv("SNAPFS_NO_NATIVE", raising=False)
+        with Store.open(store_dir) as store:
+            await capture_process(t.pid, store, "s0", CaptureOptions(rate=32 << 20))
+        assert native_counts and native_counts[0] > npages // 8
         assert_released(t.pid)
         assert t.proc.poll() is None
-    log = _bindings(ld_dir)
-    shutil.rmtree(ld_dir)
-    ld_dir.mkdir()
-    stream = subprocess.run([*snapfs_cmd(), "cat", "s1", "vmstate"], env=env, capture_output=True, timeout=120)
-    assert stream.returncode == 0, stream.stderr
-    shutil.rmtree(ld_dir)
-    ld_dir.mkdir()
-    inc = subprocess.run([*snapfs_cmd(), "incoming", "--name", "s2"], input=stream.stdout, env=env,
-                         capture_output=True, timeout=120)
-    assert inc.returncode == 0, inc.stderr
-    inc_log = _bindings(ld_dir)
+    stream, _ = _run(env, ld_dir, "cat", "s1", "vmstate")
+    inc, inc_log = _run(env, ld_dir, "incoming", "--name", "s2", stdin=stream.stdout)
 
     assert not marker.exists(), "a library planted in another user's cache ran as root"
-    for text in (log, inc_log):
-        assert str(home) not in text, "the dynamic linker opened a file in another user's cache"
-    # The installed helpers did the work: lazy binding resolves a function on its first call.
-    assert f"file={capture_native.__file__} " in log
-    assert "normal symbol `snapfs_fault_loop'" in log
-    assert "normal symbol `process_vm_readv'" in log.split(capture_native.__file__, 1)[1]
-    assert f"file={store_native.__file__} " in inc_log
-    assert "normal symbol `snapfs_hash_pages'" in inc_log
-    assert "SNAPFS_NO_NATIVE" not in snap.stderr + inc.stderr.decode()
+    for log in (snap_log, inc_log):
+        assert str(home) not in log, "the dynamic linker opened a file in another user's cache"
+        assert f"file={store_native.__file__} " in log
+    assert f"file={capture_native.__file__} " in snap_log
+    assert b"SNAPFS_NO_NATIVE" not in snap.stderr + inc.stderr
     with Store.open(store_dir) as store:
         check_oracle(region_image(store.open_snapshot("s1"), t.addr, npages), mixed=True)
-    again = subprocess.run([*snapfs_cmd(), "cat", "s2", "vmstate"], env=env, capture_output=True, timeout=120)
+    # XXH3 hashes come only from the compiled helper.
+    with contextlib.closing(sqlite3.connect(f"file:{store_dir}/catalog.sqlite?mode=ro", uri=True)) as db:
+        assert db.execute("SELECT DISTINCT algo FROM hashes").fetchall() == [("xxh3-64",)]
+    again, _ = _run(env, ld_dir, "cat", "s2", "vmstate")
     assert again.stdout == stream.stdout.replace(b'"snapshot": "s1"', b'"snapshot": "s2"')
 
-    # The slower Python paths only on request (tests, measurements), and said on stderr.
-    env["SNAPFS_NO_NATIVE"] = "1"
-    slow = subprocess.run([*snapfs_cmd(), "incoming", "--name", "s3"], input=stream.stdout, env=env,
-                          capture_output=True, timeout=120)
-    assert slow.returncode == 0, slow.stderr
+    # Only on request, for tests and measurements, is every fault served in Python; said.
+    with Target("oracle", str(npages), "2", "anon", "mixed") as t:
+        slow, _ = _run(dict(env, SNAPFS_NO_NATIVE="1"), ld_dir, "snapshot", str(t.pid), "--name", "slow")
     assert b"warning: SNAPFS_NO_NATIVE=1" in slow.stderr
     assert not marker.exists()
 

@@ -14,7 +14,8 @@ import threading
 import zlib
 
 import zstandard
-from cffi import FFI
+
+from snapfs import native
 
 PAGE = 4096
 FRAME_PAGES = 32                      # 128 KiB of page data per frame (one FUSE read)
@@ -45,20 +46,17 @@ class FrameError(Exception):
 _tls = threading.local()
 
 # libdeflate's CRC32 (same polynomial and chaining as zlib.crc32) uses carry-less multiply:
-# ~11 GB/s here against zlib's ~4 GB/s. cffi releases the GIL around the call.
-_ffi = FFI()
-_ffi.cdef("unsigned int libdeflate_crc32(unsigned int crc, const void *buf, size_t len);")
-try:
-    _deflate_crc32 = _ffi.dlopen("libdeflate.so.0").libdeflate_crc32
-except (OSError, AttributeError):                 # pragma: no cover - depends on the system
-    _deflate_crc32 = None
+# ~11 GB/s here against zlib's ~4 GB/s. The store's C helpers find it; the call releases the GIL.
+_ext = native.load("snapfs.store._native")
+_ffi, _lib = _ext.ffi, _ext.lib
+_deflate_crc32 = bool(_lib.snapfs_crc32_available())
 
 
 def crc32(data: bytes | memoryview, value: int = 0) -> int:
     """zlib-compatible CRC32 of ``data`` continuing from ``value`` (libdeflate when present)."""
-    if _deflate_crc32 is None or len(data) < 4096:
+    if not _deflate_crc32 or len(data) < 4096:
         return zlib.crc32(data, value)
-    return int(_deflate_crc32(value, _ffi.from_buffer(data), len(data)))
+    return int(_lib.snapfs_crc32(value, _ffi.from_buffer(data), len(data)))
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:

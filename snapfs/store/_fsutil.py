@@ -7,14 +7,10 @@ import os
 import threading
 from pathlib import Path
 
-from cffi import FFI
-
+from snapfs import native
 from snapfs.errors import StoreError
 
-_ffi = FFI()
-_ffi.cdef("int fallocate(int fd, int mode, long offset, long len);"
-          "int sync_file_range(int fd, long offset, long nbytes, unsigned int flags);")
-_libc = _ffi.dlopen(None)
+_lib = native.load("snapfs.store._native").lib  # fallocate, sync_file_range: 0 or -errno
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 SYNC_FILE_RANGE_WAIT_BEFORE = 1
@@ -68,7 +64,7 @@ def preallocate(fd: int, offset: int, length: int) -> None:
     (ext4: ~5 instead of ~2 GB/s here). Failures are ignored: the write itself reports them.
     A later ftruncate to the written size gives the unused blocks back.
     """
-    _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
+    _lib.snapfs_fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def pwritev_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
@@ -137,8 +133,8 @@ class Writeback:
                     self._cond.notify_all()
                     return
                 fd, start, length = self._todo.pop(0)
-            if _libc.sync_file_range(fd, start, length, flags) != 0:
-                err = _ffi.errno
+            err = -_lib.snapfs_sync_file_range(fd, start, length, flags)
+            if err:
                 with self._cond:
                     if self.error is None and err not in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE):
                         self.error = OSError(err, os.strerror(err))
@@ -155,9 +151,8 @@ class Writeback:
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Free the blocks of [offset, offset+length) keeping the file size; False if unsupported."""
-    rc = _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-    if rc != 0:
-        err = _ffi.errno
+    err = -_lib.snapfs_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    if err:
         if err in (errno.EOPNOTSUPP, errno.ENOSYS):
             return False
         raise OSError(err, os.strerror(err))
