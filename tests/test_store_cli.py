@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from snapfs.store import Store
-from snapfs.store.testing import write_synthetic
+from tests.support.synthetic import write_synthetic
 from tests.conftest import snapfs_cmd
 
 

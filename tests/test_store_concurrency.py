@@ -8,7 +8,7 @@ import numpy as np
 
 from snapfs.errors import SnapshotNotFound
 from snapfs.store import Store
-from snapfs.store.testing import expected_image, write_synthetic
+from tests.support.synthetic import expected_image, write_synthetic
 
 PAGES = 1200
 PAGE = 4096

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from snapfs.store import RegionSpec, Store
-from snapfs.store.testing import expected_image, write_synthetic
+from tests.support.synthetic import expected_image, write_synthetic
 
 PAGES = [1500, 200]
 PAGE = 4096
 
 
 def _spawn(store_dir, name, seed, version=0, parent=None):
-    cmd = [sys.executable, "-m", "snapfs.store.testing", str(store_dir), name, "--seed", str(seed),
+    cmd = [sys.executable, "-m", "tests.support.synthetic", str(store_dir), name, "--seed", str(seed),
            "--pages", ",".join(map(str, PAGES)), "--version", str(version)]
     if parent:
         cmd += ["--parent", parent]

@@ -12,7 +12,7 @@ import pytest
 from snapfs.errors import StoreCorrupt, StoreError
 from snapfs.store import RegionSpec, Store
 from snapfs.store._format import FRAME_HEADER
-from snapfs.store.testing import expected_image, write_synthetic
+from tests.support.synthetic import expected_image, write_synthetic
 
 PAGE = 4096
 

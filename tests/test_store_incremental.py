@@ -7,7 +7,7 @@ import pytest
 
 from snapfs.errors import StoreError
 from snapfs.store import RegionSpec
-from snapfs.store.testing import expected_image, write_synthetic
+from tests.support.synthetic import expected_image, write_synthetic
 
 PAGE = 4096
 

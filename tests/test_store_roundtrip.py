@@ -12,7 +12,7 @@ import pytest
 
 from snapfs.errors import NameInUse, SnapshotNotFound, StoreError, UsageError
 from snapfs.store import DATA, HOLE, ZERO, RegionSpec, Store
-from snapfs.store.testing import expected_image, region_kinds, write_synthetic
+from tests.support.synthetic import expected_image, region_kinds, write_synthetic
 
 PAGE = 4096
 

@@ -5,7 +5,7 @@ Public surface (the contract in docs/architecture.md): :class:`Store`, :class:`S
 the run kinds HOLE/ZERO/DATA. Modules: ``store`` (open, catalog access, list/info/remove),
 ``writer``, ``reader``, ``maintenance`` (gc, check), ``_format`` (frame and segment records),
 ``_runs`` (page maps), ``_pagehash``, ``_fsutil`` (durability helpers), ``schema.sql`` (the
-catalog, commented), ``testing`` (a synthetic writer for tests and benchmarks).
+catalog, commented). A synthetic writer for tests is ``tests/support/synthetic.py``.
 
 On-disk layout (format version 1)::
 

@@ -1,9 +1,9 @@
 """A synthetic snapshot writer: deterministic page images fed through SnapshotWriter.
 
-Used by the store's tests (crash safety runs it as a process and SIGKILLs it) and by anyone who
-needs a populated store without a real capture (FUSE tests, benchmarks)::
+Used by the store's tests (crash safety runs it as a process and SIGKILLs it) and by any test
+that needs a populated store without a real capture (FUSE tests)::
 
-    python -m snapfs.store.testing STORE NAME --seed 1 --pages 2048,300 [--version 1 --parent P]
+    python -m tests.support.synthetic STORE NAME --seed 1 --pages 2048,300 [--version 1 --parent P]
 
 Image of region r under seed s, version v: page p is a HOLE when p % 11 == 5, ZERO when
 p % 7 == 3, else DATA (low-entropy bytes, every 13th page incompressible); each version 1..v
@@ -102,7 +102,7 @@ def write_synthetic(store: Any, name: str, seed: int, region_pages: list[int], v
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write one synthetic snapshot; prints 'ready' once begun, 'committed NAME' at the end."""
-    ap = argparse.ArgumentParser(prog="python -m snapfs.store.testing")
+    ap = argparse.ArgumentParser(prog="python -m tests.support.synthetic")
     ap.add_argument("store")
     ap.add_argument("name")
     ap.add_argument("--seed", type=int, default=1)
