@@ -31,6 +31,7 @@ OPEN_SEGMENTS = 64         # segment fds kept open for readers (LRU)
 _SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 _OUR_ENTRIES = {"README", "config.json", CATALOG, CATALOG + "-wal",
                 CATALOG + "-shm", CATALOG + "-journal", "segments", "locks"}
+_REQUIRED = ("config.json", CATALOG, "segments")   # a store has all three
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,199}")
 
 README_TEXT = """\
@@ -45,6 +46,41 @@ It holds process memory (possibly keys and passwords): keep it private (mode 070
 Use the snapfs command to read it: snapfs list, snapfs info NAME, snapfs mount DIR,
 snapfs check --verify-data, snapfs rm NAME, snapfs gc. Do not edit files here by hand.
 """
+
+
+def _store_entries(path: Path) -> set[str] | None:
+    """Names in the directory ``path`` (None if it does not exist), temporary files aside."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        raise StoreError(f"{path} exists and is not a directory: choose another --store") from None
+    except PermissionError as exc:
+        raise StoreError(f"cannot read the store directory {path}: {exc.strerror}") from None
+    return {n for n in names if not n.endswith(".tmp")}
+
+
+def _creation_interrupted(path: Path, present: set[str]) -> bool:
+    """True for a directory that a store creation left unfinished (config.json, written last,
+    is missing) before anything was stored in it: only our entries, no segment files and no
+    snapshot rows. Finishing it loses nothing; anything more is a damaged store."""
+    if "config.json" in present or not present <= _OUR_ENTRIES:
+        return False
+    if "segments" in present and any(True for _ in os.scandir(path / "segments")):
+        return False
+    if CATALOG not in present:
+        return True
+    try:
+        conn = sqlite3.connect((path / CATALOG).absolute().as_uri() + "?mode=rw", uri=True)
+        try:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='snapshots'").fetchone():
+                return True    # the schema was never written
+            return conn.execute("SELECT count(*) FROM snapshots").fetchone()[0] == 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False       # an unreadable catalog is not ours to overwrite
 
 
 def _info_from_row(row: sqlite3.Row) -> SnapshotInfo:
@@ -100,6 +136,7 @@ class Store:
         self.level: int = int(config.get("compression_level", DEFAULT_LEVEL))
         self.segments_dir = path / "segments"
         self.locks_dir = path / "locks"
+        self._catalog_uri = (path / CATALOG).absolute().as_uri() + "?mode=rw"
         self._idle: list[sqlite3.Connection] = []      # pooled catalog connections
         self._lock = threading.Lock()
         self._seg_fds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # seg -> [fd, users]
@@ -110,23 +147,32 @@ class Store:
     @classmethod
     def open(cls, path: str | os.PathLike[str], create: bool = True,
              compression_level: int | None = None) -> "Store":
-        """Open (or create, mode 0700) the store at ``path``.
+        """Open the store at ``path``; with ``create`` (writing commands only) make one there
+        (mode 0700) if ``path`` is absent or an empty directory.
 
-        Raises StoreError when it is missing (and not ``create``), not a store, or of another
-        format version; StoreCorrupt when the catalog cannot be read.
+        Nothing is ever created otherwise: a directory holding some of the store's files but
+        not all of config.json, catalog.sqlite and segments/ is a damaged store (StoreCorrupt),
+        whatever ``create`` says, except that ``create`` finishes a creation that was
+        interrupted before anything was stored. Raises StoreError when there is no store (and
+        not ``create``), the directory holds other files, or the format version is another;
+        StoreCorrupt when the store is incomplete or the catalog cannot be read.
         """
         path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.exists():
+        present = _store_entries(path)
+        if present is None or not present or (create and _creation_interrupted(path, present)):
             if not create:
                 raise StoreError(f"no snapfs store at {path}: take a snapshot first or pass --store DIR")
             cls._create(path, compression_level)
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise StoreCorrupt(f"store config {config_file} is unreadable ({exc}): restore it or use another --store") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-            raise StoreError(f"{path} is not a snapfs store (config.json has no format {FORMAT_NAME!r})")
+            present = set(_REQUIRED)
+        elif not present & _OUR_ENTRIES:
+            raise StoreError(f"{path} is not empty and is not a snapfs store: choose another --store")
+        config = cls._read_config(path) if "config.json" in present else None
+        if missing := [f for f in _REQUIRED if f not in present]:
+            raise StoreCorrupt(
+                f"store {path} is damaged: {', '.join(missing)} missing (it has "
+                f"{', '.join(sorted(present & _OUR_ENTRIES))}): restore the store from a backup, "
+                "or move it aside and use another --store")
+        config = config or cls._read_config(path)
         if config.get("version") != FORMAT_VERSION:
             raise StoreError(
                 f"store {path} has format version {config.get('version')}, this snapfs reads version "
@@ -138,13 +184,20 @@ class Store:
         return store
 
     @staticmethod
+    def _read_config(path: Path) -> dict[str, Any]:
+        """config.json, which must name our format (else this is not a store: StoreError)."""
+        config_file = path / "config.json"
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreCorrupt(f"store config {config_file} is unreadable ({exc}): restore it or use "
+                               "another --store") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+            raise StoreError(f"{path} is not a snapfs store (config.json has no format {FORMAT_NAME!r})")
+        return config
+
+    @staticmethod
     def _create(path: Path, compression_level: int | None) -> None:
-        if path.exists():
-            if not path.is_dir():
-                raise StoreError(f"{path} exists and is not a directory: choose another --store")
-            stray = {p.name for p in path.iterdir() if not p.name.endswith(".tmp")} - _OUR_ENTRIES
-            if stray:
-                raise StoreError(f"{path} is not empty and is not a snapfs store: choose another --store")
         old = os.umask(0o077)      # nothing we create may be readable by others, not even briefly
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +230,8 @@ class Store:
     def _connect(self) -> sqlite3.Connection:
         old = os.umask(0o077)   # -wal/-shm may be created by this connect
         try:
-            conn = sqlite3.connect(self.path / CATALOG, isolation_level=None,
+            # mode=rw: never create the catalog (a missing one is damage, not a new store).
+            conn = sqlite3.connect(self._catalog_uri, uri=True, isolation_level=None,
                                    check_same_thread=False, timeout=30.0)
         finally:
             os.umask(old)
