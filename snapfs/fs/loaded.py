@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from snapfs.errors import SnapfsError
 from snapfs.fs import inodes
 from snapfs.fs.memview import MemView
 from snapfs.fs.names import unique_entries
@@ -52,7 +53,8 @@ class LoadedSnapshot:
 
     def provider_view(self, local: int) -> Any | None:
         """The view of provider node ``local``, built on first use (None if it does not apply
-        or failed to build: logged, the rest of the snapshot stays readable)."""
+        or failed to build: logged, the rest of the snapshot stays readable; a
+        :class:`DamagedView` if the store's metadata it needs is damaged: EIO, not ENOENT)."""
         provider = dict(self._providers).get(local)
         if provider is None or self.info.kind not in provider.kinds:
             return None
@@ -63,6 +65,9 @@ class LoadedSnapshot:
                 if factory is not None:
                     try:
                         view = factory(self.reader)
+                    except SnapfsError as exc:
+                        log.error("view %s of snapshot %s: %s", provider.name, self.info.name, exc)
+                        view = DamagedView(exc)
                     except Exception:
                         log.exception("view %s of snapshot %s failed", provider.name, self.info.name)
                 self._provider_views[local] = view
@@ -153,6 +158,26 @@ class LoadedSnapshot:
         close = getattr(self.reader, "close", None)
         if close is not None:
             close()
+
+
+class DamagedView:
+    """A view that could not be built from the store (a damaged blob or map): it stays in the
+    tree, and asking its size (stat, open) raises the store's error, EIO through the mount."""
+
+    def __init__(self, error: SnapfsError) -> None:
+        self._error = error
+
+    @property
+    def size(self) -> int:
+        raise self._error
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Never returns bytes: the error."""
+        raise self._error
+
+    def describe(self) -> dict[str, Any]:
+        """What info.json says of it."""
+        return {"damaged": str(self._error)}
 
 
 def provider_locals() -> list[tuple[int, ViewProvider]]:

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from snapfs.errors import SnapfsError
 from snapfs.fs import inodes
 from snapfs.fs.loaded import LoadedSnapshot, provider_locals
 from snapfs.fs.names import encode_name
@@ -308,6 +309,11 @@ class SnapshotFS:
                 if not inodes.PROVIDER_BASE <= loc < inodes.REGION_BASE:
                     raise
                 # A view that failed to build (logged): the rest of the snapshot stays listed.
+            except SnapfsError as exc:
+                # A file whose size depends on damaged metadata (a region's info.json, a view):
+                # left out of the listing, so no made-up attributes get cached; looking it up
+                # gives the error (EIO), and the rest of the directory stays readable.
+                log.error("%s: %s", name, exc)
         return out
 
     def resolve(self, path: str) -> int:

@@ -67,17 +67,20 @@ class VmstateView:
         blocks = []
         for region in reader.regions:
             rmeta = region.meta or {}
-            runs = [] if rmeta.get("ignored") else reader.runs(region.index)
-            if rmeta.get("holes") == "file":  # holes hold the file's bytes: not sent (kept on restore)
-                runs = [r for r in runs if r[2] != HOLE]
-            runs = merge_runs(runs)
+            # holes "file": holes hold the file's bytes, not sent (kept on restore).
+            file_holes = rmeta.get("holes") == "file"
             blocks.append(
                 BlockRuns(
                     region=region.index,
                     name=block_idstr(region.name),
                     length=region.length,
                     extra=bytes.fromhex(rmeta.get("ram_extra", "")),
-                    runs=runs,
+                    # Page maps are loaded on the block's first read: a damaged one fails the
+                    # reads of its block (EIO), not the whole view. One record per page sent.
+                    runs=[] if rmeta.get("ignored") else _runs_of(reader, region.index, file_holes),
+                    records=region.data_pages + region.zero_pages if file_holes
+                    else region.length // F.TARGET_PAGE_SIZE,
+                    data_pages=region.data_pages,
                 )
             )
         pieces = [Literal(head), *ram_pieces(section_id, blocks), Literal(tail)]
@@ -95,6 +98,16 @@ class VmstateView:
     def iter_chunks(self, chunk: int = 1 << 20):
         """The whole stream in order, ``chunk`` bytes at a time (bytes or read-only memoryviews)."""
         return self._layout.iter_chunks(chunk)
+
+
+def _runs_of(reader: Any, index: int, file_holes: bool) -> Any:
+    """The loader of one region's stream runs: holes and zero pages merged as ZERO records,
+    or with ``file_holes`` holes left out."""
+    def load() -> list[tuple[int, int, bool]]:
+        runs = reader.runs(index)
+        return merge_runs([r for r in runs if r[2] != HOLE] if file_holes else runs)
+
+    return load
 
 
 def _ram_only_tail(info: Any, regions: list) -> bytes:

@@ -15,12 +15,14 @@ each byte instead of four.
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from snapfs.errors import StoreCorrupt
 from snapfs.stream import format as F
 
 # Bound on the records generated at once by one read (bounds the temporary index arrays).
@@ -146,7 +148,37 @@ def _pages_reader(read_pages: ReadPages) -> ReadPagesInto:
     return read_into
 
 
-Piece = Literal | BlockRecords
+class DeferredBlock:
+    """A :class:`BlockRecords` whose runs are loaded on its first read, from a page map that
+    may turn out damaged: its size follows from the block's page counts (``records`` records,
+    ``data_pages`` of them PAGE records), so the stream's layout is known without any map and
+    a damaged map fails only the reads that need it."""
+
+    def __init__(self, region: int, prefix: bytes, records: int, data_pages: int,
+                 load_runs: Callable[[], list[tuple[int, int, bool]]]) -> None:
+        self.region = region
+        self._prefix = prefix
+        self._load_runs = load_runs
+        self.size = records * _ZERO_RECORD + data_pages * (_DATA_RECORD - _ZERO_RECORD) + len(prefix)
+        self._records: BlockRecords | None = None
+        self._lock = threading.Lock()
+
+    def _loaded(self) -> BlockRecords:
+        with self._lock:
+            if self._records is None:
+                records = BlockRecords(self.region, self._prefix, self._load_runs())
+                if records.size != self.size:
+                    raise StoreCorrupt(f"region {self.region}: its page map and its page counts "
+                                       "disagree (a damaged catalog): run `snapfs check`")
+                self._records = records
+            return self._records
+
+    def read(self, lo: int, hi: int, read_pages: ReadPages, read_into: ReadPagesInto | None = None
+             ) -> bytes | memoryview:
+        return (self._records or self._loaded()).read(lo, hi, read_pages, read_into)
+
+
+Piece = Literal | BlockRecords | DeferredBlock
 
 
 @dataclass(frozen=True)
@@ -154,14 +186,18 @@ class BlockRuns:
     """A RAMBlock to emit: its idstr, length, extra MEM_SIZE fields and page runs.
 
     ``runs`` are (first_page, npages, is_data) ascending and covering what should be sent;
-    pages not covered are not sent at all.
+    pages not covered are not sent at all. Or ``runs`` is a function returning them, called
+    on the block's first read, and ``records`` and ``data_pages`` say how many pages they
+    cover and how many of those are data (see :class:`DeferredBlock`).
     """
 
     region: int
     name: bytes
     length: int
     extra: bytes
-    runs: Iterable[tuple[int, int, bool]]
+    runs: Iterable[tuple[int, int, bool]] | Callable[[], list[tuple[int, int, bool]]]
+    records: int | None = None
+    data_pages: int | None = None
 
 
 class StreamLayout:
@@ -218,11 +254,20 @@ def ram_pieces(section_id: int, blocks: list[BlockRuns]) -> list[Piece]:
         )
     ]
     for b in blocks:
-        runs = list(b.runs)
-        if runs:
-            pieces.append(Literal(F.section_part(section_id)))
-            pieces.append(BlockRecords(b.region, F.counted(b.name), runs))
-            pieces.append(Literal(F.EOS_RECORD + F.footer(section_id)))
+        if callable(b.runs):
+            if b.records is None or b.data_pages is None:
+                raise ValueError(f"block {b.name!r}: deferred runs need its record and data page counts")
+            if not b.records:
+                continue
+            records: Piece = DeferredBlock(b.region, F.counted(b.name), b.records, b.data_pages, b.runs)
+        else:
+            runs = list(b.runs)
+            if not runs:
+                continue
+            records = BlockRecords(b.region, F.counted(b.name), runs)
+        pieces.append(Literal(F.section_part(section_id)))
+        pieces.append(records)
+        pieces.append(Literal(F.EOS_RECORD + F.footer(section_id)))
     return pieces
 
 
