@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from snapfs.commands.common import add_store_argument, store_path
@@ -52,22 +53,29 @@ def run_list(args: argparse.Namespace) -> int:
     """Print the committed snapshots, oldest first."""
     from snapfs.store import Store
 
+    from snapfs.errors import StoreCorrupt
+
     with Store.open(store_path(args), create=False) as store:
         snaps = store.list_snapshots()
+    damaged = [s for s in snaps if s.damaged]
     if args.json:
         print(json.dumps([s.to_json() for s in snaps], indent=2))
-        return 0
-    if not snaps:
+    elif not snaps:
         print(f"no snapshots in {store_path(args)}")
-        return 0
-    rows = [("NAME", "CREATED", "TARGET", "PAUSE", "RESIDENT", "STORED", "SHARED", "PARENT")]
-    for s in snaps:
-        rows.append((s.name, _when(s.created), _target(s), _pause(s), format_bytes(s.resident_bytes),
-                     format_bytes(s.stored_bytes), format_bytes(s.shared_bytes), _parent(s)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    return 0
+    else:
+        rows = [("NAME", "CREATED", "TARGET", "PAUSE", "RESIDENT", "STORED", "SHARED", "PARENT")]
+        for s in snaps:
+            if s.damaged:
+                rows.append((s.name, "?", "DAMAGED: see below", "", "", "", "", ""))
+                continue
+            rows.append((s.name, _when(s.created), _target(s), _pause(s), format_bytes(s.resident_bytes),
+                         format_bytes(s.stored_bytes), format_bytes(s.shared_bytes), _parent(s)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for s in damaged:
+        print(f"snapfs: {s.damaged}", file=sys.stderr)
+    return StoreCorrupt.exit_code if damaged else 0
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -80,6 +80,8 @@ def run_check(args: argparse.Namespace) -> int:
         what = f"{report['snapshots']} snapshots, {report['frames']} frames" if report["snapshots"] is not None else "catalog"
         if args.verify_data:
             what += f", {report['frames_verified']} frames verified"
+        for note in report.get("notes", []):
+            print(f"note: {note}")
         if report["ok"]:
             print(f"store {path}: {what}: OK")
         else:

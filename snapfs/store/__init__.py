@@ -4,14 +4,14 @@ Public surface (the contract in docs/architecture.md): :class:`Store`, :class:`S
 :class:`SnapshotReader`, :class:`SnapshotInfo`, :class:`RegionSpec`, :class:`RegionInfo`, and
 the run kinds HOLE/ZERO/DATA. Modules: ``store`` (open, catalog access, list/info/remove),
 ``writer``, ``reader``, ``maintenance`` (gc, check), ``_format`` (frame and segment records),
-``_runs`` (page maps), ``_pagehash``, ``_fsutil`` (durability helpers), ``schema.sql`` (the
-catalog, commented). A synthetic writer for tests is ``tests/support/synthetic.py``.
+``_runs`` (page maps), ``_integrity`` (catalog row checksums, the format 1 upgrade),
+``_pagehash``, ``_fsutil`` (durability helpers), ``schema.sql`` (the catalog, commented). A synthetic writer for tests is ``tests/support/synthetic.py``.
 
-On-disk layout (format version 1)::
+On-disk layout (format version 2; version 1, without catalog checksums, is read and upgraded)::
 
     STORE/                      0700; every file 0600, created so (umask 077 + explicit modes)
       README                    what this directory is
-      config.json               {"format": "snapfs-store", "version": 1, "compression_level",
+      config.json               {"format": "snapfs-store", "version": 2, "compression_level",
                                  "frame_size", "segment_max_bytes"}; written last on creation
       catalog.sqlite(-wal,-shm) SQLite, WAL, synchronous=FULL: snapshots, segments, frames,
                                  regions (+ page maps), hashes, seg_refs, blobs (schema.sql)
@@ -28,6 +28,9 @@ Design decisions and why:
   segment id, CRC32 chained over payload then header) makes each frame independently
   verifiable and decodable: a damaged frame costs exactly its pages, and a reader reports
   StoreCorrupt naming segment, offset, snapshot and region — never wrong bytes.
+* **Catalog rows are checksummed** too (``_integrity``): snapshot and region rows, page maps,
+  page hashes and blobs each carry a CRC over their columns and decoded bytes, verified on
+  load, because SQLite checks nothing inside a row and a damaged zstd blob may still decode.
 * **Zero pages and holes cost no data**: per region a page map of runs (numpy structured
   array, 31 bytes a run, zstd-compressed in the catalog): DATA runs point at (segment,
   offset, slot) directly, so a read needs no frame-table lookup; ZERO runs; uncovered pages

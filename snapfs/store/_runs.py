@@ -13,7 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
-from snapfs.store._format import FrameError, compress_blob, decompress_blob
+from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, SEGMENT_HEADER, FrameError, compress_blob,
+                                  crc32, decompress_blob)
 from snapfs.store.model import DATA, HOLE, ZERO
 
 RUN_DTYPE = np.dtype(
@@ -76,17 +77,47 @@ def finish(parts: list[np.ndarray]) -> np.ndarray:
     return merged
 
 
-def encode(runs: np.ndarray) -> bytes:
-    """Serialise a map for the catalog."""
-    return compress_blob(np.ascontiguousarray(runs, RUN_DTYPE).tobytes())
+def encode(runs: np.ndarray) -> tuple[bytes, int]:
+    """Serialise a map for the catalog: (compressed blob, CRC32 of the raw runs)."""
+    raw = np.ascontiguousarray(runs, RUN_DTYPE).tobytes()
+    return compress_blob(raw), crc32(raw)
 
 
-def decode(blob: bytes, count: int) -> np.ndarray:
-    """Inverse of :func:`encode`; raises FrameError when the blob is damaged."""
+def decode(blob: bytes, count: int, crc: int | None = None) -> np.ndarray:
+    """Inverse of :func:`encode`; raises FrameError when the blob is damaged: it does not
+    decode, has not ``count`` runs, or (given ``crc``) its runs are not the ones written."""
     raw = decompress_blob(blob)
     if len(raw) != count * RUN_DTYPE.itemsize:
         raise FrameError("run map length mismatch")
+    if crc is not None and crc32(raw) != crc:
+        raise FrameError("checksum mismatch")
     return np.frombuffer(raw, RUN_DTYPE)
+
+
+def validate(runs: np.ndarray, npages: int, disjoint: bool = False) -> None:
+    """Raise FrameError unless ``runs`` is a well-formed map of a region of ``npages`` pages:
+    known kinds, no empty run, sorted, inside the region, DATA slots inside one frame and
+    frame references that can exist. With ``disjoint`` runs must not overlap either (maps
+    written before PAGEMAP_SCAN's duplicates were fixed may repeat a page; reads take one)."""
+    if len(runs) == 0:
+        return
+    kind, n = runs["kind"], runs["n"].astype(np.int64)
+    starts = runs["page"].astype(np.int64)
+    ends = starts + n
+    data = kind == DATA
+    if not ((kind == ZERO) | data).all() or (n <= 0).any():
+        raise FrameError("a run has no pages or an unknown kind")
+    if (np.diff(starts) < 0).any() or (runs["page"] >= np.uint64(1 << 52)).any():
+        raise FrameError("runs out of order")
+    if disjoint and (starts[1:] < ends[:-1]).any():
+        raise FrameError("runs overlap (a page mapped twice)")
+    if int(ends.max()) > npages:
+        raise FrameError("a run lies beyond the end of the region")
+    if data.any():
+        d = runs[data]
+        if ((d["slot"].astype(np.int64) + d["n"]) > FRAME_PAGES).any() or \
+                (d["flen"] <= FRAME_HEADER.size).any() or (d["off"] < SEGMENT_HEADER.size).any():
+            raise FrameError("a frame reference is impossible")
 
 
 def ends_of(runs: np.ndarray) -> np.ndarray:

@@ -23,8 +23,9 @@ import numpy as np
 
 from snapfs.errors import StoreCorrupt
 
-from snapfs.store import _runs
-from snapfs.store._format import SEGMENT_HEADER, FrameError, check_segment_header, decode_frame
+from snapfs.store import _integrity, _runs
+from snapfs.store._format import (FRAME_HEADER, FRAME_MAGIC, PAGE, SEGMENT_HEADER, FrameError,
+                                  check_segment_header, decode_frame, decompress_blob)
 from snapfs.store._fsutil import punch_hole
 from snapfs.store.model import DATA
 
@@ -44,23 +45,44 @@ def _segment_files(store: Store) -> dict[int, os.stat_result]:
 
 
 def _live_frames_by_segment(store: Store, conn: sqlite3.Connection) -> dict[int, np.ndarray]:
-    """seg -> sorted offsets of the frames that committed snapshots' maps reference."""
-    keys = []
-    for row in conn.execute("SELECT r.nruns, r.map FROM regions r JOIN snapshots s ON s.id=r.snapshot_id "
-                            "WHERE s.state='committed'"):
+    """seg -> (n, 2) array of (offset, length) of the frames some page map references, sorted.
+
+    Every region row counts, whatever its snapshot row says (a damaged state must not free
+    a snapshot's frames); a row or map that fails verification stops gc."""
+    extra = "map_crc, crc" if store.checksums else "NULL AS map_crc, NULL AS crc"
+    refs = []
+    for row in conn.execute(f"SELECT {', '.join(_integrity.REGION_FIELDS[:-1])}, map, {extra} FROM regions"):
         try:
-            runs = _runs.decode(row["map"], row["nruns"])
-        except FrameError as exc:
-            raise StoreCorrupt(f"a page map in store {store.path} is damaged ({exc.reason}): gc reclaims "
+            if store.checksums and row["crc"] != _integrity.region_crc(row):
+                raise FrameError("its region row's checksum does not match")
+            runs = _runs.decode(row["map"], row["nruns"], _integrity.map_crc(row, store.checksums))
+            _runs.validate(runs, row["length"] // PAGE)
+        except (FrameError, TypeError) as exc:
+            reason = exc.reason if isinstance(exc, FrameError) else "bad row"
+            raise StoreCorrupt(f"a page map in store {store.path} is damaged ({reason}): gc reclaims "
                                "nothing until `snapfs check` is clean") from None
         d = runs[runs["kind"] == DATA]
-        keys.append((d["seg"].astype(np.int64) << 40) | d["off"].astype(np.int64))
-    if not keys:
+        refs.append(np.stack([d["seg"].astype(np.int64), d["off"].astype(np.int64),
+                              d["flen"].astype(np.int64)], axis=1))
+    if not refs:
         return {}
-    ukeys = np.unique(np.concatenate(keys))
-    segs = ukeys >> 40
-    bounds = np.flatnonzero(np.diff(segs)) + 1
-    return {int(part[0] >> 40): part & ((1 << 40) - 1) for part in np.split(ukeys, bounds) if len(part)}
+    live = np.unique(np.concatenate(refs), axis=0)          # sorted by segment, then offset
+    bounds = np.flatnonzero(np.diff(live[:, 0])) + 1
+    return {int(part[0, 0]): part[:, 1:] for part in np.split(live, bounds) if len(part)}
+
+
+def _punchable(fd: int, seg: int, off: int, flen: int, live: np.ndarray) -> bool:
+    """True if [off, off+flen) holds exactly one frame of segment ``seg`` and overlaps no live
+    frame: a damaged frame index row must never make gc free bytes a snapshot still reads."""
+    if len(live):
+        i = int(np.searchsorted(live[:, 0], off, side="right"))
+        if (i > 0 and live[i - 1, 0] + live[i - 1, 1] > off) or (i < len(live) and live[i, 0] < off + flen):
+            return False
+    header = os.pread(fd, FRAME_HEADER.size, off)
+    if len(header) < FRAME_HEADER.size:
+        return False
+    magic, _, _, _, _, payload_len, sid, _ = FRAME_HEADER.unpack(header)
+    return magic == FRAME_MAGIC and sid == seg and FRAME_HEADER.size + payload_len == flen
 
 
 def gc(store: Store) -> dict[str, Any]:
@@ -96,8 +118,10 @@ def gc(store: Store) -> dict[str, Any]:
             "WHERE s.state='pending'").fetchall()}
         referenced = set(live) | building_on
         for seg_id, seg in segs.items():
-            dead = (seg_id not in referenced if seg["state"] == "sealed"
-                    else seg["writer_id"] not in live_pending)
+            # Never a referenced segment, whatever its row says; one whose state is neither
+            # (a damaged row) is left alone.
+            dead = seg_id not in referenced and (
+                seg["state"] == "sealed" or (seg["state"] == "pending" and seg["writer_id"] not in live_pending))
             if dead:
                 conn.execute("DELETE FROM segments WHERE id=?", (seg_id,))
                 conn.execute("DELETE FROM frames WHERE seg=?", (seg_id,))
@@ -108,7 +132,8 @@ def gc(store: Store) -> dict[str, Any]:
                 continue
             rows = np.array([tuple(r) for r in conn.execute("SELECT off, flen FROM frames WHERE seg=?",
                                                              (seg_id,)).fetchall()], np.int64).reshape(-1, 2)
-            dead = rows[~np.isin(rows[:, 0], live.get(seg_id, np.zeros(0, np.int64)))].tolist()
+            live_offs = live.get(seg_id, np.zeros((0, 2), np.int64))[:, 0]
+            dead = rows[~np.isin(rows[:, 0], live_offs)].tolist()
             conn.executemany("DELETE FROM frames WHERE seg=? AND off=?", [(seg_id, o) for o, _ in dead])
             punch += [(seg_id, o, fl) for o, fl in dead]
         # Punch before committing: a crash in between leaves index rows of unreferenced frames,
@@ -120,7 +145,8 @@ def gc(store: Store) -> dict[str, Any]:
                 continue            # check reports the missing segment; nothing to free here
             try:
                 for _, off, flen in group:
-                    if punch_hole(fd, off, flen):
+                    if _punchable(fd, seg_id, off, flen, live.get(seg_id, np.zeros((0, 2), np.int64))) \
+                            and punch_hole(fd, off, flen):
                         reclaimed += flen
             finally:
                 os.close(fd)
@@ -162,145 +188,258 @@ def _remove_orphan_locks(store: Store) -> None:
 
 
 def check(store: Store, verify_data: bool = False) -> dict[str, Any]:
-    """Verify the catalog (and with ``verify_data`` every referenced frame's CRC and decode).
+    """Verify the store: the catalog file, every snapshot, region, hash and blob row against its
+    checksum, every page map (checksum, structure, references), the segments and the frame
+    index; with ``verify_data`` also every referenced frame's CRC and decode.
 
     Returns {"ok", "problems": [{"what", "message", "segment", "offset", "snapshots",
-    "regions"}], "snapshots", "regions", "frames", "frames_verified", "garbage": {...}}.
+    "regions"}], "notes", "snapshots", "regions", "frames", "frames_verified", "garbage": {...}}.
+    ``what`` is one of catalog, snapshot, region, map, hashes, blob, segment, frame.
     """
-    problems: list[dict[str, Any]] = []
+    return _Check(store, verify_data).run()
 
-    def problem(what: str, message: str, **extra: Any) -> None:
-        problems.append({"what": what, "message": message, **extra})
 
-    rows = store.query("PRAGMA quick_check")
-    if [r[0] for r in rows] != ["ok"]:
-        problem("catalog", "catalog integrity check failed: " + "; ".join(str(r[0]) for r in rows[:5]))
+class _Check:
+    """One run of :func:`check`: each step a method, problems gathered as they are found."""
 
-    with store.connection() as conn:
-        conn.execute("BEGIN")     # one consistent read snapshot of the catalog
-        snaps = {r["id"]: r for r in conn.execute("SELECT id, name, state, lock, parent_id, parent_name "
-                                                  "FROM snapshots").fetchall()}
-        committed = {i: r for i, r in snaps.items() if r["state"] == "committed"}
-        segs = {r["id"]: r for r in conn.execute("SELECT id, writer_id, state, size FROM segments").fetchall()}
-        frames = np.array([tuple(r) for r in conn.execute(
-            "SELECT seg, off, flen, npages FROM frames ORDER BY seg, off").fetchall()], np.int64).reshape(-1, 4)
-        referenced_segs = {r[0] for r in conn.execute("SELECT DISTINCT seg FROM seg_refs").fetchall()}
-        regions = conn.execute("SELECT r.snapshot_id, r.idx, r.name, r.length, r.nruns, r.map FROM regions r "
-                               "JOIN snapshots s ON s.id=r.snapshot_id WHERE s.state='committed'").fetchall()
-        seg_refs: dict[int, set[int]] = defaultdict(set)
-        for r in conn.execute("SELECT snapshot_id, seg FROM seg_refs").fetchall():
-            seg_refs[r[0]].add(r[1])
-        conn.execute("COMMIT")
-    files = _segment_files(store)
+    def __init__(self, store: Store, verify_data: bool) -> None:
+        self.store = store
+        self.verify_data = verify_data
+        self.problems: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.where: list[tuple[str, str]] = []       # rid -> (snapshot, region) of DATA runs
+        self.pieces: list[tuple[np.ndarray, ...]] = []
+        self.committed: dict[int, str] = {}          # verified snapshot rows: id -> name
+        self.names: dict[int, str] = {}              # every non-pending row: id -> name shown
+        self.region_total: dict[int, int] = {}       # verified snapshot -> its region count
+        self.region_count = 0
+        self.verified = 0
 
-    # Every DATA run of every committed map, as parallel arrays (vectorised checks below).
-    where: list[tuple[str, str]] = []          # rid -> (snapshot, region)
-    pieces = []
-    for reg in regions:
-        snap = committed[reg["snapshot_id"]]
-        try:
-            runs = _runs.decode(reg["map"], reg["nruns"])
-        except FrameError as exc:
-            problem("map", f"snapshot {snap['name']!r} region {reg['name']!r}: page map damaged ({exc.reason})",
-                    snapshots=[snap["name"]], regions=[f"{snap['name']}:{reg['name']}"])
-            continue
-        starts = runs["page"].astype(np.int64)
-        ends = starts + runs["n"]
-        if len(runs) and (np.any(starts[1:] < ends[:-1]) or ends[-1] > reg["length"] // 4096
-                          or np.any(runs["n"] == 0)):
-            problem("map", f"snapshot {snap['name']!r} region {reg['name']!r}: page map overlaps or exceeds "
-                    "the region", snapshots=[snap["name"]], regions=[f"{snap['name']}:{reg['name']}"])
-        d = runs[runs["kind"] == DATA]
-        unrecorded = set(np.unique(d["seg"]).tolist()) - seg_refs[reg["snapshot_id"]]
-        if unrecorded:
-            problem("catalog", f"snapshot {snap['name']!r} region {reg['name']!r} uses segments "
-                    f"{sorted(unrecorded)} missing from its references (gc could delete them)",
-                    snapshots=[snap["name"]], regions=[f"{snap['name']}:{reg['name']}"])
-        where.append((snap["name"], reg["name"]))
-        pieces.append((d["seg"].astype(np.int64), d["off"].astype(np.int64), d["flen"].astype(np.int64),
-                       d["slot"].astype(np.int64) + d["n"], np.full(len(d), len(where) - 1)))
-    if pieces:
-        seg_a, off_a, flen_a, slot_end, rid = (np.concatenate(x) for x in zip(*pieces))
-    else:
-        seg_a = off_a = flen_a = slot_end = rid = np.zeros(0, np.int64)
-    keys = (seg_a << 40) | off_a               # frame identity: segment id and offset
-    fkeys = (frames[:, 0] << 40) | frames[:, 1]  # sorted (ORDER BY seg, off)
-    finfo = frames[:, 2:]                       # flen, npages
+    def problem(self, what: str, message: str, **extra: Any) -> None:
+        self.problems.append({"what": what, "message": message, **extra})
 
-    def affected(key: int) -> dict[str, Any]:
-        who = [where[i] for i in np.unique(rid[keys == key]).tolist()]
-        seg, off = key >> 40, key & ((1 << 40) - 1)
-        return {"segment": str(store.segment_path(seg)), "offset": off,
-                "snapshots": sorted({s for s, _ in who}), "regions": sorted({f"{s}:{r}" for s, r in who})}
-
-    def affected_segment(seg: int) -> dict[str, Any]:
-        who = [where[i] for i in np.unique(rid[seg_a == seg]).tolist()]
-        return {"segment": str(store.segment_path(seg)),
-                "snapshots": sorted({s for s, _ in who}), "regions": sorted({f"{s}:{r}" for s, r in who})}
-
-    bad_segments: set[int] = set()
-    for seg_id in sorted(set(np.unique(seg_a).tolist()) | referenced_segs):
-        path = store.segment_path(seg_id)
-        if seg_id not in segs:
-            problem("segment", f"segment {seg_id} is referenced but not in the catalog", **affected_segment(seg_id))
-            bad_segments.add(seg_id)
-        elif seg_id not in files:
-            problem("segment", f"segment file {path} is missing", **affected_segment(seg_id))
-            bad_segments.add(seg_id)
-        else:
+    def run(self) -> dict[str, Any]:
+        self.catalog_file()
+        with self.store.connection() as conn:
+            conn.execute("BEGIN")     # one consistent read snapshot of the catalog
             try:
-                with open(path, "rb") as f:
-                    check_segment_header(f.read(SEGMENT_HEADER.size), seg_id)
+                self.read_tables(conn)
+                self.snapshot_rows()
+                self.regions_and_maps(conn)
+                self.hashes_and_blobs(conn)
+            finally:
+                conn.execute("COMMIT")
+        self.files = _segment_files(self.store)
+        self.collect_references()
+        self.segments()
+        self.frame_index()
+        if self.verify_data:
+            self.frame_data()
+        return {"ok": not self.problems, "problems": self.problems, "notes": self.notes,
+                "snapshots": len(self.committed), "regions": self.region_count,
+                "frames": len(self.frames), "frames_verified": self.verified, "garbage": self.garbage()}
+
+    # -- the catalog ----------------------------------------------------------------------
+    def catalog_file(self) -> None:
+        """SQLite's own check, indexes against tables included (a damaged name index can
+        return another snapshot's row)."""
+        rows = self.store.query("PRAGMA integrity_check(20)")
+        if [r[0] for r in rows] != ["ok"]:
+            self.problem("catalog", "catalog integrity check failed: " + "; ".join(str(r[0]) for r in rows[:5]))
+        if not self.store.checksums:
+            self.notes.append("catalog format 1: its rows carry no checksums, so damage inside a row "
+                              "may go unseen; the next snapshot, incoming, rm or gc adds them")
+
+    def read_tables(self, conn: sqlite3.Connection) -> None:
+        self.snaps = {r["id"]: r for r in conn.execute("SELECT * FROM snapshots").fetchall()}
+        self.segs = {r["id"]: r for r in conn.execute("SELECT id, writer_id, state, size FROM segments").fetchall()}
+        self.frames = np.array([tuple(r) for r in conn.execute(
+            "SELECT seg, off, flen, npages FROM frames ORDER BY seg, off").fetchall()], np.int64).reshape(-1, 4)
+        self.referenced_segs = {r[0] for r in conn.execute("SELECT DISTINCT seg FROM seg_refs").fetchall()}
+        self.seg_refs: dict[int, set[int]] = defaultdict(set)
+        for r in conn.execute("SELECT snapshot_id, seg FROM seg_refs").fetchall():
+            self.seg_refs[r[0]].add(r[1])
+
+    def snapshot_rows(self) -> None:
+        """Every row that is not a capture in progress must verify as a committed snapshot."""
+        for snap_id, row in self.snaps.items():
+            if row["state"] == "pending":
+                continue
+            name = row["name"] if isinstance(row["name"], str) else f"damaged-row-{snap_id}"
+            self.names[snap_id] = name
+            try:
+                info = self.store._checked_info(row)
+            except StoreCorrupt as exc:
+                self.problem("snapshot", str(exc), snapshots=[name])
+                continue
+            self.committed[snap_id] = name
+            self.region_total[snap_id] = info.region_count
+
+    def regions_and_maps(self, conn: sqlite3.Connection) -> None:
+        """Region rows (checksum, count per snapshot) and their page maps (checksum,
+        structure, segments recorded in seg_refs); gathers the DATA runs for the frame steps."""
+        extra = "map_crc, crc" if self.store.checksums else "NULL AS map_crc, NULL AS crc"
+        counts: dict[int, int] = defaultdict(int)
+        for reg in conn.execute(f"SELECT {', '.join(_integrity.REGION_FIELDS[:-1])}, map, {extra} FROM regions"):
+            self.region_count += 1
+            snap_id = reg["snapshot_id"]
+            snap = self.names.get(snap_id)
+            if snap is None:
+                self.problem("region", f"region row {reg['idx']} ({reg['name']!r}) belongs to no snapshot "
+                             f"(id {snap_id}): the catalog is damaged")
+                continue
+            counts[snap_id] += 1
+            label = dict(snapshots=[snap], regions=[f"{snap}:{reg['name']}"])
+            if snap_id not in self.committed:
+                continue                        # its snapshot row is reported already
+            try:
+                good = not self.store.checksums or reg["crc"] == _integrity.region_crc(reg)
+            except TypeError:
+                good = False
+            if not good:
+                self.problem("region", f"snapshot {snap!r} region {reg['idx']} ({reg['name']!r}): its "
+                             "catalog row is damaged (checksum mismatch)", **label)
+                continue
+            try:
+                runs = _runs.decode(reg["map"], reg["nruns"], _integrity.map_crc(reg, self.store.checksums))
+                _runs.validate(runs, reg["length"] // PAGE, disjoint=True)
             except FrameError as exc:
-                problem("segment", f"segment {path}: {exc.reason}", **affected_segment(seg_id), offset=0)
+                self.problem("map", f"snapshot {snap!r} region {reg['name']!r}: page map damaged ({exc.reason})",
+                             **label)
+                continue
+            d = runs[runs["kind"] == DATA]
+            unrecorded = set(np.unique(d["seg"]).tolist()) - self.seg_refs[snap_id]
+            if unrecorded:
+                self.problem("catalog", f"snapshot {snap!r} region {reg['name']!r} uses segments "
+                             f"{sorted(unrecorded)} missing from its references (gc could delete them)", **label)
+            self.where.append((snap, reg["name"]))
+            self.pieces.append((d["seg"].astype(np.int64), d["off"].astype(np.int64), d["flen"].astype(np.int64),
+                                d["slot"].astype(np.int64) + d["n"], np.full(len(d), len(self.where) - 1)))
+        for snap_id, total in self.region_total.items():
+            if counts[snap_id] != total:
+                snap = self.committed[snap_id]
+                self.problem("region", f"snapshot {snap!r}: the catalog holds {counts[snap_id]} of its "
+                             f"{total} region rows", snapshots=[snap])
 
-    ukeys, first = np.unique(keys, return_index=True)
-    pos = np.minimum(np.searchsorted(fkeys, ukeys), max(len(fkeys) - 1, 0))
-    found = (fkeys[pos] == ukeys) if len(fkeys) else np.zeros(len(ukeys), bool)
-    # Per unique frame: max slot end over its runs must fit, and every run must agree on flen.
-    max_end = np.zeros(len(ukeys), np.int64)
-    np.maximum.at(max_end, np.searchsorted(ukeys, keys), slot_end)
-    consistent = found.copy()
-    if len(fkeys):
-        consistent &= (finfo[pos, 0] == flen_a[first]) & (finfo[pos, 1] >= max_end)
-    sizes = np.array([files[int(sg)].st_size if int(sg) in files else 0 for sg in (ukeys >> 40)], np.int64)
-    in_bad = np.isin(ukeys >> 40, np.array(sorted(bad_segments), dtype=np.int64))
-    truncated = consistent & ~in_bad & ((ukeys & ((1 << 40) - 1)) + flen_a[first] > sizes)
-    for k in ukeys[~consistent & ~in_bad].tolist():
-        problem("frame", f"frame {store.segment_path(k >> 40)}@{k & ((1 << 40) - 1)} is referenced but missing "
-                "or inconsistent in the frame index", **affected(k))
-    for k, fl, size in zip(ukeys[truncated].tolist(), flen_a[first][truncated].tolist(), sizes[truncated].tolist()):
-        problem("frame", f"frame {store.segment_path(k >> 40)}@{k & ((1 << 40) - 1)} lies beyond the end of "
-                f"the segment ({size} bytes): truncated", **affected(k))
+    def hashes_and_blobs(self, conn: sqlite3.Connection) -> None:
+        """Page hashes (a child trusts them to reuse its parent's frames) and blobs (a VM's
+        device state, part of its vmstate), each against its checksum."""
+        crc = "crc" if self.store.checksums else "NULL AS crc"
+        for table, fields, what in (("hashes", _integrity.HASH_FIELDS, "page hashes"),
+                                    ("blobs", _integrity.BLOB_FIELDS, "blob")):
+            for row in conn.execute(f"SELECT {', '.join(fields)}, data, {crc} FROM {table}"):
+                snap = self.names.get(row["snapshot_id"])
+                if snap is None:
+                    continue                    # a removed snapshot's leftovers: harmless
+                try:
+                    raw = decompress_blob(row["data"])
+                    good = not self.store.checksums or row["crc"] == _integrity.keyed_blob_crc(
+                        table, row, fields, raw)
+                except (FrameError, TypeError):
+                    good = False
+                if not good:
+                    detail = (f"region {row['region_idx']} chunk {row['chunk']}: a child compared with "
+                              "it stores those pages in full" if table == "hashes" else f"{row['name']!r}")
+                    self.problem("hashes" if table == "hashes" else "blob",
+                                 f"snapshot {snap!r}: {what} damaged ({detail})", snapshots=[snap])
 
-    verified = 0
-    if verify_data:
-        todo = ukeys[consistent & ~in_bad & ~truncated]
-        todo_flen = flen_a[first][consistent & ~in_bad & ~truncated]
+    # -- segments and frames --------------------------------------------------------------
+    def collect_references(self) -> None:
+        """Every referenced frame once: key (segment << 40 | offset), length, furthest slot."""
+        if self.pieces:
+            self.seg_a, self.off_a, self.flen_a, self.slot_end, self.rid = (
+                np.concatenate(x) for x in zip(*self.pieces))
+        else:
+            self.seg_a = self.off_a = self.flen_a = self.slot_end = self.rid = np.zeros(0, np.int64)
+        self.keys = (self.seg_a << 40) | self.off_a
+        self.fkeys = (self.frames[:, 0] << 40) | self.frames[:, 1]   # sorted (ORDER BY seg, off)
+        self.ukeys, self.first = np.unique(self.keys, return_index=True)
+
+    def affected(self, key: int) -> dict[str, Any]:
+        who = [self.where[i] for i in np.unique(self.rid[self.keys == key]).tolist()]
+        seg, off = key >> 40, key & ((1 << 40) - 1)
+        return {"segment": str(self.store.segment_path(seg)), "offset": off,
+                "snapshots": sorted({s for s, _ in who}), "regions": sorted({f"{s}:{r}" for s, r in who})}
+
+    def affected_segment(self, seg: int) -> dict[str, Any]:
+        who = [self.where[i] for i in np.unique(self.rid[self.seg_a == seg]).tolist()]
+        return {"segment": str(self.store.segment_path(seg)),
+                "snapshots": sorted({s for s, _ in who}), "regions": sorted({f"{s}:{r}" for s, r in who})}
+
+    def segments(self) -> None:
+        """Every referenced segment is in the catalog, exists and starts with its header."""
+        self.bad_segments: set[int] = set()
+        for seg_id in sorted(set(np.unique(self.seg_a).tolist()) | self.referenced_segs):
+            path = self.store.segment_path(seg_id)
+            if seg_id not in self.segs:
+                self.problem("segment", f"segment {seg_id} is referenced but not in the catalog",
+                             **self.affected_segment(seg_id))
+                self.bad_segments.add(seg_id)
+            elif seg_id not in self.files:
+                self.problem("segment", f"segment file {path} is missing", **self.affected_segment(seg_id))
+                self.bad_segments.add(seg_id)
+            else:
+                try:
+                    with open(path, "rb") as f:
+                        check_segment_header(f.read(SEGMENT_HEADER.size), seg_id)
+                except FrameError as exc:
+                    self.problem("segment", f"segment {path}: {exc.reason}", **self.affected_segment(seg_id),
+                                 offset=0)
+
+    def frame_index(self) -> None:
+        """Every referenced frame is in the frame index, agrees with it, fits its segment."""
+        ukeys, first, fkeys = self.ukeys, self.first, self.fkeys
+        pos = np.minimum(np.searchsorted(fkeys, ukeys), max(len(fkeys) - 1, 0))
+        found = (fkeys[pos] == ukeys) if len(fkeys) else np.zeros(len(ukeys), bool)
+        # Per unique frame: max slot end over its runs must fit, and every run must agree on flen.
+        max_end = np.zeros(len(ukeys), np.int64)
+        np.maximum.at(max_end, np.searchsorted(ukeys, self.keys), self.slot_end)
+        consistent = found.copy()
+        if len(fkeys):
+            finfo = self.frames[:, 2:]                       # flen, npages
+            consistent &= (finfo[pos, 0] == self.flen_a[first]) & (finfo[pos, 1] >= max_end)
+        sizes = np.array([self.files[int(sg)].st_size if int(sg) in self.files else 0
+                          for sg in (ukeys >> 40)], np.int64)
+        in_bad = np.isin(ukeys >> 40, np.array(sorted(self.bad_segments), dtype=np.int64))
+        truncated = consistent & ~in_bad & ((ukeys & ((1 << 40) - 1)) + self.flen_a[first] > sizes)
+        for k in ukeys[~consistent & ~in_bad].tolist():
+            self.problem("frame", f"frame {self.store.segment_path(k >> 40)}@{k & ((1 << 40) - 1)} is "
+                         "referenced but missing or inconsistent in the frame index", **self.affected(k))
+        for k, fl, size in zip(ukeys[truncated].tolist(), self.flen_a[first][truncated].tolist(),
+                               sizes[truncated].tolist()):
+            self.problem("frame", f"frame {self.store.segment_path(k >> 40)}@{k & ((1 << 40) - 1)} lies "
+                         f"beyond the end of the segment ({size} bytes): truncated", **self.affected(k))
+        self.readable = consistent & ~in_bad & ~truncated
+
+    def frame_data(self) -> None:
+        """Read every referenced frame and check its CRC and decode."""
+        todo = self.ukeys[self.readable]
+        todo_flen = self.flen_a[self.first][self.readable]
         fds: dict[int, int] = {}
         try:
             for k, fl in zip(todo.tolist(), todo_flen.tolist()):
                 seg, off = k >> 40, k & ((1 << 40) - 1)
                 fd = fds.get(seg)
                 if fd is None:
-                    fd = fds[seg] = os.open(store.segment_path(seg), os.O_RDONLY | os.O_CLOEXEC)
+                    fd = fds[seg] = os.open(self.store.segment_path(seg), os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     decode_frame(os.pread(fd, fl, off), seg)
                 except FrameError as exc:
-                    problem("frame", f"frame {store.segment_path(seg)}@{off}: {exc.reason}", **affected(k))
-                verified += 1
+                    self.problem("frame", f"frame {self.store.segment_path(seg)}@{off}: {exc.reason}",
+                                 **self.affected(k))
+                self.verified += 1
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-    # A removed parent is fine: a child's maps point straight at the frames it needs, and those
-    # were checked above like any other.
-    dead_pending = [r["name"] for r in snaps.values() if r["state"] == "pending" and not store.writer_alive(r["lock"])]
-    garbage = {
-        "dead_pending": dead_pending,
-        "unreferenced_segments": sorted(s for s, r in segs.items() if r["state"] == "sealed" and s not in referenced_segs),
-        "orphan_segment_files": sorted(s for s in files if s not in segs),
-        "unreferenced_frames": int(np.count_nonzero(~np.isin(fkeys, ukeys))),
-    }
-    return {"ok": not problems, "problems": problems, "snapshots": len(committed), "regions": len(regions),
-            "frames": len(frames), "frames_verified": verified, "garbage": garbage}
+    def garbage(self) -> dict[str, Any]:
+        """What gc would reclaim. (A removed parent is not garbage: a child's maps point
+        straight at the frames it needs, and those were checked like any other.)"""
+        return {
+            "dead_pending": [r["name"] for r in self.snaps.values()
+                             if r["state"] == "pending" and not self.store.writer_alive(r["lock"])],
+            "unreferenced_segments": sorted(s for s, r in self.segs.items()
+                                            if r["state"] == "sealed" and s not in self.referenced_segs),
+            "orphan_segment_files": sorted(s for s in self.files if s not in self.segs),
+            "unreferenced_frames": int(np.count_nonzero(~np.isin(self.fkeys, self.ukeys))),
+        }

@@ -78,6 +78,7 @@ class SnapshotInfo:
     meta: dict[str, Any]
     region_count: int
     removed_parents: list[str] = field(default_factory=list)
+    damaged: str | None = None     # listing only: why this snapshot's catalog row failed verification
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""

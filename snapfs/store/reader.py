@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from snapfs.errors import SnapshotNotFound, StoreCorrupt
-from snapfs.store import _runs
+from snapfs.store import _integrity, _runs
 from snapfs.store._format import PAGE, FrameError, decode_frame, decompress_blob
 from snapfs.store.model import DATA, RegionInfo, SnapshotInfo
 
@@ -25,15 +25,20 @@ class SnapshotReader:
     """Reads one committed snapshot. Thread-safe; holds a bounded cache of decoded frames."""
 
     def __init__(self, store: Any, info: SnapshotInfo, rows: list[Any]) -> None:
-        """Built by Store.open_snapshot from the snapshot's info and region rows (read together)."""
+        """Built by Store.open_snapshot from the snapshot's info and its verified region rows
+        (read together)."""
         self._store = store
         self.info = info
-        self.regions = [
-            RegionInfo(index=r["idx"], name=r["name"], start=r["start"], length=r["length"],
-                       perms=r["perms"], offset=r["offset"], path=r["path"], kind=r["kind"],
-                       page_size=r["page_size"], data_pages=r["data_pages"],
-                       zero_pages=r["zero_pages"], meta=json.loads(r["meta"]))
-            for r in rows]
+        self._rows = rows
+        try:
+            self.regions = [
+                RegionInfo(index=r["idx"], name=r["name"], start=r["start"], length=r["length"],
+                           perms=r["perms"], offset=r["offset"], path=r["path"], kind=r["kind"],
+                           page_size=r["page_size"], data_pages=r["data_pages"],
+                           zero_pages=r["zero_pages"], meta=json.loads(r["meta"]))
+                for r in rows]
+        except (TypeError, ValueError):          # format 1 rows are not checksummed
+            raise StoreCorrupt(f"snapshot {info.name!r}: a region row is damaged: run `snapfs check`") from None
         # Per region, once loaded: (runs, run starts, run ends) as contiguous arrays.
         self._maps: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(self.regions)
         self._map_lock = threading.Lock()
@@ -47,18 +52,7 @@ class SnapshotReader:
             with self._map_lock:
                 entry = self._maps[region_index]
                 if entry is None:
-                    rows = self._store.query("SELECT nruns, map FROM regions WHERE snapshot_id=? AND idx=?",
-                                             (self.info.id, region_index))
-                    region = self.regions[region_index]
-                    if not rows:
-                        self._check_not_removed()
-                    try:
-                        if not rows:
-                            raise FrameError("region row missing")
-                        runs = _runs.decode(rows[0]["map"], rows[0]["nruns"])
-                    except FrameError as exc:
-                        raise StoreCorrupt(f"snapshot {self.info.name!r} region {region.name!r}: page map "
-                                           f"is damaged ({exc.reason}): run `snapfs check`") from None
+                    runs = self._store.load_map(self.info, self._rows[region_index])
                     entry = (runs, np.ascontiguousarray(runs["page"]).astype(np.int64),
                              _runs.ends_of(runs).astype(np.int64))
                     self._maps[region_index] = entry
@@ -203,13 +197,22 @@ class SnapshotReader:
 
     def blob(self, name: str) -> bytes | None:
         """The blob ``name`` put by the writer, or None."""
-        rows = self._store.query("SELECT data FROM blobs WHERE snapshot_id=? AND name=?", (self.info.id, name))
+        crc = "crc" if self._store.checksums else "NULL AS crc"
+        rows = self._store.query(f"SELECT snapshot_id, name, size, data, {crc} FROM blobs "
+                                 "WHERE snapshot_id=? AND name=?", (self.info.id, name))
         if not rows:
             return None
+        row = rows[0]
         try:
-            return decompress_blob(rows[0]["data"])
-        except FrameError as exc:
-            raise StoreCorrupt(f"snapshot {self.info.name!r}: blob {name!r} is damaged ({exc.reason})") from None
+            raw = decompress_blob(row["data"])
+            if self._store.checksums and row["crc"] != _integrity.keyed_blob_crc(
+                    "blobs", row, _integrity.BLOB_FIELDS, raw):
+                raise FrameError("checksum mismatch")
+        except (FrameError, TypeError) as exc:
+            reason = exc.reason if isinstance(exc, FrameError) else "bad row"
+            raise StoreCorrupt(f"snapshot {self.info.name!r}: blob {name!r} is damaged ({reason}): "
+                               "run `snapfs check`") from None
+        return raw
 
     def close(self) -> None:
         """Release the loaded page maps (the store owns files and the frame cache)."""

@@ -1,4 +1,8 @@
--- snapfs page store catalog, format version 1 (SQLite, WAL mode, synchronous=FULL).
+-- snapfs page store catalog, format version 2 (SQLite, WAL mode, synchronous=FULL).
+--
+-- Every row that decides what a read returns carries `crc`, a checksum of its columns (and of
+-- its blob's decoded bytes), verified on load: see _integrity.py. Version 1 had none of these
+-- columns; they are appended by the upgrade (ALTER TABLE ADD COLUMN), so both look alike.
 --
 -- A snapshot row is inserted as 'pending' by begin_snapshot (this reserves the name) and flipped
 -- to 'committed' in the single transaction that also inserts its frames, regions and references,
@@ -20,7 +24,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
     parent_id   INTEGER,          -- may name a removed snapshot: frames are shared, not owned
     parent_name TEXT,
     created     REAL NOT NULL,    -- unix time of begin_snapshot
-    info        TEXT NOT NULL DEFAULT '{}'  -- JSON: the remaining SnapshotInfo fields
+    info        TEXT NOT NULL DEFAULT '{}', -- JSON: the remaining SnapshotInfo fields
+    crc         INTEGER           -- committed rows: over id, name, state, parents, created, info
 );
 
 -- Append-only data files segments/<id>.seg, written by one writer, never rewritten after
@@ -59,6 +64,8 @@ CREATE TABLE IF NOT EXISTS regions (
     meta        TEXT NOT NULL,    -- JSON
     nruns       INTEGER NOT NULL,
     map         BLOB NOT NULL,    -- zstd(runs array)
+    map_crc     INTEGER,          -- CRC32 of the runs array (checked when the map is loaded)
+    crc         INTEGER,          -- over every column but map (map_crc stands for it)
     PRIMARY KEY (snapshot_id, idx)
 );
 
@@ -70,6 +77,7 @@ CREATE TABLE IF NOT EXISTS hashes (
     chunk       INTEGER NOT NULL,
     algo        TEXT NOT NULL,    -- 'xxh3-64' or 'blake2b-64': only equal algorithms are compared
     data        BLOB NOT NULL,    -- zstd(uint64 little-endian array)
+    crc         INTEGER,          -- over the key, algo and the decoded array
     PRIMARY KEY (snapshot_id, region_idx, chunk)
 );
 
@@ -87,5 +95,6 @@ CREATE TABLE IF NOT EXISTS blobs (
     name        TEXT NOT NULL,
     size        INTEGER NOT NULL,
     data        BLOB NOT NULL,
+    crc         INTEGER,          -- over the key, size and the decoded bytes
     PRIMARY KEY (snapshot_id, name)
 );

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -18,12 +19,17 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from snapfs.errors import NameInUse, SnapshotNotFound, StoreCorrupt, StoreError, UsageError
+from snapfs.store import _integrity, _runs
+from snapfs.store._format import PAGE, FrameError, decompress_blob
 from snapfs.store._fsutil import disk_full_error, fsync_dir, is_disk_full, write_atomic
 from snapfs.store.model import SnapshotInfo
 
 FORMAT_NAME = "snapfs-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2         # 2: catalog rows carry checksums (_integrity.py); 1 is upgraded on write
+READABLE_VERSIONS = (1, 2)
 DEFAULT_LEVEL = 1          # zstd level: level 1 keeps compression off the capture's critical path
 CATALOG = "catalog.sqlite"
 POOL_IDLE = 8              # idle catalog connections kept open
@@ -32,6 +38,7 @@ _SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 _OUR_ENTRIES = {"README", "config.json", CATALOG, CATALOG + "-wal",
                 CATALOG + "-shm", CATALOG + "-journal", "segments", "locks"}
 _REQUIRED = ("config.json", CATALOG, "segments")   # a store has all three
+log = logging.getLogger("snapfs.store")
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,199}")
 
 README_TEXT = """\
@@ -83,6 +90,9 @@ def _creation_interrupted(path: Path, present: set[str]) -> bool:
         return False       # an unreadable catalog is not ours to overwrite
 
 
+_REGION_COLUMNS = ", ".join(_integrity.REGION_FIELDS[:-1])
+
+
 def _info_from_row(row: sqlite3.Row) -> SnapshotInfo:
     info = json.loads(row["info"])
     return SnapshotInfo(
@@ -95,6 +105,17 @@ def _info_from_row(row: sqlite3.Row) -> SnapshotInfo:
         warnings=list(info.get("warnings", [])), meta=dict(info.get("meta", {})),
         region_count=info.get("region_count", 0), removed_parents=list(info.get("removed_parents", [])),
     )
+
+
+def _damaged_info(row: sqlite3.Row, reason: str) -> SnapshotInfo:
+    """A listing entry for a snapshot row that failed verification: nothing in it is trusted
+    but its name (when it is text), so that ``list`` and the mount can show it as damaged."""
+    name = row["name"] if isinstance(row["name"], str) and row["name"] else f"damaged-row-{row['id']}"
+    created = row["created"] if isinstance(row["created"], (int, float)) else 0.0
+    return SnapshotInfo(id=int(row["id"]), name=name, kind="process", pid=None, comm=None, exe=None,
+                        cmdline=None, created=float(created), pause_ms=None, duration_s=None,
+                        resident_bytes=0, zero_bytes=0, stored_bytes=0, shared_bytes=0, faults=0,
+                        parent=None, warnings=[], meta={}, region_count=0, damaged=reason)
 
 
 class FrameCache:
@@ -137,6 +158,8 @@ class Store:
         self.segments_dir = path / "segments"
         self.locks_dir = path / "locks"
         self._catalog_uri = (path / CATALOG).absolute().as_uri() + "?mode=rw"
+        self.checksums = True          # catalog rows carry checksums (format 2): set by open()
+        self._upgrade_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []      # pooled catalog connections
         self._lock = threading.Lock()
         self._seg_fds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # seg -> [fd, users]
@@ -173,15 +196,48 @@ class Store:
                 f"{', '.join(sorted(present & _OUR_ENTRIES))}): restore the store from a backup, "
                 "or move it aside and use another --store")
         config = config or cls._read_config(path)
-        if config.get("version") != FORMAT_VERSION:
+        if config.get("version") not in READABLE_VERSIONS:
             raise StoreError(
-                f"store {path} has format version {config.get('version')}, this snapfs reads version "
-                f"{FORMAT_VERSION}: use a snapfs release matching the store, or another --store")
+                f"store {path} has format version {config.get('version')}, this snapfs reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: use a snapfs release matching the store, "
+                "or another --store")
         store = cls(path, config)
         if compression_level is not None:
             store.level = compression_level
-        store.query("SELECT value FROM counters WHERE name='generation'")
+        try:
+            with store.connection() as conn:
+                conn.execute("SELECT value FROM counters WHERE name='generation'").fetchall()
+                store.checksums = _integrity.has_checksums(conn)
+        except BaseException:
+            store.close()
+            raise
+        if config["version"] >= 2 and not store.checksums:
+            store.close()
+            raise StoreCorrupt(f"store {path} is damaged: config.json says format {config['version']} but "
+                               "the catalog has no checksum columns: restore the catalog from a backup")
+        if not store.checksums:
+            log.warning("store %s has format version 1: its catalog has no checksums and is read "
+                        "unverified; the next snapshot, incoming, rm or gc adds them", path)
         return store
+
+    def _writable(self) -> None:
+        """Before any write: upgrade a format 1 store to format 2 (catalog checksums), once.
+
+        Every row is checksummed as it is now, in one transaction; config.json says 2 after it
+        commits (a crash in between leaves a format 2 catalog that the next write finishes)."""
+        if self.checksums and self.config.get("version") == FORMAT_VERSION:
+            return
+        with self._upgrade_lock:
+            if not self.checksums:
+                with self.transaction() as conn:
+                    rows = _integrity.upgrade(conn, _runs.decode, decompress_blob)
+                self.checksums = True
+                log.warning("store %s upgraded to format version %d: %d catalog rows checksummed",
+                            self.path, FORMAT_VERSION, rows)
+            if self.config.get("version") != FORMAT_VERSION:
+                config = {**self.config, "version": FORMAT_VERSION}
+                write_atomic(self.path / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+                self.config = config
 
     @staticmethod
     def _read_config(path: Path) -> dict[str, Any]:
@@ -386,37 +442,111 @@ class Store:
         return int(rows[0][0])
 
     def list_snapshots(self) -> list[SnapshotInfo]:
-        """Committed snapshots, oldest first."""
-        rows = self.query("SELECT * FROM snapshots WHERE state='committed' ORDER BY created, id")
-        return [_info_from_row(r) for r in rows]
+        """Committed snapshots, oldest first. A row that fails verification is listed too, as
+        a SnapshotInfo whose ``damaged`` says why (opening it raises StoreCorrupt)."""
+        out = []
+        for row in self.query("SELECT * FROM snapshots WHERE state != 'pending' ORDER BY created, id"):
+            try:
+                out.append(self._checked_info(row))
+            except StoreCorrupt as exc:
+                out.append(_damaged_info(row, str(exc)))
+        return out
 
-    def _row(self, name: str) -> sqlite3.Row:
-        rows = self.query("SELECT * FROM snapshots WHERE name=? AND state='committed'", (name,))
+    def _checked_info(self, row: sqlite3.Row, name: str | None = None) -> SnapshotInfo:
+        """The SnapshotInfo of a committed snapshot row, verified against its checksum (and
+        against ``name``, the name it was looked up by); StoreCorrupt otherwise."""
+        label = name if name is not None else row["name"]
+        if name is not None and row["name"] != name:
+            raise StoreCorrupt(f"snapshot {name!r}: the catalog returned the row of {row['name']!r} "
+                               "(its name index is damaged): run `snapfs check`; restore the catalog "
+                               "from a backup")
+        try:
+            good = row["state"] == "committed" and (
+                not self.checksums or row["crc"] == _integrity.snapshot_crc(row))
+            info = _info_from_row(row) if good else None
+        except (TypeError, ValueError, KeyError, AttributeError):
+            info = None
+        if info is None:
+            raise StoreCorrupt(f"snapshot {label!r}: its catalog row is damaged (checksum mismatch): "
+                               "run `snapfs check`; restore the catalog from a backup")
+        return info
+
+    def _lookup(self, conn: sqlite3.Connection, name: str) -> tuple[sqlite3.Row, SnapshotInfo]:
+        """The verified row of committed snapshot ``name``: SnapshotNotFound if there is none,
+        StoreCorrupt if every row found under that name fails verification."""
+        rows = conn.execute("SELECT * FROM snapshots WHERE name=? AND state != 'pending'", (name,)).fetchall()
         if not rows:
             raise self._not_found(name)
-        return rows[0]
+        error = None
+        for row in rows:              # one, unless damage made two rows share the name
+            try:
+                return row, self._checked_info(row, name)
+            except StoreCorrupt as exc:
+                error = error or exc
+        raise error
 
     def _not_found(self, name: str) -> SnapshotNotFound:
         return SnapshotNotFound(f"no snapshot named {name!r} in store {self.path}: see `snapfs list`")
 
     def info(self, name: str) -> SnapshotInfo:
-        """The SnapshotInfo of committed snapshot ``name`` (SnapshotNotFound otherwise)."""
-        return _info_from_row(self._row(name))
+        """The SnapshotInfo of committed snapshot ``name`` (SnapshotNotFound otherwise;
+        StoreCorrupt if its catalog row is damaged)."""
+        with self.connection() as conn:
+            return self._lookup(conn, name)[1]
+
+    def region_rows(self, conn: sqlite3.Connection, info: SnapshotInfo) -> list[sqlite3.Row]:
+        """The region rows of a verified snapshot, without their maps, each verified (the map
+        itself is checked when loaded, against the row's ``map_crc``): StoreCorrupt if one is
+        damaged or missing."""
+        extra = "map_crc, crc" if self.checksums else "NULL AS map_crc, NULL AS crc"
+        rows = conn.execute(f"SELECT {_REGION_COLUMNS}, {extra} FROM regions WHERE snapshot_id=? "
+                            "ORDER BY idx", (info.id,)).fetchall()
+        if len(rows) != info.region_count:
+            raise StoreCorrupt(f"snapshot {info.name!r}: the catalog holds {len(rows)} of its "
+                               f"{info.region_count} region rows: run `snapfs check`; restore the "
+                               "catalog from a backup")
+        for i, row in enumerate(rows):
+            try:
+                good = row["idx"] == i and row["snapshot_id"] == info.id and (
+                    not self.checksums or row["crc"] == _integrity.region_crc(row))
+            except TypeError:
+                good = False
+            if not good:
+                raise StoreCorrupt(f"snapshot {info.name!r} region {i} ({row['name']!r}): its catalog "
+                                   "row is damaged (checksum mismatch): run `snapfs check`; restore "
+                                   "the catalog from a backup")
+        return rows
+
+    def load_map(self, info: SnapshotInfo, region: sqlite3.Row) -> np.ndarray:
+        """The page map of a verified region row (see :meth:`region_rows`), checked against the
+        row's ``map_crc`` and for structure. StoreCorrupt naming the region if it is damaged;
+        SnapshotNotFound if the snapshot was removed meanwhile."""
+        rows = self.query("SELECT map FROM regions WHERE snapshot_id=? AND idx=?", (info.id, region["idx"]))
+        if not rows:
+            if not self.query("SELECT 1 FROM snapshots WHERE id=?", (info.id,)):
+                raise SnapshotNotFound(f"snapshot {info.name!r} was removed from store {self.path} "
+                                       "while open")
+        try:
+            if not rows:
+                raise FrameError("region row missing")
+            runs = _runs.decode(rows[0]["map"], region["nruns"], _integrity.map_crc(region, self.checksums))
+            _runs.validate(runs, region["length"] // PAGE)
+        except FrameError as exc:
+            raise StoreCorrupt(f"snapshot {info.name!r} region {region['name']!r}: page map is damaged "
+                               f"({exc.reason}): run `snapfs check`") from None
+        return runs
 
     def open_snapshot(self, name: str) -> "SnapshotReader":
         """A thread-safe reader of committed snapshot ``name``."""
         from snapfs.store.reader import SnapshotReader
         with self.connection() as conn:
             conn.execute("BEGIN")       # the row and its regions from one catalog state
-            row = conn.execute("SELECT * FROM snapshots WHERE name=? AND state='committed'", (name,)).fetchone()
-            regions = conn.execute(
-                "SELECT idx, name, start, length, perms, offset, path, kind, page_size, data_pages, "
-                "zero_pages, meta FROM regions WHERE snapshot_id=? ORDER BY idx",
-                (row["id"] if row else -1,)).fetchall()
-            conn.execute("COMMIT")
-        if row is None:
-            raise self._not_found(name)
-        return SnapshotReader(self, _info_from_row(row), regions)
+            try:
+                _, info = self._lookup(conn, name)
+                regions = self.region_rows(conn, info)
+            finally:
+                conn.execute("COMMIT")
+        return SnapshotReader(self, info, regions)
 
     def begin_snapshot(self, name: str, meta: dict[str, Any], parent: str | None = None) -> "SnapshotWriter":
         """Reserve ``name`` and return a writer (NameInUse if taken or being captured).
@@ -427,6 +557,7 @@ class Store:
         if not _NAME_RE.fullmatch(name) or name in (".", ".."):
             raise UsageError(f"bad snapshot name {name!r}: use letters, digits and ._:@+- "
                              "(at most 200, not starting with a dot or dash)")
+        self._writable()
         try:
             lock_name, lock_fd = self.new_lock()
         except OSError as exc:
@@ -435,17 +566,18 @@ class Store:
             raise StoreError(f"cannot create a lock file in {self.locks_dir}: {exc.strerror}") from None
         try:
             with self.transaction() as conn:
-                parent_row = None
+                parent_info, parent_regions = None, []
                 if parent is not None:
                     # Checked inside the transaction: once our pending row names it, remove()
                     # refuses to delete it until this capture ends.
-                    parent_row = conn.execute("SELECT * FROM snapshots WHERE name=? AND state='committed'",
-                                              (parent,)).fetchone()
-                    if parent_row is None:
-                        raise self._not_found(parent)
+                    try:
+                        _, parent_info = self._lookup(conn, parent)
+                        parent_regions = self.region_rows(conn, parent_info)
+                    except StoreCorrupt as exc:
+                        raise StoreCorrupt(f"{exc}; take a full snapshot (no parent) meanwhile") from None
                 old = conn.execute("SELECT id, state, lock FROM snapshots WHERE name=?", (name,)).fetchone()
                 if old is not None:
-                    if old["state"] == "committed":
+                    if old["state"] != "pending":
                         raise NameInUse(f"a snapshot named {name!r} already exists in {self.path}: "
                                         f"choose another name or `snapfs rm {name}`")
                     if self.writer_alive(old["lock"]):
@@ -457,17 +589,18 @@ class Store:
                 cur = conn.execute(
                     "INSERT INTO snapshots(name, state, lock, parent_id, parent_name, created) "
                     "VALUES (?, 'pending', ?, ?, ?, ?)",
-                    (name, lock_name, parent_row["id"] if parent_row else None, parent, time.time()))
+                    (name, lock_name, parent_info.id if parent_info else None, parent, time.time()))
                 snap_id = int(cur.lastrowid)
-                if parent_row is not None:
+                if parent_info is not None:
                     # Keep the parent's segments alive even if the parent is removed meanwhile.
                     conn.execute("INSERT INTO seg_refs SELECT ?, seg FROM seg_refs WHERE snapshot_id=?",
-                                 (snap_id, parent_row["id"]))
+                                 (snap_id, parent_info.id))
         except BaseException:
             os.close(lock_fd)
             os.unlink(self.locks_dir / lock_name)
             raise
-        return SnapshotWriter(self, snap_id, name, dict(meta), parent_row, lock_name, lock_fd)
+        return SnapshotWriter(self, snap_id, name, dict(meta), parent_info, parent_regions,
+                              lock_name, lock_fd)
 
     def remove(self, names: list[str] | tuple[str, ...] | str) -> None:
         """Remove committed snapshots (all or none); space is reclaimed by :meth:`gc`.
@@ -478,12 +611,14 @@ class Store:
         """
         if isinstance(names, str):
             names = [names]
+        self._writable()
         with self.transaction() as conn:
             ids = []
             for name in names:
-                row = conn.execute("SELECT id FROM snapshots WHERE name=? AND state='committed'",
+                # A damaged row may be removed too, but never a row that is not this name's.
+                row = conn.execute("SELECT id, name FROM snapshots WHERE name=? AND state != 'pending'",
                                    (name,)).fetchone()
-                if row is None:
+                if row is None or row["name"] != name:
                     raise SnapshotNotFound(f"no snapshot named {name!r} in store {self.path}: "
                                            "nothing removed; see `snapfs list`")
                 ids.append(row["id"])
@@ -500,18 +635,21 @@ class Store:
                 conn.execute("DELETE FROM snapshots WHERE id=?", (snap_id,))
             conn.execute("UPDATE counters SET value=value+1 WHERE name='generation'")
 
-    @staticmethod
-    def _repoint_children(conn: sqlite3.Connection, ids: list[int]) -> None:
+    def _repoint_children(self, conn: sqlite3.Connection, ids: list[int]) -> None:
         """Children of snapshots being removed now name their nearest remaining ancestor as
-        parent (or none), and list the removed ones in ``removed_parents``, nearest first."""
+        parent (or none), and list the removed ones in ``removed_parents``, nearest first.
+        A child whose row is damaged is left as it is (rewriting it would certify the damage)."""
+        marks = ",".join("?" * len(ids))
         gone = {r["id"]: r for r in conn.execute(
-            f"SELECT id, name, parent_id, parent_name FROM snapshots WHERE id IN ({','.join('?' * len(ids))})",
-            ids).fetchall()}
+            f"SELECT id, name, parent_id, parent_name FROM snapshots WHERE id IN ({marks})", ids).fetchall()}
         children = conn.execute(
-            f"SELECT id, parent_id, info FROM snapshots WHERE state='committed' AND parent_id IN "
-            f"({','.join('?' * len(ids))})", ids).fetchall()
+            f"SELECT * FROM snapshots WHERE state != 'pending' AND parent_id IN ({marks})", ids).fetchall()
         for child in children:
             if child["id"] in gone:
+                continue
+            try:
+                self._checked_info(child)
+            except StoreCorrupt:
                 continue
             removed: list[str] = []
             parent_id, parent_name = child["parent_id"], None
@@ -521,12 +659,13 @@ class Store:
             info = json.loads(child["info"])
             info["removed_parents"] = list(info.get("removed_parents", [])) + removed
             conn.execute("UPDATE snapshots SET parent_id=?, parent_name=?, info=? WHERE id=?",
-                         (parent_id, parent_name if parent_id is not None else None, json.dumps(info),
-                          child["id"]))
+                         (parent_id, parent_name, json.dumps(info), child["id"]))
+            _integrity.seal_snapshot(conn, child["id"])
 
     def gc(self) -> dict[str, Any]:
         """Reclaim space no snapshot references; safe during mounts and captures. See maintenance.gc."""
         from snapfs.store.maintenance import gc
+        self._writable()
         return gc(self)
 
     def check(self, verify_data: bool = False) -> dict[str, Any]:

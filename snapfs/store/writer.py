@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from snapfs.errors import StoreCorrupt, StoreError
-from snapfs.store import _runs
+from snapfs.store import _integrity, _runs
 from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_BYTES, FrameError,
                                   compress_blob, compress_payload, decompress_blob, frame_header,
                                   segment_header)
@@ -82,12 +82,15 @@ class SnapshotWriter:
     """
 
     def __init__(self, store: Any, snap_id: int, name: str, meta: dict[str, Any],
-                 parent_row: Any, lock_name: str, lock_fd: int) -> None:
+                 parent: SnapshotInfo | None, parent_regions: list[Any], lock_name: str,
+                 lock_fd: int) -> None:
+        """Built by Store.begin_snapshot: ``parent`` and its region rows are verified."""
         self._store = store
         self.id = snap_id
         self.name = name
         self._meta = meta
-        self._parent_row = parent_row
+        self._parent = parent
+        self._parent_regions = parent_regions
         self._lock_name = lock_name
         self._lock_fd = lock_fd
         self._started = time.time()
@@ -110,14 +113,9 @@ class SnapshotWriter:
         self._failed: BaseException | None = None
         self._done = False
         self._writeback = Writeback()
-        self._parent_regions: list[Any] = []
         # idx -> (runs, ends, starts): ends/starts as contiguous int64 for fast searches
         self._parent_maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._parent_hashes: dict[tuple[int, int], np.ndarray] = {}
-        if parent_row is not None:
-            self._parent_regions = store.query(
-                "SELECT idx, name, start, length FROM regions WHERE snapshot_id=? ORDER BY idx",
-                (parent_row["id"],))
 
     # ----------------------------------------------------------------- regions
     def add_region(self, spec: RegionSpec) -> int:
@@ -161,19 +159,40 @@ class SnapshotWriter:
     def _parent_indexed_map(self, pidx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         entry = self._parent_maps.get(pidx)
         if entry is None:
-            row = self._store.query("SELECT nruns, map FROM regions WHERE snapshot_id=? AND idx=?",
-                                    (self._parent_row["id"], pidx))[0]
             try:
-                runs = _runs.decode(row["map"], row["nruns"])
-            except FrameError as exc:
-                raise self._parent_damaged(exc) from None
+                runs = self._store.load_map(self._parent, self._parent_regions[pidx])
+            except StoreCorrupt as exc:
+                raise StoreCorrupt(f"parent {exc}; take a full snapshot (no parent) meanwhile") from None
             entry = self._parent_maps[pidx] = (runs, _runs.ends_of(runs).astype(np.int64),
                                                runs["page"].astype(np.int64))
         return entry
 
-    def _parent_damaged(self, exc: FrameError) -> StoreCorrupt:
-        return StoreCorrupt(f"parent snapshot {self._parent_row['name']!r} has a damaged index "
-                            f"({exc.reason}): take a full snapshot (no parent) and run `snapfs check`")
+    def _parent_hash_chunk(self, pidx: int, chunk: int) -> np.ndarray:
+        """The parent's page hashes for one chunk of region ``pidx``: empty (nothing matches,
+        every page is stored) if it has none under our algorithm, or if they are damaged -
+        then with a warning: the snapshot is still right, only bigger."""
+        crc = "crc" if self._store.checksums else "NULL AS crc"
+        rows = self._store.query(
+            f"SELECT snapshot_id, region_idx, chunk, algo, data, {crc} FROM hashes "
+            "WHERE snapshot_id=? AND region_idx=? AND chunk=? AND algo=?",
+            (self._parent.id, pidx, chunk, ALGO))
+        if not rows:
+            return np.zeros(0, np.uint64)
+        length = min(HASH_CHUNK, self._parent_regions[pidx]["length"] // PAGE - chunk * HASH_CHUNK)
+        try:
+            raw = decompress_blob(rows[0]["data"])
+            good = len(raw) == 8 * length and (not self._store.checksums or rows[0]["crc"] == (
+                _integrity.keyed_blob_crc("hashes", rows[0], _integrity.HASH_FIELDS, raw)))
+        except FrameError:
+            good = False
+        if not good:
+            with self._lock:
+                self._warnings.append(
+                    f"region {self._parent_regions[pidx]['name']}: the page hashes of parent "
+                    f"{self._parent.name!r} are damaged: pages {chunk * HASH_CHUNK}.. compared with "
+                    "nothing and stored in full (run `snapfs check`)")
+            return np.zeros(0, np.uint64)
+        return np.frombuffer(raw, "<u8")
 
     def _parent_hash(self, pidx: int, pages: np.ndarray) -> np.ndarray:
         out = np.zeros(len(pages), np.uint64)
@@ -181,15 +200,7 @@ class SnapshotWriter:
         for chunk in np.unique(chunks).tolist():
             arr = self._parent_hashes.get((pidx, chunk))
             if arr is None:
-                rows = self._store.query(
-                    "SELECT data FROM hashes WHERE snapshot_id=? AND region_idx=? AND chunk=? AND algo=?",
-                    (self._parent_row["id"], pidx, chunk, ALGO))
-                # No chunk (no data there, or hashed another way): nothing matches, all is stored.
-                try:
-                    arr = np.frombuffer(decompress_blob(rows[0]["data"]), "<u8") if rows else np.zeros(0, np.uint64)
-                except FrameError as exc:
-                    raise self._parent_damaged(exc) from None
-                self._parent_hashes[(pidx, chunk)] = arr
+                arr = self._parent_hashes[(pidx, chunk)] = self._parent_hash_chunk(pidx, chunk)
             sel = chunks == chunk
             local = pages[sel] - chunk * HASH_CHUNK
             if len(arr):
@@ -522,7 +533,7 @@ class SnapshotWriter:
                              f"inside 0..{reg.npages}")
         if reg.parent_idx is None:
             raise StoreError(f"region {reg.spec.name!r} has no counterpart in parent "
-                             f"{self._parent_row['name'] if self._parent_row else None!r}: cannot inherit")
+                             f"{self._parent.name if self._parent else None!r}: cannot inherit")
         runs, ends, starts = self._parent_indexed_map(reg.parent_idx)
         part = _runs.clip_many(runs, firsts, lasts, ends, starts)
         # Every inherited page keeps the parent's hash (a grandchild compares against them).
@@ -666,8 +677,9 @@ class SnapshotWriter:
                     meta=merged, region_count=len(self._regions))
         info.setdefault("faults", 0)
 
-        # Encode everything before the transaction: it blocks other writers' commits.
-        region_rows, hash_rows = [], []
+        # Encode (and checksum, see _integrity.py) everything before the transaction: it
+        # blocks other writers' commits.
+        region_rows, hash_rows, blob_rows = [], [], []
         for i, (reg, runs) in enumerate(zip(self._regions, maps)):
             spec = reg.spec
             kinds = runs["kind"]
@@ -675,22 +687,32 @@ class SnapshotWriter:
             meta = dict(spec.meta)
             if reg.lost:
                 meta["lost"] = [list(x) for x in reg.lost]
-            region_rows.append(
-                (self.id, i, spec.name, spec.start, spec.length, spec.perms, spec.offset, spec.path,
-                 spec.kind, spec.page_size, int(n[kinds == DATA].sum()), int(n[kinds == ZERO].sum()),
-                 json.dumps(meta), len(runs), _runs.encode(runs)))
-            hash_rows += [(self.id, i, chunk, ALGO, compress_blob(arr.tobytes()))
-                          for chunk, arr in sorted(reg.hashes.items()) if arr.any()]
+            blob, map_crc = _runs.encode(runs)
+            row = dict(zip(_integrity.REGION_FIELDS, (
+                self.id, i, spec.name, int(spec.start), int(spec.length), spec.perms, int(spec.offset),
+                spec.path, spec.kind, int(spec.page_size), int(n[kinds == DATA].sum()),
+                int(n[kinds == ZERO].sum()), json.dumps(meta), len(runs), map_crc)))
+            region_rows.append({**row, "map": blob, "crc": _integrity.region_crc(row)})
+            for chunk, arr in sorted(reg.hashes.items()):
+                if arr.any():
+                    row = {"snapshot_id": self.id, "region_idx": i, "chunk": chunk, "algo": ALGO}
+                    raw = arr.tobytes()
+                    hash_rows.append({**row, "data": compress_blob(raw), "crc": _integrity.keyed_blob_crc(
+                        "hashes", row, _integrity.HASH_FIELDS, raw)})
+        for name, raw in self._blobs.items():
+            row = {"snapshot_id": self.id, "name": name, "size": len(raw)}
+            blob_rows.append({**row, "data": compress_blob(raw), "crc": _integrity.keyed_blob_crc(
+                "blobs", row, _integrity.BLOB_FIELDS, raw)})
 
         with self._store.transaction() as conn:
             conn.executemany("INSERT INTO frames(seg, off, flen, npages, owner) VALUES (?,?,?,?,?)",
                              [(s, o, fl, np_, self.id) for s, o, fl, np_ in self._frames])
             conn.executemany("UPDATE segments SET state='sealed', size=? WHERE id=?",
                              [(seg.size, seg.id) for seg in self._segments])
-            conn.executemany("INSERT INTO regions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", region_rows)
-            conn.executemany("INSERT INTO hashes VALUES (?,?,?,?,?)", hash_rows)
-            conn.executemany("INSERT INTO blobs VALUES (?,?,?,?)",
-                             [(self.id, k, len(v), compress_blob(v)) for k, v in self._blobs.items()])
+            for table, rows in (("regions", region_rows), ("hashes", hash_rows), ("blobs", blob_rows)):
+                if rows:
+                    conn.executemany(f"INSERT INTO {table}({', '.join(rows[0])}) "
+                                     f"VALUES ({', '.join(':' + k for k in rows[0])})", rows)
             conn.execute("DELETE FROM seg_refs WHERE snapshot_id=?", (self.id,))
             conn.executemany("INSERT INTO seg_refs VALUES (?,?)", [(self.id, s) for s in ref_segs])
             cur = conn.execute("UPDATE snapshots SET state='committed', lock=NULL, info=?, "
@@ -699,6 +721,7 @@ class SnapshotWriter:
             if cur.rowcount != 1:
                 raise StoreError(f"snapshot {self.name!r}: its reservation vanished from the catalog; "
                                  "nothing published")
+            _integrity.seal_snapshot(conn, self.id)
             conn.execute("UPDATE counters SET value=value+1 WHERE name='generation'")
         self._done = True
         self._release()
