@@ -22,6 +22,10 @@ from snapfs.elfcore.x86_64 import (  # noqa: F401
 
 REGS_STRUCT = "struct user_regs { unsigned long long " + ", ".join(REG_NAMES) + "; };"
 REGS_SIZE = 8 * len(REG_NAMES)
+# PTRACE_GETREGSET note type of the whole XSAVE area (FXSAVE legacy area first, then AVX...);
+# its size depends on the CPU's enabled features (kernel's answer), at most a few KiB.
+XSTATE_NOTE = 0x202  # NT_X86_XSTATE
+XSTATE_MAX = 16384
 
 # Syscall numbers (asm/unistd_64.h) used for injection and by snapfs itself.
 SYS = {
@@ -31,6 +35,11 @@ SYS = {
     "ioctl": 16,
     "socketpair": 53,
     "recvmsg": 47,
+    "pause": 34,
+    "brk": 12,
+    "mprotect": 10,
+    "mremap": 25,
+    "open": 2,
     "ptrace": 101,
     "restart_syscall": 219,
     "process_vm_readv": 310,

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from snapfs.capture import coreinfo, fastfault, hugepages
+from snapfs.capture import coreinfo, fastfault, hugepages, procstate, threadstate
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
@@ -189,6 +189,11 @@ class _Capture:
         self.warnings: list[str] = []
         self.writer = None
         self.tracking = None
+        # The restore's record of the instant (snapfs.capture.procstate): the kernel state
+        # read before the freeze and after the release, the threads' XSAVE areas and masks.
+        self.state_before: dict | None = None
+        self.state_after: dict | None = None
+        self.thread_state: dict = {}
 
     async def run(self) -> CaptureResult:
         comm = check_target(self.pid)
@@ -211,6 +216,7 @@ class _Capture:
             async with frozen(self.pid, record=False) as attach:
                 uffd = attach.uffd
             features = handshake(uffd)
+            self.state_before = await trio.to_thread.run_sync(procstate.read_state, self.pid)
             with fault_thread_priority():
                 try:
                     # The fault path starts inside the freeze (see _start_faults), in this
@@ -221,6 +227,7 @@ class _Capture:
                         threads, core_blob = await trio.to_thread.run_sync(
                             self._after_resume, core_before, ft, prep, limiter=self.limiter
                         )
+                        self.fault_nursery.start_soon(self._read_state_after)
                         # 4. The target runs again: save every page recorded, faults first.
                         ctx = self.ctx
                         await self._background(ctx)
@@ -230,6 +237,8 @@ class _Capture:
             self._report_unsaved()
             duration = time.monotonic() - t_start
             writer.put_blob(CORE_BLOB, core_blob)
+            writer.put_blob(procstate.STATE_BLOB, procstate.encode_record(
+                procstate.bracket(self.state_before, self.state_after), self.thread_state, ft.maps))
             info = writer.commit(
                 {
                     "pause_ms": ft.pause_ms,
@@ -299,6 +308,7 @@ class _Capture:
         copy_buffer = copy_buffer_for(maps.regions)
 
         def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
+            self.thread_state = threadstate.record(ft.proc.tids)
             prep = protect_and_record(
                 ft,
                 include_readonly=opts.include_readonly,
@@ -314,6 +324,10 @@ class _Capture:
             return prep
 
         return await protect_then_freeze(self.pid, comm, uffd, maps, at_instant)
+
+    async def _read_state_after(self) -> None:
+        """The kernel state again once the target runs (see procstate.bracket)."""
+        self.state_after = await trio.to_thread.run_sync(procstate.read_state, self.pid)
 
     async def _start_faults(self, uffd: Uffd, prep: Prepared) -> None:
         """In the trio thread, while the target is still stopped: the capture context and

@@ -32,7 +32,7 @@ for _type in ("char[]", "long", "unsigned long", "uintptr_t", "void *", "struct 
               "struct iovec[1]", "struct page_region[]", "struct pm_scan_arg *",
               "struct uffdio_api *", "struct uffdio_range *", "struct uffdio_register *",
               "struct uffdio_writeprotect *", "struct user_regs *", "uint8_t[]", "uint64_t[]",
-              "int64_t[]", "int *"):
+              "int64_t[]", "int *", "uint64_t *"):
     ffi.typeof(_type)
 
 assert ffi.sizeof("struct uffd_msg") == 32
@@ -115,6 +115,10 @@ PTRACE_CONT = 7
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
 PTRACE_O_TRACESYSGOOD = 1
 PTRACE_EVENT_STOP = 128
 WALL = 0x40000000

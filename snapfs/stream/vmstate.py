@@ -63,7 +63,7 @@ class VmstateView:
         else:
             head = F.HEADER + F.configuration(PROCESS_MACHINE)
             section_id = F.DEFAULT_RAM_SECTION_ID
-            tail = _ram_only_tail(info, reader.regions)
+            tail = _ram_only_tail(info, reader.regions, reader)
         blocks = []
         for region in reader.regions:
             rmeta = region.meta or {}
@@ -110,10 +110,16 @@ def _runs_of(reader: Any, index: int, file_holes: bool) -> Any:
     return load
 
 
-def _ram_only_tail(info: Any, regions: list) -> bytes:
-    """EOF plus a small VMDESCRIPTION saying how to load the stream into QEMU."""
+def _ram_only_tail(info: Any, regions: list, reader: Any = None) -> bytes:
+    """EOF plus a VMDESCRIPTION saying how to load the stream into QEMU; for a process
+    snapshot (``reader`` given) it also carries the process's description
+    (:mod:`snapfs.stream.procdesc`: region addresses, registers, kernel state)."""
     doc: dict[str, Any] = {"page_size": F.TARGET_PAGE_SIZE, "devices": []}
     hint: dict[str, Any] = {"snapshot": info.name, "machine": PROCESS_MACHINE}
+    if reader is not None and info.kind == "process":
+        from snapfs.stream.procdesc import describe
+
+        hint.update(describe(reader, [block_idstr(r.name).decode("utf-8", "replace") for r in regions]))
     if len(regions) == 1:
         r = regions[0]
         name = block_idstr(r.name).decode("utf-8", "replace")
