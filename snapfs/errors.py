@@ -27,6 +27,11 @@ class TargetError(SnapfsError):
     exit_code = 3
 
 
+class RestoreRefused(TargetError):
+    """``incoming --pid``: the process differs from the snapshot in what a restore cannot
+    rewind, or its layout cannot be re-created; nothing was written."""
+
+
 class PermissionDenied(SnapfsError):
     """ptrace or userfaultfd access refused; the message says what to grant."""
 

@@ -159,9 +159,15 @@ def test_bad_stream_leaves_target_untouched(target, snapfs_env, cut):
     assert res.returncode == 9, res.stderr
     assert "byte" in res.stderr.decode()
     assert target.ask("check") == "bad 261632 1048576"
-    # The full stream restores exactly that region (pages the image sends as data or zero).
+    # The full stream carries no process description (no registers, no recorded kernel
+    # state): refused, untouched; with --force it restores exactly that region's memory
+    # (pages the image sends as data or zero) and says what it did not rewind.
     res = run(snapfs_env, "incoming", "--pid", str(target.pid), stdin=stream)
+    assert res.returncode == 3 and b"no process description" in res.stderr and b"--force" in res.stderr
+    assert target.ask("check") == "bad 261632 1048576"
+    res = run(snapfs_env, "incoming", "--pid", str(target.pid), "--force", stdin=stream)
     assert res.returncode == 0, res.stderr
+    assert b"not rewound: the stream carries no process description" in res.stderr
     assert target.ask("check").startswith("bad ") and target.ask("check") != "bad 261632 1048576"
 
 

@@ -95,6 +95,33 @@ def emulate_restart(regs) -> None:
         regs.rip -= SYSCALL_INSN_LEN
 
 
+def resume_as_recorded(regs) -> None:
+    """Turn registers recorded at a snapshot's stop into registers a thread resumes from
+    later, on whatever stop it is in then (restore of a snapshot).
+
+    A thread stopped inside an interruptible syscall resumes by issuing that syscall again
+    (its arguments are still in the registers). The kernel's own ``restart_syscall`` is not
+    used even for ERESTART_RESTARTBLOCK (nanosleep, poll...): it continues from the
+    thread's *current* restart block, which is not the snapshot's; issued again, the call
+    sleeps its full timeout from the restore on (absolute timeouts are exact).
+    ``orig_rax = -1`` keeps the kernel from applying its restart rule a second time.
+    """
+    if _signed(regs.orig_rax) >= 0 and _signed(regs.rax) in (
+        _ERESTARTSYS, _ERESTARTNOINTR, _ERESTARTNOHAND, _ERESTART_RESTARTBLOCK
+    ):
+        regs.rax = regs.orig_rax
+        regs.rip -= SYSCALL_INSN_LEN
+    regs.orig_rax = (1 << 64) - 1
+
+
+def park(regs, insn_addr: int) -> None:
+    """Registers that make a thread wait in ``pause()`` (with every signal blocked, for ever;
+    the stack pointer is kept): where a restore leaves threads while it rewrites memory."""
+    regs.rip = insn_addr
+    regs.rax = SYS["pause"]
+    regs.orig_rax = (1 << 64) - 1
+
+
 def pc(regs) -> int:
     """Program counter."""
     return regs.rip

@@ -1,7 +1,9 @@
 """``snapfs incoming``: read a QEMU migration stream from stdin.
 
 ``--name NAME`` stores it as a snapshot (works as the target of QEMU's ``migrate "exec:..."``);
-``--pid PID`` restores a process's memory from it (``--dry-run`` validates only).
+``--pid PID`` rewinds a live process to it — memory, layout, every thread's registers — or
+refuses naming what differs (``--dry-run`` reports without writing, ``--force`` restores
+despite differences in kernel state a restore cannot rewind).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 from snapfs.commands.common import add_store_argument, store_path
-from snapfs.errors import UsageError
+from snapfs.errors import RestoreRefused, UsageError
 from snapfs.units import format_bytes
 
 
@@ -25,12 +27,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read a QEMU migration stream on stdin: store it, or restore a process from it",
         description="Read a QEMU migration stream (a snapshot's vmstate, or QEMU's own "
         "`migrate` output) from stdin. With --name, store it as a new snapshot; with --pid, "
-        "validate the whole stream, then stop the process, write its memory and resume it.",
+        "validate the whole stream, compare the process with the snapshot (fd table, epoll "
+        "registrations, threads, signal dispositions, mappings), then stop it, restore its "
+        "layout, memory and every thread's registers, and resume it — or refuse, naming "
+        "what differs, and touch nothing.",
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--name", metavar="NAME", help="store the stream as snapshot NAME")
     what.add_argument("--pid", metavar="PID", type=int, help="restore the memory of process PID")
-    p.add_argument("--dry-run", action="store_true", help="with --pid: validate and match only")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --pid: validate, compare and report everything; write nothing")
+    p.add_argument("--force", action="store_true",
+                   help="with --pid: restore although the process's kernel state (fds, threads, "
+                   "signals) differs from the snapshot's, or was not recorded; says what may break")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_store_argument(p)
     p.set_defaults(func=run)
@@ -43,21 +52,41 @@ def run(args: argparse.Namespace) -> int:
                          "(e.g. `snapfs cat NAME vmstate | snapfs incoming --pid PID`)")
     src = sys.stdin.buffer
     if args.pid is not None:
-        from snapfs.stream.restore import restore_process
+        from snapfs.stream.restore import restore_process  # numpy: only for --pid
 
-        result = restore_process(src, args.pid, dry_run=args.dry_run)
+        result = restore_process(src, args.pid, dry_run=args.dry_run, force=args.force)
         if args.json:
             print(json.dumps(result.to_json(), sort_keys=True))
-        elif result.dry_run:
-            print(f"stream OK: {result.blocks} blocks, {result.pages_sent} pages match process "
-                  f"{result.pid} (dry run: nothing written)")
         else:
-            print(f"process {result.pid}: restored {result.blocks} blocks, "
-                  f"{result.pages_written} of {result.pages_sent} pages differed and were written")
+            _print_restore(result)
+        if result.dry_run and (result.problems or (result.differences and not args.force)):
+            return RestoreRefused.exit_code
         return 0
-    if args.dry_run:
-        raise UsageError("--dry-run goes with --pid")
+    if args.dry_run or args.force:
+        raise UsageError("--dry-run and --force go with --pid")
     return _ingest(args)
+
+
+def _print_restore(r) -> None:
+    """The human report of ``incoming --pid`` (everything with --dry-run)."""
+    what = f"snapshot {r.snapshot}" if r.snapshot else "the stream"
+    print(f"{what}: {r.blocks} blocks, {r.pages_sent} pages, registers of {r.threads} threads")
+    if r.dry_run or r.layout:
+        print(f"layout: {len(r.layout)} syscalls to inject" + "".join(f"\n  {op}" for op in r.layout))
+    for title, items in (("cannot restore", r.problems), ("differs from the snapshot", r.differences)):
+        if items and (r.dry_run or not r.restored):
+            print(f"{title}:" + "".join(f"\n  {x}" for x in items))
+    if r.dry_run:
+        verdict = ("would refuse" if r.problems else
+                   "would refuse (--force restores anyway)" if r.differences else "would restore")
+        print(f"dry run, nothing written: {verdict} process {r.pid}")
+        return
+    print(f"process {r.pid}: restored {r.blocks} blocks ({r.pages_written} of {r.pages_sent} pages "
+          f"differed and were written), {len(r.layout)} layout syscalls, registers of {r.threads} threads")
+    if r.forced:
+        print("--force: restored although the process differs from the snapshot; the restored "
+              "memory may disagree with the kernel and the process may misbehave where it does:"
+              + "".join(f"\n  not rewound: {x}" for x in r.forced), file=sys.stderr)
 
 
 def _ingest(args: argparse.Namespace) -> int:
