@@ -18,6 +18,7 @@
  *   grow    -> "grown": 32 MiB more heap (64 KiB chunks from brk) + 4 fresh 1 MiB mmaps,
  *              all linked into the checked "extra" list
  *   shrink  -> "shrunk": frees and unmaps all of it, malloc_trim(0) (the heap shrinks)
+ *   openfd  -> "opened FD": a new pipe (its read end's number), kept open
  * First line: "ready <address of generation> <address of broken>".
  */
 #include <malloc.h>
@@ -249,6 +250,10 @@ int main(void)
             grow();
             pthread_mutex_unlock(&lock);
             puts("grown");
+        } else if (!strncmp(line, "openfd", 6)) {
+            int fds[2];
+            if (pipe(fds)) return 1;
+            printf("opened %d\n", fds[0]);
         } else if (!strncmp(line, "shrink", 6)) {
             pthread_mutex_lock(&lock);
             shrink();
