@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # gdb, elfutils (eu-readelf), binutils (readelf) and python3-dbg (py-bt) for the core view's tests.
-DEBS=(gcc libc6-dev make pkg-config fuse3 libfuse3-dev gdb elfutils binutils python3-dbg qemu-system-x86 qemu-utils python3-venv python3-dev psmisc libxxhash0 libdeflate0)
+DEBS=(gcc libc6-dev make pkg-config fuse3 libfuse3-dev gdb elfutils binutils python3-dbg qemu-system-x86 qemu-utils python3-venv python3-dev psmisc libxxhash0 libdeflate0
+      redis-server redis-tools strace)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -22,10 +22,7 @@ from snapfs.elfcore.x86_64 import (  # noqa: F401
 
 REGS_STRUCT = "struct user_regs { unsigned long long " + ", ".join(REG_NAMES) + "; };"
 REGS_SIZE = 8 * len(REG_NAMES)
-# PTRACE_GETREGSET note type of the whole XSAVE area (FXSAVE legacy area first, then AVX...);
-# its size depends on the CPU's enabled features (kernel's answer), at most a few KiB.
-XSTATE_NOTE = 0x202  # NT_X86_XSTATE
-XSTATE_MAX = 16384
+XSTATE_MAX = 16384  # buffer for PTRACE_GETREGSET(NT_X86_XSTATE); AMX needs ~11 KiB
 
 # Syscall numbers (asm/unistd_64.h) used for injection and by snapfs itself.
 SYS = {

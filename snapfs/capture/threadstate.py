@@ -23,7 +23,7 @@ def get_xstate(tid: int) -> bytes:
     iov = k.ffi.new("struct iovec *")
     iov.iov_base = buf
     iov.iov_len = arch.XSTATE_MAX
-    k.ptrace(k.PTRACE_GETREGSET, tid, arch.XSTATE_NOTE, iov)
+    k.ptrace(k.PTRACE_GETREGSET, tid, k.NT_X86_XSTATE, iov)
     return bytes(k.ffi.buffer(buf, iov.iov_len))
 
 
@@ -33,7 +33,7 @@ def set_xstate(tid: int, data: bytes) -> None:
     iov = k.ffi.new("struct iovec *")
     iov.iov_base = buf
     iov.iov_len = len(data)
-    k.ptrace(k.PTRACE_SETREGSET, tid, arch.XSTATE_NOTE, iov)
+    k.ptrace(k.PTRACE_SETREGSET, tid, k.NT_X86_XSTATE, iov)
 
 
 def get_sigmask(tid: int) -> int:
@@ -68,7 +68,7 @@ def record(tids: list[int]) -> dict[str, dict]:
     call = k.libc.syscall
     nr = k.ffi.cast("long", arch.SYS["ptrace"])
     getregset, getmask = k.ffi.cast("long", k.PTRACE_GETREGSET), k.ffi.cast("long", k.PTRACE_GETSIGMASK)
-    note, eight = k.ffi.cast("long", arch.XSTATE_NOTE), k.ffi.cast("long", 8)
+    note, eight = k.ffi.cast("long", k.NT_X86_XSTATE), k.ffi.cast("long", 8)
     iov_arg, mask_arg = k.ffi.cast("long", iov), k.ffi.cast("long", mask)
     for tid in tids:
         iov.iov_len = arch.XSTATE_MAX
