@@ -11,6 +11,7 @@ goes back to the snapshot's and nothing is ever found broken.
 from __future__ import annotations
 
 import io
+import resource
 import struct
 import subprocess
 import time
@@ -26,12 +27,17 @@ from snapfs.stream.vmstate import VmstateView
 from tests.conftest import snapfs_cmd
 
 
+def _no_core() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 class Chase:
     """The running ptrchase target."""
 
     def __init__(self, binary) -> None:
+        # No core file: a target that crashes (memory-only restores may) dies at once.
         self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=_no_core)
         _, gen, broken = self.proc.stdout.readline().split()
         self.gen_addr, self.broken_addr = int(gen, 16), int(broken, 16)
         self.pid = self.proc.pid

@@ -34,12 +34,18 @@ _ALL_BLOCKED = 0xFFFFFFFFFFFBFEFF  # every signal but SIGKILL and SIGSTOP (the k
 _PAUSE = 34
 
 
+def _no_core() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a harmed target dies at once
+
+
 class Target:
     """A running ptrchase, asked with a timeout (a parked one does not answer)."""
 
     def __init__(self, binary: Path) -> None:
         self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, preexec_fn=_no_core)
         self.pid = self.proc.pid
         self._buf = b""
         self.first_line = self._line(10)

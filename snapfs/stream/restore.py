@@ -285,7 +285,13 @@ def _rewind(proc: StoppedProcess, insn: int, image: ProcessImage | None, spooled
         for tid, t in recorded.items():
             if t.xstate is not None and tid in proc.tids:
                 # First, while nothing is written: a CPU that cannot load it refuses here.
-                threadstate.set_xstate(tid, t.xstate)
+                try:
+                    threadstate.set_xstate(tid, t.xstate)
+                except OSError as exc:
+                    raise RestoreRefused(
+                        f"cannot restore process {proc.pid}: this CPU does not take the FPU/AVX "
+                        f"state recorded for thread {tid} ({exc.strerror}; a snapshot from "
+                        "another machine?): nothing written") from None
         if a.ops:
             inject = proc.injector()  # created parked: its "original" registers are the parked ones
             touched = True
