@@ -175,3 +175,27 @@ def test_snapshot_of_an_older_version_restores_memory_only_with_force(chase, sto
     result = restore_process(io.BytesIO(data), chase.pid, force=True)
     assert result.restored and result.threads == 0
     assert any("older snapfs" in f for f in result.forced)
+
+
+def test_an_every_child_records_the_state_and_restores(chase, store_dir):
+    """`snapshot --every` children are restorable as exactly as full snapshots."""
+    from snapfs.capture import continuous
+
+    async def series() -> None:
+        with Store.open(store_dir, create=True) as store:
+            first = await capture_process(chase.pid, store, "c0", CaptureOptions(continuous=True))
+            try:
+                await trio.sleep(0.2)
+                await continuous.snapshot_next(first.tracking, store, "c1")
+            finally:
+                first.tracking.close()
+
+    trio.run(series)
+    at_child = recorded_u64(store_dir, "c1", chase.gen_addr)
+    time.sleep(0.2)
+    before, _ = chase.generation()
+    result = restore_process(io.BytesIO(vmstate(store_dir, "c1")), chase.pid)
+    assert result.restored and result.threads == 6 and not result.forced
+    after, broken = chase.generation()
+    assert at_child <= after < before and broken == 0
+    chase.assert_sound()
