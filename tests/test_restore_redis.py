@@ -4,6 +4,8 @@ stream path (`snapfs cat NAME vmstate | snapfs incoming --pid PID`).
 
 - Snapshot under load (20 clients writing), clients gone: the fd table differs (their
   sockets are closed), so the restore is refused naming the fds, and the server is untouched.
+  With --hang-up the 20 sockets are re-created as connections whose peer hung up (same fds,
+  same epoll registrations): restored, the server closes them itself and serves new clients.
 - Snapshot with no client connected, keys changed after: restored exactly (the keys of the
   snapshot instant), and new clients are served.
 Never a crash or a hang.
@@ -96,6 +98,16 @@ def test_snapshot_under_load_clients_gone_is_refused_and_server_untouched(redis,
     # Untouched: the same keys, still serving.
     assert redis.alive() and redis.cli("GET", "phase") == "after" and redis.cli("DBSIZE") == keys
     assert redis.cli("SET", "new", "1") == "OK" and redis.cli("GET", "new") == "1"
+
+    res = snapfs(snapfs_env, "incoming", "--pid", str(redis.pid), "--hang-up", stdin=stream)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(b"re-created as a socket whose peer hung up") >= 20, res.stdout
+    assert redis.alive()
+    assert redis.cli("GET", "phase") == "before"  # the snapshot instant
+    assert redis.cli("GET", "new") == ""
+    assert redis.cli("SET", "new", "2") == "OK" and redis.cli("GET", "new") == "2"
+    clients = redis.cli("CLIENT", "LIST").splitlines()
+    assert len(clients) == 1, clients  # the 20 old connections are gone: only this one
 
 
 def test_snapshot_then_keys_changed_is_restored_and_serves_new_clients(redis, snapfs_env):

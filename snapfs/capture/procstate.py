@@ -137,7 +137,7 @@ def _readlink(path: str) -> str | None:
         return None
 
 
-def _same_fd(a: dict | None, b: dict | None) -> bool:
+def same_fd(a: dict | None, b: dict | None) -> bool:
     """Same open file with the same flags and registrations (the position may move)."""
     if a is None or b is None:
         return a is b
@@ -151,7 +151,7 @@ def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     fds, uncertain = {}, {}
     for fd in sorted(set(before["fds"]) | set(after["fds"]), key=int):
         a, b = before["fds"].get(fd), after["fds"].get(fd)
-        if _same_fd(a, b):
+        if same_fd(a, b):
             if b is not None:
                 fds[fd] = b
         else:
@@ -176,9 +176,10 @@ def _signal_names(mask: int) -> str:
     return ",".join(names)
 
 
-def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def differences(recorded: dict[str, Any], current: dict[str, Any], resolved: set[str] = frozenset()) -> list[str]:
     """What differs between the snapshot's record and the target's state now, one short
-    sentence each (empty: nothing the restore cannot rewind has changed)."""
+    sentence each (empty: nothing the restore cannot rewind has changed). Fds in
+    ``resolved`` (settled another way, e.g. :mod:`snapfs.capture.hangup`) are left out."""
     out: list[str] = []
     if recorded.get("boot_id") != current.get("boot_id") or recorded.get("start_time") != current.get("start_time"):
         out.append("not the process the snapshot was taken of (a different start time or boot: "
@@ -197,15 +198,17 @@ def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
             changed = int(sig_now.get(key, 0)) ^ int(sig_then.get(key, 0))
             if changed:
                 out.append(f"signals {what} differ: {_signal_names(changed)}")
-    out += _fd_differences(recorded, current["fds"])
+    out += _fd_differences(recorded, current["fds"], resolved)
     return out
 
 
-def _fd_differences(recorded: dict[str, Any], now: dict[str, dict]) -> list[str]:
+def _fd_differences(recorded: dict[str, Any], now: dict[str, dict], resolved: set[str]) -> list[str]:
     out = []
     then = recorded.get("fds", {})
     uncertain = recorded.get("fds_uncertain", {})
     for fd in sorted(set(then) | set(now) | set(uncertain), key=int):
+        if fd in resolved:
+            continue
         cur = now.get(fd)
         if fd in uncertain:
             u = uncertain[fd]
@@ -223,8 +226,11 @@ def _fd_differences(recorded: dict[str, Any], now: dict[str, dict]) -> list[str]
         elif old.get("flags") != cur.get("flags"):
             out.append(f"fd {fd} ({describe_fd(cur)}) has flags 0{cur.get('flags', 0):o} now, "
                        f"was 0{old.get('flags', 0):o}")
-        elif old.get("epoll") != cur.get("epoll"):
-            out.append(f"epoll fd {fd}: {_epoll_difference(old.get('epoll') or [], cur.get('epoll') or [])}")
+        else:
+            a = [e for e in old.get("epoll") or [] if str(e[0]) not in resolved]
+            b = [e for e in cur.get("epoll") or [] if str(e[0]) not in resolved]
+            if a != b:
+                out.append(f"epoll fd {fd}: {_epoll_difference(a, b)}")
     return out
 
 

@@ -40,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="with --pid: restore although the process's kernel state (fds, threads, "
                    "signals) differs from the snapshot's, or was not recorded; says what may break")
+    p.add_argument("--hang-up", action="store_true",
+                   help="with --pid: sockets closed since the snapshot are re-created (same fd, same "
+                   "epoll registrations) as connections whose peer hung up, sockets opened since are "
+                   "closed: the process sees those connections end instead of a refusal")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_store_argument(p)
     p.set_defaults(func=run)
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pid is not None:
         from snapfs.stream.restore import restore_process  # numpy: only for --pid
 
-        result = restore_process(src, args.pid, dry_run=args.dry_run, force=args.force)
+        result = restore_process(src, args.pid, dry_run=args.dry_run, force=args.force,
+                                 hang_up=args.hang_up)
         if args.json:
             print(json.dumps(result.to_json(), sort_keys=True))
         else:
@@ -62,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
         if result.dry_run and (result.problems or (result.differences and not args.force)):
             return RestoreRefused.exit_code
         return 0
-    if args.dry_run or args.force:
-        raise UsageError("--dry-run and --force go with --pid")
+    if args.dry_run or args.force or args.hang_up:
+        raise UsageError("--dry-run, --force and --hang-up go with --pid")
     return _ingest(args)
 
 
@@ -73,6 +78,8 @@ def _print_restore(r) -> None:
     print(f"{what}: {r.blocks} blocks, {r.pages_sent} pages, registers of {r.threads} threads")
     if r.dry_run or r.layout:
         print(f"layout: {len(r.layout)} syscalls to inject" + "".join(f"\n  {op}" for op in r.layout))
+    if r.fd_changes:
+        print("--hang-up:" + "".join(f"\n  {x}" for x in r.fd_changes))
     for title, items in (("cannot restore", r.problems), ("differs from the snapshot", r.differences)):
         if items and (r.dry_run or not r.restored):
             print(f"{title}:" + "".join(f"\n  {x}" for x in items))

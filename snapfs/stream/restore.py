@@ -40,7 +40,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from snapfs.capture import layout, procstate, threadstate
+from snapfs.capture import hangup, layout, procstate, threadstate
 from snapfs.capture.freeze import stopped
 from snapfs.capture.maps import Vma, classify, huge_page_sizes, read_maps
 from snapfs.capture.memory import read_memory, write_memory
@@ -71,6 +71,7 @@ class RestoreResult:
     differences: list[str] = field(default_factory=list)  # kernel state not rewound (--force)
     problems: list[str] = field(default_factory=list)  # what makes a restore impossible
     layout: list[str] = field(default_factory=list)  # injected syscalls (described)
+    fd_changes: list[str] = field(default_factory=list)  # --hang-up: sockets re-created/closed
     forced: list[str] = field(default_factory=list)  # what --force let through: may break
     restored: bool = False
 
@@ -91,6 +92,7 @@ class _Assessment:
     differences: list[str]
     problems: list[str]
     holes: dict[int, tuple[RegionDesc, int]]  # block -> (its region, an fd of its file)
+    hangup: hangup.HangUp = field(default_factory=hangup.HangUp)
 
 
 def target_regions(pid: int) -> dict[str, Vma]:
@@ -121,8 +123,10 @@ def _join(items: list[str], shown: int = 8) -> str:
     return "; ".join(items[:shown]) + (f"; and {len(items) - shown} more" if len(items) > shown else "")
 
 
-def assess(pid: int, image: ProcessImage | None, blocks: list[RamBlock], tids: list[int]) -> _Assessment:
-    """Compare the target (threads ``tids``) with the snapshot; read-only."""
+def assess(pid: int, image: ProcessImage | None, blocks: list[RamBlock], tids: list[int],
+           hang_up: bool = False) -> _Assessment:
+    """Compare the target (threads ``tids``) with the snapshot; read-only. ``hang_up``:
+    sockets that came or went since are settled by :mod:`snapfs.capture.hangup`."""
     if image is None:
         starts = [v.start for v in match_blocks(pid, blocks, target_regions(pid))]
         return _Assessment(starts, [], ["the stream carries no process description (a QEMU stream, or "
@@ -136,7 +140,9 @@ def assess(pid: int, image: ProcessImage | None, blocks: list[RamBlock], tids: l
     if image.has_state:
         plan = layout.plan([layout.Mapping.from_record(m) for m in image.maps], current)
         ops, problems = plan.ops, plan.problems
-        differences += procstate.differences(image.kernel, procstate.read_state(pid))
+        state = procstate.read_state(pid)
+        fds = hangup.plan(image.kernel, state["fds"]) if hang_up else hangup.HangUp()
+        differences += procstate.differences(image.kernel, state, fds.fds)
         then = sorted(t.tid for t in image.threads)
         if then != sorted(tids):
             gone = sorted(set(then) - set(tids))
@@ -156,7 +162,10 @@ def assess(pid: int, image: ProcessImage | None, blocks: list[RamBlock], tids: l
                 problems.append(f"the never-populated pages of {r.path} ({r.start:#x}) need its content: {why}")
             else:
                 holes[i] = (r, fd)
-    return _Assessment([r.start for r in image.regions], ops, differences, problems, holes)
+    out = _Assessment([r.start for r in image.regions], ops, differences, problems, holes)
+    if image.has_state:
+        out.hangup = fds
+    return out
 
 
 def _ids(tids: list[int]) -> str:
@@ -218,13 +227,16 @@ def restore_process(
     pid: int,
     dry_run: bool = False,
     force: bool = False,
+    hang_up: bool = False,
     limits: Limits = Limits(),
     progress: Callable[[int], None] | None = None,
 ) -> RestoreResult:
     """Validate the stream ``src`` completely, then rewind process ``pid`` to it (see the
     module docstring). Raises RestoreRefused (nothing written) when the process differs
     from the snapshot and not ``force``, or when its layout cannot be re-created; with
-    ``dry_run`` returns the report (``refused`` says whether a restore would go ahead)."""
+    ``dry_run`` returns the report (``refused`` says whether a restore would go ahead).
+    ``hang_up``: sockets closed or opened since the snapshot are settled as connections that
+    ended (:mod:`snapfs.capture.hangup`) instead of counting as differences."""
     check_target(pid)  # fail fast (TargetError) before consuming the stream
     spooled = spool_stream(src, limits=limits, progress=progress)
     try:
@@ -232,7 +244,7 @@ def restore_process(
         sent = sum(spooled.spool.sent_pages(i) for i in range(len(spooled.blocks)))
         result = RestoreResult(pid, len(spooled.blocks), sent, 0, spooled.stream_bytes, dry_run,
                                snapshot=image.snapshot if image else None)
-        pre = assess(pid, image, spooled.blocks, list_tids(pid))
+        pre = assess(pid, image, spooled.blocks, list_tids(pid), hang_up)
         _close_holes(pre)
         _report(result, pre, image)
         if dry_run:
@@ -241,7 +253,7 @@ def restore_process(
         insn = find_syscall_insn(pid)
         with stopped(pid) as proc:
             # Nothing moves while stopped: compare again against this instant.
-            now = assess(pid, image, spooled.blocks, list(proc.tids))
+            now = assess(pid, image, spooled.blocks, list(proc.tids), hang_up)
             try:
                 _report(result, now, image)
                 _refuse_unless(result, force)
@@ -258,6 +270,7 @@ def _report(result: RestoreResult, a: _Assessment, image: ProcessImage | None) -
     result.differences = a.differences
     result.problems = a.problems
     result.layout = [op.describe() for op in a.ops]
+    result.fd_changes = a.hangup.describe()
     result.threads = len(image.threads) if image else 0
 
 
@@ -292,10 +305,11 @@ def _rewind(proc: StoppedProcess, insn: int, image: ProcessImage | None, spooled
                         f"cannot restore process {proc.pid}: this CPU does not take the FPU/AVX "
                         f"state recorded for thread {tid} ({exc.strerror}; a snapshot from "
                         "another machine?): nothing written") from None
-        if a.ops:
+        if a.ops or a.hangup.fds:
             inject = proc.injector()  # created parked: its "original" registers are the parked ones
             touched = True
             layout.apply(a.ops, inject, write_memory, proc.pid)
+            hangup.apply(a.hangup, inject, read_memory, write_memory, proc.pid)
             inject.restore()
         touched = True
         written = _write_all(proc.pid, spooled, a)
