@@ -528,7 +528,7 @@ def _stopped_pass_rt(tracking: Tracking, pre: Prepass, need: np.ndarray, scanner
             vmas = classify(parse_maps(text), include_readonly=tracking.options.include_readonly,
                             huge_sizes=tracking.huge_sizes)
         threads = proc.record_threads()
-        thread_state = threadstate.record(proc.tids)
+        thread_state = threadstate.in_tracer(proc, threadstate.record, proc.tids)
         t1 = time.monotonic()
         done = _run_walks(scanners[0], jobs[-1]) if jobs else []
         for f in futures:

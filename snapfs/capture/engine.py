@@ -308,7 +308,7 @@ class _Capture:
         copy_buffer = copy_buffer_for(maps.regions)
 
         def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
-            self.thread_state = threadstate.record(ft.proc.tids)
+            self.thread_state = threadstate.in_tracer(ft.proc, threadstate.record, ft.proc.tids)
             prep = protect_and_record(
                 ft,
                 include_readonly=opts.include_readonly,

@@ -17,6 +17,14 @@ from snapfs.capture import kernel as k
 _ALL_SIGNALS = (1 << 64) - 1  # the kernel keeps SIGKILL and SIGSTOP unblockable
 
 
+def in_tracer(proc, fn, *args):
+    """Run ``fn(*args)`` where the ptrace requests for ``proc`` (a StoppedProcess) must come
+    from: its tracer thread when it has one (``proc._call``, re-entrant), else right here
+    (the thread that stopped it)."""
+    call = getattr(proc, "_call", None)
+    return call(fn, *args) if call is not None else fn(*args)
+
+
 def get_xstate(tid: int) -> bytes:
     """The thread's XSAVE area (its size is the kernel's: the CPU's enabled features)."""
     buf = k.ffi.new("char[]", arch.XSTATE_MAX)

@@ -257,7 +257,7 @@ def restore_process(
             try:
                 _report(result, now, image)
                 _refuse_unless(result, force)
-                result.pages_written = _rewind(proc, insn, image, spooled, now)
+                result.pages_written = threadstate.in_tracer(proc, _rewind, proc, insn, image, spooled, now)
             finally:
                 _close_holes(now)
         result.restored = True
