@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from snapfs.capture import hangup, procstate
+from snapfs.capture import fdtable, procstate
 from snapfs.capture.layout import Mapping, plan
 from snapfs.errors import StreamError
 from snapfs.stream import procdesc
@@ -103,15 +103,30 @@ def test_differences_name_fds_epoll_signals_identity():
 
 
 def test_hang_up_plan_recreates_closed_sockets_and_closes_new_ones():
+    ep = "anon_inode:[eventpoll]"
     rec = state({"3": fd("socket:[1]", "socket", flags=0o4002),
-                 "5": fd("anon_inode:[eventpoll]", "anon:eventpoll", epoll=[[3, 0x19, "7f", 1, 8]]),
+                 "5": fd(ep, "anon:eventpoll", epoll=[[3, 0x19, "7f", 1, 8]]),
                  "7": fd("pipe:[4]", "pipe")})
-    now = state({"5": fd("anon_inode:[eventpoll]", "anon:eventpoll", epoll=[]),
-                 "8": fd("socket:[3]", "socket")})
-    h = hangup.plan(rec, now["fds"])
-    assert h.recreate == [(3, 0o4002)] and h.close == [8] and h.epoll == [(5, 3, 0x19, 0x7F)]
-    left = procstate.differences(rec, now, h.fds)
+    now = state({"5": fd(ep, "anon:eventpoll", epoll=[]), "8": fd("socket:[3]", "socket")})
+    h = fdtable.plan(rec, now["fds"], hang_up=True)
+    assert h.recreate == [(3, 0o4002)] and h.close == [8] and h.epoll == [(fdtable.EPOLL_CTL_ADD, 5, 3, 0x19, 0x7F)]
+    left = procstate.differences(rec, dict(now, fds=h.applied_to(rec, now["fds"])))
     assert left == ["fd 7 (pipe:[4]) was open at the snapshot and is closed now"]  # not a socket
+    # Without --hang-up nothing is re-created, and the closed socket is a difference.
+    plain = fdtable.plan(rec, now["fds"])
+    assert not plain.recreate and not plain.close and not plain.epoll
+    assert len(procstate.differences(rec, dict(now, fds=plain.applied_to(rec, now["fds"])))) == 4
+
+
+def test_epoll_registrations_of_the_same_files_are_rewound():
+    ep = "anon_inode:[eventpoll]"
+    rec = state({"4": fd("socket:[1]", "socket", ino=1), "6": fd("socket:[2]", "socket", ino=2),
+                 "5": fd(ep, "anon:eventpoll", ino=9, epoll=[[4, 0x19, "4", 1, 8]])})
+    now = state({"4": fd("socket:[1]", "socket", ino=1), "6": fd("socket:[2]", "socket", ino=2),
+                 "5": fd(ep, "anon:eventpoll", ino=9, epoll=[[4, 0x1d, "4", 1, 8], [6, 0x1, "6", 2, 8]])})
+    h = fdtable.plan(rec, now["fds"])
+    assert h.epoll == [(fdtable.EPOLL_CTL_MOD, 5, 4, 0x19, 4), (fdtable.EPOLL_CTL_DEL, 5, 6, 0, 0)]
+    assert procstate.differences(rec, dict(now, fds=h.applied_to(rec, now["fds"]))) == []
 
 
 def test_process_description_round_trip_and_validation():

@@ -176,10 +176,9 @@ def _signal_names(mask: int) -> str:
     return ",".join(names)
 
 
-def differences(recorded: dict[str, Any], current: dict[str, Any], resolved: set[str] = frozenset()) -> list[str]:
+def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between the snapshot's record and the target's state now, one short
-    sentence each (empty: nothing the restore cannot rewind has changed). Fds in
-    ``resolved`` (settled another way, e.g. :mod:`snapfs.capture.hangup`) are left out."""
+    sentence each (empty: nothing the restore cannot rewind has changed)."""
     out: list[str] = []
     if recorded.get("boot_id") != current.get("boot_id") or recorded.get("start_time") != current.get("start_time"):
         out.append("not the process the snapshot was taken of (a different start time or boot: "
@@ -198,17 +197,15 @@ def differences(recorded: dict[str, Any], current: dict[str, Any], resolved: set
             changed = int(sig_now.get(key, 0)) ^ int(sig_then.get(key, 0))
             if changed:
                 out.append(f"signals {what} differ: {_signal_names(changed)}")
-    out += _fd_differences(recorded, current["fds"], resolved)
+    out += _fd_differences(recorded, current["fds"])
     return out
 
 
-def _fd_differences(recorded: dict[str, Any], now: dict[str, dict], resolved: set[str]) -> list[str]:
+def _fd_differences(recorded: dict[str, Any], now: dict[str, dict]) -> list[str]:
     out = []
     then = recorded.get("fds", {})
     uncertain = recorded.get("fds_uncertain", {})
     for fd in sorted(set(then) | set(now) | set(uncertain), key=int):
-        if fd in resolved:
-            continue
         cur = now.get(fd)
         if fd in uncertain:
             u = uncertain[fd]
@@ -226,11 +223,8 @@ def _fd_differences(recorded: dict[str, Any], now: dict[str, dict], resolved: se
         elif old.get("flags") != cur.get("flags"):
             out.append(f"fd {fd} ({describe_fd(cur)}) has flags 0{cur.get('flags', 0):o} now, "
                        f"was 0{old.get('flags', 0):o}")
-        else:
-            a = [e for e in old.get("epoll") or [] if str(e[0]) not in resolved]
-            b = [e for e in cur.get("epoll") or [] if str(e[0]) not in resolved]
-            if a != b:
-                out.append(f"epoll fd {fd}: {_epoll_difference(a, b)}")
+        elif old.get("epoll") != cur.get("epoll"):
+            out.append(f"epoll fd {fd}: {_epoll_difference(old.get('epoll') or [], cur.get('epoll') or [])}")
     return out
 
 

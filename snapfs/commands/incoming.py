@@ -79,7 +79,7 @@ def _print_restore(r) -> None:
     if r.dry_run or r.layout:
         print(f"layout: {len(r.layout)} syscalls to inject" + "".join(f"\n  {op}" for op in r.layout))
     if r.fd_changes:
-        print("--hang-up:" + "".join(f"\n  {x}" for x in r.fd_changes))
+        print("fd table:" + "".join(f"\n  {x}" for x in r.fd_changes))
     for title, items in (("cannot restore", r.problems), ("differs from the snapshot", r.differences)):
         if items and (r.dry_run or not r.restored):
             print(f"{title}:" + "".join(f"\n  {x}" for x in items))

@@ -40,7 +40,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from snapfs.capture import hangup, layout, procstate, threadstate
+from snapfs.capture import fdtable, layout, procstate, threadstate
 from snapfs.capture.freeze import stopped
 from snapfs.capture.maps import Vma, classify, huge_page_sizes, read_maps
 from snapfs.capture.memory import read_memory, write_memory
@@ -71,7 +71,7 @@ class RestoreResult:
     differences: list[str] = field(default_factory=list)  # kernel state not rewound (--force)
     problems: list[str] = field(default_factory=list)  # what makes a restore impossible
     layout: list[str] = field(default_factory=list)  # injected syscalls (described)
-    fd_changes: list[str] = field(default_factory=list)  # --hang-up: sockets re-created/closed
+    fd_changes: list[str] = field(default_factory=list)  # epoll rewinds; --hang-up sockets
     forced: list[str] = field(default_factory=list)  # what --force let through: may break
     restored: bool = False
 
@@ -92,7 +92,7 @@ class _Assessment:
     differences: list[str]
     problems: list[str]
     holes: dict[int, tuple[RegionDesc, int]]  # block -> (its region, an fd of its file)
-    hangup: hangup.HangUp = field(default_factory=hangup.HangUp)
+    fds: fdtable.FdChanges = field(default_factory=fdtable.FdChanges)
 
 
 def target_regions(pid: int) -> dict[str, Vma]:
@@ -125,8 +125,9 @@ def _join(items: list[str], shown: int = 8) -> str:
 
 def assess(pid: int, image: ProcessImage | None, blocks: list[RamBlock], tids: list[int],
            hang_up: bool = False) -> _Assessment:
-    """Compare the target (threads ``tids``) with the snapshot; read-only. ``hang_up``:
-    sockets that came or went since are settled by :mod:`snapfs.capture.hangup`."""
+    """Compare the target (threads ``tids``) with the snapshot; read-only. Differences are
+    what remains once the fd changes (:mod:`snapfs.capture.fdtable`: epoll registrations,
+    and with ``hang_up`` sockets that came or went) have run."""
     if image is None:
         starts = [v.start for v in match_blocks(pid, blocks, target_regions(pid))]
         return _Assessment(starts, [], ["the stream carries no process description (a QEMU stream, or "
@@ -141,8 +142,8 @@ def assess(pid: int, image: ProcessImage | None, blocks: list[RamBlock], tids: l
         plan = layout.plan([layout.Mapping.from_record(m) for m in image.maps], current)
         ops, problems = plan.ops, plan.problems
         state = procstate.read_state(pid)
-        fds = hangup.plan(image.kernel, state["fds"]) if hang_up else hangup.HangUp()
-        differences += procstate.differences(image.kernel, state, fds.fds)
+        fds = fdtable.plan(image.kernel, state["fds"], hang_up)
+        differences += procstate.differences(image.kernel, dict(state, fds=fds.applied_to(image.kernel, state["fds"])))
         then = sorted(t.tid for t in image.threads)
         if then != sorted(tids):
             gone = sorted(set(then) - set(tids))
@@ -164,7 +165,7 @@ def assess(pid: int, image: ProcessImage | None, blocks: list[RamBlock], tids: l
                 holes[i] = (r, fd)
     out = _Assessment([r.start for r in image.regions], ops, differences, problems, holes)
     if image.has_state:
-        out.hangup = fds
+        out.fds = fds
     return out
 
 
@@ -236,7 +237,7 @@ def restore_process(
     from the snapshot and not ``force``, or when its layout cannot be re-created; with
     ``dry_run`` returns the report (``refused`` says whether a restore would go ahead).
     ``hang_up``: sockets closed or opened since the snapshot are settled as connections that
-    ended (:mod:`snapfs.capture.hangup`) instead of counting as differences."""
+    ended (:mod:`snapfs.capture.fdtable`) instead of counting as differences."""
     check_target(pid)  # fail fast (TargetError) before consuming the stream
     spooled = spool_stream(src, limits=limits, progress=progress)
     try:
@@ -270,7 +271,7 @@ def _report(result: RestoreResult, a: _Assessment, image: ProcessImage | None) -
     result.differences = a.differences
     result.problems = a.problems
     result.layout = [op.describe() for op in a.ops]
-    result.fd_changes = a.hangup.describe()
+    result.fd_changes = a.fds.describe()
     result.threads = len(image.threads) if image else 0
 
 
@@ -305,11 +306,11 @@ def _rewind(proc: StoppedProcess, insn: int, image: ProcessImage | None, spooled
                         f"cannot restore process {proc.pid}: this CPU does not take the FPU/AVX "
                         f"state recorded for thread {tid} ({exc.strerror}; a snapshot from "
                         "another machine?): nothing written") from None
-        if a.ops or a.hangup.fds:
+        if a.ops or a.fds:
             inject = proc.injector()  # created parked: its "original" registers are the parked ones
             touched = True
             layout.apply(a.ops, inject, write_memory, proc.pid)
-            hangup.apply(a.hangup, inject, read_memory, write_memory, proc.pid)
+            fdtable.apply(a.fds, inject, read_memory, write_memory, proc.pid)
             inject.restore()
         touched = True
         written = _write_all(proc.pid, spooled, a)
