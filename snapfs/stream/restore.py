@@ -143,7 +143,8 @@ def assess(pid: int, image: ProcessImage | None, blocks: list[RamBlock], tids: l
         ops, problems = plan.ops, plan.problems
         state = procstate.read_state(pid)
         fds = fdtable.plan(image.kernel, state["fds"], hang_up)
-        differences += procstate.differences(image.kernel, dict(state, fds=fds.applied_to(image.kernel, state["fds"])))
+        after = dict(state, fds=fds.applied_to(image.kernel, state["fds"]))
+        differences += procstate.differences(image.kernel, after)
         then = sorted(t.tid for t in image.threads)
         if then != sorted(tids):
             gone = sorted(set(then) - set(tids))
@@ -258,7 +259,8 @@ def restore_process(
             try:
                 _report(result, now, image)
                 _refuse_unless(result, force)
-                result.pages_written = threadstate.in_tracer(proc, _rewind, proc, insn, image, spooled, now)
+                result.pages_written = threadstate.in_tracer(proc, _rewind, proc, insn, image,
+                                                             spooled, now)
             finally:
                 _close_holes(now)
         result.restored = True
@@ -325,9 +327,10 @@ def _rewind(proc: StoppedProcess, insn: int, image: ProcessImage | None, spooled
             parked.unpark()
             raise
         raise TargetError(
-            f"the restore of process {proc.pid} failed half-way ({exc or type(exc).__name__}): its threads are left "
-            "parked (waiting in pause() with every signal blocked, nothing of the half-written "
-            "image runs); run the same command again to finish it, or kill the process") from None
+            f"the restore of process {proc.pid} failed half-way ({exc or type(exc).__name__}): "
+            "its threads are left parked (waiting in pause() with every signal blocked, nothing "
+            "of the half-written image runs); run the same command again to finish it, or kill "
+            "the process") from None
     return written
 
 
