@@ -137,8 +137,11 @@ def _incoming(p: Prepared, prefix: list[str] = ()) -> subprocess.CompletedProces
                               stdin=src, env=p.env, capture_output=True, timeout=300)
 
 
-def count_calls(p: Prepared, syscall: str) -> int:
-    """How many ``syscall`` calls one full restore of the prepared target makes."""
+def count_calls(p: Prepared, syscall: str, change: str | None = None) -> int:
+    """How many ``syscall`` calls one full restore of the prepared target makes (after
+    ``change``: a ptrchase command such as ``grow``, which gives the restore layout work)."""
+    if change:
+        p.target.ask(change)
     with tempfile.NamedTemporaryFile("r") as out:
         res = _incoming(p, ["strace", "-f", "-c", "-o", out.name, "-e", f"trace={syscall}"])
         assert res.returncode == 0, res.stderr
@@ -151,19 +154,24 @@ def count_calls(p: Prepared, syscall: str) -> int:
 class Outcome:
     syscall: str
     n: int
-    state: str  # untouched/running, parked, partly parked
+    state: str  # untouched, parked, partly parked
     detail: str = ""
+    change: str | None = None
 
 
 @dataclass
 class RestoreKillCase:
-    """SIGKILL snapfs at the ``n``-th ``syscall`` of a restore; check; finish with a rerun."""
+    """SIGKILL snapfs at the ``n``-th ``syscall`` of a restore (of a target that first ran
+    ptrchase command ``change``, e.g. ``grow``: layout work); check; finish with a rerun."""
 
     syscall: str
     n: int
+    change: str | None = None
 
     def run(self, p: Prepared) -> Outcome:
-        what = f"killed at {self.syscall} #{self.n}"
+        what = f"killed at {self.syscall} #{self.n}" + (f" after {self.change}" if self.change else "")
+        if self.change:
+            assert p.target.ask(self.change), f"{what}: the target does not answer"
         _incoming(p, ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={self.syscall}",
                       "-e", f"inject={self.syscall}:signal=KILL:when={self.n}"])
         t = p.target
@@ -179,14 +187,17 @@ class RestoreKillCase:
         assert again.returncode == 0, f"{what}: the rerun failed: {again.stderr.decode()}"
         assert t.parked_threads()[0] == 0, f"{what}: threads still parked after the rerun"
         t.assert_sound(f"{what}, then restored again")
-        return Outcome(self.syscall, self.n, state, f"{parked}/{total} parked")
+        return Outcome(self.syscall, self.n, state, f"{parked}/{total} parked", self.change)
 
 
 def cases(p: Prepared) -> Iterator[RestoreKillCase]:
-    """Every case of the full sweep: each ptrace call and each process_vm_writev."""
-    for syscall in ("ptrace", "process_vm_writev"):
-        for n in range(1, count_calls(p, syscall) + 1):
-            yield RestoreKillCase(syscall, n)
+    """Every case of the full sweep: each ptrace call and each process_vm_writev, of a
+    restore with memory and registers only, then of one that also restores the layout
+    (the heap grown and 4 mappings added since the snapshot: munmap and brk injected)."""
+    for change in (None, "grow"):
+        for syscall in ("ptrace", "process_vm_writev"):
+            for n in range(1, count_calls(p, syscall, change) + 1):
+                yield RestoreKillCase(syscall, n, change)
 
 
 def main() -> int:
@@ -200,10 +211,11 @@ def main() -> int:
             try:
                 outcomes.append(case.run(p))
             except AssertionError as exc:
-                harmed.append(f"{case.syscall} #{case.n}: {exc}")
+                harmed.append(str(exc))
         states: dict[str, int] = {}
         for o in outcomes:
-            states[o.state] = states.get(o.state, 0) + 1
+            key = f"{o.state} ({o.syscall}{', ' + o.change if o.change else ''})"
+            states[key] = states.get(key, 0) + 1
         print(f"restore kill sweep: {len(outcomes) + len(harmed)} cases, "
               f"{len(outcomes) + len(harmed)} faults injected, targets harmed: {len(harmed)}; "
               + ", ".join(f"{k}: {v}" for k, v in sorted(states.items())))
