@@ -55,8 +55,8 @@ def _read_fd(pid: int, fd: str) -> dict[str, Any] | None:
         target = os.readlink(f"/proc/{pid}/fd/{fd}")
         with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
             info = f.read()
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, ProcessLookupError):
+        return None  # closed meanwhile, or the process is exiting
     entry: dict[str, Any] = {"target": target, "type": fd_type(target)}
     epoll = []
     for line in info.splitlines():
@@ -126,8 +126,22 @@ def read_state(pid: int) -> dict[str, Any]:
         }
         state["read_ms"] = round((time.monotonic() - t0) * 1e3, 3)
         return state
-    except (FileNotFoundError, ProcessLookupError):
+    except (FileNotFoundError, ProcessLookupError, KeyError):
         raise TargetError(f"process {pid} exited") from None
+    except PermissionError:
+        if not os.path.exists(f"/proc/{pid}/exe") or _exiting(pid):
+            raise TargetError(f"process {pid} exited") from None
+        from snapfs.capture.ptrace import permission_error
+
+        raise permission_error(pid) from None
+
+
+def _exiting(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except OSError:
+        return True
 
 
 def _readlink(path: str) -> str | None:
