@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from snapfs.store import RegionSpec, SnapshotInfo, Store
+from snapfs.stream.procdesc import DESC_BLOB, carried
 from snapfs.stream.reader import Limits
 from snapfs.stream.spool import SENT_DATA, SENT_ZERO, PipeCapture, SpooledStream, spool_stream
 from snapfs.stream.vmstate import BLOB_CONFIGURATION, BLOB_DEVICES, META_KEY
@@ -159,6 +160,9 @@ def commit_spooled(writer: Any, spooled: SpooledStream, meta: dict[str, Any]) ->
             writer.put_blob(BLOB_CONFIGURATION, spooled.header.raw)
         if spooled.devices is not None:
             writer.put_blob(BLOB_DEVICES, spooled.devices)
+        desc = carried(spooled.vmdesc)
+        if desc is not None:  # a snapfs process stream: its vmstate keeps the description
+            writer.put_blob(DESC_BLOB, desc)
         return writer.commit(_snapshot_meta(spooled, meta))
     except BaseException:
         writer.abort()

@@ -37,6 +37,9 @@ from snapfs.errors import StreamError
 
 FORMAT = 1
 KEY = "snapfs"
+# A stream ingested as a snapshot (``incoming --name``) keeps its description in this blob
+# (the JSON of the "snapfs" object): its own vmstate then carries it on unchanged.
+DESC_BLOB = "snapfs.description"
 
 
 @dataclass
@@ -129,6 +132,21 @@ def describe(reader: Any, block_names: list[str]) -> dict[str, Any]:
             ],
         }
     return doc
+
+
+def carried(vmdesc: bytes | None) -> bytes | None:
+    """The JSON of a stream's process description (to keep as :data:`DESC_BLOB` when the
+    stream is ingested), or None when it has none."""
+    if not vmdesc:
+        return None
+    try:
+        doc = json.loads(vmdesc)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    desc = doc.get(KEY) if isinstance(doc, dict) else None
+    if not isinstance(desc, dict) or "regions" not in desc:
+        return None
+    return json.dumps(desc).encode()
 
 
 # ----------------------------------------------------------------------------- reading

@@ -21,6 +21,7 @@ mapping, :mod:`snapfs.capture.relocated`) are the file's bytes: they are not sen
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from snapfs.store.model import HOLE
@@ -59,7 +60,7 @@ class VmstateView:
         if stream_meta:
             head = F.HEADER + (reader.blob(BLOB_CONFIGURATION) or b"")
             section_id = int(stream_meta.get("ram_section_id", F.DEFAULT_RAM_SECTION_ID))
-            tail = reader.blob(BLOB_DEVICES) or _ram_only_tail(info, reader.regions)
+            tail = reader.blob(BLOB_DEVICES) or _ram_only_tail(info, reader.regions, reader)
         else:
             head = F.HEADER + F.configuration(PROCESS_MACHINE)
             section_id = F.DEFAULT_RAM_SECTION_ID
@@ -116,10 +117,15 @@ def _ram_only_tail(info: Any, regions: list, reader: Any = None) -> bytes:
     (:mod:`snapfs.stream.procdesc`: region addresses, registers, kernel state)."""
     doc: dict[str, Any] = {"page_size": F.TARGET_PAGE_SIZE, "devices": []}
     hint: dict[str, Any] = {"snapshot": info.name, "machine": PROCESS_MACHINE}
-    if reader is not None and info.kind == "process":
-        from snapfs.stream.procdesc import describe
+    if reader is not None:
+        from snapfs.stream.procdesc import DESC_BLOB, describe
 
-        hint.update(describe(reader, [block_idstr(r.name).decode("utf-8", "replace") for r in regions]))
+        carried = reader.blob(DESC_BLOB)  # a process stream ingested with incoming --name
+        if carried is not None:
+            hint = dict(json.loads(carried), snapshot=info.name)
+        elif info.kind == "process" and not any(r.kind == "ramblock" for r in regions):
+            # (ramblock regions: ingested without a description, addresses unknown)
+            hint.update(describe(reader, [block_idstr(r.name).decode("utf-8", "replace") for r in regions]))
     if len(regions) == 1:
         r = regions[0]
         name = block_idstr(r.name).decode("utf-8", "replace")
