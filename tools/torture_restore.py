@@ -64,8 +64,12 @@ class Target:
         return line.decode()
 
     def ask(self, cmd: str, timeout: float = 5) -> str | None:
-        self.proc.stdin.write(cmd.encode() + b"\n")
-        self.proc.stdin.flush()
+        """The target's reply line, or None (no answer in time, or it is gone)."""
+        try:
+            self.proc.stdin.write(cmd.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return None
         return self._line(timeout)
 
     def parked_threads(self) -> tuple[int, int]:
@@ -201,27 +205,40 @@ def cases(p: Prepared) -> Iterator[RestoreKillCase]:
 
 
 def main() -> int:
+    """The full sweep: every case of :func:`cases`, each change on a fresh target; a harmed
+    target is replaced by a fresh one and the sweep goes on."""
     sys.path.insert(0, str(ROOT))
     from tools.targets import build
 
-    with tempfile.TemporaryDirectory(prefix="snapfs-torture-restore-") as d, \
-            prepared_target(Path(d), build("ptrchase")) as p:
-        outcomes, harmed = [], []
-        for case in cases(p):
-            try:
-                outcomes.append(case.run(p))
-            except AssertionError as exc:
-                harmed.append(str(exc))
-        states: dict[str, int] = {}
-        for o in outcomes:
-            key = f"{o.state} ({o.syscall}{', ' + o.change if o.change else ''})"
-            states[key] = states.get(key, 0) + 1
-        print(f"restore kill sweep: {len(outcomes) + len(harmed)} cases, "
-              f"{len(outcomes) + len(harmed)} faults injected, targets harmed: {len(harmed)}; "
-              + ", ".join(f"{k}: {v}" for k, v in sorted(states.items())))
-        for h in harmed:
-            print("  HARMED", h)
-        return 1 if harmed else 0
+    outcomes, harmed = [], []
+    for change in (None, "grow"):
+        n, total = 1, None
+        while total is None or n <= total:
+            with tempfile.TemporaryDirectory(prefix="snapfs-torture-restore-") as d, \
+                    prepared_target(Path(d), build("ptrchase")) as p:
+                if total is None:
+                    total = {s: count_calls(p, s, change) for s in ("ptrace", "process_vm_writev")}
+                    todo = [(s, k) for s in total for k in range(1, total[s] + 1)]
+                    total = len(todo)
+                while n <= total:
+                    syscall, k = todo[n - 1]
+                    n += 1
+                    try:
+                        outcomes.append(RestoreKillCase(syscall, k, change).run(p))
+                    except AssertionError as exc:
+                        harmed.append(str(exc).splitlines()[0])
+                        if p.target.proc.poll() is not None:
+                            break  # a fresh target for the rest
+    states: dict[str, int] = {}
+    for o in outcomes:
+        key = f"{o.state} ({o.syscall}{', ' + o.change if o.change else ''})"
+        states[key] = states.get(key, 0) + 1
+    print(f"restore kill sweep: {len(outcomes) + len(harmed)} cases, "
+          f"{len(outcomes) + len(harmed)} faults injected, targets harmed: {len(harmed)}; "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(states.items())))
+    for h in harmed:
+        print("  HARMED", h)
+    return 1 if harmed else 0
 
 
 if __name__ == "__main__":
