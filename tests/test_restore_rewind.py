@@ -11,7 +11,6 @@ goes back to the snapshot's and nothing is ever found broken.
 from __future__ import annotations
 
 import io
-import resource
 import struct
 import subprocess
 import time
@@ -25,47 +24,12 @@ from snapfs.store import Store
 from snapfs.stream.restore import restore_process
 from snapfs.stream.vmstate import VmstateView
 from tests.conftest import snapfs_cmd
-
-
-def _no_core() -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-class Chase:
-    """The running ptrchase target."""
-
-    def __init__(self, binary) -> None:
-        # No core file: a target that crashes (memory-only restores may) dies at once.
-        self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, preexec_fn=_no_core)
-        _, gen, broken = self.proc.stdout.readline().split()
-        self.gen_addr, self.broken_addr = int(gen, 16), int(broken, 16)
-        self.pid = self.proc.pid
-
-    def ask(self, line: str) -> str:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def generation(self) -> tuple[int, int]:
-        """(generation, broken) as the target reports them."""
-        _, gen, _, broken = self.ask("gen").split()
-        return int(gen), int(broken)
-
-    def assert_sound(self) -> None:
-        assert self.proc.poll() is None, f"target died: {self.proc.returncode} {self.proc.stderr.read()}"
-        reply = self.ask("check")
-        assert reply.startswith("ok "), reply
-        assert self.generation()[1] == 0
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+from tools.torture_restore import Target
 
 
 @pytest.fixture
 def chase(target_bin):
-    c = Chase(target_bin("ptrchase"))
+    c = Target(target_bin("ptrchase"))
     time.sleep(0.2)  # every thread in its loop
     yield c
     c.close()
@@ -105,7 +69,7 @@ def test_twenty_rounds_under_full_speed_mutation(chase, store_dir):
         # It continues from the snapshot's state: back below where it was, from the instant on.
         assert at_snapshot <= after < before, (round_, at_snapshot, after, before)
         assert broken == 0
-        chase.assert_sound()
+        chase.assert_sound("after the restore")
 
 
 @pytest.mark.parametrize("change", ["grow", "shrink"])
@@ -125,10 +89,10 @@ def test_heap_grown_or_shrunk_since_is_brought_back(chase, store_dir, change):
     assert not dry.refused
     result = restore_process(io.BytesIO(data), chase.pid)
     assert result.restored and result.layout == dry.layout
-    chase.assert_sound()  # the extra list (heap chunks and mappings) checks out again
+    chase.assert_sound("after the restore")  # the extra list (heap chunks and mappings) checks out again
     # Its heap is its own again: it can free and grow it.
     assert chase.ask("shrink" if change == "shrink" else "grow") in ("shrunk", "grown")
-    chase.assert_sound()
+    chase.assert_sound("after the restore")
 
 
 def test_fd_table_change_refuses_untouched_and_force_says_what_it_skipped(chase, store_dir, snapfs_env):
@@ -142,7 +106,7 @@ def test_fd_table_change_refuses_untouched_and_force_says_what_it_skipped(chase,
     assert f"fd {fd} (pipe:[" in msg and "was opened since the snapshot" in msg and "nothing written" in msg
     assert "\n" not in msg
     assert chase.generation()[0] > before  # untouched: it ran on
-    chase.assert_sound()
+    chase.assert_sound("after the restore")
 
     env = dict(snapfs_env, SNAPFS_STORE=str(store_dir))
     dry = subprocess.run([*snapfs_cmd(), "incoming", "--pid", str(chase.pid), "--dry-run"], input=data,
@@ -155,7 +119,7 @@ def test_fd_table_change_refuses_untouched_and_force_says_what_it_skipped(chase,
     assert done.returncode == 0, done.stderr
     err = done.stderr.decode()
     assert "--force: restored although" in err and f"not rewound: fd {fd} (pipe:[" in err
-    chase.assert_sound()
+    chase.assert_sound("after the forced restore")
 
 
 def test_snapshot_of_an_older_version_restores_memory_only_with_force(chase, store_dir):
@@ -168,7 +132,7 @@ def test_snapshot_of_an_older_version_restores_memory_only_with_force(chase, sto
     data = vmstate(store_dir, "s")
     with pytest.raises(RestoreRefused, match="no recorded registers or kernel state"):
         restore_process(io.BytesIO(data), chase.pid)
-    chase.assert_sound()
+    chase.assert_sound("untouched by the refusal")
     # With --force only the memory is written: the threads keep their registers. The
     # mutator's ring is then a mix of two instants, which the target may well detect; what
     # the user was told is that it may break.
@@ -198,4 +162,4 @@ def test_an_every_child_records_the_state_and_restores(chase, store_dir):
     assert result.restored and result.threads == 6 and not result.forced
     after, broken = chase.generation()
     assert at_child <= after < before and broken == 0
-    chase.assert_sound()
+    chase.assert_sound("after the restore")

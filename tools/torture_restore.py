@@ -41,14 +41,17 @@ def _no_core() -> None:
 
 
 class Target:
-    """A running ptrchase, asked with a timeout (a parked one does not answer)."""
+    """A running ptrchase, asked with a timeout (a parked one does not answer); used by the
+    restore tests too."""
 
     def __init__(self, binary: Path) -> None:
         self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, preexec_fn=_no_core)
         self.pid = self.proc.pid
         self._buf = b""
-        self.first_line = self._line(10)
+        # "ready <address of generation> <address of broken>"
+        _, gen, broken = (self._line(10) or "? 0 0").split()
+        self.gen_addr, self.broken_addr = int(gen, 16), int(broken, 16)
 
     def _line(self, timeout: float) -> str | None:
         deadline = time.monotonic() + timeout
@@ -71,6 +74,13 @@ class Target:
         except BrokenPipeError:
             return None
         return self._line(timeout)
+
+    def generation(self) -> tuple[int, int]:
+        """(generation, broken) as the target reports them."""
+        reply = self.ask("gen")
+        assert reply, "the target does not answer"
+        _, gen, _, broken = reply.split()
+        return int(gen), int(broken)
 
     def parked_threads(self) -> tuple[int, int]:
         """(threads waiting in pause() with every signal blocked, all threads)."""
