@@ -463,7 +463,7 @@ class _StopResult:
     pause_ms: float
     times: dict
     maps_text: str               # /proc/PID/maps at the stop (every mapping, for the core view)
-    thread_state: dict = field(default_factory=dict)  # XSAVE areas and masks (threadstate)
+    thread_masks: dict = field(default_factory=dict)  # signal masks (threadstate)
 
 
 def _early_cost(early: list[tuple]) -> int:
@@ -528,7 +528,7 @@ def _stopped_pass_rt(tracking: Tracking, pre: Prepass, need: np.ndarray, scanner
             vmas = classify(parse_maps(text), include_readonly=tracking.options.include_readonly,
                             huge_sizes=tracking.huge_sizes)
         threads = proc.record_threads()
-        thread_state = threadstate.in_tracer(proc, threadstate.record, proc.tids)
+        thread_masks = threadstate.in_tracer(proc, threadstate.record_masks, proc.tids)
         t1 = time.monotonic()
         done = _run_walks(scanners[0], jobs[-1]) if jobs else []
         for f in futures:
@@ -610,7 +610,7 @@ def _stopped_pass_rt(tracking: Tracking, pre: Prepass, need: np.ndarray, scanner
              "copy_ms": (t3 - t2) * 1e3, "rearm_ms": (t4 - t3) * 1e3, "resume_ms": (t5 - t4) * 1e3,
              "probed_vmas": len(probed), "stop_copied_bytes": size}
     return _StopResult(vmas, threads, tracked, found_all, written_all, spans, buf, ok,
-                       (t5 - t_stop) * 1e3, times, text, thread_state)
+                       (t5 - t_stop) * 1e3, times, text, thread_masks)
 
 
 def _run_walks(scanner: PagemapScanner, job: list[tuple]) -> list[tuple]:
@@ -764,7 +764,8 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
         t_resumed = time.monotonic()
         state_after = await trio.to_thread.run_sync(procstate.read_state, pid)
         writer.put_blob(procstate.STATE_BLOB, procstate.encode_record(
-            procstate.bracket(state_before, state_after), stop.thread_state, parse_maps(stop.maps_text)))
+            procstate.bracket(state_before, state_after), stop.threads, stop.thread_masks,
+            parse_maps(stop.maps_text)))
         # The target runs again; store what was copied and inherit the rest.
         threads, core_blob = await trio.to_thread.run_sync(_after_stop, pid, core_before, stop, writer)
         writer.put_blob(CORE_BLOB, core_blob)

@@ -190,10 +190,10 @@ class _Capture:
         self.writer = None
         self.tracking = None
         # The restore's record of the instant (snapfs.capture.procstate): the kernel state
-        # read before the freeze and after the release, the threads' XSAVE areas and masks.
+        # read before the freeze and after the release, the threads' signal masks.
         self.state_before: dict | None = None
         self.state_after: dict | None = None
-        self.thread_state: dict = {}
+        self.thread_masks: dict = {}
 
     async def run(self) -> CaptureResult:
         comm = check_target(self.pid)
@@ -238,7 +238,7 @@ class _Capture:
             duration = time.monotonic() - t_start
             writer.put_blob(CORE_BLOB, core_blob)
             writer.put_blob(procstate.STATE_BLOB, procstate.encode_record(
-                procstate.bracket(self.state_before, self.state_after), self.thread_state, ft.maps))
+                procstate.bracket(self.state_before, self.state_after), ft.threads, self.thread_masks, ft.maps))
             info = writer.commit(
                 {
                     "pause_ms": ft.pause_ms,
@@ -308,7 +308,7 @@ class _Capture:
         copy_buffer = copy_buffer_for(maps.regions)
 
         def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
-            self.thread_state = threadstate.in_tracer(ft.proc, threadstate.record, ft.proc.tids)
+            self.thread_masks = threadstate.in_tracer(ft.proc, threadstate.record_masks, ft.proc.tids)
             prep = protect_and_record(
                 ft,
                 include_readonly=opts.include_readonly,

@@ -259,16 +259,23 @@ def _epoll_difference(then: list, now: list) -> str:
     return "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")
 
 
-def encode_record(kernel: dict[str, Any], threads: dict[str, dict], maps: list) -> bytes:
+def encode_record(kernel: dict[str, Any], threads: dict[str, dict], masks: dict[str, int],
+                  maps: list) -> bytes:
     """The snapshot's record as stored (blob :data:`STATE_BLOB`): the kernel state of the
-    instant (:func:`bracket`), each thread's XSAVE area and signal mask
-    (:func:`snapfs.capture.threadstate.record`) and every mapping of the instant (guard
-    areas and unreadable ones too: the restore re-creates the layout from them)."""
+    instant (:func:`bracket`), each thread's XSAVE area (from the freeze's register sets,
+    ``threads``: :meth:`StoppedProcess.record_threads`) and signal mask
+    (:func:`snapfs.capture.threadstate.record_masks`), and every mapping of the instant
+    (guard areas and unreadable ones too: the restore re-creates the layout from them)."""
+    from snapfs.capture.kernel import NT_X86_XSTATE
+
+    def xstate(t: dict) -> str | None:
+        raw = (t.get("regsets") or {}).get(NT_X86_XSTATE)
+        return base64.b64encode(raw).decode() if raw else None
+
     doc = {
         "version": VERSION,
         "kernel": kernel,
-        "threads": {tid: {"xstate": base64.b64encode(t["xstate"]).decode(), "sigmask": t["sigmask"]}
-                    for tid, t in threads.items()},
+        "threads": {tid: {"xstate": xstate(t), "sigmask": masks.get(tid)} for tid, t in threads.items()},
         "maps": [[v.start, v.end, v.perms, v.offset, f"{v.dev[0]:x}:{v.dev[1]:x}", v.inode, v.path]
                  for v in maps],
     }

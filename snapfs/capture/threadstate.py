@@ -1,6 +1,6 @@
 """A stopped thread's state beyond its general registers: the whole XSAVE area (x87, SSE,
 AVX... — what ``PTRACE_GETFPREGS`` misses) and its signal mask, read and written with
-ptrace. The thread must be stopped by us, and every call made from the tracer thread.
+ptrace (the freeze records the XSAVE area among its register sets, this module the masks). The thread must be stopped by us, and every call made from the tracer thread.
 
 ``PTRACE_SETSIGMASK`` also clears a pending "restore the saved mask" (a thread interrupted
 inside ``ppoll``/``pselect``/``sigsuspend`` holds a temporary mask): the mask written is the
@@ -62,29 +62,21 @@ def block_all(tid: int) -> None:
     set_sigmask(tid, _ALL_SIGNALS)
 
 
-def record(tids: list[int]) -> dict[str, dict]:
-    """``{tid: {"xstate": bytes, "sigmask": int}}`` for stopped threads (gone ones skipped).
-
-    Runs inside the snapshot's pause: one buffer for every thread and raw calls (cffi's
-    per-call conversions cost more than the two syscalls).
-    """
-    out: dict[str, dict] = {}
-    buf = k.ffi.new("char[]", arch.XSTATE_MAX)
-    iov = k.ffi.new("struct iovec *")
-    iov.iov_base = buf
+def record_masks(tids: list[int]) -> dict[str, int]:
+    """``{tid: signal mask}`` of stopped threads (gone ones skipped). Runs inside the
+    snapshot's pause (the XSAVE areas come from the freeze's own register-set records):
+    raw calls into one buffer, cffi's per-call conversions cost more than the syscall."""
+    out: dict[str, int] = {}
     mask = k.ffi.new("uint64_t *")
     call = k.libc.syscall
     nr = k.ffi.cast("long", arch.SYS["ptrace"])
-    getregset, getmask = k.ffi.cast("long", k.PTRACE_GETREGSET), k.ffi.cast("long", k.PTRACE_GETSIGMASK)
-    note, eight = k.ffi.cast("long", k.NT_X86_XSTATE), k.ffi.cast("long", 8)
-    iov_arg, mask_arg = k.ffi.cast("long", iov), k.ffi.cast("long", mask)
+    getmask, eight = k.ffi.cast("long", k.PTRACE_GETSIGMASK), k.ffi.cast("long", 8)
+    mask_arg = k.ffi.cast("long", mask)
     for tid in tids:
-        iov.iov_len = arch.XSTATE_MAX
-        ctid = k.ffi.cast("long", tid)
-        if call(nr, getregset, ctid, note, iov_arg) == -1 or call(nr, getmask, ctid, eight, mask_arg) == -1:
+        if call(nr, getmask, k.ffi.cast("long", tid), eight, mask_arg) == -1:
             err = k.ffi.errno
             if err == errno.ESRCH:
                 continue  # killed while stopped: nothing to record
-            raise OSError(err, f"ptrace thread state of {tid}: {errno.errorcode.get(err, err)}")
-        out[str(tid)] = {"xstate": k.ffi.buffer(buf, iov.iov_len)[:], "sigmask": int(mask[0])}
+            raise OSError(err, f"ptrace GETSIGMASK of {tid}: {errno.errorcode.get(err, err)}")
+        out[str(tid)] = int(mask[0])
     return out
