@@ -63,20 +63,17 @@ def block_all(tid: int) -> None:
 
 
 def record_masks(tids: list[int]) -> dict[str, int]:
-    """``{tid: signal mask}`` of stopped threads (gone ones skipped). Runs inside the
-    snapshot's pause (the XSAVE areas come from the freeze's own register-set records):
-    raw calls into one buffer, cffi's per-call conversions cost more than the syscall."""
+    """``{tid: signal mask}`` of stopped threads (gone ones skipped), into one reused buffer.
+    Runs inside the snapshot's pause; the XSAVE areas come from the freeze's own register-set
+    records."""
     out: dict[str, int] = {}
     mask = k.ffi.new("uint64_t *")
-    call = k.libc.syscall
-    nr = k.ffi.cast("long", arch.SYS["ptrace"])
-    getmask, eight = k.ffi.cast("long", k.PTRACE_GETSIGMASK), k.ffi.cast("long", 8)
-    mask_arg = k.ffi.cast("long", mask)
     for tid in tids:
-        if call(nr, getmask, k.ffi.cast("long", tid), eight, mask_arg) == -1:
-            err = k.ffi.errno
-            if err == errno.ESRCH:
+        try:
+            k.ptrace(k.PTRACE_GETSIGMASK, tid, 8, mask)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
                 continue  # killed while stopped: nothing to record
-            raise OSError(err, f"ptrace GETSIGMASK of {tid}: {errno.errorcode.get(err, err)}")
+            raise
         out[str(tid)] = int(mask[0])
     return out
