@@ -14,6 +14,7 @@ import os
 import sys
 
 from snapfs import __version__
+from snapfs.commands.common import stdout_closed
 from snapfs.errors import SnapfsError
 
 # Order = order in --help.
@@ -47,10 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("snapfs: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
         # `snapfs cat ... | head`: the reader went away; that is not an error for us.
-        try:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
-        except OSError:
-            pass
-        return 141
+        if stdout_closed(exc):
+            return 0
+        raise

@@ -78,3 +78,20 @@ class QemuError(SnapfsError):
     """QEMU refused or failed a QMP request, or is in a state we must not touch."""
 
     exit_code = 11
+
+
+def reported_error(group: BaseExceptionGroup) -> BaseException:
+    """The one exception to report for a nursery's exception group.
+
+    Ctrl-C first (whatever else failed then is a consequence of stopping), then the first
+    expected failure (:class:`SnapfsError`: target exited, store full...); anything else
+    is a bug, so the whole group is returned and its traceback shown.
+    """
+    for kind in (KeyboardInterrupt, SnapfsError):
+        match, _ = group.split(kind)
+        if match is not None:
+            leaf: BaseException = match
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf
+    return group

@@ -56,7 +56,7 @@ from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.target_info import process_meta, shared_with_others
 from snapfs.capture.uffd import Uffd
 from snapfs.elfcore.state import BLOB as CORE_BLOB
-from snapfs.errors import TargetError
+from snapfs.errors import TargetError, reported_error
 
 PAGE = k.PAGE_SIZE
 
@@ -160,21 +160,6 @@ def region_spec(v: Vma):
     )
 
 
-def _collapse(eg: BaseExceptionGroup) -> BaseException:
-    """The error to report from a nursery's group: a SnapfsError (target exited, store full)
-    first, else KeyboardInterrupt, else the group itself."""
-    from snapfs.errors import SnapfsError
-
-    for kind in (SnapfsError, KeyboardInterrupt):
-        match, _ = eg.split(kind)
-        if match is not None:
-            leaf = match
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            return leaf
-    return eg
-
-
 class _Capture:
     """One capture in progress (see the module docstring)."""
 
@@ -232,7 +217,7 @@ class _Capture:
                         ctx = self.ctx
                         await self._background(ctx)
                 except BaseExceptionGroup as eg:
-                    raise _collapse(eg) from None
+                    raise reported_error(eg) from None
             uffd.close()  # every page is saved: drop the protection now
             self._report_unsaved()
             duration = time.monotonic() - t_start

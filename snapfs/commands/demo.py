@@ -7,7 +7,8 @@ import datetime as dt
 import subprocess
 import sys
 
-from snapfs.commands.common import add_store_argument, store_path
+from snapfs.commands.common import ProgressLine, add_store_argument, store_path
+from snapfs.commands.snapshot import EXIT_INTERRUPTED, progress_text, snapshot_process, summary
 from snapfs.errors import SnapfsError
 from snapfs.units import format_bytes, format_count
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the snapshot command's exit code."""
-    from snapfs.cli import main as snapfs_main
+    from snapfs.store import Store
 
     store = store_path(args)
     target = subprocess.Popen(
@@ -46,9 +47,18 @@ def run(args: argparse.Namespace) -> int:
         name = "demo-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         print(f"demo target: pid {target.pid}, {format_bytes(length)} buffer at {addr:#x}, "
               f"writing {format_count(args.rate)} pages/s\n")
-        rc = snapfs_main(["snapshot", str(target.pid), "--name", name, "--store", str(store)])
-        if rc != 0:
-            return rc
+        line = ProgressLine() if sys.stderr.isatty() else None
+        try:
+            with Store.open(store, create=True) as opened:
+                result = snapshot_process(target.pid, opened, name, progress=None if line is None
+                                          else lambda p: line.show(progress_text(p)))
+        finally:
+            if line is not None:
+                line.clear()
+        if result is None:
+            print("snapfs: interrupted: demo target released, snapshot discarded", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(summary(result))
         block = _verify(store, name, addr, length)
         gdb_core = _show_core(store, name)
     finally:

@@ -13,7 +13,6 @@ import json
 import os
 import stat
 import sys
-from pathlib import Path
 
 from snapfs.commands.common import add_store_argument, store_path
 from snapfs.errors import RestoreRefused, UsageError
@@ -98,10 +97,10 @@ def _print_restore(r) -> None:
 
 def _ingest(args: argparse.Namespace) -> int:
     """``--name``: drain a piped stream at once (QEMU must not wait for our start-up), then store it."""
-    from snapfs.stream.spool import PipeCapture
+    from snapfs.stream.spool import PipeCapture, spool_dir
 
     path = store_path(args)
-    capture = PipeCapture(0, _capture_dir(path)) if stat.S_ISFIFO(os.fstat(0).st_mode) else None
+    capture = PipeCapture(0, spool_dir(path)) if stat.S_ISFIFO(os.fstat(0).st_mode) else None
     try:
         from snapfs.store import Store
         from snapfs.stream.ingest import ingest_stream
@@ -117,11 +116,3 @@ def _ingest(args: argparse.Namespace) -> int:
         print(f"{info.name}: {info.kind} snapshot of {info.region_count} RAMBlocks, "
               f"{format_bytes(info.resident_bytes)} RAM, {format_bytes(info.stored_bytes)} stored")
     return 0
-
-
-def _capture_dir(store: Path) -> Path | None:
-    """Where the raw stream goes while it arrives: the store's disk (the store may not exist yet)."""
-    for d in (store, store.parent):
-        if d.is_dir() and os.access(d, os.W_OK):
-            return d
-    return None

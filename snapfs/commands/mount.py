@@ -89,21 +89,14 @@ def _copy_out(view: object) -> int:
     out = sys.stdout.buffer
     size = int(view.size)  # type: ignore[attr-defined]
     extents = getattr(view, "data_extents", None)
-    try:
-        if extents is not None and _seekable_file(out.fileno()):
-            out.flush()
-            write_sparse(out.fileno(), view, size, extents())
-        else:
-            for offset in range(0, size, CAT_CHUNK):
-                out.write(view.read(offset, min(CAT_CHUNK, size - offset)))  # type: ignore[attr-defined]
-            out.flush()
-    except BrokenPipeError:
-        # The reader went away (`| head`): not an error. Point stdout at /dev/null so the
-        # interpreter's final flush does not complain.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 0
+    # A closed stdout (`| head`) raises BrokenPipeError: cli.main ends quietly then.
+    if extents is not None and _seekable_file(out.fileno()):
+        out.flush()
+        write_sparse(out.fileno(), view, size, extents())
+    else:
+        for offset in range(0, size, CAT_CHUNK):
+            out.write(view.read(offset, min(CAT_CHUNK, size - offset)))  # type: ignore[attr-defined]
+        out.flush()
     return 0
 
 

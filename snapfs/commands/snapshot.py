@@ -1,6 +1,6 @@
 """``snapfs snapshot PID``: a live point-in-time snapshot of a running process.
 
-(``--qmp SOCKET`` snapshots a QEMU VM instead; that lives in :mod:`snapfs.stream.qmp_snapshot`.)
+(``--qmp SOCKET`` snapshots a QEMU VM instead: :mod:`snapfs.commands.vm`.)
 """
 
 from __future__ import annotations
@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import sys
 import time
 
-from snapfs.commands.common import add_store_argument, store_path
-from snapfs.errors import SnapfsError, TargetError, UsageError
+from snapfs.commands.common import ProgressLine, add_store_argument, run_interruptible, store_path
+from snapfs.errors import TargetError, UsageError
 from snapfs.units import format_bytes, format_count, format_rate, parse_duration, parse_size
 
 EXIT_INTERRUPTED = 130
@@ -84,27 +83,13 @@ def default_name(comm: str, pid: int, when: float | None = None) -> str:
     return f"{safe}-{pid}-{stamp}"
 
 
-class _ProgressLine:
-    """One self-overwriting line on stderr (only when stderr is a TTY)."""
-
-    def __init__(self) -> None:
-        self.shown = False
-
-    def __call__(self, p) -> None:
-        eta = f"ETA {p.eta_s:.0f} s" if p.eta_s is not None else "ETA -"
-        line = (
-            f"\r{format_bytes(p.done_bytes)} / {format_bytes(p.total_bytes)} · "
-            f"{format_rate(p.rate)} · {format_count(p.faults)} faults · {eta}"
-        )
-        sys.stderr.write(line.ljust(78)[:120])
-        sys.stderr.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r" + " " * 78 + "\r")
-            sys.stderr.flush()
-            self.shown = False
+def progress_text(p) -> str:
+    """The progress line of a capture (a :class:`snapfs.capture.Progress`)."""
+    eta = f"ETA {p.eta_s:.0f} s" if p.eta_s is not None else "ETA -"
+    return (
+        f"{format_bytes(p.done_bytes)} / {format_bytes(p.total_bytes)} · "
+        f"{format_rate(p.rate)} · {format_count(p.faults)} faults · {eta}"
+    )
 
 
 def _attach(result) -> str:
@@ -126,43 +111,42 @@ def summary(result) -> str:
     )
 
 
+def snapshot_process(pid: int, store, name: str, options=None, progress=None):
+    """One live snapshot of process ``pid`` into ``store`` (what ``snapfs snapshot PID``
+    runs; ``snapfs demo`` too): its :class:`~snapfs.capture.CaptureResult`, or None when
+    SIGINT/SIGTERM interrupted it (the target released, nothing published)."""
+    from snapfs.capture.engine import capture_process
+
+    result, _ = run_interruptible(lambda: capture_process(pid, store, name, options, progress))
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``snapfs snapshot``; returns the exit code."""
     if args.qmp:
-        from snapfs.stream import qmp_snapshot
+        from snapfs.commands import vm
 
-        return qmp_snapshot.run(args)
+        return vm.run(args)
     if args.pid is None:
         raise UsageError("give the PID of the process to snapshot (or --qmp SOCKET for a VM)")
     if args.name is not None:
         check_name(args.name)
 
-    import trio
-
-    from snapfs.capture.engine import CaptureOptions, capture_process
+    from snapfs.capture.engine import CaptureOptions
     from snapfs.capture.ptrace import check_target
     from snapfs.store import Store
 
     comm = check_target(args.pid)
-    progress = _ProgressLine() if sys.stderr.isatty() and not args.json else None
+    line = ProgressLine() if sys.stderr.isatty() and not args.json else None
+    progress = None if line is None else (lambda p: line.show(progress_text(p)))
+    options = CaptureOptions(rate=args.rate, include_readonly=args.include_readonly,
+                             continuous=args.every is not None)
     store = Store.open(store_path(args), create=True)
-    interrupted = False
     taken: list[str] = []  # snapshots committed (for --every)
 
-    async def one(name: str, continuous: bool = False):
-        return await capture_process(
-            args.pid,
-            store,
-            name,
-            CaptureOptions(
-                rate=args.rate, include_readonly=args.include_readonly, continuous=continuous
-            ),
-            progress=progress,
-        )
-
     def report(result) -> None:
-        if progress is not None:
-            progress.clear()
+        if line is not None:
+            line.clear()
         if args.json:
             print(json.dumps(result.to_json()), flush=True)
         else:
@@ -170,37 +154,19 @@ def run(args: argparse.Namespace) -> int:
             for w in result.warnings:
                 print(f"snapfs: warning: {w}", file=sys.stderr)
 
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-
-                async def watch() -> None:
-                    nonlocal interrupted
-                    async for _ in signals:
-                        interrupted = True
-                        nursery.cancel_scope.cancel()
-                        return
-
-                nursery.start_soon(watch)
-                if args.every is None:
-                    report(await one(args.name or default_name(comm, args.pid)))
-                else:
-                    await _every(args, comm, store, one, report, taken)
-                nursery.cancel_scope.cancel()
-
     try:
-        trio.run(main)
-    except BaseExceptionGroup as eg:
-        match, _ = eg.split(SnapfsError)
-        if match is None:
-            raise
-        leaf = match
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        raise leaf from None
+        if args.every is None:
+            result = snapshot_process(args.pid, store, args.name or default_name(comm, args.pid),
+                                      options, progress)
+            interrupted = result is None
+            if result is not None:
+                report(result)
+        else:
+            _, interrupted = run_interruptible(
+                lambda: _every(args, comm, store, options, progress, report, taken))
     finally:
-        if progress is not None:
-            progress.clear()
+        if line is not None:
+            line.clear()
         store.close()
     if interrupted:
         if taken:  # --every: an interrupt is the normal way to stop
@@ -215,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _every(args, comm: str, store, one, report, taken: list[str]) -> None:
+async def _every(args, comm: str, store, options, progress, report, taken: list[str]) -> None:
     """``--every``: a full snapshot, then one per period, each an incremental child of the
     previous one: writes are tracked in between (async write-protection), so a child copies
     only what changed, during a pause that grows with it. Until interrupted or the target
@@ -223,6 +189,7 @@ async def _every(args, comm: str, store, one, report, taken: list[str]) -> None:
     import trio
 
     from snapfs.capture.continuous import snapshot_next
+    from snapfs.capture.engine import capture_process
 
     tracking = None
     n = 0
@@ -235,10 +202,10 @@ async def _every(args, comm: str, store, one, report, taken: list[str]) -> None:
                 name = f"{name}-{n}"
             try:
                 if tracking is None:
-                    result = await one(name, continuous=True)
+                    result = await capture_process(args.pid, store, name, options, progress)
                     tracking = result.tracking
                 else:
-                    result = await snapshot_next(tracking, store, name)
+                    result = await snapshot_next(tracking, store, name, progress)
                     tracking = result.tracking
             except TargetError:
                 if not taken:

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 from snapfs.store import RegionSpec, SnapshotInfo, Store
 from snapfs.stream.procdesc import DESC_BLOB, carried
 from snapfs.stream.reader import Limits
-from snapfs.stream.spool import SENT_DATA, SENT_ZERO, PipeCapture, SpooledStream, spool_stream
+from snapfs.stream.spool import SENT_DATA, SENT_ZERO, PipeCapture, SpooledStream, spool_dir, spool_stream
 from snapfs.stream.vmstate import BLOB_CONFIGURATION, BLOB_DEVICES, META_KEY
 
 
@@ -51,7 +51,7 @@ def ingest_stream(
     capture = src if isinstance(src, PipeCapture) else None
     try:
         if capture is None and _is_pipe(src):
-            capture = PipeCapture(src.fileno(), spool_dir(store))
+            capture = PipeCapture(src.fileno(), spool_dir(store.path))
         writer = store.begin_snapshot(name, {})
         try:
             if capture is not None:
@@ -123,7 +123,7 @@ def spool_all(
     """
     source, base = _stream_file(src)
     try:
-        spooled = spool_stream(src, directory=spool_dir(store), limits=limits, progress=progress,
+        spooled = spool_stream(src, directory=spool_dir(store.path), limits=limits, progress=progress,
                                source=source, source_base=base)
         if isinstance(src, PipeCapture):
             spooled.source_owner = src  # its file holds the pages until the spool is closed
@@ -169,12 +169,6 @@ def commit_spooled(writer: Any, spooled: SpooledStream, meta: dict[str, Any]) ->
         raise
     finally:
         spooled.close()
-
-
-def spool_dir(store: Store) -> str | None:
-    """Spool next to the store (same disk, not RAM-backed /tmp), else the default temp dir."""
-    path = getattr(store, "path", None)
-    return str(path) if path is not None and os.access(path, os.W_OK) else None
 
 
 def _snapshot_meta(s: SpooledStream, extra: dict[str, Any]) -> dict[str, Any]:

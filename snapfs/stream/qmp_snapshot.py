@@ -1,4 +1,5 @@
-"""``snapfs snapshot --qmp SOCK``: a VM snapshot through QEMU's own background-snapshot.
+"""A VM snapshot through QEMU's own background-snapshot (``snapfs snapshot --qmp SOCK``;
+the command line side is :mod:`snapfs.commands.vm`).
 
 Sequence: check the VM's run state and migration state, enable the ``background-snapshot``
 (+ ``events``) capability, hand QEMU the write end of a pipe (``getfd`` over SCM_RIGHTS, then
@@ -21,22 +22,19 @@ QEMU 7.2 traps, and what snapfs does about them:
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from snapfs.commands.common import store_path
-from snapfs.errors import QemuError, SnapfsError, UsageError
-from snapfs.store import SnapshotInfo, Store
-from snapfs.stream.ingest import commit_spooled, spool_capture, spool_dir
-from snapfs.stream.spool import PipeCapture
+from snapfs.errors import QemuError
+from snapfs.store import Store
+from snapfs.stream.ingest import commit_spooled, spool_capture
 from snapfs.stream.qmp import QmpClient
-from snapfs.units import format_bytes, format_rate
+from snapfs.stream.spool import PipeCapture, spool_dir
 
 _ACTIVE = {"setup", "active", "cancelling", "pre-switchover", "device", "wait-unplug",
            "postcopy-active", "postcopy-paused", "postcopy-recover", "colo"}
@@ -44,38 +42,27 @@ _DONE = ("completed", "failed", "cancelled")
 _PROGRESS_INTERVAL = 0.5
 
 
-def run(args: argparse.Namespace) -> int:
-    """CLI entry for ``snapfs snapshot --qmp SOCK [--name N] [--store DIR] [--json]``."""
-    for option in ("every", "rate", "pid"):
-        if getattr(args, option, None):
-            raise UsageError(f"--{option} does not apply to --qmp (QEMU's background snapshot "
-                             "runs unthrottled, once)" if option != "pid" else "give either a PID or --qmp")
-    name = args.name or time.strftime("vm-%Y%m%d-%H%M%S")
-    show = sys.stderr.isatty() and not args.json
-    try:
-        result = trio.run(snapshot_vm, str(args.qmp), store_path(args), name, show)
-    except BaseExceptionGroup as group:
-        raise _unwrap(group) from None
-    finally:
-        if show:
-            sys.stderr.write("\r\x1b[K")
-    info: SnapshotInfo = result["info"]
-    if args.json:
-        print(json.dumps({**info.to_json(), "qemu": result["qemu"]}, indent=2, sort_keys=True))
-    else:
-        q = result["qemu"]
-        print(
-            f"{info.name}: VM snapshot, {format_bytes(info.resident_bytes)} RAM in "
-            f"{info.region_count} RAMBlocks, {format_bytes(info.stored_bytes)} stored; "
-            f"QEMU downtime {q['downtime_ms']} ms, total {q['total_time_ms']} ms"
-        )
-    return 0
+@dataclass(frozen=True)
+class VmProgress:
+    """What :func:`snapshot_vm` reports about twice a second while QEMU sends (from
+    ``query-migrate``), then once when QEMU is done and the stream goes into the store."""
+
+    done_bytes: int  # guest RAM QEMU has saved so far
+    total_bytes: int  # guest RAM in all
+    transferred_bytes: int  # stream bytes QEMU has sent
+    elapsed_s: float
+    storing: bool = False  # QEMU is done; the stream is being written into the store
 
 
-async def snapshot_vm(qmp_path: str, store_dir: Any, name: str, show_progress: bool = False) -> dict:
+ProgressCallback = Callable[[VmProgress], None]
+
+
+async def snapshot_vm(qmp_path: str, store_dir: str | os.PathLike, name: str,
+                      progress: ProgressCallback | None = None) -> dict:
     """Take a background snapshot of the VM behind ``qmp_path`` into the store as ``name``.
 
-    Returns ``{"info": SnapshotInfo, "qemu": {...timings...}}``. Raises QemuError when QEMU
+    Returns ``{"info": SnapshotInfo, "qemu": {...timings...}}``; ``progress`` (if given)
+    receives :class:`VmProgress` reports. Raises QemuError when QEMU
     refuses or the VM is in a state where a snapshot would harm it, NameInUse if ``name`` is
     taken, StreamError if QEMU's stream is malformed. Nothing is published on any error.
     """
@@ -86,7 +73,7 @@ async def snapshot_vm(qmp_path: str, store_dir: Any, name: str, show_progress: b
             store = Store.open(store_dir, create=True)
             writer = store.begin_snapshot(name, {})
             try:
-                spooled, timings = await _run_migration(qmp, caps_before, store, show_progress)
+                spooled, timings = await _run_migration(qmp, caps_before, store, progress)
             except BaseException:
                 writer.abort()
                 raise
@@ -139,7 +126,7 @@ async def _set_caps(qmp: QmpClient, caps: dict[str, bool]) -> None:
 
 
 async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: Store,
-                         show_progress: bool) -> tuple[Any, dict]:
+                         progress: ProgressCallback | None) -> tuple[Any, dict]:
     """Start the background snapshot into a pipe and spool the stream until QEMU is done."""
     fdname = f"snapfs-{os.getpid()}"
     await _set_caps(qmp, {"background-snapshot": True, "events": True})
@@ -147,7 +134,7 @@ async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: St
         rfd, wfd = os.pipe()
         try:
             # A forked drainer reads the pipe from now on, whatever this process does.
-            capture = PipeCapture(rfd, spool_dir(store))
+            capture = PipeCapture(rfd, spool_dir(store.path))
         except BaseException:
             os.close(wfd)
             raise
@@ -159,7 +146,7 @@ async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: St
             finally:
                 os.close(wfd)
             # On success the spool owns the capture: its file holds the pages until commit.
-            return await _migrate_and_spool(qmp, fdname, capture, store, show_progress)
+            return await _migrate_and_spool(qmp, fdname, capture, store, progress)
         except BaseException:
             capture.close()
             raise
@@ -172,7 +159,7 @@ async def _run_migration(qmp: QmpClient, caps_before: dict[str, bool], store: St
 
 
 async def _migrate_and_spool(qmp: QmpClient, fdname: str, capture: PipeCapture, store: Store,
-                             show_progress: bool) -> tuple[Any, dict]:
+                             progress: ProgressCallback | None) -> tuple[Any, dict]:
     outcome: dict[str, Any] = {}
 
     async def parser() -> None:
@@ -190,7 +177,9 @@ async def _migrate_and_spool(qmp: QmpClient, fdname: str, capture: PipeCapture, 
         nursery.start_soon(parser)
         try:
             await qmp.execute("migrate", {"uri": f"fd:{fdname}"})
-            final = await _wait_done(qmp, show_progress, started)
+            final = await _wait_done(qmp, progress, started)
+            if progress is not None and final.get("status") == "completed":
+                progress(_progress_of(final, time.monotonic() - started, storing=True))
         except QemuError as exc:
             outcome["qemu_error"] = exc
             with trio.CancelScope(shield=True):
@@ -198,8 +187,6 @@ async def _migrate_and_spool(qmp: QmpClient, fdname: str, capture: PipeCapture, 
                     await qmp.execute("closefd", {"fdname": fdname})  # EOF for the reader
                 except QemuError:
                     pass
-    if show_progress:
-        sys.stderr.write("\r\x1b[K")
     spooled = outcome.get("spooled")
     error = outcome.get("qemu_error") or (
         QemuError(_failure_message(final)) if final.get("status") != "completed" else None
@@ -208,9 +195,6 @@ async def _migrate_and_spool(qmp: QmpClient, fdname: str, capture: PipeCapture, 
         if spooled is not None:
             spooled.close()
         raise error
-    if show_progress:
-        sys.stderr.write("\rsnapshot: QEMU done, storing the stream...\x1b[K")
-        sys.stderr.flush()
     timings = {
         "downtime_ms": final.get("downtime"),
         "total_time_ms": final.get("total-time"),
@@ -221,7 +205,7 @@ async def _migrate_and_spool(qmp: QmpClient, fdname: str, capture: PipeCapture, 
     return spooled, timings
 
 
-async def _wait_done(qmp: QmpClient, show_progress: bool, started: float) -> dict:
+async def _wait_done(qmp: QmpClient, progress: ProgressCallback | None, started: float) -> dict:
     """Wait for the MIGRATION event that ends the snapshot; show query-migrate progress."""
     while True:
         with trio.move_on_after(_PROGRESS_INTERVAL):
@@ -229,15 +213,8 @@ async def _wait_done(qmp: QmpClient, show_progress: bool, started: float) -> dic
         info = await qmp.execute("query-migrate")
         if info.get("status") in _DONE:
             return await _final_info(qmp, info)
-        if show_progress:
-            ram = info.get("ram", {})
-            elapsed = max(time.monotonic() - started, 1e-6)
-            done = ram.get("total", 0) - ram.get("remaining", 0)
-            sys.stderr.write(
-                f"\rsnapshot: {format_bytes(done)} of {format_bytes(ram.get('total', 0))} RAM, "
-                f"{format_rate(ram.get('transferred', 0) / elapsed)}\x1b[K"
-            )
-            sys.stderr.flush()
+        if progress is not None:
+            progress(_progress_of(info, time.monotonic() - started))
 
 
 async def _final_info(qmp: QmpClient, info: dict) -> dict:
@@ -250,21 +227,10 @@ async def _final_info(qmp: QmpClient, info: dict) -> dict:
     return info
 
 
-def _unwrap(group: BaseExceptionGroup) -> BaseException:
-    """The exception to report from a nursery's group: Ctrl-C first, then our own errors."""
-    flat: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            flat.append(exc)
-    for kind in (KeyboardInterrupt, SnapfsError):
-        for exc in flat:
-            if isinstance(exc, kind):
-                return exc
-    return group
+def _progress_of(info: dict, elapsed: float, storing: bool = False) -> VmProgress:
+    ram = info.get("ram", {})
+    total = ram.get("total", 0)
+    return VmProgress(total - ram.get("remaining", 0), total, ram.get("transferred", 0), elapsed, storing)
 
 
 def _failure_message(final: dict) -> str:

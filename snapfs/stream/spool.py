@@ -306,6 +306,19 @@ def spool_stream(
         raise
 
 
+def spool_dir(store_path: str | os.PathLike | None) -> str | None:
+    """Where a stream's temporary files go: on the store's disk, not in a RAM-backed /tmp —
+    the store directory, or its parent while the store does not exist yet; None (the
+    default temporary directory) when neither is writable."""
+    if store_path is None:
+        return None
+    path = os.fspath(store_path)
+    for d in (path, os.path.dirname(os.path.abspath(path))):
+        if os.path.isdir(d) and os.access(d, os.W_OK):
+            return d
+    return None
+
+
 PIPE_SIZE = 16 << 20  # QEMU may write this far ahead of the drainer (root may exceed pipe-max-size)
 _F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
 _BATCH_BYTES = 1 << 20  # a drain smaller than this: pause so the next one moves more at once
