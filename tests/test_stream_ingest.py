@@ -255,6 +255,44 @@ def test_ingest_parses_at_idle_priority_while_the_writer_sends(store_dir):
         assert store.open_snapshot("idle").read(0, 0, len(ram)) == ram
 
 
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_parsing_returns_to_normal_priority_once_the_writer_is_done(store_dir, tmp_path):
+    """Once the writer has closed the pipe (QEMU is done), the parser leaves SCHED_IDLE at
+    once, not only when it reaches the end: on a busy machine that end can be many seconds
+    of idle-priority parsing away."""
+    stream, ram = big_stream(4096)  # 16 MiB: many reads after the writer is done
+    r, w = os.pipe()
+    capture = PipeCapture(r, tmp_path)
+    os.close(r)
+    policies: list[tuple[int, int]] = []
+    first = 1 << 20
+    os.write(w, stream[:first])
+    writer = threading.Thread(target=write_all, args=(w, stream[first:]))
+
+    def progress(count: int) -> None:
+        policies.append((count, os.sched_getscheduler(0)))
+        if len(policies) == 1:  # the first read: let the writer finish and the drainer exit
+            writer.start()
+            writer.join(30)
+            deadline = time.monotonic() + 30
+            while capture.pid is not None and _state(capture.pid) != "Z":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.2)  # the watcher thread's turn
+
+    with Store.open(store_dir, create=True) as store:
+        info = ingest_stream(capture, store, "prio", progress=progress)
+        assert store.open_snapshot("prio").read(0, 0, len(ram)) == ram
+    assert info.resident_bytes == len(ram)
+    assert policies[0][1] == os.SCHED_IDLE
+    later = [policy for count, policy in policies[1:] if count < len(stream)]
+    assert later and all(p == os.SCHED_OTHER for p in later), policies
+
+
 def test_capture_close_drains_the_rest_and_reaps_the_drainer(tmp_path):
     """A reader that gives up early (bad stream, Ctrl-C) still lets the writer finish."""
     r, w = os.pipe()

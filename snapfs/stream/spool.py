@@ -25,8 +25,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -378,11 +380,13 @@ class PipeCapture:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(notify_w)
         self.pid: int | None = pid
+        # Readable once the drainer exits, i.e. has the whole stream (opened before any reap:
+        # it can only name this child).
+        self._exit_fd = os.pidfd_open(pid)
         self._notify = notify_r
         self._pos = 0
         self._size = 0
-        self.ended = False  # the drainer reached the end of the pipe: the stream is all here
-        self.on_end: Callable[[], None] | None = None  # run by the reading thread once ended
+        self.ended = False  # the reader saw the end: the drainer had the whole stream
         self.failure: str | None = None  # why the file could not take the whole stream
         # Only the child reads the pipe now: should it die, the writer gets EPIPE, not a hang.
         null = os.open(os.devnull, os.O_RDONLY)
@@ -418,14 +422,44 @@ class PipeCapture:
         if not news:
             self.ended = True
             self._reap()
-            if self.on_end is not None:
-                self.on_end()
 
     def wait_captured(self) -> int:
         """Block until the drainer reached the end of the pipe; the stream's size."""
         while not self.ended:
             self._wait()
         return self._size
+
+    def watch_captured(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from a watcher thread) as soon as the drainer has the whole
+        stream — the writer closed the pipe — however far behind the reader still is.
+        Returns the function that ends the watch (a callback in progress is waited for)."""
+        if self.pid is None or self._exit_fd < 0:
+            callback()
+            return lambda: None
+        exit_fd = os.dup(self._exit_fd)
+        stop_r, stop_w = os.pipe()
+
+        def watch() -> None:
+            try:
+                ready, _, _ = select.select([exit_fd, stop_r], [], [])
+                if exit_fd in ready:
+                    callback()
+            finally:
+                os.close(exit_fd)
+                os.close(stop_r)
+
+        thread = threading.Thread(target=watch, name="snapfs-stream-end", daemon=True)
+        thread.start()
+
+        stopped: list[bool] = []
+
+        def stop() -> None:
+            if not stopped:
+                stopped.append(True)
+                os.close(stop_w)  # EOF wakes the watcher
+                thread.join()
+
+        return stop
 
     def _reap(self) -> None:
         """Wait for the drainer (it has closed its end: it is exiting); raise if it failed."""
@@ -450,6 +484,9 @@ class PipeCapture:
             if self._notify >= 0:
                 os.close(self._notify)
                 self._notify = -1
+            if self._exit_fd >= 0:
+                os.close(self._exit_fd)
+                self._exit_fd = -1
             self.file.close()
 
     def __enter__(self) -> "PipeCapture":
