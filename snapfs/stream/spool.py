@@ -11,9 +11,10 @@ file), pages are not copied at all: the spool records where each page's latest c
 that file and reads it from there. Copying a 1 GiB stream into a second file while QEMU was
 still sending it made QEMU's background-snapshot ~10% slower.
 
-Memory stays bounded whatever the stream claims: page states live in lazily allocated chunks
-(one byte per page actually sent, 32 KiB per 128 MiB of RAM touched, plus 8 bytes per page for
-the offsets of a referenced stream); writes are coalesced into buffers of at most 1 MiB.
+Memory follows what the stream carries, never what it claims: 16 bytes per distinct page
+sent (a record log, compacted as it grows); writes are coalesced into buffers of at most 1 MiB.
+A 34 MB stream claiming a 1 TiB block, one data page every 128 MiB, took 2.7 GiB with
+per-128-MiB state arrays allocated for each page touched; it now takes what it holds.
 
 A piped stream is first drained by :class:`PipeCapture`: a forked child copies the pipe into
 an unlinked file as fast as the writer (QEMU) sends, while this process parses the file as it
@@ -22,6 +23,7 @@ grows, so parsing never makes the writer wait.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import os
@@ -53,7 +55,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 NOT_SENT, SENT_ZERO, SENT_DATA = 0, 1, 2
-CHUNK_PAGES = 1 << 15
+KEY_SHIFT = 32  # a log key is block << KEY_SHIFT | page (a block has < 2^28 pages: 1 TiB)
+PAGE_MASK = (1 << KEY_SHIFT) - 1
+ZERO_VALUE = -1  # the log value of a zero page (data: its offset, >= 0)
+COMPACT_RECORDS = 1 << 20  # log records kept before folding them into the sorted pages
 _FLUSH_BYTES = 1 << 20
 _CLUSTER_GAP = 64 << 10  # page copies further apart in the stream are read separately
 PAGE = F.TARGET_PAGE_SIZE
@@ -70,66 +75,96 @@ def _numpy() -> Any:
 class PageSpool:
     """The latest copy of each page of a set of RAMBlocks: in an unlinked sparse temp file,
     or (``source``: a file descriptor holding the stream, ``source_base``: where the stream
-    starts in it) as the offset of that copy in the stream."""
+    starts in it) as the offset of that copy in the stream.
+
+    What was sent is a log of records, (block, page) -> data offset or zero, compacted now
+    and then into one sorted array per distinct page (the latest record wins): memory follows
+    the records the stream carries (16 bytes each, ``COMPACT_RECORDS`` at most uncompacted),
+    never the sizes it claims — a small stream claiming a 1 TiB block costs what it holds.
+    """
 
     def __init__(self, blocks: list[RamBlock], directory: str | os.PathLike | None = None,
                  source: int | None = None, source_base: int = 0) -> None:
         self.blocks = blocks
         self._source = source
         self._source_base = source_base
-        self._offsets: list[dict[int, np.ndarray]] = [{} for _ in blocks]
         self._file = None if source is not None else tempfile.TemporaryFile(dir=directory, prefix="snapfs-spool-")
         self._fd = source if source is not None else self._file.fileno()
         self._bases = []
         pos = 0
         for b in blocks:
+            if b.length // PAGE > PAGE_MASK:
+                raise StreamError(f"RAMBlock {b.name!r} is too large (0x{b.length:x} bytes)")
             self._bases.append(pos)
             pos += b.length
-        self._states: list[dict[int, np.ndarray]] = [{} for _ in blocks]
+        # The log: key (block << KEY_SHIFT | page), value (stream offset of the data; 0 for
+        # data in the temp file; ZERO_VALUE for a zero page), in stream order.
+        self._log_keys = array.array("Q")
+        self._log_values = array.array("q")
+        self._keys: np.ndarray | None = None  # compacted: distinct keys, ascending
+        self._values: np.ndarray | None = None  # the latest value of each
         self._pending: list[bytes | memoryview] = []
         self._pending_off = 0
         self._pending_end = -1
         self.data_records = 0
         self.zero_records = 0
-        self.duplicates = 0
-
-    def _state(self, block: int, page: int) -> tuple[np.ndarray, int]:
-        chunks = self._states[block]
-        key = page // CHUNK_PAGES
-        arr = chunks.get(key)
-        if arr is None:
-            arr = chunks[key] = _numpy().zeros(CHUNK_PAGES, _numpy().uint8)
-        return arr, page % CHUNK_PAGES
 
     def put_page(self, block: int, page: int, data: bytes | memoryview, at: int = -1) -> None:
         """Record that ``page`` of ``block`` was sent with ``data`` (replacing earlier copies),
         found at stream offset ``at`` (needed, and enough, with a ``source``)."""
-        arr, i = self._state(block, page)
-        if arr[i]:
-            self.duplicates += 1
-        arr[i] = SENT_DATA
+        self._log_keys.append(block << KEY_SHIFT | page)
         self.data_records += 1
         if self._source is not None:
-            chunks = self._offsets[block]
-            offs = chunks.get(page // CHUNK_PAGES)
-            if offs is None:
-                offs = chunks[page // CHUNK_PAGES] = _numpy().zeros(CHUNK_PAGES, _numpy().int64)
-            offs[i] = at
-            return
-        off = self._bases[block] + page * PAGE
-        if off != self._pending_end or len(self._pending) * PAGE >= _FLUSH_BYTES:
-            self.flush()
-            self._pending_off = off
-        self._pending.append(data)
-        self._pending_end = off + PAGE
+            self._log_values.append(at)
+        else:
+            self._log_values.append(0)
+            off = self._bases[block] + page * PAGE
+            if off != self._pending_end or len(self._pending) * PAGE >= _FLUSH_BYTES:
+                self.flush()
+                self._pending_off = off
+            self._pending.append(data)
+            self._pending_end = off + PAGE
+        if len(self._log_keys) >= COMPACT_RECORDS:
+            self._compact()
 
     def put_zero(self, block: int, page: int) -> None:
         """Record that ``page`` of ``block`` was sent as a zero page."""
-        arr, i = self._state(block, page)
-        if arr[i]:
-            self.duplicates += 1
-        arr[i] = SENT_ZERO
+        self._log_keys.append(block << KEY_SHIFT | page)
+        self._log_values.append(ZERO_VALUE)
         self.zero_records += 1
+        if len(self._log_keys) >= COMPACT_RECORDS:
+            self._compact()
+
+    def _compact(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fold the log into the sorted distinct pages (the latest record of each wins)."""
+        np = _numpy()
+        if self._keys is not None and not self._log_keys:
+            return self._keys, self._values  # type: ignore[return-value]
+        keys = np.frombuffer(self._log_keys, np.uint64)
+        values = np.frombuffer(self._log_values, np.int64)
+        if self._keys is not None:  # older records first: a stable sort keeps the order
+            keys = np.concatenate([self._keys, keys])
+            values = np.concatenate([self._values, values])
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        last = np.empty(len(keys), bool)
+        last[:-1] = keys[1:] != keys[:-1]
+        last[-1:] = True
+        self._keys, self._values = keys[last], values[order[last]]
+        self._log_keys, self._log_values = array.array("Q"), array.array("q")
+        return self._keys, self._values
+
+    @property
+    def duplicates(self) -> int:
+        """Records superseded by a later record of the same page."""
+        keys, _ = self._compact()
+        return self.data_records + self.zero_records - len(keys)
+
+    def _block_records(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(pages ascending, their latest values) of ``block``."""
+        keys, values = self._compact()
+        lo, hi = _numpy().searchsorted(keys, [block << KEY_SHIFT, (block + 1) << KEY_SHIFT])
+        return (keys[lo:hi] & PAGE_MASK).astype(_numpy().int64), values[lo:hi]
 
     def flush(self) -> None:
         """Write out coalesced pending pages."""
@@ -146,45 +181,47 @@ class PageSpool:
 
     def sent_pages(self, block: int) -> int:
         """How many distinct pages of ``block`` were sent."""
-        count_nonzero = _numpy().count_nonzero
-        return int(sum(count_nonzero(a) for a in self._states[block].values()))
+        return len(self._block_records(block)[0])
 
     def batches(self, block: int, max_pages: int = 256) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(first_page, states, pages) for every window of ``block`` holding sent pages.
 
         ``pages`` is a writable (n, 4096) uint8 array with zero-sent pages zeroed; ``states``
-        says per page NOT_SENT / SENT_ZERO / SENT_DATA. Windows are ascending.
+        says per page NOT_SENT / SENT_ZERO / SENT_DATA. Windows are ascending, at most
+        ``max_pages`` long, and start and end with a sent page.
         """
         self.flush()
         np = _numpy()
-        npages_block = self.blocks[block].length // PAGE
-        for key in sorted(self._states[block]):
-            arr = self._states[block][key]
-            for w in np.unique(np.flatnonzero(arr) // max_pages).tolist():
-                lo = key * CHUNK_PAGES + w * max_pages
-                n = min(max_pages, npages_block - lo)
-                states = arr[w * max_pages : w * max_pages + n]
-                raw = bytearray(n * PAGE)
-                pages = np.frombuffer(raw, np.uint8).reshape(n, PAGE)
-                if self._source is not None:
-                    offs = self._offsets[block].get(key)  # None: only zero pages sent here
-                    if offs is not None:
-                        self._read_sent(pages, states, offs[w * max_pages : w * max_pages + n])
-                    yield lo, states, pages
-                    continue
-                got = os.preadv(self._fd, [raw], self._bases[block] + lo * PAGE)
+        sent, values = self._block_records(block)
+        if not len(sent):
+            return
+        cuts = np.flatnonzero(np.diff(sent // max_pages)) + 1
+        for lo_i, hi_i in zip([0, *cuts.tolist()], [*cuts.tolist(), len(sent)]):
+            first = int(sent[lo_i])
+            rows = sent[lo_i:hi_i] - first
+            vals = values[lo_i:hi_i]
+            n = int(rows[-1]) + 1
+            states = np.zeros(n, np.uint8)
+            is_data = vals != ZERO_VALUE
+            states[rows] = np.where(is_data, SENT_DATA, SENT_ZERO)
+            raw = bytearray(n * PAGE)
+            pages = np.frombuffer(raw, np.uint8).reshape(n, PAGE)
+            if self._source is not None:
+                self._read_sent(pages, rows[is_data], vals[is_data])
+            elif is_data.any():
+                got = os.preadv(self._fd, [raw], self._bases[block] + first * PAGE)
                 del got  # a sparse tail beyond the file's end reads as the zeros already there
-                pages[states == SENT_ZERO] = 0
-                yield lo, states, pages
+                pages[states != SENT_DATA] = 0
+            yield first, states, pages
 
-    def _read_sent(self, pages: np.ndarray, states: np.ndarray, offs: np.ndarray) -> None:
-        """Fill the rows of ``pages`` sent as data from the source, at stream offsets ``offs``:
-        one pread per cluster of nearby copies (a precopy stream resends pages much later)."""
+    def _read_sent(self, pages: np.ndarray, rows: np.ndarray, offs: np.ndarray) -> None:
+        """Fill ``pages[rows]`` (pages sent as data) from the source, at stream offsets
+        ``offs``: one pread per cluster of nearby copies (a precopy stream resends pages much
+        later)."""
         np = _numpy()
-        rows = np.flatnonzero(states == SENT_DATA)
         if not len(rows):
             return
-        at = offs[rows] + self._source_base
+        at = offs + self._source_base
         order = np.argsort(at, kind="stable")
         cuts = np.flatnonzero(np.diff(at[order]) > _CLUSTER_GAP) + 1
         for group in np.split(order, cuts):
@@ -204,6 +241,8 @@ class PageSpool:
     def close(self) -> None:
         """Drop the temporary file (a source stays open: its owner closes it)."""
         self._pending = []
+        self._log_keys, self._log_values = array.array("Q"), array.array("q")
+        self._keys = self._values = None
         if self._file is not None:
             self._file.close()
 
