@@ -37,6 +37,12 @@ from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInf
 
 BATCH_FRAMES = 32             # frames compressed, reserved and written together (4 MiB raw)
 HASH_CHUNK = 1 << 20          # pages per stored hash chunk (8 MiB of hashes)
+# Pages per in-memory piece of the page hashes (8 KiB; a scan chunk's 1024 pages fall in one
+# piece): memory follows the pages put, not the region's size. A stream claiming a 1 TiB block
+# with one page per 128 MiB cost 1.7 GiB with whole 8 MiB chunks (numpy backs those with huge
+# pages), 0.37 GiB with 32 KiB pieces.
+MAP_PIECE = 1 << 10
+GIVEN_PIECE = 1 << 15         # pages per piece of the hand-over bitmap (4 KiB; 1 TiB: 32 MiB)
 SMALL_PUT = 8                 # puts of at most this many pages take the per-page path
 ZERO_PAGE = bytes(PAGE)
 COMPACT_PARTS = 1024          # merge a region's run pieces beyond this many...
@@ -53,8 +59,8 @@ class _Region:
     parts: list[np.ndarray] = field(default_factory=list)     # recent run pieces, unsorted
     merged: list[np.ndarray] = field(default_factory=list)    # sorted runs, sizes decreasing
     zero_pending: list[int] = field(default_factory=list)     # zero pages from small puts
-    hashes: dict[int, np.ndarray] = field(default_factory=dict)
-    given: dict[int, np.ndarray] = field(default_factory=dict)   # pages handed over, per hash chunk
+    hashes: dict[int, np.ndarray] = field(default_factory=dict)  # per MAP_PIECE pages
+    given: dict[int, np.ndarray] = field(default_factory=dict)   # bitmap of pages handed over, per GIVEN_PIECE
     lost: list[tuple[int, int, str]] = field(default_factory=list)
 
 
@@ -207,26 +213,42 @@ class SnapshotWriter:
                 out[sel] = arr[local]
         return out
 
-    def _hash_chunk(self, reg: _Region, chunk: int) -> np.ndarray:
-        """This writer's hash array for pages [chunk*HASH_CHUNK, ...) of a region (allocated lazily)."""
-        arr = reg.hashes.get(chunk)
+    def _hash_piece(self, reg: _Region, piece: int) -> np.ndarray:
+        """This writer's hashes of pages [piece*MAP_PIECE, ...) of a region (allocated lazily)."""
+        arr = reg.hashes.get(piece)
         if arr is None:
             with self._lock:
                 arr = reg.hashes.setdefault(
-                    chunk, np.zeros(min(HASH_CHUNK, reg.npages - chunk * HASH_CHUNK), np.uint64))
+                    piece, np.zeros(min(MAP_PIECE, reg.npages - piece * MAP_PIECE), np.uint64))
         return arr
 
     def _set_hashes(self, reg: _Region, pages: np.ndarray, values: np.ndarray) -> None:
         if len(pages) == 0:
             return
-        lo, hi = int(pages[0]) // HASH_CHUNK, int(pages[-1]) // HASH_CHUNK
-        if lo == hi:                                  # the usual case: one chunk, no masks
-            self._hash_chunk(reg, lo)[pages - np.uint64(lo * HASH_CHUNK)] = values
+        lo, hi = int(pages[0]) // MAP_PIECE, int(pages[-1]) // MAP_PIECE
+        if lo == hi:                                  # the usual case: one piece, no masks
+            self._hash_piece(reg, lo)[pages - np.uint64(lo * MAP_PIECE)] = values
             return
-        chunks = pages // HASH_CHUNK
-        for chunk in np.unique(chunks).tolist():
-            sel = chunks == chunk
-            self._hash_chunk(reg, chunk)[pages[sel] - np.uint64(chunk * HASH_CHUNK)] = values[sel]
+        pieces = pages // MAP_PIECE
+        for piece in np.unique(pieces).tolist():
+            sel = pieces == piece
+            self._hash_piece(reg, piece)[pages[sel] - np.uint64(piece * MAP_PIECE)] = values[sel]
+
+    def _hash_chunks(self, reg: _Region) -> Iterator[tuple[int, np.ndarray]]:
+        """(chunk, hashes) of every stored hash chunk (HASH_CHUNK pages) holding a hash, built
+        from the in-memory pieces one at a time."""
+        per_chunk = HASH_CHUNK // MAP_PIECE
+        by_chunk: dict[int, list[int]] = {}
+        for piece, arr in reg.hashes.items():
+            if arr.any():
+                by_chunk.setdefault(piece // per_chunk, []).append(piece)
+        for chunk in sorted(by_chunk):
+            out = np.zeros(min(HASH_CHUNK, reg.npages - chunk * HASH_CHUNK), np.uint64)
+            for piece in by_chunk[chunk]:
+                at = (piece - chunk * per_chunk) * MAP_PIECE
+                arr = reg.hashes[piece]
+                out[at:at + len(arr)] = arr
+            yield chunk, out
 
     def _hand_over(self, reg: _Region, pages: np.ndarray) -> None:
         """Record that ``pages`` (ascending, unique) of ``reg`` were put or inherited; raise
@@ -234,16 +256,17 @@ class SnapshotWriter:
         if len(pages) == 0:
             return
         pages = pages.astype(np.int64, copy=False)
-        one = int(pages[0]) // HASH_CHUNK == int(pages[-1]) // HASH_CHUNK   # the usual case
-        chunks = None if one else pages // HASH_CHUNK
+        one = int(pages[0]) // GIVEN_PIECE == int(pages[-1]) // GIVEN_PIECE   # the usual case
+        pieces = None if one else pages // GIVEN_PIECE
         with self._lock:
-            for chunk in [int(pages[0]) // HASH_CHUNK] if chunks is None else np.unique(chunks).tolist():
-                mine = pages if one else pages[chunks == chunk]
-                given = reg.given.get(chunk)
+            for piece in [int(pages[0]) // GIVEN_PIECE] if pieces is None else np.unique(pieces).tolist():
+                mine = pages if one else pages[pieces == piece]
+                given = reg.given.get(piece)
                 if given is None:
-                    given = reg.given[chunk] = np.zeros(min(HASH_CHUNK, reg.npages - chunk * HASH_CHUNK), bool)
-                local = mine - chunk * HASH_CHUNK
-                again = given[local]
+                    given = reg.given[piece] = np.zeros(GIVEN_PIECE // 8, np.uint8)
+                local = mine - piece * GIVEN_PIECE
+                byte, bit = local >> 3, (np.uint8(1) << (local & 7).astype(np.uint8))
+                again = (given[byte] & bit) != 0
                 if again.any():
                     page = int(mine[np.argmax(again)])
                     self._failed = PageGivenTwice(
@@ -251,7 +274,9 @@ class SnapshotWriter:
                         f"store twice ({int(again.sum())} pages of this call were): snapshot "
                         f"{self.name!r} aborted; please report this bug")
                     raise self._failed
-                given[local] = True
+                # Ascending pages: the bits of each byte are gathered with one reduceat.
+                first = np.flatnonzero(np.diff(byte, prepend=-1))
+                given[byte[first]] |= np.bitwise_or.reduceat(bit, first)
 
     # ----------------------------------------------------------------- putting pages
     def put_pages(self, idx: int, first_page: int, data: Any, mask: np.ndarray | None = None) -> None:
@@ -308,8 +333,7 @@ class SnapshotWriter:
         hashes = page_hash_list(view, data)
         for i, h in zip(data, hashes):
             page = first_page + i
-            chunk = self._hash_chunk(reg, page // HASH_CHUNK)
-            chunk[page % HASH_CHUNK] = h
+            self._hash_piece(reg, page // MAP_PIECE)[page % MAP_PIECE] = h
         if reg.parent_idx is not None:
             pages = np.array([first_page + i for i in data], np.uint64)
             same = self._parent_hash(reg.parent_idx, pages) == np.array(hashes, np.uint64)
@@ -693,12 +717,11 @@ class SnapshotWriter:
                 spec.path, spec.kind, int(spec.page_size), int(n[kinds == DATA].sum()),
                 int(n[kinds == ZERO].sum()), json.dumps(meta), len(runs), map_crc)))
             region_rows.append({**row, "map": blob, "crc": _integrity.region_crc(row)})
-            for chunk, arr in sorted(reg.hashes.items()):
-                if arr.any():
-                    row = {"snapshot_id": self.id, "region_idx": i, "chunk": chunk, "algo": ALGO}
-                    raw = arr.tobytes()
-                    hash_rows.append({**row, "data": compress_blob(raw), "crc": _integrity.keyed_blob_crc(
-                        "hashes", row, _integrity.HASH_FIELDS, raw)})
+            for chunk, arr in self._hash_chunks(reg):
+                row = {"snapshot_id": self.id, "region_idx": i, "chunk": chunk, "algo": ALGO}
+                raw = arr.tobytes()
+                hash_rows.append({**row, "data": compress_blob(raw), "crc": _integrity.keyed_blob_crc(
+                    "hashes", row, _integrity.HASH_FIELDS, raw)})
         for name, raw in self._blobs.items():
             row = {"snapshot_id": self.id, "name": name, "size": len(raw)}
             blob_rows.append({**row, "data": compress_blob(raw), "crc": _integrity.keyed_blob_crc(
