@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "snapfs"
-LIBRARY = ("capture", "store", "stream", "fs")
+LIBRARY = ("capture", "elfcore", "store", "stream", "fs")
 
 
 def _imports(path: Path) -> set[str]:
