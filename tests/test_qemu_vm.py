@@ -172,7 +172,9 @@ async def test_precopy_migration_into_snapfs_incoming(kernel, shm_ram, vms, tmp_
         await qmp.execute("migrate", {"uri": f"exec:tee {native} | env {env} {sys.executable} -m snapfs "
                                              "incoming --name pre"})
         await wait_migration(qmp)
-        assert (await qmp.execute("query-status"))["status"] == "postmigrate"
+        with trio.fail_after(TIMEOUT):  # the run state follows "completed" a moment later
+            while (await qmp.execute("query-status"))["status"] != "postmigrate":
+                await trio.sleep(0.05)
     with trio.fail_after(TIMEOUT):  # QEMU is done writing; snapfs may still be committing
         while "pre" not in (await run_snapfs(snapfs_env, "list", "--json")).stdout.decode():
             await trio.sleep(0.1)
