@@ -14,7 +14,7 @@ import bisect
 
 import numpy as np
 
-from snapfs.capture.kernel import PAGE_SHIFT, PAGE_SIZE, ffi, lib
+from snapfs.capture.kernel import PAGE_SHIFT, ffi, lib
 
 PENDING, SAVED, LOST = 0, 1, 2
 HUGE_PMD = 2 << 20  # a transparent huge page on x86_64 and 4 KiB-page aarch64
@@ -98,9 +98,6 @@ class Ledger:
             okb = ffi.from_buffer("uint8_t[]", np.ascontiguousarray(ok, bool))
             lib.snapfs_claim(self.c_state + a, b - a, okb, state, self.lock, ffi.from_buffer("uint8_t[]", mine))
         return mine
-
-    def pending_bytes(self) -> int:
-        return int(np.count_nonzero(self.state == PENDING)) * PAGE_SIZE
 
 
 def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -60,10 +60,6 @@ class Vma:
         return self.perms[3] == "s"
 
     @property
-    def deleted(self) -> bool:
-        return self.path.endswith(" (deleted)")
-
-    @property
     def is_file(self) -> bool:
         return self.inode != 0 and self.path.startswith("/")
 

@@ -125,10 +125,6 @@ class Uffd:
         except BlockingIOError:
             return b""
 
-    def read_messages(self, max_msgs: int = 256) -> np.ndarray:
-        """Non-blocking read of up to ``max_msgs`` messages (empty array if none)."""
-        return decode_messages(self.read_raw(max_msgs))
-
     def close(self) -> None:
         """Close the fd: the kernel drops all protection and wakes the target."""
         if self.fd >= 0:

@@ -5,7 +5,9 @@
   mount down on any other exception, so none escapes.
 * Model calls that may block (opening a snapshot's index, decompression) run in worker threads;
   the trio thread only moves bytes. Sequential readers get windows prefetched in the background.
-* Read-only: every modifying request answers EROFS.
+* Read-only: the mount is ``ro`` (``mount.fuse_options`` drops ``rw``), so the kernel answers
+  EROFS to every modifying call before it reaches us; ``open`` for writing is refused too (a
+  ``remount,rw`` by hand), and pyfuse3's defaults answer ENOSYS to the rest.
 """
 
 from __future__ import annotations
@@ -63,14 +65,6 @@ def _fuse_handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-def _erofs(name: str) -> Callable[..., Awaitable[Any]]:
-    async def handler(self: Any, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    handler.__name__ = name
-    return handler
 
 
 class _WindowJob:
@@ -282,16 +276,3 @@ class SnapfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
-    # -- everything that would modify: read-only filesystem --------------------------------
-    write = _erofs("write")
-    setattr = _erofs("setattr")
-    create = _erofs("create")
-    mknod = _erofs("mknod")
-    mkdir = _erofs("mkdir")
-    unlink = _erofs("unlink")
-    rmdir = _erofs("rmdir")
-    rename = _erofs("rename")
-    link = _erofs("link")
-    symlink = _erofs("symlink")
-    setxattr = _erofs("setxattr")
-    removexattr = _erofs("removexattr")
