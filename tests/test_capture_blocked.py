@@ -8,7 +8,7 @@ import trio
 
 from snapfs.capture import CaptureOptions, capture_process, stopped
 from snapfs.store import Store
-from tests.test_capture_support import Target, assert_released
+from tests.support.capture import Target, assert_released
 
 
 @pytest.mark.parametrize("main_call", ["read", "poll", "nanosleep", "futex", "epoll"])

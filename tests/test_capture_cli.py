@@ -15,7 +15,7 @@ import trio
 from snapfs.capture import CaptureOptions, capture_process
 from snapfs.store import Store
 from tests.conftest import snapfs_cmd
-from tests.test_capture_support import (
+from tests.support.capture import (
     Target,
     assert_released,
     check_oracle,

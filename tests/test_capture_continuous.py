@@ -11,7 +11,7 @@ import trio
 from snapfs.capture import CaptureOptions, capture_process
 from snapfs.capture.continuous import capture_next, written_bytes
 from snapfs.store import Store
-from tests.test_capture_support import Target, assert_released, check_oracle, region_image
+from tests.support.capture import Target, assert_released, check_oracle, region_image
 
 
 async def test_chain_of_tracked_snapshots_is_each_one_instant(store_dir):

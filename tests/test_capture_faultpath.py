@@ -8,7 +8,7 @@ import pytest
 
 from snapfs.capture import CaptureOptions, capture_process, fastfault
 from snapfs.store import Store
-from tests.test_capture_support import Target, assert_released, check_oracle, region_image
+from tests.support.capture import Target, assert_released, check_oracle, region_image
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from snapfs.capture import CaptureOptions, capture_process
 from snapfs.store import Store
-from tests.test_capture_support import (
+from tests.support.capture import (
     Target,
     assert_released,
     check_oracle,

@@ -18,7 +18,7 @@ import pytest
 
 from snapfs.store import Store
 from tests.conftest import ROOT
-from tests.test_capture_support import Target, assert_released, check_oracle, region_image
+from tests.support.capture import Target, assert_released, check_oracle, region_image
 
 USER = "snapfs-test"
 GROUP = "snapfs-uffd"

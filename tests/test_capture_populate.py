@@ -9,7 +9,7 @@ import numpy as np
 
 from snapfs.capture import CaptureOptions, capture_process
 from snapfs.store import DATA, HOLE, Store
-from tests.test_capture_support import Target, assert_released, rss_kib
+from tests.support.capture import Target, assert_released, rss_kib
 
 
 async def test_populated_after_freeze_reads_zero_and_rss_does_not_grow(store_dir):

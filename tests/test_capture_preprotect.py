@@ -14,7 +14,7 @@ from snapfs.capture.maps import ClassifiedMaps, read_maps_text
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.preprotect import protect_then_freeze
 from snapfs.capture.protect import handshake, protect_and_record
-from tests.test_capture_support import Target, assert_released
+from tests.support.capture import Target, assert_released
 
 PAGE = 4096
 

@@ -17,7 +17,7 @@ from snapfs.capture.maps import read_maps
 from snapfs.elfcore import x86_64
 from snapfs.elfcore.state import BLOB, CoreState
 from snapfs.store import HOLE, Store
-from tests.test_capture_support import Target
+from tests.support.capture import Target
 
 pytestmark = pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 register layout")
 

@@ -22,7 +22,7 @@ from snapfs.fs.model import SnapshotFS
 from snapfs.store import RegionSpec, Store
 from snapfs.store.reader import SnapshotReader
 from tests.conftest import snapfs_cmd
-from tests.test_fs_support import PAGE, process_snapshot, vm_snapshot
+from tests.support.fs import PAGE, process_snapshot, vm_snapshot
 
 _PHDR = struct.Struct("<IIQQQQQQ")
 
@@ -142,7 +142,7 @@ def test_a_snapshot_without_recorded_state_still_opens_in_gdb(store_dir):
     """Snapshots of older snapfs have registers but no core.state: gdb still opens the core,
     with every thread and its registers."""
     from snapfs.capture import CaptureOptions, capture_process
-    from tests.test_capture_support import Target
+    from tests.support.capture import Target
 
     with Target("coretarget") as t:
         async def take():

@@ -21,7 +21,7 @@ from snapfs.capture import CaptureOptions, capture_process, read_memory
 from snapfs.fs.core import CoreView
 from snapfs.store import Store
 from tests.conftest import snapfs_cmd
-from tests.test_fs_support import mounted_store, run
+from tests.support.fs import mounted_store, run
 from tools.targets import build
 
 pytestmark = [

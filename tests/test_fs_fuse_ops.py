@@ -17,7 +17,7 @@ from snapfs.fs.model import SnapshotFS
 from snapfs.fs.openfile import WINDOW_MIN, OpenFile
 from snapfs.store import Store
 from snapfs.stream.vmstate import VmstateView
-from tests.test_fs_support import process_snapshot
+from tests.support.fs import process_snapshot
 
 
 @pytest.fixture

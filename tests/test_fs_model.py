@@ -18,7 +18,7 @@ from snapfs.fs.model import FsError, SnapshotFS
 from snapfs.fs.names import decode_name, encode_name, unique_entries
 from snapfs.fs.openfile import MAX_INFLIGHT, WINDOW_MIN, OpenFile, WindowBudget
 from snapfs.fs.views import BytesView
-from tests.test_fs_support import MARKER, PAGE, TOP_START, process_snapshot, vm_snapshot, write_snapshot
+from tests.support.fs import MARKER, PAGE, TOP_START, process_snapshot, vm_snapshot, write_snapshot
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from snapfs.fs.mount import mounted_at
 from snapfs.store import Store
 from tests.conftest import snapfs_cmd
-from tests.test_fs_support import MARKER, PAGE, mounted_store, process_snapshot, run, write_snapshot
+from tests.support.fs import MARKER, PAGE, mounted_store, process_snapshot, run, write_snapshot
 
 pytestmark = pytest.mark.fuse
 

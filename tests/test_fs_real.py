@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from tests.conftest import snapfs_cmd
-from tests.test_fs_support import PAGE, mounted_store, run
+from tests.support.fs import PAGE, mounted_store, run
 
 pytestmark = pytest.mark.fuse
 

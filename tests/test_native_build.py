@@ -23,7 +23,7 @@ import pytest
 from snapfs.store import Store
 from tests.conftest import ROOT, snapfs_cmd
 from tests.test_capture_faultpath import native_counts  # noqa: F401 - a fixture
-from tests.test_capture_support import Target, assert_released, check_oracle, region_image
+from tests.support.capture import Target, assert_released, check_oracle, region_image
 
 NOBODY = 65534
 PLANTED = r"""

@@ -264,7 +264,7 @@ def test_bit_flips_in_page_maps_never_give_wrong_bytes(pristine, tmp_path):
 def test_damaged_map_through_the_mount_is_eio_not_enoent(pristine, tmp_path, snapfs_env):
     """Through a real FUSE mount: a damaged map gives EIO for the region's data and for the
     parts of vmstate that need it; vmstate stays listed with its size; other regions read."""
-    from tests.test_fs_support import mounted_store
+    from tests.support.fs import mounted_store
 
     store_dir, names, paths, truth = pristine
     copy = _damaged_copy(store_dir, tmp_path / "mapdamage")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from snapfs.capture import CaptureOptions, capture_process  # noqa: E402
 from snapfs.store import Store  # noqa: E402
-from tests.test_capture_support import Target  # noqa: E402
+from tests.support.capture import Target  # noqa: E402
 
 
 async def one_run(pages: int, writes: int, gap_us: int, rate: float | None, workers: int) -> dict:
