@@ -1,4 +1,4 @@
-"""The migration stream parser: accepted shapes and every bad-input case of issue 5."""
+"""The migration stream parser: accepted shapes and every bad input that must be refused."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_minimal_stream_parses():
 
 
 def test_worked_example_of_the_reference_is_what_the_writer_produces():
-    """Section 2.5 of qemu-migration-stream.md: 8 KiB pc.ram, page 0 zero, page 1 data."""
+    """What QEMU 7.2 itself writes for an 8 KiB pc.ram, page 0 zero, page 1 data (machine none)."""
     layout = image_layout([("pc.ram", bytes(PAGE) + DATA1)])
     data = layout.read(0, layout.size)
     assert data[:0x46].hex() == (

@@ -1,7 +1,43 @@
-"""Constants and small encoders of QEMU's migration stream format (version 3).
+"""QEMU's migration stream (version 3): its grammar, constants and small encoders.
 
-All integers are big-endian. See ``../shared/qemu-migration-stream.md`` section 2 for the
-byte-level description; only what snapfs reads or writes is defined here.
+Only what snapfs reads or writes is defined here; the parser is ``reader.py``, the writer
+``writer.py``. All integers are big-endian; ``counted`` is one length byte, then that many
+bytes (no NUL)::
+
+    STREAM        ::= MAGIC VERSION CONFIGURATION {SECTION} EOF [VMDESCRIPTION]
+    MAGIC         ::= be32 0x5145564d                        "QEVM"
+    VERSION       ::= be32 3                                 (2 is refused as obsolete)
+    CONFIGURATION ::= 0x07 be32:n machine[n] {SUBSECTION}    the resolved machine class name,
+                                                             e.g. "pc-i440fx-7.2"; required
+    SUBSECTION    ::= 0x05 counted:name be32:version FIELDS   configuration/capabilities:
+                                                             be32:n n*counted; target-page-bits: be32
+    SECTION       ::= START | PART | END | FULL | COMMAND
+    START, FULL   ::= (0x01 | 0x04) be32:id counted:idstr be32:instance be32:version PAYLOAD FOOTER
+    PART, END     ::= (0x02 | 0x03) be32:id PAYLOAD FOOTER   id: that of the START it continues
+    FOOTER        ::= 0x7e be32:id                           the id of its own section
+    COMMAND       ::= 0x08 be16:cmd be16:n bytes[n]
+    EOF           ::= 0x00
+    VMDESCRIPTION ::= 0x06 be32:n json[n]                    informational; its length must
+                                                             hold no '{' byte (see vmdescription)
+
+    RAM PAYLOAD   ::= {RECORD} EOS                           the section idstr "ram", instance 0,
+                                                             version 4
+    RECORD        ::= MEM_SIZE | PAGE | ZERO
+    MEM_SIZE      ::= be64:(total | 0x04) {counted:block be64:used_length [be64:page_size] [be64:addr]}
+                      the blocks' used lengths sum to total exactly; page_size only with
+                      postcopy-ram, addr only with x-ignore-shared
+    PAGE          ::= be64:(offset | 0x08 [| 0x20]) [counted:block] bytes[TARGET_PAGE_SIZE]
+    ZERO          ::= be64:(offset | 0x02 [| 0x20]) [counted:block] u8:0
+    EOS           ::= be64:0x10
+
+``offset`` is a byte offset in the block, page-aligned, below its used length; the flags are
+its low bits (below TARGET_PAGE_SIZE). The block name is present unless CONTINUE (0x20) is
+set, and "the current block" carries over from one section to the next. Section id 0 is
+never used (a PART with id 0 binds to whichever handler has not loaded yet).
+
+A background snapshot (``background-snapshot`` capability) is laid out as
+``MAGIC VERSION CONFIGURATION START(ram) {PART(ram)} {FULL(device)} EOF VMDESCRIPTION``:
+RAM first, the devices' state (taken at the snapshot instant) last, and no END for ``ram``.
 """
 
 from __future__ import annotations
