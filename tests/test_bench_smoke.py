@@ -153,11 +153,11 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
 
     goals = results["goals"]
     assert len(goals) == 12 and all(g["pass"] in (True, False, None) for g in goals)
-    # Issue 12's goals are judged row by row.
+    # The stall goals are judged row by row.
     per_row = [g for g in goals if "rows" in g]
     assert len(per_row) == 6 and all(r["pass"] in (True, False, None) for g in per_row for r in g["rows"])
 
-    # Issue 12's sections: every row the target's worst stall beside its undisturbed window.
+    # The stall sections: every row the target's worst stall beside its undisturbed window.
     sections = {r.get("section") for r in results["rows"]}
     assert {"matrix", "jvm", "mappings", "throughput"} <= sections
     matrix = [r for r in results["rows"] if r.get("section") == "matrix" and not r["error"]]

@@ -1,4 +1,4 @@
-"""Pre-protection (roadmap 7): memory protected while the target runs; what it writes, first
+"""Pre-protection: memory protected while the target runs; what it writes, first
 populates or zaps before the freeze is found at the freeze (written pages re-protected), so
 the capture saves the content at the freeze instant. Real kernel, real target
 (tools/targets/populate.c)."""

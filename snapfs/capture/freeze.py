@@ -8,8 +8,8 @@ Two entry points:
 - :func:`frozen` (async context manager): stops, injects ``userfaultfd()`` (or hands a
   ``/dev/userfaultfd`` fd to the target and injects ``USERFAULTFD_IOC_NEW`` when the target
   may not create one), takes the fd with ``pidfd_getfd``, closes the target's copy, and
-  yields a :class:`FrozenTarget`. What to protect is the caller's business (roadmap 7:
-  pre-protect while running, then re-protect only what changed).
+  yields a :class:`FrozenTarget`. What to protect is the caller's business (the engine
+  pre-protects while the target runs, then re-protects only what changed).
 
 Release is guaranteed on every path: exceptions, trio cancellation and KeyboardInterrupt
 (the release runs KI-protected). If snapfs is SIGKILLed the kernel detaches the threads and,

@@ -1,4 +1,4 @@
-"""Pre-protection (roadmap 7): write-protect the target's memory while it still runs, so that
+"""Pre-protection: write-protect the target's memory while it still runs, so that
 the freeze only has to re-protect what was written or populated since.
 
 Write-protecting populated 4 KiB pages costs the kernel ~20 ms per GiB; done inside the

@@ -1,6 +1,6 @@
 """The snapfs filesystem as plain code: tree, attributes, reads. No FUSE here.
 
-Layout (issue 4's contract)::
+Layout (the contract with users and ``docs/architecture.md``)::
 
     /<snapshot>/info.json                 metadata + region list (with each region's mem_offset)
     /<snapshot>/mem                       all regions in one sparse file (see memview)

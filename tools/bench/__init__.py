@@ -18,9 +18,9 @@ stall fell), ``jvm`` (a JVM-like target: 200 idle threads, 16 mutators, a GC thr
 quick mode (64 MiB, few rates and rows) takes a few minutes; the full plan (1 GiB, 6 rates)
 about 25-35 minutes; e.g. ``--only matrix --threads 4 --thp off`` for one slice of it.
 
-Every issue-12 goal is judged per row: the target's own worst stall, never a median over rows.
+Every stall goal is judged per row: the target's own worst stall, never a median over rows.
 
 Modules: plan (what to run), targets (memwriter driver), methods/ (one per peer), stalls
-(issue 12's rows), every, floors, readpaths, peers (find/install peer tools), machine, goals,
+(the target's own stalls), every, floors, readpaths, peers (find/install peer tools), machine, goals,
 report, plots, runner.
 """

@@ -1,8 +1,9 @@
 """The goals for snapfs, each judged pass/fail from one run's results.
 
-Issue 12's goals are judged on every row they concern (every row must pass): the target's
-own worst stall, never a median over rows. The goals they retired are still reported, with
-no verdict.
+The stall goals (real programs stay responsive: many threads, THP, multi-GiB heaps, a pause
+that beats fork()) are judged on every row they concern (every row must pass): the target's
+own worst stall, never a median over rows. The median goals they replaced are still
+reported, with no verdict.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ GiB = 1 << 30
 
 
 def _rows(results: dict, method: str) -> list[dict]:
-    """The write-rate sweep's rows of ``method`` (not issue 12's sections)."""
+    """The write-rate sweep's rows of ``method`` (not the stall sections, stalls.py)."""
     return [r for r in results["rows"] if r["method"] == method and not r.get("error") and not r.get("section")]
 
 
@@ -41,7 +42,8 @@ def _label(r: dict) -> str:
 
 
 def stall_goals(results: dict) -> list[dict]:
-    """Issue 12's goals 1, 3, 4, 5, 6 and 7, per row."""
+    """The stall goals, per row: worst stall vs fork(), the write-fault round trip, the JVM-like
+    target, many mappings, throughput vs stop-copy, and the --every children."""
     rows = [r for r in results["rows"] if r.get("section") and not r.get("error")]
     goals = []
     by_key: dict[tuple, dict[str, dict]] = {}
@@ -159,7 +161,8 @@ def evaluate(results: dict) -> list[dict]:
 
 
 def earlier_goals(results: dict) -> list[dict]:
-    """The goals of issues 2 and 6; those issue 12 retired are reported without a verdict."""
+    """The first goals (pause, image size, throughput, fault latency, QEMU); those the stall
+    goals replaced are reported without a verdict."""
     goals: list[dict] = []
     snap = _rows(results, "snapfs")
     writing = [r for r in snap if r["write_rate"] != 0]
@@ -173,7 +176,7 @@ def earlier_goals(results: dict) -> list[dict]:
         goals.append(_goal(name, f"median target-measured pause {pause:.2f} ms vs write-protect "
                            f"{wp:.2f} ms (x{pause / wp:.2f}); snapfs's own pause_ms median {own:.2f} ms "
                            f"(x{own / wp:.2f})", None,
-                           "retired by issue 12 (reported only); target-measured pause, median over write rates > 0"))
+                           "replaced by the per-row stall goals (reported only); target-measured pause, median over write rates > 0"))
     else:
         goals.append(_goal(name, "n/a", None, "needs snapfs rows and the write-protect floor"))
 
@@ -184,7 +187,7 @@ def earlier_goals(results: dict) -> list[dict]:
         pause = statistics.median(r["pause_ms"] for r in writing)
         gstop = statistics.median(r["pause_ms"] for r in gc)
         goals.append(_goal(name, f"gcore {gstop:.1f} ms / snapfs {pause:.2f} ms = x{gstop / pause:.0f}",
-                           None, "retired by issue 12 (reported only); medians of target-measured pauses, "
+                           None, "replaced by the per-row stall goals (reported only); medians of target-measured pauses, "
                            "write rates > 0"))
     else:
         goals.append(_goal(name, "n/a", None, "needs snapfs and gcore rows"))
@@ -218,7 +221,7 @@ def earlier_goals(results: dict) -> list[dict]:
         goals.append(_goal(name, f"snapfs {tput / 1e6:.0f} MB/s vs zstd alone {zstd / 1e6:.0f} MB/s "
                            f"(x{tput / zstd:.2f}); snapfs durations {', '.join(f'{d:.3f}' for d in runs)} s",
                            None,
-                           f"retired by issue 12 (reported only); write rate 0; bytes = the target's data region over snapfs's duration_s; best "
+                           f"replaced by the per-row stall goals (reported only); write rate 0; bytes = the target's data region over snapfs's duration_s; best "
                            f"of {len(runs)} captures against the best of {how}"))
     else:
         goals.append(_goal(name, "n/a", None, "needs a snapfs row at write rate 0 and the zstd floor"))
@@ -232,7 +235,7 @@ def earlier_goals(results: dict) -> list[dict]:
         goals.append(_goal(name, f"median over write rates: p50 {p50:.0f} µs, p99 {p99:.0f} µs (per rate: "
                            + ", ".join(f"{r['write_rate_label']} {r['slow_p50_us']:.0f}/{r['slow_p99_us']:.0f}"
                                        for r in timed) + ")",
-                           None, "replaced by issue 12's per-row goal (reported only); the target's slow "
+                           None, "replaced by the per-row stall goals (reported only); the target's slow "
                            "writes (> 2 µs) during the capture: its write-protect faults"))
     else:
         goals.append(_goal(name, "n/a", None, "needs snapfs rows with the target's slow-write timings"))

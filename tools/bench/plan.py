@@ -28,7 +28,7 @@ class Plan:
     readpath_size: int = 64 * MiB
     # Extra snapfs-only targets at limit_write_rate: label -> TargetSpec overrides
     variants: dict[str, dict] = field(default_factory=dict)
-    # Issue 12's rows (tools/bench/stalls.py): snapfs and the fork peer at every rate > 0 for
+    # The stall rows (tools/bench/stalls.py): snapfs and the fork peer at every rate > 0 for
     # each writer-thread count and THP mode; the JVM-like target; many mappings; throughput.
     thread_counts: list[int] = field(default_factory=lambda: [1, 4, 16])
     thp_modes: list[bool] = field(default_factory=lambda: [False, True])

@@ -1,4 +1,4 @@
-"""Read-side numbers (issues 3-5): store reads, FUSE reads, the vmstate view, incremental snapshots.
+"""Read-side numbers: store reads, FUSE reads, the vmstate view, incremental snapshots.
 
 Each section runs against a snapshot of a real memwriter taken with ``snapfs snapshot``, and
 skips with a stated reason when its component is not there (yet). "Cold" means after

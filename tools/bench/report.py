@@ -39,7 +39,7 @@ def _main_table(rows: list[dict]) -> list[str]:
 
 
 def _stall_table(rows: list[dict]) -> list[str]:
-    """Issue 12's rows: the target's worst stall beside its undisturbed window, per row."""
+    """The stall rows: the target's worst stall beside its undisturbed window, per row."""
     out = ["| section | target | write rate | method | worst stall ms | undisturbed ms | where the worst "
            "fell | tool's pause ms | duration s | slow-write p50 / p99 µs | throughput during / before | "
            "CPU-s/GiB |",

@@ -1,4 +1,4 @@
-"""Issue 12's rows: what the target itself suffers, by writer threads, THP and write rate.
+"""The stall rows: what the target itself suffers, by writer threads, THP and write rate.
 
 - **matrix**: for every writer-thread count, THP off/on and write rate > 0, one target and on
   it snapfs and the fork peer (the target forks a child that writes its memory out), each row

@@ -284,7 +284,7 @@ class QemuBackground:
     @staticmethod
     def _into_snapfs(qmp: Qmp, workdir: Path, file_total_s: float, rounds: int = 3) -> dict:
         """More background-snapshots of the same VM, alternating a file sink and ``snapfs
-        incoming`` (issue 5: ingest must not slow QEMU down): QEMU's total-time with each,
+        incoming`` (ingest must not slow QEMU down): QEMU's total-time with each,
         medians compared (one pair is too noisy on a 2-vCPU machine)."""
         try:
             import snapfs.stream  # noqa: F401
