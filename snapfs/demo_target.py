@@ -17,18 +17,18 @@ import time
 
 import numpy as np
 
-PAGE = 4096
+DEMO_PAGE = 4096  # the content mix's unit (one store page; any host page size holds whole ones)
 MARKER = b"snapfs-demo-marker"
 
 
 def fill(buf: mmap.mmap, npages: int, rng: np.random.Generator) -> np.ndarray:
     """Fill the buffer with the content mix; return the kind of each page (0 zero, 1 text, 2 random)."""
     kinds = rng.choice(np.array([0, 1, 2], dtype=np.uint8), size=npages, p=[0.3, 0.4, 0.3])
-    pages = np.frombuffer(buf, dtype=np.uint8).reshape(npages, PAGE)
-    text = np.frombuffer((b"%s line of a well compressible demo page; " % MARKER) * 100, dtype=np.uint8)[:PAGE]
+    pages = np.frombuffer(buf, dtype=np.uint8).reshape(npages, DEMO_PAGE)
+    text = np.frombuffer((b"%s line of a well compressible demo page; " % MARKER) * 100, dtype=np.uint8)[:DEMO_PAGE]
     pages[kinds == 1] = text
     n_random = int((kinds == 2).sum())
-    pages[kinds == 2] = rng.integers(0, 256, size=(n_random, PAGE), dtype=np.uint8)
+    pages[kinds == 2] = rng.integers(0, 256, size=(n_random, DEMO_PAGE), dtype=np.uint8)
     return kinds
 
 
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=20000, help="page writes per second")
     args = p.parse_args(argv)
     npages = args.mib * 256
-    buf = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = mmap.mmap(-1, npages * DEMO_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     rng = np.random.default_rng(1234)
     kinds = fill(buf, npages, rng)
     addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
-    print(f"ready {addr:#x} {npages * PAGE}", flush=True)
+    print(f"ready {addr:#x} {npages * DEMO_PAGE}", flush=True)
     written = np.flatnonzero(kinds != 0)
     counter = 0
     batch = max(1, args.rate // 100)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         for page in rng.choice(written, size=batch):
             counter += 1
-            off = int(page) * PAGE
+            off = int(page) * DEMO_PAGE
             buf[off : off + 8] = counter.to_bytes(8, "little")
         time.sleep(max(0.0, 0.01 - (time.monotonic() - start)))
 

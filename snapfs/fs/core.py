@@ -34,10 +34,8 @@ import numpy as np
 from snapfs import elfcore
 from snapfs.elfcore import elf, notes
 from snapfs.elfcore.state import BLOB, CoreState, Mapping
-from snapfs.store.model import HOLE
+from snapfs.store.model import HOLE, STORE_PAGE
 from snapfs.stream.writer import Literal, StreamLayout
-
-PAGE = 4096
 
 _PHDRS = np.dtype([("type", "<u4"), ("flags", "<u4"), ("offset", "<u8"), ("vaddr", "<u8"),
                    ("paddr", "<u8"), ("filesz", "<u8"), ("memsz", "<u8"), ("align", "<u8")])
@@ -57,10 +55,10 @@ class RegionBytes:
         the decoded frames into a fresh buffer (a read-only view of it is returned)."""
         lo += self.at
         hi += self.at
-        if lo % PAGE or hi % PAGE or read_into is None:
+        if lo % STORE_PAGE or hi % STORE_PAGE or read_into is None:
             return read_pages(self.region, lo, hi - lo)
-        out = np.empty(((hi - lo) // PAGE, PAGE), np.uint8)
-        read_into(self.region, lo // PAGE, out)
+        out = np.empty(((hi - lo) // STORE_PAGE, STORE_PAGE), np.uint8)
+        read_into(self.region, lo // STORE_PAGE, out)
         return memoryview(out.reshape(-1)).toreadonly()
 
 
@@ -191,8 +189,8 @@ def _segments(reader: Any, mappings: list[Mapping]) -> list[Segment]:
             out.append(Segment(m.start, m.end, flags, r.index))
         else:
             for first, n, captured in _captured_runs(reader.runs(r.index)):
-                lo = m.start + first * PAGE
-                out.append(Segment(lo, lo + n * PAGE, flags, r.index if captured else None, first * PAGE))
+                lo = m.start + first * STORE_PAGE
+                out.append(Segment(lo, lo + n * STORE_PAGE, flags, r.index if captured else None, first * STORE_PAGE))
     return out
 
 

@@ -23,8 +23,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-
-PAGE = 4096
+from snapfs.store.model import STORE_PAGE
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +95,10 @@ class RegionDataView:
         size = min(size, self.size - offset)
         if size <= 0:
             return b""
-        if offset % PAGE or size % PAGE:
+        if offset % STORE_PAGE or size % STORE_PAGE:
             return self.read(offset, size)
-        out = np.empty((size // PAGE, PAGE), np.uint8)
-        self._reader.read_pages_into(self._index, offset // PAGE, out)
+        out = np.empty((size // STORE_PAGE, STORE_PAGE), np.uint8)
+        self._reader.read_pages_into(self._index, offset // STORE_PAGE, out)
         return memoryview(out.reshape(-1)).toreadonly()
 
 

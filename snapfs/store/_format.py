@@ -16,8 +16,8 @@ import zlib
 import zstandard
 
 from snapfs import native
+from snapfs.store.model import STORE_PAGE
 
-PAGE = 4096
 FRAME_PAGES = 32                      # 128 KiB of page data per frame (one FUSE read)
 SEGMENT_MAX_BYTES = 1 << 30           # rotate segments at 1 GiB (maps to objects later)
 
@@ -102,9 +102,9 @@ def compress_payload(pages: memoryview | bytes, level: int) -> tuple[int, bytes 
 
 def frame_header(codec: int, payload_len: int, payload_crc: int, npages: int, segment_id: int) -> bytes:
     """The 32-byte header of a frame; its CRC chains the payload CRC through the header."""
-    zeroed = FRAME_HEADER.pack(FRAME_MAGIC, codec, 0, npages, npages * PAGE, payload_len, segment_id, 0)
+    zeroed = FRAME_HEADER.pack(FRAME_MAGIC, codec, 0, npages, npages * STORE_PAGE, payload_len, segment_id, 0)
     crc = zlib.crc32(zeroed, payload_crc)
-    return FRAME_HEADER.pack(FRAME_MAGIC, codec, 0, npages, npages * PAGE, payload_len, segment_id, crc)
+    return FRAME_HEADER.pack(FRAME_MAGIC, codec, 0, npages, npages * STORE_PAGE, payload_len, segment_id, crc)
 
 
 def decode_frame(data: bytes | memoryview, segment_id: int) -> tuple[bytes, int]:
@@ -124,7 +124,7 @@ def decode_frame(data: bytes | memoryview, segment_id: int) -> tuple[bytes, int]
     zeroed = FRAME_HEADER.pack(magic, codec, 0, npages, raw_len, payload_len, sid, 0)
     if zlib.crc32(zeroed, crc32(payload)) != crc:
         raise FrameError("frame checksum mismatch")
-    if sid != segment_id or raw_len != npages * PAGE:
+    if sid != segment_id or raw_len != npages * STORE_PAGE:
         raise FrameError("frame header inconsistent")
     if codec == CODEC_RAW:
         out = bytes(payload)

@@ -17,8 +17,7 @@ import hashlib
 import numpy as np
 
 from snapfs import native
-
-PAGE = 4096
+from snapfs.store.model import STORE_PAGE
 
 _ext = native.load("snapfs.store._native")
 _ffi, _lib = _ext.ffi, _ext.lib
@@ -27,7 +26,7 @@ ALGO = "xxh3-64" if _xxh3 else "blake2b-64"
 
 
 def _check_bounds(view: memoryview, lo: int, hi: int) -> None:
-    if lo < 0 or len(view) < (hi + 1) * PAGE:
+    if lo < 0 or len(view) < (hi + 1) * STORE_PAGE:
         raise IndexError("page hashes: page index outside the buffer")
 
 
@@ -43,7 +42,7 @@ def page_hashes(view: memoryview, idx: np.ndarray) -> np.ndarray:
         _lib.snapfs_hash_pages(buf("uint8_t[]", view), buf("int64_t[]", pages), len(pages), buf("uint64_t[]", out))
         return out
     b2 = hashlib.blake2b
-    digests = b"".join(b2(view[i * PAGE:(i + 1) * PAGE], digest_size=8).digest() for i in pages.tolist())
+    digests = b"".join(b2(view[i * STORE_PAGE:(i + 1) * STORE_PAGE], digest_size=8).digest() for i in pages.tolist())
     out = np.frombuffer(digests, "<u8").copy()
     out |= np.uint64(1)
     return out

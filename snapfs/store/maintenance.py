@@ -24,7 +24,7 @@ import numpy as np
 from snapfs.errors import StoreCorrupt
 
 from snapfs.store import _integrity, _runs
-from snapfs.store._format import (FRAME_HEADER, FRAME_MAGIC, PAGE, SEGMENT_HEADER, FrameError,
+from snapfs.store._format import (FRAME_HEADER, FRAME_MAGIC, STORE_PAGE, SEGMENT_HEADER, FrameError,
                                   check_segment_header, decode_frame, decompress_blob)
 from snapfs.store._fsutil import punch_hole
 from snapfs.store.model import DATA
@@ -56,7 +56,7 @@ def _live_frames_by_segment(store: Store, conn: sqlite3.Connection) -> dict[int,
             if store.checksums and row["crc"] != _integrity.region_crc(row):
                 raise FrameError("its region row's checksum does not match")
             runs = _runs.decode(row["map"], row["nruns"], _integrity.map_crc(row, store.checksums))
-            _runs.validate(runs, row["length"] // PAGE)
+            _runs.validate(runs, row["length"] // STORE_PAGE)
         except (FrameError, TypeError) as exc:
             reason = exc.reason if isinstance(exc, FrameError) else "bad row"
             raise StoreCorrupt(f"a page map in store {store.path} is damaged ({reason}): gc reclaims "
@@ -302,7 +302,7 @@ class _Check:
                 continue
             try:
                 runs = _runs.decode(reg["map"], reg["nruns"], _integrity.map_crc(reg, self.store.checksums))
-                _runs.validate(runs, reg["length"] // PAGE, disjoint=True)
+                _runs.validate(runs, reg["length"] // STORE_PAGE, disjoint=True)
             except FrameError as exc:
                 self.problem("map", f"snapshot {snap!r} region {reg['name']!r}: page map damaged ({exc.reason})",
                              **label)

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 HOLE, ZERO, DATA = 0, 1, 2
+# The store's page: every region is kept in 4 KiB pages, whatever the host's page size (a
+# 64 KiB-page aarch64 host stores 16 of them per host page). Not the host's page size: that
+# is snapfs.capture.kernel.PAGE_SIZE.
+STORE_PAGE = 4096
 REGION_KINDS = ("heap", "stack", "anon", "file", "shmem", "hugetlb", "vdso", "ramblock")
 
 

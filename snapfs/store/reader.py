@@ -14,7 +14,7 @@ import numpy as np
 
 from snapfs.errors import SnapshotNotFound, StoreCorrupt
 from snapfs.store import _integrity, _runs
-from snapfs.store._format import PAGE, FrameError, decode_frame, decompress_blob
+from snapfs.store._format import STORE_PAGE, FrameError, decode_frame, decompress_blob
 from snapfs.store.model import DATA, RegionInfo, SnapshotInfo
 
 # Up to this many runs, a range read loops over them in Python; more: vectorised over pages.
@@ -95,11 +95,11 @@ class SnapshotReader:
         size = min(size, region.length - offset)
         if size <= 0:
             return b""
-        first = offset // PAGE
-        last = (offset + size + PAGE - 1) // PAGE
-        out = np.empty((last - first, PAGE), np.uint8)
+        first = offset // STORE_PAGE
+        last = (offset + size + STORE_PAGE - 1) // STORE_PAGE
+        out = np.empty((last - first, STORE_PAGE), np.uint8)
         self.read_pages_into(region_index, first, out)
-        start = offset - first * PAGE
+        start = offset - first * STORE_PAGE
         return out.reshape(-1)[start:start + size].tobytes()
 
     def read_pages_into(self, region_index: int, pages: int | np.ndarray, dest: np.ndarray,
@@ -138,8 +138,8 @@ class SnapshotReader:
                 dest[pos - first:lo - first] = 0
             frame = self._frame(seg, off, flen, region_index)
             dest[lo - first:hi - first] = np.frombuffer(
-                frame, np.uint8, count=(hi - lo) * PAGE, offset=(slot + lo - page) * PAGE
-            ).reshape(-1, PAGE)
+                frame, np.uint8, count=(hi - lo) * STORE_PAGE, offset=(slot + lo - page) * STORE_PAGE
+            ).reshape(-1, STORE_PAGE)
             pos = hi
         if pos < first + count:
             dest[pos - first:] = 0
@@ -177,7 +177,7 @@ class SnapshotReader:
         segs, offs, flens = data["seg"].tolist(), data["off"].tolist(), data["flen"].tolist()
         for a, b, j in zip(heads, heads[1:] + [len(pages)], first_run):  # pages a..b-1: one frame
             frame = np.frombuffer(self._frame(segs[j], offs[j], flens[j], region_index),
-                                  np.uint8).reshape(-1, PAGE)
+                                  np.uint8).reshape(-1, STORE_PAGE)
             n, s0, r0 = b - a, slots[a], row_at[a]
             src = frame[s0:s0 + n] if slot_breaks[b - 1] == slot_breaks[a] else frame[slot[a:b]]
             step = row_at[a + 1] - r0 if n > 1 else 1
@@ -189,11 +189,11 @@ class SnapshotReader:
     def runs(self, region_index: int) -> Iterator[tuple[int, int, int]]:
         """(first_page, npages, kind) over the whole region, ascending; kind HOLE/ZERO/DATA."""
         region = self.regions[region_index]
-        return _runs.iter_kinds(self._map(region_index), region.length // PAGE)
+        return _runs.iter_kinds(self._map(region_index), region.length // STORE_PAGE)
 
     def data_extents(self, region_index: int) -> list[tuple[int, int]]:
         """(offset, length) in bytes of the region's DATA runs."""
-        return [(p * PAGE, n * PAGE) for p, n, k in self.runs(region_index) if k == DATA]
+        return [(p * STORE_PAGE, n * STORE_PAGE) for p, n, k in self.runs(region_index) if k == DATA]
 
     def blob(self, name: str) -> bytes | None:
         """The blob ``name`` put by the writer, or None."""

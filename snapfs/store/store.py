@@ -23,7 +23,7 @@ import numpy as np
 
 from snapfs.errors import NameInUse, SnapshotNotFound, StoreCorrupt, StoreError, UsageError
 from snapfs.store import _integrity, _runs
-from snapfs.store._format import PAGE, FrameError, decompress_blob
+from snapfs.store._format import STORE_PAGE, FrameError, decompress_blob
 from snapfs.store._fsutil import disk_full_error, fsync_dir, is_disk_full, write_atomic
 from snapfs.store.model import SnapshotInfo
 
@@ -530,7 +530,7 @@ class Store:
             if not rows:
                 raise FrameError("region row missing")
             runs = _runs.decode(rows[0]["map"], region["nruns"], _integrity.map_crc(region, self.checksums))
-            _runs.validate(runs, region["length"] // PAGE)
+            _runs.validate(runs, region["length"] // STORE_PAGE)
         except FrameError as exc:
             raise StoreCorrupt(f"snapshot {info.name!r} region {region['name']!r}: page map is damaged "
                                f"({exc.reason}): run `snapfs check`") from None

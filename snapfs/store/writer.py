@@ -26,7 +26,7 @@ import numpy as np
 
 from snapfs.errors import StoreCorrupt, StoreError
 from snapfs.store import _integrity, _runs
-from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, PAGE, SEGMENT_MAX_BYTES, FrameError,
+from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, STORE_PAGE, SEGMENT_MAX_BYTES, FrameError,
                                   compress_blob, compress_payload, decompress_blob, frame_header,
                                   segment_header)
 from snapfs.store._appender import Appender
@@ -44,7 +44,7 @@ HASH_CHUNK = 1 << 20          # pages per stored hash chunk (8 MiB of hashes)
 MAP_PIECE = 1 << 10
 GIVEN_PIECE = 1 << 15         # pages per piece of the hand-over bitmap (4 KiB; 1 TiB: 32 MiB)
 SMALL_PUT = 8                 # puts of at most this many pages take the per-page path
-ZERO_PAGE = bytes(PAGE)
+ZERO_PAGE = bytes(STORE_PAGE)
 COMPACT_PARTS = 1024          # merge a region's run pieces beyond this many...
 COMPACT_ZEROS = 65536         # ...or this many zero pages from small puts
 WRITE_LANES = 2               # segments open for appending at once (one per compression thread)
@@ -126,7 +126,7 @@ class SnapshotWriter:
     # ----------------------------------------------------------------- regions
     def add_region(self, spec: RegionSpec) -> int:
         """Declare a region; returns its index for put_pages/inherit/mark_lost."""
-        if spec.length <= 0 or spec.length % PAGE:
+        if spec.length <= 0 or spec.length % STORE_PAGE:
             raise ValueError(f"region {spec.name!r}: length {spec.length} is not a positive multiple of 4096")
         if spec.kind not in REGION_KINDS:
             raise ValueError(f"region {spec.name!r}: kind {spec.kind!r} not one of {REGION_KINDS}")
@@ -140,7 +140,7 @@ class SnapshotWriter:
         elif len(same) == 1:
             parent_idx = same[0]
         with self._lock:
-            self._regions.append(_Region(spec, spec.length // PAGE, parent_idx))
+            self._regions.append(_Region(spec, spec.length // STORE_PAGE, parent_idx))
             return len(self._regions) - 1
 
     def _region(self, idx: int, first_page: int, npages: int) -> _Region:
@@ -184,7 +184,7 @@ class SnapshotWriter:
             (self._parent.id, pidx, chunk, ALGO))
         if not rows:
             return np.zeros(0, np.uint64)
-        length = min(HASH_CHUNK, self._parent_regions[pidx]["length"] // PAGE - chunk * HASH_CHUNK)
+        length = min(HASH_CHUNK, self._parent_regions[pidx]["length"] // STORE_PAGE - chunk * HASH_CHUNK)
         try:
             raw = decompress_blob(rows[0]["data"])
             good = len(raw) == 8 * length and (not self._store.checksums or rows[0]["crc"] == (
@@ -286,8 +286,8 @@ class SnapshotWriter:
         parent, pages whose hash equals the parent's same page refer to the parent's frame.
         """
         view = memoryview(data).cast("B")
-        n = len(view) // PAGE
-        if len(view) != n * PAGE:
+        n = len(view) // STORE_PAGE
+        if len(view) != n * STORE_PAGE:
             raise ValueError(f"put_pages: {len(view)} bytes is not a multiple of 4096")
         reg = self._region(idx, first_page, n)
         if n == 0:
@@ -295,7 +295,7 @@ class SnapshotWriter:
         if n <= SMALL_PUT:
             self._put_small(idx, reg, first_page, view, n, mask)
             return
-        words = np.frombuffer(view, "<u8").reshape(n, PAGE // 8)
+        words = np.frombuffer(view, "<u8").reshape(n, STORE_PAGE // 8)
         sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
         if sel.shape != (n,):
             raise ValueError(f"put_pages: mask has shape {sel.shape}, expected ({n},)")
@@ -322,7 +322,7 @@ class SnapshotWriter:
         """put_pages for a few pages (the fault path): plain Python beats numpy's set-up cost."""
         keep = range(n) if mask is None else [i for i in range(n) if mask[i]]
         self._hand_over(reg, np.array(keep, np.int64) + first_page)
-        data = [i for i in keep if view[i * PAGE:(i + 1) * PAGE] != ZERO_PAGE]
+        data = [i for i in keep if view[i * STORE_PAGE:(i + 1) * STORE_PAGE] != ZERO_PAGE]
         if len(data) < len(keep):
             zeros = [first_page + i for i in keep if i not in data]
             with self._lock:
@@ -345,7 +345,7 @@ class SnapshotWriter:
                 data = [i for i, s in zip(data, same.tolist()) if not s]
                 if not data:
                     return
-        raw = view if len(data) == n else b"".join(view[i * PAGE:(i + 1) * PAGE] for i in data)
+        raw = view if len(data) == n else b"".join(view[i * STORE_PAGE:(i + 1) * STORE_PAGE] for i in data)
         self._pool(raw, [idx] * len(data), [first_page + i for i in data])
 
     def _store_pages(self, idx: int, first_page: int, view: memoryview, words: np.ndarray,
@@ -355,13 +355,13 @@ class SnapshotWriter:
         if full:
             lo = int(data_idx[0])
             if int(data_idx[full - 1]) - lo == full - 1:
-                src = view[lo * PAGE:(lo + full) * PAGE]                   # contiguous: no copy
+                src = view[lo * STORE_PAGE:(lo + full) * STORE_PAGE]                   # contiguous: no copy
             else:                                                       # one gather for the put
                 src = memoryview(np.take(words, data_idx[:full], axis=0)).cast("B")
             pages = data_idx[:full].astype(np.uint64) + np.uint64(first_page)
             step = BATCH_FRAMES * FRAME_PAGES
             for b in range(0, full, step):
-                self._write_frames(idx, src[b * PAGE:(b + step) * PAGE], pages[b:b + step])
+                self._write_frames(idx, src[b * STORE_PAGE:(b + step) * STORE_PAGE], pages[b:b + step])
         rest = data_idx[full:]
         if not len(rest):
             return
@@ -370,7 +370,7 @@ class SnapshotWriter:
     def _write_frames(self, idx: int, raw: memoryview, pages: np.ndarray) -> None:
         """Write whole frames of region ``idx`` pages (``raw``, in page order) back to back."""
         nframes = len(pages) // FRAME_PAGES
-        fbytes = FRAME_PAGES * PAGE
+        fbytes = FRAME_PAGES * STORE_PAGE
         level = self._store.level
         comp = [compress_payload(raw[f * fbytes:(f + 1) * fbytes], level) for f in range(nframes)]
         flens = np.array([FRAME_HEADER.size + len(payload) for _, payload, _ in comp], np.int64)
@@ -457,8 +457,8 @@ class SnapshotWriter:
 
     def _take_buffer(self, npages: int) -> tuple[bytes, np.ndarray, np.ndarray]:
         """Detach the first ``npages`` pooled pages (call with _buf_lock held)."""
-        raw = bytes(memoryview(self._buf)[:npages * PAGE])
-        del self._buf[:npages * PAGE]
+        raw = bytes(memoryview(self._buf)[:npages * STORE_PAGE])
+        del self._buf[:npages * STORE_PAGE]
         regs = np.array(self._buf_regs[:npages], np.int32)
         pages = np.array(self._buf_pages[:npages], np.uint64)
         del self._buf_regs[:npages], self._buf_pages[:npages]
@@ -578,7 +578,7 @@ class SnapshotWriter:
         pages = np.asarray(pages, dtype=np.int64)
         view = memoryview(data).cast("B")
         n = len(pages)
-        if len(view) != n * PAGE:
+        if len(view) != n * STORE_PAGE:
             raise ValueError(f"put_scattered: {len(view)} bytes for {n} pages")
         if n == 0:
             return
@@ -586,7 +586,7 @@ class SnapshotWriter:
         if int(pages[-1]) >= reg.npages or (n > 1 and (np.diff(pages) <= 0).any()):
             raise ValueError(f"region {reg.spec.name!r}: pages must be ascending, unique and inside "
                              f"0..{reg.npages}")
-        words = np.frombuffer(view, "<u8").reshape(n, PAGE // 8)
+        words = np.frombuffer(view, "<u8").reshape(n, STORE_PAGE // 8)
         sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
         if sel.shape != (n,):
             raise ValueError(f"put_scattered: mask has shape {sel.shape}, expected ({n},)")
@@ -613,7 +613,7 @@ class SnapshotWriter:
             step = BATCH_FRAMES * FRAME_PAGES
             for b in range(0, full, step):
                 end = min(b + step, full)
-                self._write_frames(idx, src[b * PAGE:end * PAGE], data_pages[b:end])
+                self._write_frames(idx, src[b * STORE_PAGE:end * STORE_PAGE], data_pages[b:end])
         if k > full:  # the remainder joins the small-put pool (shared frames)
             rest = data_idx[full:]
             self._pool(words[rest].tobytes(), [idx] * len(rest), data_pages[full:].tolist())
@@ -696,7 +696,7 @@ class SnapshotWriter:
         info = {k: merged.pop(k) for k in _INFO_KEYS if k in merged}
         info.setdefault("kind", "process")
         info.setdefault("duration_s", time.time() - self._started)
-        info.update(resident_bytes=(data_pages + zero_pages) * PAGE, zero_bytes=zero_pages * PAGE,
+        info.update(resident_bytes=(data_pages + zero_pages) * STORE_PAGE, zero_bytes=zero_pages * STORE_PAGE,
                     stored_bytes=stored, shared_bytes=shared, warnings=warnings,
                     meta=merged, region_count=len(self._regions))
         info.setdefault("faults", 0)

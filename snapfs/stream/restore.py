@@ -48,11 +48,12 @@ from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_ins
 from snapfs.capture.rewind import Parked
 from snapfs.capture.target_info import shared_with_others
 from snapfs.errors import RestoreRefused, TargetError
+from snapfs.stream import format as F
 from snapfs.stream.procdesc import ProcessImage, RegionDesc, parse
 from snapfs.stream.reader import Limits, RamBlock
 from snapfs.stream.spool import NOT_SENT, SpooledStream, spool_stream
 
-PAGE = 4096
+TARGET_PAGE = F.TARGET_PAGE_SIZE  # the stream's page: the spool's and the snapshot's unit
 _SHOWN = 6  # differences named in the one-line refusal (--dry-run lists all)
 
 
@@ -337,15 +338,15 @@ def _rewind(proc: StoppedProcess, insn: int, image: ProcessImage | None, spooled
 def _write_all(pid: int, spooled: SpooledStream, a: _Assessment) -> int:
     written = 0
     for bi, start in enumerate(a.starts):
-        holes = _hole_mask(a, bi, spooled.blocks[bi].length // PAGE)
+        holes = _hole_mask(a, bi, spooled.blocks[bi].length // TARGET_PAGE)
         for first, states, pages in spooled.spool.batches(bi):
-            addr = start + first * PAGE
+            addr = start + first * TARGET_PAGE
             if holes is not None:
                 _file_content(a.holes[bi], holes, first, states, pages)
-            current = np.frombuffer(read_memory(pid, addr, len(states) * PAGE), np.uint8)
-            differ = (states != NOT_SENT) & (current.reshape(-1, PAGE) != pages).any(axis=1)
+            current = np.frombuffer(read_memory(pid, addr, len(states) * TARGET_PAGE), np.uint8)
+            differ = (states != NOT_SENT) & (current.reshape(-1, TARGET_PAGE) != pages).any(axis=1)
             for lo, hi in _runs(differ):
-                _write(pid, addr + lo * PAGE, pages[lo:hi].tobytes())
+                _write(pid, addr + lo * TARGET_PAGE, pages[lo:hi].tobytes())
                 written += hi - lo
     return written
 
@@ -367,10 +368,10 @@ def _file_content(hole: tuple[RegionDesc, int], mask: np.ndarray, first: int, st
         return
     region, fd = hole
     lo, hi = int(rows[0]), int(rows[-1]) + 1
-    data = os.pread(fd, (hi - lo) * PAGE, region.offset + (first + lo) * PAGE)
-    span = np.zeros((hi - lo) * PAGE, np.uint8)
+    data = os.pread(fd, (hi - lo) * TARGET_PAGE, region.offset + (first + lo) * TARGET_PAGE)
+    span = np.zeros((hi - lo) * TARGET_PAGE, np.uint8)
     span[: len(data)] = np.frombuffer(data, np.uint8)
-    pages[rows] = span.reshape(-1, PAGE)[rows - lo]
+    pages[rows] = span.reshape(-1, TARGET_PAGE)[rows - lo]
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
