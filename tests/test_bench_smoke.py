@@ -61,7 +61,9 @@ def test_memwriter_fills_the_mix_and_reports(target_bin):
         proc.send_signal(signal.SIGUSR1)
         rep = _next(proc, "report")
         assert rep["reason"] == "usr1" and len(rep["threads"]) == 2
-        assert 20000 < rep["writes_per_s"] < 80000, rep["writes_per_s"]
+        # Paced by deadlines: never faster than asked (load can only slow it; how close it
+        # gets to the rate is the bench's business).
+        assert 0 < rep["writes_per_s"] <= 50000 * 1.1, rep["writes_per_s"]
         assert rep["max_stall_us"] > 0 and rep["total"]["writes"] == rep["writes"]
         # Writes keep every page in its class: the non-zero count does not move.
         mem = np.frombuffer(_read_region(proc.pid, ready), dtype=np.uint8).reshape(-1, PAGE)
@@ -107,11 +109,9 @@ def test_memwriter_rejects_bad_options(target_bin):
 def test_bench_quick_outputs_are_well_formed(tmp_path):
     out = tmp_path / "bench"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert time.monotonic() - t0 < 600  # a few minutes on a quiet machine
 
     results = json.loads((out / "results.json").read_text())
     plan = results["plan"]
@@ -148,14 +148,28 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
     if q is not None and "error" not in q:
         assert q["accel"] in ("kvm", "tcg") and q["total_s"] > 0 and q["image_bytes"] > 0
 
-    for name, section in results["readpaths"].items():
-        assert "skipped" in section or section, name
+    # Every read path is in the tree: each section ran (FUSE may only be missing) with its figures.
+    reads = results["readpaths"]
+    assert set(reads) == {"store", "fuse", "vmstate", "incremental"}, reads
+    assert reads["store"]["sequential_warm_Bps"] > 0 and reads["store"]["random_4k_cold"]["reads_per_s"] > 0
+    assert reads["vmstate"]["bytes"] > 0 and reads["vmstate"]["sequential_Bps"] > 0
+    fuse = reads["fuse"]
+    assert fuse.get("skipped") == "no /dev/fuse" or (fuse["sequential_warm_Bps"] > 0
+                                                      and fuse["vmstate_sequential_Bps"] > 0), fuse
+    incr = reads["incremental"]
+    assert incr["dirty_pages"] > 0 and 0 < incr["stored_ratio"] < 1, incr  # the child stores only what changed
 
     goals = results["goals"]
-    assert len(goals) == 12 and all(g["pass"] in (True, False, None) for g in goals)
-    # The stall goals are judged row by row.
+    assert len(goals) == 14
+    for g in goals:  # a verdict, or the reason there is none
+        assert g["goal"] and g["measured"] and g["pass"] in (True, False, None), g
+        assert g["pass"] is not None or g["note"], g
+    # The stall goals are judged row by row; a goal passes only if every row it judged does.
     per_row = [g for g in goals if "rows" in g]
-    assert len(per_row) == 6 and all(r["pass"] in (True, False, None) for g in per_row for r in g["rows"])
+    assert len(per_row) == 6
+    for g in per_row:
+        judged = [r["pass"] for r in g["rows"] if r["pass"] is not None]
+        assert g["pass"] == (all(judged) if judged else None), g
 
     # The stall sections: every row the target's worst stall beside its undisturbed window.
     sections = {r.get("section") for r in results["rows"]}

@@ -294,7 +294,9 @@ def test_cat(store_dir, snapfs_env):
     assert res.returncode == 2 and b"is a directory" in res.stderr
 
 
-def test_thousand_snapshots_list_fast_in_bounded_memory(tmp_path, store_dir, snapfs_env):
+def test_thousand_snapshots_list_in_bounded_memory(tmp_path, store_dir, snapfs_env):
+    """What listing costs is asserted in test_fs_model (one catalog query, nothing opened);
+    here: the real mount lists them all and stays small after opening a hundred."""
     with Store.open(store_dir) as store:
         for i in range(1000):
             write_snapshot(store, f"s{i:04d}", [])
@@ -302,9 +304,7 @@ def test_thousand_snapshots_list_fast_in_bounded_memory(tmp_path, store_dir, sna
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with mounted_store(mnt, snapfs_env, tmp_path / "mount.log"):
-        t = time.perf_counter()
         res = run(["ls", "-l", str(mnt)])
-        assert time.perf_counter() - t < 1.0
         assert res.stdout.decode().count("\n") == 1002  # "total" + 1001 entries
         for i in range(0, 1000, 10):  # open a hundred snapshots' metadata
             json.loads((mnt / f"s{i:04d}" / "info.json").read_text())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import random
 import struct
-import time
 
 import numpy as np
 import pytest
@@ -118,48 +117,6 @@ def test_long_region_names_become_valid_idstrs():
     name = "x" * 300 + "-7f00"
     idstr = block_idstr(name)
     assert len(idstr) == 255 and idstr != block_idstr("x" * 300 + "-7f01")
-
-
-def _bench_snapshot(store: Store, name: str, pattern: str) -> None:
-    """256 MiB region: ``runs`` = data/zero runs of 1-256 pages, ``alternate`` = every other page."""
-    rng = np.random.default_rng(1)
-    n = 65536
-    w = store.begin_snapshot(name, {"kind": "process"})
-    idx = w.add_region(RegionSpec("heap", 0, n * PAGE, kind="heap"))
-    zero = np.zeros(n, bool)
-    if pattern == "alternate":
-        zero[::2] = True
-    else:
-        pos, flag = 0, False
-        while pos < n:
-            step = int(rng.integers(1, 257))
-            zero[pos : pos + step] = flag
-            pos, flag = pos + step, not flag
-    for first in range(0, n, 4096):
-        chunk = rng.integers(0, 16, size=(4096, PAGE), dtype=np.uint8)
-        chunk[zero[first : first + 4096]] = 0
-        w.put_pages(idx, first, chunk.tobytes())
-    w.commit({})
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("pattern, floor", [("runs", 600e6), ("alternate", 300e6)])
-def test_sequential_read_throughput(store_dir, pattern, floor):
-    """Issue 5 benchmark: vmstate sequential read >= 600 MB/s (1 MiB reads, fresh reader each
-    pass, best of 3 passes against transient load). ``alternate`` (every other page zero) is
-    the worst case: one store run per page.
-    """
-    with Store.open(store_dir, create=True) as store:
-        _bench_snapshot(store, "big", pattern)
-        rate = 0.0
-        for _ in range(3):
-            view = VmstateView(store.open_snapshot("big"))
-            t = time.perf_counter()
-            total = sum(len(c) for c in view.iter_chunks(1 << 20))
-            rate = max(rate, total / (time.perf_counter() - t))
-            assert total == view.size
-        print(f"vmstate sequential read, {pattern}: {rate / 1e6:.0f} MB/s over {total} bytes")
-        assert rate >= floor, f"vmstate read at {rate / 1e6:.0f} MB/s"
 
 
 def _naive_records(region_pages: bytes, name: bytes, runs) -> bytes:

@@ -157,7 +157,7 @@ def _f(v, fmt: str = "{:.2f}") -> str:
 def evaluate(results: dict) -> list[dict]:
     """One entry per goal: goal, measured (text), pass (True/False/None = could not judge), note;
     per-row goals also carry ``rows``."""
-    return stall_goals(results) + earlier_goals(results)
+    return stall_goals(results) + earlier_goals(results) + read_goals(results)
 
 
 def earlier_goals(results: dict) -> list[dict]:
@@ -252,4 +252,28 @@ def earlier_goals(results: dict) -> list[dict]:
                            s < q["seconds_per_nonzero_gib"], "snapfs row nearest the guest's write rate"))
     else:
         goals.append(_goal(name, "n/a", None, "needs snapfs rows and a QEMU result"))
+    return goals
+
+
+def read_goals(results: dict) -> list[dict]:
+    """The read side and ingest: the vmstate view's sequential read, and QEMU's background
+    snapshot into ``snapfs incoming`` against a plain file sink."""
+    goals: list[dict] = []
+    name = "vmstate view sequential read >= 600 MB/s"
+    vm = (results.get("readpaths") or {}).get("vmstate") or {}
+    if "sequential_Bps" in vm:
+        goals.append(_goal(name, f"{vm['sequential_Bps'] / 1e6:.0f} MB/s over {vm['bytes'] / 2**20:.0f} MiB",
+                           vm["sequential_Bps"] >= 600e6,
+                           "VmstateView in-process, 1 MiB reads, cold page cache (readpaths.vmstate_view)"))
+    else:
+        goals.append(_goal(name, "n/a", None, "needs the vmstate read-path section"))
+
+    name = "QEMU total time into snapfs incoming <= 1.1 x a file sink"
+    inc = (results.get("qemu") or {}).get("incoming") or {}
+    if "ratio_to_file" in inc:
+        goals.append(_goal(name, f"median {inc['total_s']:.2f} s vs file {inc['file_total_s']:.2f} s "
+                           f"(x{inc['ratio_to_file']:.2f})", inc["ratio_to_file"] <= 1.1,
+                           f"medians of {inc['rounds']} alternating background snapshots of one VM"))
+    else:
+        goals.append(_goal(name, "n/a", None, "needs the QEMU section's incoming rounds"))
     return goals
