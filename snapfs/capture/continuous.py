@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
+from snapfs import ranges as rs
 from snapfs.capture import coreinfo
 from snapfs.capture import kernel as k
 from snapfs.capture import procstate, threadstate
@@ -108,9 +109,6 @@ class Tracking:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
-
-
-_NO_RANGES = np.empty((0, 2), dtype=np.int64)
 
 
 def _written(found: np.ndarray) -> list[tuple[int, int]]:
@@ -198,80 +196,11 @@ async def start_tracking(
     )
 
 
-# ---------------------------------------------------------------- address-range sets
-# (n, 2) int64 arrays of [start, end) byte addresses, sorted and disjoint: every set below
-# is computed on range endpoints, never page by page, so a GiB costs what its ranges cost.
-
-def _norm(r: np.ndarray) -> np.ndarray:
-    """Sort and merge overlapping or touching ranges; drop empty ones."""
-    r = r[r[:, 1] > r[:, 0]]
-    if len(r) < 2:
-        return r
-    r = r[np.argsort(r[:, 0], kind="stable")]
-    reach = np.maximum.accumulate(r[:, 1])
-    head = np.ones(len(r), bool)
-    head[1:] = r[1:, 0] > reach[:-1]
-    starts = np.flatnonzero(head)
-    last = np.r_[starts[1:], len(r)] - 1
-    return np.stack([r[starts, 0], reach[last]], axis=1)
-
-
-def _union(*sets: np.ndarray) -> np.ndarray:
-    return _norm(np.concatenate(sets)) if sets else _NO_RANGES
-
-
-def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a ∩ b (both normalised)."""
-    if not len(a) or not len(b):
-        return _NO_RANGES
-    lo = np.searchsorted(b[:, 1], a[:, 0], side="right")
-    hi = np.searchsorted(b[:, 0], a[:, 1], side="left")
-    count = np.maximum(hi - lo, 0)
-    ai = np.repeat(np.arange(len(a)), count)
-    bi = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + np.repeat(lo, count)
-    s = np.maximum(a[ai, 0], b[bi, 0])
-    e = np.minimum(a[ai, 1], b[bi, 1])
-    keep = e > s
-    return np.stack([s[keep], e[keep]], axis=1)
-
-
-def _subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a \\ b (both normalised)."""
-    if not len(a) or not len(b):
-        return a
-    lo, hi = min(int(a[0, 0]), int(b[0, 0])), max(int(a[-1, 1]), int(b[-1, 1]))
-    gaps = np.stack([np.r_[lo, b[:, 1]], np.r_[b[:, 0], hi]], axis=1)
-    return _intersect(a, gaps[gaps[:, 1] > gaps[:, 0]])
-
-
-def _clip(r: np.ndarray, start: int, end: int) -> np.ndarray:
-    return _intersect(r, np.array([[start, end]], dtype=np.int64))
-
-
-def _nbytes(r: np.ndarray) -> int:
-    return int((r[:, 1] - r[:, 0]).sum()) if len(r) else 0
-
-
-def _contains(r: np.ndarray, addrs: np.ndarray) -> np.ndarray:
-    """True per address that lies in one of the ranges ``r``."""
-    if not len(r):
-        return np.zeros(len(addrs), bool)
-    i = np.searchsorted(r[:, 0], addrs, side="right") - 1
-    return (i >= 0) & (addrs < r[np.maximum(i, 0), 1])
-
-
-def _page_addresses(r: np.ndarray) -> np.ndarray:
-    """Every page address of the ranges, ascending."""
-    n = (r[:, 1] - r[:, 0]) // PAGE
-    total = int(n.sum())
-    return np.repeat(r[:, 0], n) + (np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)) * PAGE
-
-
 def _ranges_of(found: np.ndarray, written: bool | None = None) -> np.ndarray:
     """A scan's result as ranges (only the written, or unwritten, ones if asked)."""
     if written is not None:
         found = found[((found["categories"] & k.PAGE_IS_WRITTEN) != 0) == written]
-    return _norm(np.stack([found["start"].astype(np.int64), found["end"].astype(np.int64)], axis=1))
+    return rs.norm(np.stack([found["start"].astype(np.int64), found["end"].astype(np.int64)], axis=1))
 
 
 # ---------------------------------------------------------------- the scans
@@ -318,7 +247,7 @@ def _probe(scanner: PagemapScanner, start: int, end: int) -> tuple[np.ndarray | 
             raise
         unprotected = None
     if _holes_read_as_written():
-        return unprotected, _NO_RANGES
+        return unprotected, rs.EMPTY
     empty = scanner.scan(start, end, require=0, exclude=k.PAGE_IS_PRESENT | k.PAGE_IS_SWAPPED)
     return unprotected, _ranges_of(empty)
 
@@ -344,7 +273,7 @@ def _holes_read_as_written() -> bool:
         scanner = PagemapScanner(os.getpid())
         found = scanner.scan(block, block + _BLOCK, require=k.PAGE_IS_WRITTEN, report=k.PAGE_IS_WRITTEN,
                              flags=k.PM_SCAN_CHECK_WPASYNC)
-        return _nbytes(_ranges_of(found)) == _BLOCK
+        return rs.nbytes(_ranges_of(found)) == _BLOCK
     except OSError:
         return False
     finally:
@@ -359,15 +288,6 @@ def _probe_eligible(v: Vma) -> bool:
     unpopulated anonymous entries), so 'populated' is exactly 'not empty', and an empty entry
     shows as not protected."""
     return v.mode == "wp" and v.kind in ("heap", "stack", "anon") and not v.shared and v.page_size == PAGE
-
-
-def _groups(r: np.ndarray, limit: int) -> np.ndarray:
-    """At most ``limit`` spans covering ``r``: cut at the largest gaps."""
-    if len(r) <= limit:
-        return r
-    gaps = r[1:, 0] - r[:-1, 1]
-    cut = np.sort(np.argsort(gaps, kind="stable")[len(gaps) - (limit - 1):])
-    return np.stack([r[np.r_[0, cut + 1], 0], r[np.r_[cut, len(r) - 1], 1]], axis=1)
 
 
 def _slices(pieces_in: list[tuple], parts: int) -> list[list[tuple]]:
@@ -409,7 +329,7 @@ class Prepass:
     @property
     def copy_bytes(self) -> int:
         """Bytes the pre-pass copies."""
-        return _nbytes(self.copy)
+        return rs.nbytes(self.copy)
 
 
 def prescan(tracking: Tracking) -> Prepass:
@@ -437,16 +357,16 @@ def prescan(tracking: Tracking) -> Prepass:
                 continue
             populated = _ranges_of(found)
             written = _ranges_of(found, written=True)
-            before = tracking.written_before.get(v.name, _NO_RANGES)
+            before = tracking.written_before.get(v.name, rs.EMPTY)
             walked[(v.start, v.end, v.name)] = v.page_size
             by_name[v.name] = written
             if _probe_eligible(v):
                 probe.add((v.start, v.end, v.name))
             consumed.append(written)
-            copy.append(_intersect(_union(written, before), populated))
+            copy.append(rs.intersect(rs.union(written, before), populated))
     finally:
         scanner.close()
-    return Prepass(walked, probe, _union(*consumed), _union(*copy), (time.monotonic() - t0) * 1e3, by_name)
+    return Prepass(walked, probe, rs.union(*consumed), rs.union(*copy), (time.monotonic() - t0) * 1e3, by_name)
 
 
 # ---------------------------------------------------------------- the stop
@@ -499,7 +419,7 @@ def _stopped_pass(tracking: Tracking, pre: Prepass, precopied: np.ndarray, scann
     the spots not protected; other VMAs get one full walk. When there is much of it, the
     work on the pre-pass's VMAs starts at once in helper threads, beside the maps read; a
     VMA that changed meanwhile is walked again once the maps are known."""
-    need = _subtract(_union(pre.consumed, *tracking.written_before.values()), precopied)
+    need = rs.subtract(rs.union(pre.consumed, *tracking.written_before.values()), precopied)
     _warm_pool(tracking)
     # SCHED_FIFO while the target is stopped (when allowed): on a busy machine, other work
     # (and the target's own threads, woken one by one at the release) would otherwise
@@ -547,9 +467,9 @@ def _stopped_pass_rt(tracking: Tracking, pre: Prepass, need: np.ndarray, scanner
                 if all(r[0] is not None for _, _, r in got):
                     spots = [r[0] for _, _, r in got if len(r[0])]
                     if len(need):
-                        spots.append(_clip(need, v.start, v.end))
-                    spots = _groups(_union(*spots), _MAX_SPOTS)
-                    probed[i] = (_union(*[r[1] for _, _, r in got]), spots)
+                        spots.append(rs.clip(need, v.start, v.end))
+                    spots = rs.coarsen(rs.union(*spots), _MAX_SPOTS)
+                    probed[i] = (rs.union(*[r[1] for _, _, r in got]), spots)
                     late += [(i, int(a), int(b), True, PAGE) for a, b in spots]
                     continue
             elif got is not None:
@@ -560,7 +480,7 @@ def _stopped_pass_rt(tracking: Tracking, pre: Prepass, need: np.ndarray, scanner
         # see as written again: copy them like the pre-pass's own.
         stray = [_ranges_of(r[0], written=True) for got in early_results.values()
                  for _, how, r in got if how != "probe"]
-        need = _union(need, *stray)
+        need = rs.union(need, *stray)
         # Spots are small: handing them to another thread costs more than walking them.
         parts = SPLIT if sum(b - a for _, a, b, _, _ in late) >= _SPLIT_MIN else 1
         for part in _parallel(tracking, lambda job: _run_walks(scanners[job[0]], job[1]),
@@ -569,26 +489,26 @@ def _stopped_pass_rt(tracking: Tracking, pre: Prepass, need: np.ndarray, scanner
                 by_vma.setdefault(i, []).append((a, found, reprotected))
         found_all, written_all, changed, rearm = [], [], [], []
         for i, v in enumerate(vmas):
-            found = written = _NO_RANGES
+            found = written = rs.EMPTY
             got = sorted(by_vma.get(i, []), key=lambda x: x[0])
             if got:
-                found = _union(*[_ranges_of(f) for _, f, _ in got])
-                written = _union(*[_ranges_of(f, written=True) for _, f, _ in got])
+                found = rs.union(*[_ranges_of(f) for _, f, _ in got])
+                written = rs.union(*[_ranges_of(f, written=True) for _, f, _ in got])
                 if v.mode == "wp" and not all(wp for _, _, wp in got):
                     rearm.append(v)
-                changed.append(_union(written, _intersect(found, _clip(need, v.start, v.end)))
+                changed.append(rs.union(written, rs.intersect(found, rs.clip(need, v.start, v.end)))
                                if tracked[i] else found)
             if i in probed:  # outside the spots: populated unless empty, and unchanged
                 empty, spots = probed[i]
                 whole = np.array([[v.start, v.end]], dtype=np.int64)
                 if len(empty) or len(spots):
-                    whole = _union(_subtract(_subtract(whole, empty), spots), found)
+                    whole = rs.union(rs.subtract(rs.subtract(whole, empty), spots), found)
                 found = whole
             found_all.append(found)
             written_all.append(written)
         t2 = time.monotonic()
-        spans = _union(*changed) if changed else _NO_RANGES
-        size = _nbytes(spans)
+        spans = rs.union(*changed) if changed else rs.EMPTY
+        size = rs.nbytes(spans)
         store = tracking.stop_buffer  # sized before the stop; rarely too small
         if len(store) < size:  # e.g. a new large mapping, copied whole: kept only if small
             store = bytearray(size)
@@ -626,7 +546,7 @@ def _copy_all(tracking: Tracking, buf: memoryview, spans: np.ndarray) -> np.ndar
     if not len(spans):
         return np.zeros(0, bool)
     pairs = np.stack([spans[:, 0], spans[:, 1] - spans[:, 0]], axis=1)
-    parts = SPLIT if _nbytes(spans) >= _SPLIT_COPY else 1  # a hand-off costs ~0.1 ms
+    parts = SPLIT if rs.nbytes(spans) >= _SPLIT_COPY else 1  # a hand-off costs ~0.1 ms
     cuts = [len(pairs) * j // parts for j in range(parts + 1)]
     offsets = np.r_[0, np.cumsum(pairs[:, 1])]
     jobs = [(buf[int(offsets[a]) : int(offsets[b])], pairs[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
@@ -670,7 +590,7 @@ def _precopy(tracking: Tracking, pre: Prepass) -> tuple[np.ndarray, np.ndarray, 
         tracking.buffer = prefaulted_buffer(size + size // 4)
     buf = memoryview(tracking.buffer)[:size]
     ok = _copy_all(tracking, buf, pre.copy)
-    return _page_addresses(pre.copy), ok, buf
+    return rs.starts_every(pre.copy, PAGE), ok, buf
 
 
 def _store(writer, index: list[int], stop: _StopResult, pre_pages: np.ndarray, pre_ok: np.ndarray,
@@ -678,8 +598,8 @@ def _store(writer, index: list[int], stop: _StopResult, pre_pages: np.ndarray, p
     """Put the changed pages (copied at the stop, or before it and not written since) and
     inherit every other populated page from the parent: one call of each per region."""
     t0 = time.monotonic()
-    stop_pages = _page_addresses(stop.copied)
-    precopied = _ranges_of_pages(pre_pages[pre_ok])
+    stop_pages = rs.starts_every(stop.copied, PAGE)
+    precopied = rs.ranges_of_values(pre_pages[pre_ok], PAGE)
     inherit_calls = put_pages = 0
     t_inherit = 0.0
     for i, v in enumerate(stop.vmas):
@@ -690,17 +610,17 @@ def _store(writer, index: list[int], stop: _StopResult, pre_pages: np.ndarray, p
             put_pages += int(stop.ok[a:b].sum())
         if not stop.tracked[i]:
             continue
-        from_stop = _ranges_of_pages(stop_pages[a:b])
-        from_pre = _subtract(_intersect(_clip(precopied, v.start, v.end), stop.found[i]),
-                             _union(stop.written[i], from_stop))
+        from_stop = rs.ranges_of_values(stop_pages[a:b], PAGE)
+        from_pre = rs.subtract(rs.intersect(rs.clip(precopied, v.start, v.end), stop.found[i]),
+                             rs.union(stop.written[i], from_stop))
         a, b = np.searchsorted(pre_pages, [v.start, v.end])
         if len(from_pre):
-            mask = pre_ok[a:b] & _contains(from_pre, pre_pages[a:b])
+            mask = pre_ok[a:b] & rs.contains(from_pre, pre_pages[a:b])
             writer.put_scattered(index[i], (pre_pages[a:b] - v.start) // PAGE,
                           pre_buf[a * PAGE:b * PAGE], mask)
             put_pages += int(mask.sum())
         t1 = time.monotonic()
-        keep = _subtract(_subtract(stop.found[i], from_stop), from_pre)
+        keep = rs.subtract(rs.subtract(stop.found[i], from_stop), from_pre)
         if len(keep):
             writer.inherit_ranges(index[i], (keep[:, 0] - v.start) // PAGE, (keep[:, 1] - keep[:, 0]) // PAGE)
             inherit_calls += len(keep)
@@ -708,14 +628,6 @@ def _store(writer, index: list[int], stop: _StopResult, pre_pages: np.ndarray, p
     total = (time.monotonic() - t0) * 1e3
     return {"put_ms": total - t_inherit * 1e3, "inherit_ms": t_inherit * 1e3,
             "inherit_ranges": inherit_calls, "put_pages": put_pages}
-
-
-def _ranges_of_pages(pages: np.ndarray) -> np.ndarray:
-    """[start, end) ranges of sorted page addresses."""
-    if not len(pages):
-        return _NO_RANGES
-    breaks = np.flatnonzero(np.diff(pages) != PAGE) + 1
-    return np.stack([pages[np.r_[0, breaks]], pages[np.r_[breaks - 1, len(pages) - 1]] + PAGE], axis=1)
 
 
 async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None = None) -> CaptureResult:
@@ -754,7 +666,7 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
         state_before = await trio.to_thread.run_sync(procstate.read_state, pid)
         try:
             t_copied = time.monotonic()
-            precopied = _ranges_of_pages(pre_pages[pre_ok])
+            precopied = rs.ranges_of_values(pre_pages[pre_ok], PAGE)
             stopping = True
             stop = await trio.to_thread.run_sync(_stopped_pass, tracking, pre, precopied, scanners,
                                                  maps_before)
@@ -829,12 +741,12 @@ def _keep_written(tracking: Tracking, pre: Prepass, stop: _StopResult | None, st
     if stop is not None:
         for v, written in zip(stop.vmas, stop.written):
             if len(written):
-                add[v.name] = _union(add.get(v.name, _NO_RANGES), written)
+                add[v.name] = rs.union(add.get(v.name, rs.EMPTY), written)
     elif stopping:
         for start, end, name in pre.walked:
             add[name] = np.array([[start, end]], dtype=np.int64)
     for name, ranges in add.items():
-        tracking.written_before[name] = _union(tracking.written_before.get(name, _NO_RANGES), ranges)
+        tracking.written_before[name] = rs.union(tracking.written_before.get(name, rs.EMPTY), ranges)
 
 
 def written_bytes(tracking: Tracking) -> int:

@@ -15,6 +15,7 @@ import bisect
 import numpy as np
 
 from snapfs.capture.kernel import PAGE_SHIFT, ffi, lib
+from snapfs.ranges import runs_of  # noqa: F401 - the fault path takes it from here, with the ledger
 
 PENDING, SAVED, LOST = 0, 1, 2
 HUGE_PMD = 2 << 20  # a transparent huge page on x86_64 and 4 KiB-page aarch64
@@ -99,11 +100,3 @@ class Ledger:
             lib.snapfs_claim(self.c_state + a, b - a, okb, state, self.lock, ffi.from_buffer("uint8_t[]", mine))
         return mine
 
-
-def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
-    """``(first, count)`` runs of True in a bool array (vectorised)."""
-    if not len(mask):
-        return []
-    m = np.concatenate(([False], mask.astype(bool), [False]))
-    d = np.flatnonzero(m[1:] != m[:-1])
-    return [(int(s), int(e - s)) for s, e in zip(d[::2], d[1::2])]

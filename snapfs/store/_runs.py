@@ -15,6 +15,7 @@ import numpy as np
 
 from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, SEGMENT_HEADER, FrameError, compress_blob,
                                   crc32, decompress_blob)
+from snapfs.ranges import run_starts
 from snapfs.store.model import DATA, HOLE, ZERO
 
 RUN_DTYPE = np.dtype(
@@ -37,10 +38,9 @@ def make_runs(pages: np.ndarray, kind: int, seg: int = 0, off: int = 0, flen: in
     order = np.argsort(pages, kind="stable")
     pages = pages[order]
     slots = np.asarray(slots, dtype=np.int64)[order]
-    brk = np.ones(len(pages), dtype=bool)
-    brk[1:] = np.diff(pages.astype(np.int64)) != 1
+    brk = run_starts(pages)
     if kind == DATA:
-        brk[1:] |= np.diff(slots) != 1
+        brk |= run_starts(slots)
     starts = np.flatnonzero(brk)
     out = np.zeros(len(starts), RUN_DTYPE)
     out["page"] = pages[starts]
