@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import trio
 
-from snapfs.capture import CaptureOptions, capture_process
+from snapfs.capture import CaptureOptions, capture_process, snapshot_next
 from snapfs.capture.continuous import capture_next, written_bytes
 from snapfs.store import Store
 from tests.support.capture import Target, assert_released, check_oracle, region_image
@@ -83,7 +83,7 @@ async def test_large_changes_fall_back_to_a_live_capture(store_dir, monkeypatch)
             r = await capture_process(t.pid, store, "f0", CaptureOptions(continuous=True))
             try:
                 for i in range(1, 3):
-                    r = await continuous.snapshot_next(r.tracking, store, f"f{i}")
+                    r = await snapshot_next(r.tracking, store, f"f{i}")
                     assert r.info.parent == f"f{i - 1}"
                     assert "tracked_incremental" not in r.info.meta  # the live path
             finally:

@@ -19,7 +19,7 @@ import time
 import pytest
 import trio
 
-from snapfs.capture import CaptureOptions, capture_process
+from snapfs.capture import CaptureOptions, capture_process, snapshot_next
 from snapfs.errors import RestoreRefused
 from snapfs.store import Store
 from snapfs.stream.restore import restore_process
@@ -148,14 +148,13 @@ def test_snapshot_of_an_older_version_restores_memory_only_with_force(chase, sto
 
 def test_an_every_child_records_the_state_and_restores(chase, store_dir):
     """`snapshot --every` children are restorable as exactly as full snapshots."""
-    from snapfs.capture import continuous
 
     async def series() -> None:
         with Store.open(store_dir, create=True) as store:
             first = await capture_process(chase.pid, store, "c0", CaptureOptions(continuous=True))
             try:
                 await trio.sleep(0.2)
-                await continuous.snapshot_next(first.tracking, store, "c1")
+                await snapshot_next(first.tracking, store, "c1")
             finally:
                 first.tracking.close()
 

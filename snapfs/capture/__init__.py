@@ -12,13 +12,14 @@ Public API (see docs/architecture.md):
   ``process_vm_readv``/``writev``.
 - Continuous snapshots: ``capture_process(..., CaptureOptions(continuous=True))`` returns a
   result whose ``tracking`` takes incremental children with
-  ``snapfs.capture.continuous.snapshot_next(tracking, store, name)`` (close it when done).
+  ``await snapshot_next(tracking, store, name)`` (close it when done).
 
 Modules: ``kernel`` (cffi ABIs, constants), ``arch``/``arch_x86_64`` (registers, syscall
 numbers, restart rule), ``maps`` (VMA parsing, classification, names), ``ptrace``
 (stop/inject/release), ``freeze``, ``protect`` (work done during the pause), ``ledger``
 (populated pages and who saved them), ``faults`` (fault path), ``scan`` (background copy),
-``engine`` (orchestration), ``continuous`` (tracked incremental series), ``memory``,
+``engine`` (orchestration), ``continuous`` (tracked incremental series), ``types`` (options,
+results, progress, region specs: the public types), ``memory``,
 ``uffd``, ``pagemap``, ``priority``, ``context``, ``target_info``.
 """
 
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "capture_process",
+    "snapshot_next",
     "CaptureOptions",
     "CaptureResult",
     "Progress",
@@ -39,9 +41,10 @@ __all__ = [
 
 _WHERE = {
     "capture_process": "snapfs.capture.engine",
-    "CaptureOptions": "snapfs.capture.engine",
-    "CaptureResult": "snapfs.capture.engine",
-    "Progress": "snapfs.capture.engine",
+    "snapshot_next": "snapfs.capture.engine",
+    "CaptureOptions": "snapfs.capture.types",
+    "CaptureResult": "snapfs.capture.types",
+    "Progress": "snapfs.capture.types",
     "frozen": "snapfs.capture.freeze",
     "stopped": "snapfs.capture.freeze",
     "read_memory": "snapfs.capture.memory",
@@ -49,7 +52,8 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
-    from snapfs.capture.engine import CaptureOptions, CaptureResult, Progress, capture_process
+    from snapfs.capture.engine import capture_process, snapshot_next
+    from snapfs.capture.types import CaptureOptions, CaptureResult, Progress
     from snapfs.capture.freeze import frozen, stopped
     from snapfs.capture.memory import read_memory, write_memory
 

@@ -52,7 +52,6 @@ from snapfs.capture import coreinfo
 from snapfs.capture import kernel as k
 from snapfs.capture import procstate, threadstate
 from snapfs.capture.context import CaptureContext
-from snapfs.capture.engine import CaptureOptions, CaptureResult, region_spec
 from snapfs.capture.freeze import stopped, take_userfaultfd
 from snapfs.capture.maps import Vma, classify, parse_maps, read_maps
 from snapfs.capture.memory import prefaulted_buffer, read_pages_robust
@@ -62,6 +61,7 @@ from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread
 from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.target_info import process_meta
+from snapfs.capture.types import CaptureOptions, CaptureResult, region_spec
 from snapfs.capture.uffd import Uffd
 from snapfs.elfcore.state import BLOB as CORE_BLOB
 from snapfs.errors import TargetError
@@ -717,7 +717,7 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
         zero_bytes=info.zero_bytes,
         stored_bytes=info.stored_bytes,
         faults=0,
-        regions=info.region_count,
+        region_count=info.region_count,
         warnings=list(info.warnings),
         info=info,
         tracking=tracking,
@@ -764,24 +764,3 @@ def written_bytes(tracking: Tracking) -> int:
     finally:
         scanner.close()
     return total
-
-
-async def snapshot_next(tracking: Tracking, store, name: str, progress=None) -> CaptureResult:
-    """The next snapshot of a continuous series: a tracked child (:func:`capture_next`) when
-    at most STOPPED_COPY_LIMIT changed (the copy buffer's bound), else a live capture in
-    continuous mode (a new tracking replaces this one: use ``result.tracking``)."""
-    from snapfs.capture.engine import capture_process
-
-    pre = await trio.to_thread.run_sync(prescan, tracking)
-    if pre.copy_bytes <= STOPPED_COPY_LIMIT:
-        return await capture_next(tracking, store, name, pre)
-    parent = tracking.parent
-    tracking.close()
-    opts = CaptureOptions(
-        rate=tracking.options.rate,
-        include_readonly=tracking.options.include_readonly,
-        parent=parent,
-        workers=tracking.options.workers,
-        continuous=True,
-    )
-    return await capture_process(tracking.pid, store, name, opts, progress)

@@ -33,19 +33,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import trio
 
-from snapfs.capture import coreinfo, fastfault, hugepages, procstate, threadstate
+from snapfs.capture import continuous, coreinfo, fastfault, hugepages, procstate, threadstate
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
 from snapfs.capture.freeze import FrozenTarget, frozen
 from snapfs.capture.ledger import LOST
-from snapfs.capture.maps import ClassifiedMaps, Vma, huge_page_sizes, read_maps_text, parse_maps
+from snapfs.capture.maps import ClassifiedMaps, huge_page_sizes, read_maps_text, parse_maps
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.priority import background_thread_priority, fault_thread_priority
 from snapfs.capture.preprotect import PreProtected, protect_then_freeze
@@ -54,110 +52,12 @@ from snapfs.capture.ptrace import check_target
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.target_info import process_meta, shared_with_others
+from snapfs.capture.types import CaptureOptions, CaptureResult, Progress, region_spec
 from snapfs.capture.uffd import Uffd
 from snapfs.elfcore.state import BLOB as CORE_BLOB
 from snapfs.errors import TargetError, reported_error
 
 PAGE = k.PAGE_SIZE
-
-
-@dataclass
-class CaptureOptions:
-    """How to capture (see ``snapfs snapshot --help``)."""
-
-    rate: float | None = None  # bytes/s for the background scan; None = unlimited
-    include_readonly: bool = False
-    parent: str | None = None
-    workers: int = 0  # compression threads; 0 = number of CPUs
-    # Stay attached and track writes after the capture (``snapfs snapshot --every``): the
-    # result's ``tracking`` then takes incremental children (snapfs.capture.continuous).
-    continuous: bool = False
-
-
-@dataclass
-class Progress:
-    """Passed to the ``progress`` callback about 5 times a second."""
-
-    done_bytes: int
-    total_bytes: int
-    faults: int
-    elapsed_s: float
-
-    @property
-    def rate(self) -> float:
-        return self.done_bytes / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    @property
-    def eta_s(self) -> float | None:
-        r = self.rate
-        return (self.total_bytes - self.done_bytes) / r if r > 0 else None
-
-
-@dataclass
-class CaptureResult:
-    """What ``capture_process`` returns (the figures ``snapfs snapshot`` prints)."""
-
-    name: str
-    pid: int
-    comm: str
-    pause_ms: float  # the freeze (the snapshot instant)
-    duration_s: float
-    resident_bytes: int
-    zero_bytes: int
-    stored_bytes: int
-    faults: int
-    regions: int
-    warnings: list[str] = field(default_factory=list)
-    info: Any = None  # the committed SnapshotInfo
-    tracking: Any = None  # with CaptureOptions.continuous: a continuous.Tracking (close it)
-    attach_pause_ms: float = 0.0  # the earlier short stop that took the uffd
-    huge_restored_bytes: int = 0  # THP ranges split by the capture and mapped huge again
-    switch_pause_ms: float = 0.0  # continuous mode: the later stop that started async tracking
-    # When each phase ran, in time.monotonic() seconds (CLOCK_MONOTONIC, the clock a target
-    # can time its own stalls with): "attach" and "freeze" are [stop, resume], "preprotect"
-    # lies between them, the background copy from the freeze's resume to "end".
-    phases: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        """The ``--json`` object."""
-        return {
-            "name": self.name,
-            "pid": self.pid,
-            "comm": self.comm,
-            "pause_ms": round(self.pause_ms, 3),
-            "attach_pause_ms": round(self.attach_pause_ms, 3),
-            "duration_s": round(self.duration_s, 3),
-            "resident_bytes": self.resident_bytes,
-            "zero_bytes": self.zero_bytes,
-            "stored_bytes": self.stored_bytes,
-            "faults": self.faults,
-            "regions": self.regions,
-            "warnings": list(self.warnings),
-            "huge_restored_bytes": self.huge_restored_bytes,
-            "switch_pause_ms": round(self.switch_pause_ms, 3),
-            "phases": {k: [round(x, 6) for x in v] if isinstance(v, list) else round(v, 6)
-                       for k, v in self.phases.items()},
-        }
-
-
-def region_spec(v: Vma):
-    """The store's RegionSpec for a captured VMA."""
-    from snapfs.store import RegionSpec
-
-    meta = dict(v.meta, mode=v.mode)
-    if v.inode:
-        meta.update(dev=f"{v.dev[0]:x}:{v.dev[1]:x}", inode=v.inode)
-    return RegionSpec(
-        name=v.name,
-        start=v.start,
-        length=v.length,
-        perms=v.perms,
-        offset=v.offset,
-        path=v.path or None,
-        kind=v.kind,
-        page_size=v.page_size,
-        meta=meta,
-    )
 
 
 class _Capture:
@@ -262,7 +162,7 @@ class _Capture:
             zero_bytes=info.zero_bytes,
             stored_bytes=info.stored_bytes,
             faults=ctx.faults,
-            regions=info.region_count,
+            region_count=info.region_count,
             warnings=list(info.warnings),
             info=info,
             tracking=self.tracking,
@@ -399,9 +299,7 @@ class _Capture:
                     work_recv.close()
                 if self.options.continuous:
                     # Switch to async tracking while the fault path still serves faults.
-                    from snapfs.capture.continuous import start_tracking
-
-                    self.tracking = await start_tracking(
+                    self.tracking = await continuous.start_tracking(
                         ctx, self.prep, self.name, self.options, self.huge_sizes
                     )
                 # Everything is claimed: stop serving faults (closing the uffd after this
@@ -479,3 +377,23 @@ async def capture_process(
     StoreError.
     """
     return await _Capture(pid, store, name, options or CaptureOptions(), progress).run()
+
+
+async def snapshot_next(tracking: continuous.Tracking, store, name: str, progress=None) -> CaptureResult:
+    """The next snapshot of a continuous series: a tracked child
+    (:func:`~snapfs.capture.continuous.capture_next`) when at most STOPPED_COPY_LIMIT
+    changed (the copy buffer's bound), else a live capture in continuous mode (a new
+    tracking replaces this one: use ``result.tracking``)."""
+    pre = await trio.to_thread.run_sync(continuous.prescan, tracking)
+    if pre.copy_bytes <= continuous.STOPPED_COPY_LIMIT:
+        return await continuous.capture_next(tracking, store, name, pre)
+    parent = tracking.parent
+    tracking.close()
+    opts = CaptureOptions(
+        rate=tracking.options.rate,
+        include_readonly=tracking.options.include_readonly,
+        parent=parent,
+        workers=tracking.options.workers,
+        continuous=True,
+    )
+    return await capture_process(tracking.pid, store, name, opts, progress)

@@ -103,7 +103,7 @@ def summary(result) -> str:
     rate = result.resident_bytes / result.duration_s if result.duration_s > 0 else 0.0
     return (
         f"snapshot {result.name}: pid {result.pid} ({result.comm}), "
-        f"{format_bytes(result.resident_bytes)} resident in {result.regions} regions\n"
+        f"{format_bytes(result.resident_bytes)} resident in {result.region_count} regions\n"
         f"paused {result.pause_ms:.1f} ms{_attach(result)} · captured {format_bytes(result.resident_bytes)} in "
         f"{result.duration_s:.1f} s ({format_rate(rate)}) · "
         f"{format_count(result.faults)} write faults served first · "
@@ -188,8 +188,7 @@ async def _every(args, comm: str, store, options, progress, report, taken: list[
     exits."""
     import trio
 
-    from snapfs.capture.continuous import snapshot_next
-    from snapfs.capture.engine import capture_process
+    from snapfs.capture.engine import capture_process, snapshot_next
 
     tracking = None
     n = 0
