@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import trio
@@ -79,6 +80,23 @@ class _Capture:
         self.state_before: dict | None = None
         self.state_after: dict | None = None
         self.thread_masks: dict = {}
+        # Known before the freeze (run): huge page sizes, memory shared with other processes,
+        # the scan's buffers.
+        self.huge_sizes: dict[int, int] = {}
+        self.shared: set = set()
+        self.buffers: list[bytearray] = []
+        # Made in the freeze (_start_faults): what it recorded, the capture context, the bytes
+        # to save, the fault path (``fault_path``; ``ctx.faults`` counts the faults it served)
+        # and the nursery, cancel scope and event it runs under.
+        self.prep: Prepared | None = None
+        self.ctx: CaptureContext | None = None
+        self.total_bytes = 0
+        self.fault_path: FaultPath | None = None
+        self.fault_nursery: trio.Nursery | None = None
+        self.fault_scope: trio.CancelScope | None = None
+        self.faults_done = trio.Event()
+        self.hot: Any = None  # pre-protection's hot pages (PreProtected.hot), scanned first
+        self.t0 = 0.0  # when the background copy started (the progress's clock)
 
     async def run(self) -> CaptureResult:
         comm = check_target(self.pid)
@@ -230,14 +248,13 @@ class _Capture:
             writer=self.writer,
         )
         self.total_bytes = prep.ledger.total_pages * PAGE + prep.copied_bytes
-        self.faults = FaultPath(self.ctx)
+        self.fault_path = FaultPath(self.ctx)
         await self.fault_nursery.start(self._serve_faults)
 
     async def _serve_faults(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.faults_done = trio.Event()
         try:
             with trio.CancelScope() as self.fault_scope:
-                await self.faults.run(task_status=task_status)
+                await self.fault_path.run(task_status=task_status)
         finally:
             self.faults_done.set()  # its last pages are queued: the final flush may run
 
@@ -268,7 +285,7 @@ class _Capture:
 
     # ----------------------------------------------------------- background
     async def _background(self, ctx: CaptureContext) -> None:
-        faults = self.faults  # already serving (started inside the freeze)
+        fault_path = self.fault_path  # already serving (started inside the freeze)
         # In continuous mode pages stay protected after the scan: the fault path unprotects
         # only what is written, so at the end the protection says what changed.
         scan = Scan(ctx, self.options.rate, unprotect=not self.options.continuous, hot=self.hot)
@@ -282,7 +299,7 @@ class _Capture:
             async with trio.open_nursery() as outer:
                 # Tasks that live until the scan and the store work are done.
                 outer.start_soon(self._watch_exit, pidfd)
-                outer.start_soon(faults.run_store, self.limiter)
+                outer.start_soon(fault_path.run_store, self.limiter)
                 if self.progress_cb is not None:
                     outer.start_soon(self._progress_loop)
                 scan_done = trio.Event()
@@ -308,7 +325,7 @@ class _Capture:
                 outer.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await self.faults_done.wait()
-                await faults.flush(self.limiter)
+                await fault_path.flush(self.limiter)
         finally:
             os.close(pidfd)
 
