@@ -43,6 +43,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import trio
@@ -290,26 +291,53 @@ def _probe_eligible(v: Vma) -> bool:
     return v.mode == "wp" and v.kind in ("heap", "stack", "anon") and not v.shared and v.page_size == PAGE
 
 
-def _slices(pieces_in: list[tuple], parts: int) -> list[list[tuple]]:
-    """(key, start, end, how, page size) walks dealt to ``parts`` workers, balanced by
-    size: large ones are cut into ``parts`` slices (on huge-page boundaries). ``how``:
-    "probe", or whether to re-protect (:func:`_run_walks`)."""
+PROBE, REPROTECT, SCAN = "probe", "reprotect", "scan"
+
+
+class _Walk(NamedTuple):
+    """One piece of the stop's page-table work over [start, end): ``how`` is PROBE (the fast
+    questions of :func:`_probe`), REPROTECT (a full walk of a tracked VMA, re-protecting
+    what was written) or SCAN (a full walk of an untracked one). ``key`` is what the result
+    belongs to (a pre-pass VMA's (start, end, name), or a VMA's index at the stop); a split
+    cuts on multiples of ``align``. (A tuple: a stop may make tens of thousands.)"""
+
+    key: Any
+    start: int
+    end: int
+    how: str
+    align: int
+
+    def run(self, scanner: PagemapScanner) -> tuple:
+        """A probe's (unprotected, empty) or a full walk's (found, reprotected)."""
+        if self.how == PROBE:
+            return _probe(scanner, self.start, self.end)
+        return _scan_and_reprotect(scanner, self.start, self.end, self.how == REPROTECT)
+
+
+def _slices(walks: list[_Walk], parts: int) -> list[list[_Walk]]:
+    """The walks dealt to ``parts`` workers, balanced by size: large ones are cut into
+    ``parts`` slices (on huge-page boundaries)."""
     pieces = []
-    for piece in pieces_in:
-        key, a, b, how, align = piece
-        align = max(align, _BLOCK)
-        if parts > 1 and b - a >= _SPLIT_MIN:
-            step = -(-(b - a) // parts // align) * align
-            pieces += [(key, x, min(x + step, b), how, align) for x in range(a, b, step)]
+    for w in walks:
+        align = max(w.align, _BLOCK)
+        if parts > 1 and w.end - w.start >= _SPLIT_MIN:
+            step = -(-(w.end - w.start) // parts // align) * align
+            pieces += [w._replace(start=x, end=min(x + step, w.end), align=align)
+                       for x in range(w.start, w.end, step)]
         else:
-            pieces.append(piece)
+            pieces.append(w)
     load = [0] * parts
-    out: list[list[tuple]] = [[] for _ in range(parts)]
-    for piece in sorted(pieces, key=lambda p: p[1] - p[2]):  # largest first
-        w = load.index(min(load))
-        out[w].append(piece)
-        load[w] += piece[2] - piece[1]
+    out: list[list[_Walk]] = [[] for _ in range(parts)]
+    for w in sorted(pieces, key=lambda w: w.start - w.end):  # largest first
+        n = load.index(min(load))
+        out[n].append(w)
+        load[n] += w.end - w.start
     return [o for o in out if o]
+
+
+def _run_walks(scanner: PagemapScanner, walks: list[_Walk]) -> list[tuple[_Walk, tuple]]:
+    """Each walk with its result (:meth:`_Walk.run`)."""
+    return [(w, w.run(scanner)) for w in walks]
 
 
 # ---------------------------------------------------------------- the pre-pass
@@ -386,11 +414,11 @@ class _StopResult:
     thread_masks: dict = field(default_factory=dict)  # signal masks (threadstate)
 
 
-def _early_cost(early: list[tuple]) -> int:
+def _early_cost(early: list[_Walk]) -> int:
     """The stop's first work, in bytes of fast probe (~0.3 ms per GiB): a full walk costs
     ten times that, a probe that also asks for holes three times."""
     probe = 1 if _holes_read_as_written() else 3
-    return sum((b - a) * (probe if how == "probe" else 10) for _, a, b, how, _ in early)
+    return sum((w.end - w.start) * (probe if w.how == PROBE else 10) for w in early)
 
 
 def _maps_text(pid: int) -> str:
@@ -420,124 +448,183 @@ def _stopped_pass(tracking: Tracking, pre: Prepass, precopied: np.ndarray, scann
     work on the pre-pass's VMAs starts at once in helper threads, beside the maps read; a
     VMA that changed meanwhile is walked again once the maps are known."""
     need = rs.subtract(rs.union(pre.consumed, *tracking.written_before.values()), precopied)
+    early = _deal_early_walks(pre)  # planned before the stop: they depend on the pre-pass only
     _warm_pool(tracking)
     # SCHED_FIFO while the target is stopped (when allowed): on a busy machine, other work
     # (and the target's own threads, woken one by one at the release) would otherwise
     # preempt this thread and stretch the pause by scheduler ticks.
     with realtime_thread(LOOP_PRIORITY):
-        return _stopped_pass_rt(tracking, pre, need, scanners, maps_before)
+        return _stopped_pass_rt(tracking, early, need, scanners, maps_before)
 
 
-def _stopped_pass_rt(tracking: Tracking, pre: Prepass, need: np.ndarray, scanners: list,
+@dataclass
+class _Stop:
+    """The stop pass's working state, filled in by its steps (:func:`_stopped_pass_rt`)."""
+
+    tracking: Tracking
+    need: np.ndarray  # ranges to copy if populated, whatever they show (see _stopped_pass)
+    scanners: list
+    vmas: list[Vma] = field(default_factory=list)
+    tracked: list[bool] = field(default_factory=list)  # per VMA: walked as tracked (re-protected)
+    walks: dict[int, list[tuple]] = field(default_factory=dict)  # per VMA: (start, found, reprotected)
+    probed: dict[int, tuple] = field(default_factory=dict)  # per VMA: (empty ranges, spots walked)
+    late: list[_Walk] = field(default_factory=list)  # walks left once the maps are known
+
+    def run_walks(self, parts: list[list[_Walk]]) -> list[list[tuple[_Walk, tuple]]]:
+        """Each part's walks with its own scanner, the first in this thread."""
+        return _parallel(self.tracking, lambda job: _run_walks(self.scanners[job[0]], job[1]),
+                         list(enumerate(parts)))
+
+
+def _stopped_pass_rt(tracking: Tracking, early_jobs: list[list[_Walk]], need: np.ndarray, scanners: list,
                      maps_before: tuple[str, list[Vma]]) -> _StopResult:
-    pid = tracking.pid
+    """The stop, step by step: the early walks start in the helpers while this thread reads
+    the maps and records the threads; then it takes its share; the walks are matched to the
+    VMAs and the rest planned (:func:`_plan_walks`) and run; the results assembled; what
+    changed copied; new VMAs armed; the target released."""
+    st = _Stop(tracking, need, scanners)
     t_stop = time.monotonic()
-    with stopped(pid) as proc:
+    with stopped(tracking.pid) as proc:
         t0 = time.monotonic()
-        early = [(key, key[0], key[1], "probe" if key in pre.probe else True, size)
-                 for key, size in pre.walked.items()]
-        # Little work is done by this thread alone: a hand-off would cost more than it saves.
-        jobs = _slices(early, SPLIT if _early_cost(early) >= _SPLIT_EARLY else 1)
-        # This thread takes the last share once the maps are read.
-        futures = [tracking.pool.submit(_realtime, _run_walks, scanners[1 + j], job)
-                   for j, job in enumerate(jobs[:-1])]
-        text = _maps_text(pid)
-        if text == maps_before[0]:  # unchanged since just before the stop (the usual case)
-            vmas = maps_before[1]
-        else:
-            vmas = classify(parse_maps(text), include_readonly=tracking.options.include_readonly,
-                            huge_sizes=tracking.huge_sizes)
+        last_share, helpers = _start_early_walks(st, early_jobs)
+        text, st.vmas = _maps_at_stop(tracking, maps_before)
         threads = proc.record_threads()
         thread_masks = threadstate.in_tracer(proc, threadstate.record_masks, proc.tids)
         t1 = time.monotonic()
-        done = _run_walks(scanners[0], jobs[-1]) if jobs else []
-        for f in futures:
+        done = _run_walks(scanners[0], last_share)
+        for f in helpers:
             done += f.result()
         t_early = time.monotonic()
-        early_results: dict[tuple, list] = {}
-        for key, a, how, result in done:
-            early_results.setdefault(key, []).append((a, how, result))
-        tracked = [v.mode == "wp" and tracking.parent_regions.get(v.name) == v.length for v in vmas]
-        by_vma: dict[int, list] = {}   # walks: (start, found, reprotected)
-        probed: dict[int, tuple] = {}  # (empty ranges, spots walked)
-        late = []
-        for i, v in enumerate(vmas):
-            got = early_results.pop((v.start, v.end, v.name), None)
-            if got is not None and got[0][1] == "probe":
-                if all(r[0] is not None for _, _, r in got):
-                    spots = [r[0] for _, _, r in got if len(r[0])]
-                    if len(need):
-                        spots.append(rs.clip(need, v.start, v.end))
-                    spots = rs.coarsen(rs.union(*spots), _MAX_SPOTS)
-                    probed[i] = (rs.union(*[r[1] for _, _, r in got]), spots)
-                    late += [(i, int(a), int(b), True, PAGE) for a, b in spots]
-                    continue
-            elif got is not None:
-                by_vma[i] = [(a, *r) for a, _, r in got]
-                continue
-            late.append((i, v.start, v.end, tracked[i], v.page_size))
-        # Full walks of VMAs that changed since the pre-pass re-protected pages nobody will
-        # see as written again: copy them like the pre-pass's own.
-        stray = [_ranges_of(r[0], written=True) for got in early_results.values()
-                 for _, how, r in got if how != "probe"]
-        need = rs.union(need, *stray)
-        # Spots are small: handing them to another thread costs more than walking them.
-        parts = SPLIT if sum(b - a for _, a, b, _, _ in late) >= _SPLIT_MIN else 1
-        for part in _parallel(tracking, lambda job: _run_walks(scanners[job[0]], job[1]),
-                              list(enumerate(_slices(late, parts)))):
-            for i, a, _, (found, reprotected) in part:
-                by_vma.setdefault(i, []).append((a, found, reprotected))
-        found_all, written_all, changed, rearm = [], [], [], []
-        for i, v in enumerate(vmas):
-            found = written = rs.EMPTY
-            got = sorted(by_vma.get(i, []), key=lambda x: x[0])
-            if got:
-                found = rs.union(*[_ranges_of(f) for _, f, _ in got])
-                written = rs.union(*[_ranges_of(f, written=True) for _, f, _ in got])
-                if v.mode == "wp" and not all(wp for _, _, wp in got):
-                    rearm.append(v)
-                changed.append(rs.union(written, rs.intersect(found, rs.clip(need, v.start, v.end)))
-                               if tracked[i] else found)
-            if i in probed:  # outside the spots: populated unless empty, and unchanged
-                empty, spots = probed[i]
-                whole = np.array([[v.start, v.end]], dtype=np.int64)
-                if len(empty) or len(spots):
-                    whole = rs.union(rs.subtract(rs.subtract(whole, empty), spots), found)
-                found = whole
-            found_all.append(found)
-            written_all.append(written)
+        _plan_walks(st, done)
+        _run_late_walks(st)
+        found, written, changed, rearm = _assemble(st)
         t2 = time.monotonic()
-        spans = rs.union(*changed) if changed else rs.EMPTY
-        size = rs.nbytes(spans)
-        store = tracking.stop_buffer  # sized before the stop; rarely too small
-        if len(store) < size:  # e.g. a new large mapping, copied whole: kept only if small
-            store = bytearray(size)
-            if size <= STOPPED_COPY_LIMIT:
-                tracking.stop_buffer = store
-        buf = memoryview(store)[:size]
-        ok = _copy_all(tracking, buf, spans)
+        spans, buf, ok = _copy_changed(tracking, changed)
         t3 = time.monotonic()
-        for v in rearm:  # new, resized or unregistered: track it from now on
-            try:
-                tracking.uffd.unregister(v.start, v.length)
-            except OSError:
-                pass
-            _arm(tracking.uffd, [v])
+        _rearm(tracking, rearm)
         t4 = time.monotonic()
     t5 = time.monotonic()
     times = {"stop_ms": (t0 - t_stop) * 1e3, "maps_threads_ms": (t1 - t0) * 1e3,
              "scan_ms": (t2 - t1) * 1e3, "scan_wait_ms": (t_early - t1) * 1e3,
              "copy_ms": (t3 - t2) * 1e3, "rearm_ms": (t4 - t3) * 1e3, "resume_ms": (t5 - t4) * 1e3,
-             "probed_vmas": len(probed), "stop_copied_bytes": size}
-    return _StopResult(vmas, threads, tracked, found_all, written_all, spans, buf, ok,
+             "probed_vmas": len(st.probed), "stop_copied_bytes": len(buf)}
+    return _StopResult(st.vmas, threads, st.tracked, found, written, spans, buf, ok,
                        (t5 - t_stop) * 1e3, times, text, thread_masks)
 
 
-def _run_walks(scanner: PagemapScanner, job: list[tuple]) -> list[tuple]:
-    """[(key, start, how, result)] for the walks of :func:`_slices`: a probe's
-    (unprotected, empty) or a walk's (found, reprotected)."""
-    return [(key, a, how, _probe(scanner, a, b) if how == "probe" else _scan_and_reprotect(scanner, a, b, how))
-            for key, a, b, how, _ in job]
+def _deal_early_walks(pre: Prepass) -> list[list[_Walk]]:
+    """The stop's first work: the walks of the VMAs the pre-pass walked (a probe where
+    eligible), dealt to the helper threads and this one (the last share)."""
+    early = [_Walk(key, key[0], key[1], PROBE if key in pre.probe else REPROTECT, size)
+             for key, size in pre.walked.items()]
+    # Little work is done by this thread alone: a hand-off would cost more than it saves.
+    return _slices(early, SPLIT if _early_cost(early) >= _SPLIT_EARLY else 1)
+
+
+def _start_early_walks(st: _Stop, jobs: list[list[_Walk]]) -> tuple[list[_Walk], list]:
+    """The first step, before the maps are read: the early walks start in the helper
+    threads. Returns the share this thread walks once the maps are read, and the helpers'
+    futures."""
+    futures = [st.tracking.pool.submit(_realtime, _run_walks, st.scanners[1 + j], job)
+               for j, job in enumerate(jobs[:-1])]
+    return (jobs[-1] if jobs else []), futures
+
+
+def _maps_at_stop(tracking: Tracking, maps_before: tuple[str, list[Vma]]) -> tuple[str, list[Vma]]:
+    """The maps text at the stop and its VMAs (classified again only if the text changed
+    since just before the stop, which is rare)."""
+    text = _maps_text(tracking.pid)
+    if text == maps_before[0]:
+        return text, maps_before[1]
+    return text, classify(parse_maps(text), include_readonly=tracking.options.include_readonly,
+                          huge_sizes=tracking.huge_sizes)
+
+
+def _plan_walks(st: _Stop, done: list[tuple[_Walk, tuple]]) -> None:
+    """Match the early walks to the VMAs at the stop. A probed VMA gets full walks only
+    over the spots its probe found (and ``need``); a VMA the early walks missed (new,
+    changed, or its probe could not answer) one full walk. Early full walks of VMAs that
+    changed since re-protected pages nobody will see as written again: they join ``need``."""
+    tracking, need = st.tracking, st.need
+    early: dict[Any, list[tuple[_Walk, tuple]]] = {}
+    for w, result in done:
+        early.setdefault(w.key, []).append((w, result))
+    st.tracked = [v.mode == "wp" and tracking.parent_regions.get(v.name) == v.length for v in st.vmas]
+    for i, v in enumerate(st.vmas):
+        got = early.pop((v.start, v.end, v.name), None)
+        if got is not None and got[0][0].how == PROBE:
+            if all(unprotected is not None for _, (unprotected, _) in got):
+                spots = [unprotected for _, (unprotected, _) in got if len(unprotected)]
+                if len(need):
+                    spots.append(rs.clip(need, v.start, v.end))
+                spots = rs.coarsen(rs.union(*spots), _MAX_SPOTS)
+                st.probed[i] = (rs.union(*[empty for _, (_, empty) in got]), spots)
+                st.late += [_Walk(i, int(a), int(b), REPROTECT, PAGE) for a, b in spots]
+                continue
+        elif got is not None:
+            st.walks[i] = [(w.start, *result) for w, result in got]
+            continue
+        st.late.append(_Walk(i, v.start, v.end, REPROTECT if st.tracked[i] else SCAN, v.page_size))
+    stray = [_ranges_of(result[0], written=True) for got in early.values()
+             for w, result in got if w.how != PROBE]
+    st.need = rs.union(need, *stray)
+
+
+def _run_late_walks(st: _Stop) -> None:
+    """The walks planned once the maps were known, split across the helpers when large."""
+    # Spots are small: handing them to another thread costs more than walking them.
+    parts = SPLIT if sum(w.end - w.start for w in st.late) >= _SPLIT_MIN else 1
+    for part in st.run_walks(_slices(st.late, parts)):
+        for w, (found, reprotected) in part:
+            st.walks.setdefault(w.key, []).append((w.start, found, reprotected))
+
+
+def _assemble(st: _Stop) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[Vma]]:
+    """Per VMA: the populated ranges at the stop and those written since the pre-pass; the
+    ranges to copy now; the VMAs to register again (new, resized, or not re-protected)."""
+    found_all, written_all, changed, rearm = [], [], [], []
+    for i, v in enumerate(st.vmas):
+        found = written = rs.EMPTY
+        got = sorted(st.walks.get(i, []), key=lambda x: x[0])
+        if got:
+            found = rs.union(*[_ranges_of(f) for _, f, _ in got])
+            written = rs.union(*[_ranges_of(f, written=True) for _, f, _ in got])
+            if v.mode == "wp" and not all(wp for _, _, wp in got):
+                rearm.append(v)
+            changed.append(rs.union(written, rs.intersect(found, rs.clip(st.need, v.start, v.end)))
+                           if st.tracked[i] else found)
+        if i in st.probed:  # outside the spots: populated unless empty, and unchanged
+            empty, spots = st.probed[i]
+            whole = np.array([[v.start, v.end]], dtype=np.int64)
+            if len(empty) or len(spots):
+                whole = rs.union(rs.subtract(rs.subtract(whole, empty), spots), found)
+            found = whole
+        found_all.append(found)
+        written_all.append(written)
+    return found_all, written_all, changed, rearm
+
+
+def _copy_changed(tracking: Tracking, changed: list[np.ndarray]) -> tuple[np.ndarray, memoryview, np.ndarray]:
+    """Copy the changed ranges into the stop's buffer: (ranges, data, read ok per page)."""
+    spans = rs.union(*changed) if changed else rs.EMPTY
+    size = rs.nbytes(spans)
+    store = tracking.stop_buffer  # sized before the stop; rarely too small
+    if len(store) < size:  # e.g. a new large mapping, copied whole: kept only if small
+        store = bytearray(size)
+        if size <= STOPPED_COPY_LIMIT:
+            tracking.stop_buffer = store
+    buf = memoryview(store)[:size]
+    return spans, buf, _copy_all(tracking, buf, spans)
+
+
+def _rearm(tracking: Tracking, vmas: list[Vma]) -> None:
+    """New, resized or unregistered VMAs: tracked from now on."""
+    for v in vmas:
+        try:
+            tracking.uffd.unregister(v.start, v.length)
+        except OSError:
+            pass
+        _arm(tracking.uffd, [v])
 
 
 def _copy_all(tracking: Tracking, buf: memoryview, spans: np.ndarray) -> np.ndarray:
