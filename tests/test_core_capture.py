@@ -64,6 +64,10 @@ async def test_freeze_records_what_the_core_needs(store_dir):
             assert any("libc.so" in r.path for r in relro)
             for r in relro:
                 assert r.perms[1] == "-" and r.kind == "file" and r.data_pages + r.zero_pages > 0
+            # ... and the first page of each mapped ELF file (its header and build-id).
+            headers = [r for r in relro if r.offset == 0 and "libc.so" in r.path]
+            assert len(headers) == 1 and reader.read(headers[0].index, 0, 4) == b"\x7fELF"
+            assert any(r.offset == 0 and r.path == os.readlink(f"/proc/{t.pid}/exe") for r in relro)
 
 
 async def test_xstate_fx_part_is_what_getfpregs_returns():

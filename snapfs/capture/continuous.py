@@ -766,9 +766,9 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
             procstate.bracket(state_before, state_after), stop.threads, stop.thread_masks,
             parse_maps(stop.maps_text)))
         # The target runs again; store what was copied and inherit the rest.
+        index = [writer.add_region(region_spec(v)) for v in stop.vmas]
         threads, core_blob = await trio.to_thread.run_sync(_after_stop, pid, core_before, stop, writer)
         writer.put_blob(CORE_BLOB, core_blob)
-        index = [writer.add_region(region_spec(v)) for v in stop.vmas]
         times = dict(stop.times)
         times.update(await trio.to_thread.run_sync(_store, writer, index, stop, pre_pages, pre_ok, pre_buf))
         t_stored = time.monotonic()
@@ -812,11 +812,12 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
 
 
 def _after_stop(pid: int, core_before, stop: _StopResult, writer) -> tuple[dict, bytes]:
-    """After the stop (a worker thread): the private pages of read-only file mappings and the
-    core view's records, as the first snapshot's engine does."""
+    """After the stop (a worker thread): the core view's records and the changed pages and
+    ELF headers of read-only file mappings, as the first snapshot's engine does."""
     maps = parse_maps(stop.maps_text)
+    record = coreinfo.record(pid, core_before, maps, stop.threads)  # thread names first
     save_private_pages(pid, maps, writer, {v.start for v in stop.vmas})
-    return coreinfo.record(pid, core_before, maps, stop.threads)
+    return record
 
 
 def _keep_written(tracking: Tracking, pre: Prepass, stop: _StopResult | None, stopping: bool) -> None:

@@ -97,6 +97,8 @@ class _Capture:
         self.faults_done = trio.Event()
         self.hot: Any = None  # pre-protection's hot pages (PreProtected.hot), scanned first
         self.t0 = 0.0  # when the background copy started (the progress's clock)
+        # Recorded beside the background copy (_after_resume).
+        self.core_record: tuple[dict, bytes] = ({}, b"")  # (meta["threads"], core.state blob)
 
     async def run(self) -> CaptureResult:
         comm = check_target(self.pid)
@@ -127,13 +129,18 @@ class _Capture:
                     async with trio.open_nursery() as self.fault_nursery:
                         pre, ft, prep = await self._protect_and_freeze(uffd, comm, features, huge_sizes)
                         self.hot = pre.hot
-                        threads, core_blob = await trio.to_thread.run_sync(
-                            self._after_resume, core_before, ft, prep, limiter=self.limiter
-                        )
+                        # The captured regions are declared first, before any page reaches
+                        # the store: region i is store index i (see _start_faults).
+                        await trio.to_thread.run_sync(self._describe_regions, prep, self.shared)
                         self.fault_nursery.start_soon(self._read_state_after)
-                        # 4. The target runs again: save every page recorded, faults first.
+                        # 4. The target runs again: save every page recorded, faults first;
+                        # beside it, what the core view needs (not delaying the scan: the
+                        # sooner it ends, the fewer writes fault).
                         ctx = self.ctx
-                        await self._background(ctx)
+                        async with trio.open_nursery() as beside:
+                            beside.start_soon(self._after_resume, core_before, ft, prep)
+                            await self._background(ctx)
+                        threads, core_blob = self.core_record
                 except BaseExceptionGroup as eg:
                     raise reported_error(eg) from None
             uffd.close()  # every page is saved: drop the protection now
@@ -191,14 +198,16 @@ class _Capture:
                     "freeze": [ft.stopped_at, ft.resumed_at], "end": time.monotonic()},
         )
 
-    def _after_resume(self, core_before, ft: FrozenTarget, prep: Prepared) -> tuple[dict, bytes]:
-        """What is recorded just after the resume (in a worker thread): the private pages of
-        read-only file mappings, and the threads' and core view's records (see
-        :mod:`snapfs.capture.relocated`, :mod:`snapfs.capture.coreinfo`). The captured
-        regions are declared first: region i is store index i (see _start_faults)."""
-        self._describe_regions(prep, self.shared)
-        save_private_pages(self.pid, ft.maps, self.writer, {v.start for v in prep.regions})
-        return coreinfo.record(self.pid, core_before, ft.maps, ft.threads)
+    async def _after_resume(self, core_before, ft: FrozenTarget, prep: Prepared) -> None:
+        """What is recorded once the target runs again (``self.core_record``): the threads'
+        names and the core view's records first (the names as close to the instant as
+        possible), then the changed pages and ELF headers of read-only file mappings (see
+        :mod:`snapfs.capture.coreinfo`, :mod:`snapfs.capture.relocated`)."""
+        self.core_record = await trio.to_thread.run_sync(
+            coreinfo.record, self.pid, core_before, ft.maps, ft.threads)
+        captured = {v.start for v in prep.regions}
+        await trio.to_thread.run_sync(save_private_pages, self.pid, ft.maps, self.writer, captured,
+                                      limiter=self.limiter)
 
     async def _protect_and_freeze(self, uffd: Uffd, comm: str, features: int, huge_sizes):
         """Steps 2 and 3: write-protect the memory while the target runs, then freeze it and
@@ -237,8 +246,8 @@ class _Capture:
         the fault path (its threads starting) — the last step of the freeze."""
         self.prep = prep
         # The store's index of region i is i (add_region numbers them in call order; they
-        # are declared after the resume, first thing in _after_resume, before any page
-        # reaches the store: 65 000 of them took ~0.2 s inside the pause).
+        # are declared first thing after the resume, before any page reaches the store:
+        # 65 000 of them took ~0.2 s inside the pause).
         self.ctx = CaptureContext(
             pid=self.pid,
             uffd=uffd,
