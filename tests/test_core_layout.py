@@ -191,3 +191,36 @@ def test_a_view_that_fails_to_build_leaves_the_snapshot_listed(store, monkeypatc
     fs = SnapshotFS(store)
     assert [e.name for e in fs.readdir(fs.resolve("app"))] == ["info.json", "ramblocks", "mem", "vmstate"]
     assert b'"regions"' in fs.read(fs.resolve("app/info.json"), 0, 1 << 20)
+
+
+def test_snapfs_cat_of_mem_into_a_file_is_sparse(store, tmp_path):
+    """Into a file only the stored pages of ``mem`` are written (the rest stays holes); a
+    filesystem that cannot hold a file that large gets a one-line error, not a traceback."""
+    process_snapshot(store)
+    # The same regions moved below 1 TiB (ext4 files end at 16 TiB).
+    low = [r for r in process_snapshot(store, "shifted") if r.start < 1 << 47]
+    w = store.begin_snapshot("low", {"kind": "process", "pid": 1})
+    for r in low:
+        r.start -= 0x5500_0000_0000 if r.start < 0x7F00_0000_0000 else 0x7EFF_0000_0000
+        idx = w.add_region(RegionSpec(r.name, r.start, len(r.data), kind=r.kind))
+        w.put_pages(idx, 0, r.data)
+    w.commit({})
+    store.close()
+    env = dict(os.environ, SNAPFS_STORE=str(store.path))
+    out = tmp_path / "mem"
+    with open(out, "wb") as f:
+        res = subprocess.run(snapfs_cmd() + ["cat", "low", "mem"], stdout=f, stderr=subprocess.PIPE,
+                             env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    with open(out, "rb") as f:
+        for r in low:
+            f.seek(r.start)
+            assert f.read(len(r.data)) == r.data
+    assert out.stat().st_size == max(r.start + len(r.data) for r in low)
+    assert out.stat().st_blocks * 512 <= sum(len(r.data) for r in low) + (1 << 20)
+    with open(tmp_path / "all", "wb") as f:  # the stack at 0x7ffc... is past ext4's 16 TiB
+        res = subprocess.run(snapfs_cmd() + ["cat", "app", "mem"], stdout=f, stderr=subprocess.PIPE,
+                             env=env, timeout=120)
+    err = res.stderr.decode()
+    if res.returncode:
+        assert res.returncode == 1 and "Traceback" not in err and "more than the destination" in err, err

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from snapfs.commands.common import add_store_argument, store_path
-from snapfs.errors import UsageError
+from snapfs.errors import SnapfsError, UsageError
 
 CAT_CHUNK = 4 << 20
 
@@ -90,13 +90,22 @@ def _copy_out(view: object) -> int:
     size = int(view.size)  # type: ignore[attr-defined]
     extents = getattr(view, "data_extents", None)
     # A closed stdout (`| head`) raises BrokenPipeError: cli.main ends quietly then.
-    if extents is not None and _seekable_file(out.fileno()):
-        out.flush()
-        write_sparse(out.fileno(), view, size, extents())
-    else:
-        for offset in range(0, size, CAT_CHUNK):
-            out.write(view.read(offset, min(CAT_CHUNK, size - offset)))  # type: ignore[attr-defined]
-        out.flush()
+    try:
+        if extents is not None and _seekable_file(out.fileno()):
+            out.flush()
+            write_sparse(out.fileno(), view, size, extents())
+        else:
+            for offset in range(0, size, CAT_CHUNK):
+                out.write(view.read(offset, min(CAT_CHUNK, size - offset)))  # type: ignore[attr-defined]
+            out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EFBIG:
+            hint = (f": the file is {size} bytes (in `mem` an offset is a virtual address), more than "
+                    "the destination filesystem allows; pipe it, or cat a region's data instead")
+        raise SnapfsError(f"cannot write the output ({exc.strerror}){hint}") from None
     return 0
 
 

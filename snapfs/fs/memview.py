@@ -69,3 +69,9 @@ class MemView:
         for a, index, n in pieces:
             buf[a - offset : a - offset + n] = self._reader.read(index, a - self.layout[index], n)
         return bytes(buf)
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the stored pages, ascending; the rest reads as zeros
+        (``snapfs cat NAME mem > file`` writes only these)."""
+        return [(start + off, n) for start, _length, index in self._placed
+                for off, n in self._reader.data_extents(index)]
