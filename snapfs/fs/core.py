@@ -17,9 +17,9 @@ PT_LOADs of their own with ``p_filesz`` 0, so gdb reads them from the file too. 
 from :mod:`snapfs.elfcore.notes`. VM snapshots have no ``core``.
 
 Size and layout come from the catalog alone (region lengths and the recorded state, plus the
-page maps of the few file-backed regions): opening or stat-ing ``core`` reads no page data. Reads go straight to the store's
-reader (:class:`~snapfs.stream.writer.StreamLayout` pieces, as ``vmstate``): page-aligned
-requests are copied once from the decoded frames.
+page maps of the few file-backed regions): opening or stat-ing ``core`` reads no page data.
+Reads go straight to the store's reader (:class:`~snapfs.stream.writer.StreamLayout` pieces,
+as ``vmstate``): page-aligned requests are copied once from the decoded frames.
 """
 
 from __future__ import annotations
