@@ -95,6 +95,26 @@ async def test_relro_pages_are_the_relocated_bytes(store_dir):
                     assert reader.read(r.index, first * 4096, n * 4096) == read_memory(t.pid, addr, n * 4096)
 
 
+async def test_their_blocks_round_trip_through_incoming_name(store_dir, tmp_path):
+    """In the vmstate only their saved pages are sent (the rest are the file's); a stream
+    ingested as a snapshot keeps that, so its own vmstate is the same stream."""
+    from snapfs.stream.ingest import ingest_stream
+    from snapfs.stream.vmstate import VmstateView
+
+    with Target("coretarget") as t:
+        with Store.open(store_dir, create=True) as store:
+            await capture_process(t.pid, store, "s1", CaptureOptions())
+    with Store.open(store_dir) as store:
+        reader = store.open_snapshot("s1")
+        assert any(r.meta.get("holes") == "file" for r in reader.regions)
+        stream = tmp_path / "vmstate"
+        stream.write_bytes(VmstateView(reader).read(0, VmstateView(reader).size))
+        with open(stream, "rb") as src:
+            ingest_stream(src, store, "s2")
+        again = VmstateView(store.open_snapshot("s2"))
+        assert again.read(0, again.size) == stream.read_bytes().replace(b'"snapshot": "s1"', b'"snapshot": "s2"')
+
+
 async def test_continuous_children_record_it_too(store_dir):
     from snapfs.capture.continuous import capture_next
 

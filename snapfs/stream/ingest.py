@@ -11,6 +11,7 @@ Nothing is published unless everything succeeded: any error aborts the writer.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
+from snapfs.capture.relocated import HOLES_META
 from snapfs.store import RegionSpec, SnapshotInfo, Store
 from snapfs.stream.procdesc import DESC_BLOB, carried
 from snapfs.stream.reader import Limits
@@ -159,12 +161,12 @@ def commit_spooled(writer: Any, spooled: SpooledStream, meta: dict[str, Any]) ->
     The writer is aborted on any error; the spool is closed in every case.
     """
     try:
-        _write_pages(writer, spooled)
+        desc = carried(spooled.vmdesc)
+        _write_pages(writer, spooled, _unsent_left_to_file(desc))
         if spooled.header.raw:
             writer.put_blob(BLOB_CONFIGURATION, spooled.header.raw)
         if spooled.devices is not None:
             writer.put_blob(BLOB_DEVICES, spooled.devices)
-        desc = carried(spooled.vmdesc)
         if desc is not None:  # a snapfs process stream: its vmstate keeps the description
             writer.put_blob(DESC_BLOB, desc)
         return writer.commit(_snapshot_meta(spooled, meta))
@@ -193,13 +195,26 @@ def _snapshot_meta(s: SpooledStream, extra: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _write_pages(writer: Any, s: SpooledStream) -> None:
+def _unsent_left_to_file(desc: bytes | None) -> set[str]:
+    """The blocks of a snapfs process stream holding only the changed pages (and ELF header)
+    of a read-only file mapping (:mod:`snapfs.capture.relocated`): their pages never sent are
+    the file's. Ingested with the same region meta, their vmstate again leaves them unsent."""
+    if desc is None:
+        return set()
+    regions = json.loads(desc).get("regions")
+    return {r["block"] for r in regions if isinstance(r, dict) and isinstance(r.get("block"), str)
+            and r.get("mode") == HOLES_META["mode"]} if isinstance(regions, list) else set()
+
+
+def _write_pages(writer: Any, s: SpooledStream, file_holes: set[str] = frozenset()) -> None:
     ignore_shared = "x-ignore-shared" in s.header.capabilities
     start = 0
     for bi, block in enumerate(s.blocks):
         region_meta: dict[str, Any] = {}
         if block.extra:
             region_meta["ram_extra"] = block.extra.hex()
+        if block.name in file_holes:
+            region_meta["holes"] = HOLES_META["holes"]
         sent = s.spool.sent_pages(bi)
         if ignore_shared and sent == 0:
             # x-ignore-shared: QEMU sends no pages of a shared block; the destination maps it.
