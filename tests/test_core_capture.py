@@ -95,9 +95,11 @@ async def test_relro_pages_are_the_relocated_bytes(store_dir):
                     assert reader.read(r.index, first * 4096, n * 4096) == read_memory(t.pid, addr, n * 4096)
 
 
-async def test_their_blocks_round_trip_through_incoming_name(store_dir, tmp_path):
+async def test_their_blocks_round_trip_through_incoming_name_which_has_no_core(store_dir, tmp_path):
     """In the vmstate only their saved pages are sent (the rest are the file's); a stream
     ingested as a snapshot keeps that, so its own vmstate is the same stream."""
+    from snapfs.fs.loaded import LoadedSnapshot
+    from snapfs.fs.views import PROVIDERS
     from snapfs.stream.ingest import ingest_stream
     from snapfs.stream.vmstate import VmstateView
 
@@ -113,6 +115,10 @@ async def test_their_blocks_round_trip_through_incoming_name(store_dir, tmp_path
             ingest_stream(src, store, "s2")
         again = VmstateView(store.open_snapshot("s2"))
         assert again.read(0, again.size) == stream.read_bytes().replace(b'"snapshot": "s1"', b'"snapshot": "s2"')
+        # The ingested one has RAMBlocks at no real address and no recorded threads: no core.
+        providers = list(enumerate(PROVIDERS))
+        assert "core" in LoadedSnapshot(store.open_snapshot("s1"), providers).extra_names().values()
+        assert "core" not in LoadedSnapshot(store.open_snapshot("s2"), providers).extra_names().values()
 
 
 async def test_continuous_children_record_it_too(store_dir):

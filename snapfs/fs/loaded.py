@@ -47,16 +47,16 @@ class LoadedSnapshot:
 
     # -- snapshot-level files --------------------------------------------------------------
     def extra_names(self) -> dict[int, str]:
-        """``local -> name`` of the provider views listed for this snapshot's kind, known
+        """``local -> name`` of the provider views listed for this snapshot, known
         without building them (a lookup of ``core`` builds no other view)."""
-        return {local: p.name for local, p in self._providers if self.info.kind in p.kinds}
+        return {local: p.name for local, p in self._providers if p.applies_to(self.info)}
 
     def provider_view(self, local: int) -> Any | None:
         """The view of provider node ``local``, built on first use (None if it does not apply
         or failed to build: logged, the rest of the snapshot stays readable; a
         :class:`DamagedView` if the store's metadata it needs is damaged: EIO, not ENOENT)."""
         provider = dict(self._providers).get(local)
-        if provider is None or self.info.kind not in provider.kinds:
+        if provider is None or not provider.applies_to(self.info):
             return None
         with self._provider_locks[local]:  # one build per view; other views stay available
             if local not in self._provider_views:

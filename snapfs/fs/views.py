@@ -7,10 +7,11 @@ Every file of the layout is a *view* over one snapshot's reader. The built-in on
 Snapshot-level views defined elsewhere (``vmstate``, ``core``) are *providers*: an entry in
 :data:`PROVIDERS` names a module and a factory called with the snapshot's reader. The module is
 imported on first use; a provider whose module does not exist is not listed. A provider names
-the snapshot kinds it applies to (``core``: process snapshots only), so a lookup builds no
-other view; each view is built on its first use (a view that fails to build is logged and
-left out of listings). A provider that ``describes`` itself adds
-its view's ``describe()`` dict to the snapshot's ``info.json`` under its name.
+the snapshots it applies to, from the catalog alone (``core``: process snapshots, not process
+streams stored with ``incoming --name``), so a lookup builds no other view; each view is built
+on its first use (a view that fails to build is logged and left out of listings). A provider
+that ``describes`` itself adds its view's ``describe()`` dict to the snapshot's ``info.json``
+under its name.
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ class ViewProvider:
     factory: str
     kinds: tuple[str, ...] = ("process", "vm")  # snapshot kinds it applies to
     describes: bool = False  # its view has describe(): a dict for the snapshot's info.json
+    not_with_meta: tuple[str, ...] = ()  # metadata keys of snapshots it does not apply to
+
+    def applies_to(self, info: Any) -> bool:
+        """Whether a snapshot (its SnapshotInfo) has this view, known from the catalog alone."""
+        meta = info.meta or {}
+        return info.kind in self.kinds and not any(key in meta for key in self.not_with_meta)
 
     def available(self) -> bool:
         """Whether the module exists (checked without importing it)."""
@@ -133,5 +140,8 @@ class ViewProvider:
 # numbers of a running mount depend on positions).
 PROVIDERS: tuple[ViewProvider, ...] = (
     ViewProvider("vmstate", "snapfs.stream.vmstate", "VmstateView"),
-    ViewProvider("core", "snapfs.fs.core", "CoreView", kinds=("process",), describes=True),
+    # A process stream stored with incoming --name (meta "qemu_stream") has RAMBlocks at no
+    # real address and no recorded threads: no core.
+    ViewProvider("core", "snapfs.fs.core", "CoreView", kinds=("process",), describes=True,
+                 not_with_meta=("qemu_stream",)),
 )
