@@ -224,3 +224,36 @@ def test_snapfs_cat_of_mem_into_a_file_is_sparse(store, tmp_path):
     err = res.stderr.decode()
     if res.returncode:
         assert res.returncode == 1 and "Traceback" not in err and "more than the destination" in err, err
+
+
+def test_write_sparse_reads_close_extents_together(tmp_path):
+    """Scattered extents are read a window at a time (not one read each), written at their
+    offsets, and what lies between them stays a hole."""
+    from snapfs.commands.mount import CAT_CHUNK, write_sparse
+
+    rng = np.random.default_rng(7)
+    size = 3 * CAT_CHUNK + 12345
+    content = rng.integers(1, 256, size, dtype=np.uint8).tobytes()
+    extents = [(0, 100), (4096, 3 * 4096), (CAT_CHUNK - 10, 20), (CAT_CHUNK + 8192, 2 * CAT_CHUNK),
+               (size - 5, 5)]
+
+    class View:
+        reads: list[tuple[int, int]] = []
+
+        def read(self, offset: int, n: int) -> bytes:
+            self.reads.append((offset, n))
+            assert n <= CAT_CHUNK
+            return content[offset : offset + n]
+
+    view = View()
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        f.write(b"head")
+        f.flush()
+        write_sparse(f.fileno(), view, size, iter(extents))
+    got = out.read_bytes()[4:]
+    expected = bytearray(size)
+    for a, n in extents:
+        expected[a : a + n] = content[a : a + n]
+    assert len(got) == size and got == bytes(expected)
+    assert len(view.reads) < len(extents) + 2  # the first two extents share one read

@@ -120,15 +120,30 @@ def _seekable_file(fd: int) -> bool:
 def write_sparse(fd: int, view: object, size: int, extents) -> None:
     """Write only the parts of ``view`` that may hold data, each at its offset from the file
     position; the rest stays a hole (reads as zeros), so `snapfs cat NAME core > file` takes
-    the space of the stored pages, not of the address space."""
+    the space of the stored pages, not of the address space. Extents close together are read
+    in one request of at most CAT_CHUNK bytes (a region of scattered pages has one extent per
+    run of pages: read one by one, 512 MiB took 30 s)."""
     base = os.lseek(fd, 0, os.SEEK_CUR)
     read = getattr(view, "read_buffer", None) or view.read  # type: ignore[attr-defined]
+    batch: list[tuple[int, int]] = []  # [lo, hi) pieces within one CAT_CHUNK window
+
+    def flush() -> None:
+        lo = batch[0][0]
+        data = memoryview(read(lo, batch[-1][1] - lo))
+        for a, b in batch:
+            done = a
+            while done < b:
+                done += os.pwrite(fd, data[done - lo : b - lo], base + done)
+        batch.clear()
+
     for start, length in extents:
         for pos in range(start, start + length, CAT_CHUNK):
-            data = memoryview(read(pos, min(CAT_CHUNK, start + length - pos)))
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], base + pos + done)
+            end = min(pos + CAT_CHUNK, start + length)
+            if batch and end - batch[0][0] > CAT_CHUNK:
+                flush()
+            batch.append((pos, end))
+    if batch:
+        flush()
     if os.fstat(fd).st_size < base + size:
         os.ftruncate(fd, base + size)
     os.lseek(fd, base + size, os.SEEK_SET)
