@@ -100,7 +100,7 @@ def test_stat_and_open_read_no_page_data(store, monkeypatch):
     w.commit({})
 
     segment_reads, maps_loaded = [], []
-    monkeypatch.setattr(store, "read_segment", lambda *a: segment_reads.append(a))
+    monkeypatch.setattr(store.segments, "pread", lambda *a: segment_reads.append(a))
     original = SnapshotReader._indexed_map
     monkeypatch.setattr(SnapshotReader, "_indexed_map",
                         lambda self, i: maps_loaded.append(self.regions[i].name) or original(self, i))

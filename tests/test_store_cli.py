@@ -87,7 +87,7 @@ def test_rm_gc_check(populated, snapfs_env):
 def test_check_reports_damage_with_exit_code(populated, snapfs_env):
     with Store.open(populated) as store:
         seg, off, flen = store.query("SELECT seg, off, flen FROM frames ORDER BY seg, off LIMIT 1")[0]
-        path = store.segment_path(seg)
+        path = store.segments.path(seg)
     with open(path, "r+b") as f:
         f.seek(off + 40)
         f.write(b"\xff\x00\xff")

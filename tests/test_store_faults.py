@@ -64,7 +64,7 @@ def test_flipped_byte_in_frame_is_reported_and_reads_fail_cleanly(store_dir):
     write_synthetic(store, "bad", 2, [800])
     r, rows = _frame_offsets(store, "bad")
     seg, off, flen = rows[5]
-    path = store.segment_path(seg)
+    path = store.segments.path(seg)
     with open(path, "r+b") as f:
         f.seek(off + FRAME_HEADER.size + flen // 3)
         b = f.read(1)
@@ -96,7 +96,7 @@ def test_truncated_segment_is_reported(store_dir):
     r, rows = _frame_offsets(store, "cut")
     seg = rows[0]["seg"]
     cut_at = rows[len(rows) // 2]["off"] + 10
-    os.truncate(store.segment_path(seg), cut_at)
+    os.truncate(store.segments.path(seg), cut_at)
     report = store.check()
     assert not report["ok"]
     lost = [p for p in report["problems"] if "truncated" in p["message"]]
@@ -105,7 +105,7 @@ def test_truncated_segment_is_reported(store_dir):
     with pytest.raises(StoreCorrupt):
         r.read(0, 0, 800 * PAGE)
     assert store.open_snapshot("good").read(0, 0, 800 * PAGE) == expected_image(1, 0, 800)
-    os.unlink(store.segment_path(seg))
+    os.unlink(store.segments.path(seg))
     report = store.check()
     assert any("missing" in p["message"] for p in report["problems"])
     store.close()

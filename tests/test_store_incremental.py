@@ -109,7 +109,7 @@ def test_gc_punches_dead_frames_and_deletes_dead_segments(store):
     w.put_pages(k, 0, keep.tobytes())
     w.put_pages(c, 0, churn.tobytes())
     w.commit()
-    (seg_file,) = store.segments_dir.iterdir()
+    (seg_file,) = store.segments.directory.iterdir()
     w = store.begin_snapshot("new", {}, parent="old")
     k = w.add_region(RegionSpec("keep", 0, 64 * PAGE))
     c = w.add_region(RegionSpec("churn", 1 << 30, 256 * PAGE))
@@ -128,7 +128,7 @@ def test_gc_punches_dead_frames_and_deletes_dead_segments(store):
     assert store.check(verify_data=True)["ok"]
     store.remove(["new"])
     result = store.gc()
-    assert result["segments_deleted"] == 2 and list(store.segments_dir.iterdir()) == []
+    assert result["segments_deleted"] == 2 and list(store.segments.directory.iterdir()) == []
     final = store.check(verify_data=True)
     assert final["ok"] and final["frames"] == 0 and final["snapshots"] == 0
 

@@ -144,7 +144,7 @@ def test_uncommitted_snapshots_are_invisible_and_generation_moves(store):
     with pytest.raises(SnapshotNotFound):
         store.open_snapshot("p")
     w.abort()
-    assert store.list_snapshots() == [] and os.listdir(store.segments_dir) == []
+    assert store.list_snapshots() == [] and os.listdir(store.segments.directory) == []
     write_synthetic(store, "q", 1, [50])
     g1 = store.generation()
     assert g1 != g0 and [s.name for s in store.list_snapshots()] == ["q"]
@@ -290,15 +290,15 @@ def test_sparse_64_gib_region(store):
 
 
 def test_open_segment_fds_are_bounded(store, monkeypatch):
-    from snapfs.store import store as store_mod
-    monkeypatch.setattr(store_mod, "OPEN_SEGMENTS", 3)
+    from snapfs.store import segments
+    monkeypatch.setattr(segments, "OPEN_SEGMENTS", 3)
     for i in range(8):
         write_synthetic(store, f"s{i}", i, [40])
     fds_before = len(os.listdir("/proc/self/fd"))
     for _ in range(2):
         for i in range(8):
             assert store.open_snapshot(f"s{i}").read(0, 0, 40 * PAGE) == expected_image(i, 0, 40)
-    assert len(store._seg_fds) <= 3
+    assert len(store.segments._fds) <= 3
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 3
 
 

@@ -3,7 +3,8 @@
 Public surface (the contract in docs/architecture.md): :class:`Store`, :class:`SnapshotWriter`,
 :class:`SnapshotReader`, :class:`SnapshotInfo`, :class:`RegionSpec`, :class:`RegionInfo`, and
 the run kinds HOLE/ZERO/DATA. Modules: ``store`` (open, catalog access, list/info/remove),
-``writer``, ``reader``, ``maintenance`` (gc, check), ``_format`` (frame and segment records),
+``writer``, ``reader``, ``maintenance`` (gc, check), ``segments`` (the one owner of segment
+files, and the frame key; the seam for other backends), ``_format`` (frame and segment records),
 ``_runs`` (page maps), ``_integrity`` (catalog row checksums, the format 1 upgrade),
 ``_pagehash``, ``_fsutil`` (durability helpers), ``schema.sql`` (the catalog, commented). A synthetic writer for tests is ``tests/support/synthetic.py``.
 

@@ -24,24 +24,15 @@ import numpy as np
 from snapfs.errors import StoreCorrupt
 
 from snapfs.store import _integrity, _runs
-from snapfs.store._format import (FRAME_HEADER, FRAME_MAGIC, STORE_PAGE, SEGMENT_HEADER, FrameError,
-                                  check_segment_header, decode_frame, decompress_blob)
-from snapfs.store._fsutil import punch_hole
+from snapfs.store._format import (STORE_PAGE, SEGMENT_HEADER, FrameError, check_segment_header, decode_frame,
+                                  decompress_blob)
 from snapfs.store.model import DATA
+from snapfs.store.segments import frame_keys, key_parts
 
 if TYPE_CHECKING:
     from snapfs.store.store import Store
 
 ORPHAN_LOCK_AGE_S = 60.0      # a *.tmp lock younger than this may belong to a writer starting up
-
-
-def _segment_files(store: Store) -> dict[int, os.stat_result]:
-    out = {}
-    for entry in os.scandir(store.segments_dir):
-        stem, _, ext = entry.name.partition(".")
-        if ext == "seg" and stem.isdigit():
-            out[int(stem)] = entry.stat()
-    return out
 
 
 def _live_frames_by_segment(store: Store, conn: sqlite3.Connection) -> dict[int, np.ndarray]:
@@ -71,18 +62,14 @@ def _live_frames_by_segment(store: Store, conn: sqlite3.Connection) -> dict[int,
     return {int(part[0, 0]): part[:, 1:] for part in np.split(live, bounds) if len(part)}
 
 
-def _punchable(fd: int, seg: int, off: int, flen: int, live: np.ndarray) -> bool:
-    """True if [off, off+flen) holds exactly one frame of segment ``seg`` and overlaps no live
-    frame: a damaged frame index row must never make gc free bytes a snapshot still reads."""
-    if len(live):
-        i = int(np.searchsorted(live[:, 0], off, side="right"))
-        if (i > 0 and live[i - 1, 0] + live[i - 1, 1] > off) or (i < len(live) and live[i, 0] < off + flen):
-            return False
-    header = os.pread(fd, FRAME_HEADER.size, off)
-    if len(header) < FRAME_HEADER.size:
+def _overlaps_live(off: int, flen: int, live: np.ndarray) -> bool:
+    """True if [off, off+flen) overlaps a live frame of its segment: a damaged frame index
+    row must never make gc free bytes a snapshot still reads (the segment itself checks that
+    the range holds one of its frames)."""
+    if not len(live):
         return False
-    magic, _, _, _, _, payload_len, sid, _ = FRAME_HEADER.unpack(header)
-    return magic == FRAME_MAGIC and sid == seg and FRAME_HEADER.size + payload_len == flen
+    i = int(np.searchsorted(live[:, 0], off, side="right"))
+    return (i > 0 and live[i - 1, 0] + live[i - 1, 1] > off) or (i < len(live) and live[i, 0] < off + flen)
 
 
 def gc(store: Store) -> dict[str, Any]:
@@ -97,7 +84,7 @@ def gc(store: Store) -> dict[str, Any]:
     live_writers = 0
     reclaimed = 0
     with store.transaction() as conn:
-        files = _segment_files(store)
+        files = store.segments.listing()
         live_pending = set()
         for row in conn.execute("SELECT id, name, lock FROM snapshots WHERE state='pending'").fetchall():
             if store.writer_alive(row["lock"]):
@@ -139,27 +126,12 @@ def gc(store: Store) -> dict[str, Any]:
         # Punch before committing: a crash in between leaves index rows of unreferenced frames,
         # which the next gc punches again (idempotent) instead of leaking their space.
         for seg_id, group in itertools.groupby(punch, key=lambda x: x[0]):
-            try:
-                fd = os.open(store.segment_path(seg_id), os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue            # check reports the missing segment; nothing to free here
-            try:
-                for _, off, flen in group:
-                    if _punchable(fd, seg_id, off, flen, live.get(seg_id, np.zeros((0, 2), np.int64))) \
-                            and punch_hole(fd, off, flen):
-                        reclaimed += flen
-            finally:
-                os.close(fd)
+            seg_live = live.get(seg_id, np.zeros((0, 2), np.int64))
+            reclaimed += store.segments.punch(seg_id, [(off, flen) for _, off, flen in group
+                                                       if not _overlaps_live(off, flen, seg_live)])
 
     for seg_id in delete_files:
-        path = store.segment_path(seg_id)
-        try:
-            st = os.stat(path)
-            os.unlink(path)
-            reclaimed += st.st_blocks * 512
-        except FileNotFoundError:
-            pass
-        store.forget_segment_fd(seg_id)
+        reclaimed += store.segments.unlink(seg_id)
     for name in dead_locks:
         try:
             os.unlink(store.locks_dir / name)
@@ -229,7 +201,7 @@ class _Check:
                 self.hashes_and_blobs(conn)
             finally:
                 conn.execute("COMMIT")
-        self.files = _segment_files(self.store)
+        self.files = self.store.segments.listing()
         self.collect_references()
         self.segments()
         self.frame_index()
@@ -345,32 +317,32 @@ class _Check:
 
     # -- segments and frames --------------------------------------------------------------
     def collect_references(self) -> None:
-        """Every referenced frame once: key (segment << 40 | offset), length, furthest slot."""
+        """Every referenced frame once: its key (segments.frame_keys), length, furthest slot."""
         if self.pieces:
             self.seg_a, self.off_a, self.flen_a, self.slot_end, self.rid = (
                 np.concatenate(x) for x in zip(*self.pieces))
         else:
             self.seg_a = self.off_a = self.flen_a = self.slot_end = self.rid = np.zeros(0, np.int64)
-        self.keys = (self.seg_a << 40) | self.off_a
-        self.fkeys = (self.frames[:, 0] << 40) | self.frames[:, 1]   # sorted (ORDER BY seg, off)
+        self.keys = frame_keys(self.seg_a, self.off_a)
+        self.fkeys = frame_keys(self.frames[:, 0], self.frames[:, 1])   # sorted (ORDER BY seg, off)
         self.ukeys, self.first = np.unique(self.keys, return_index=True)
 
     def affected(self, key: int) -> dict[str, Any]:
         who = [self.where[i] for i in np.unique(self.rid[self.keys == key]).tolist()]
-        seg, off = key >> 40, key & ((1 << 40) - 1)
-        return {"segment": str(self.store.segment_path(seg)), "offset": off,
+        seg, off = key_parts(key)
+        return {"segment": str(self.store.segments.path(seg)), "offset": off,
                 "snapshots": sorted({s for s, _ in who}), "regions": sorted({f"{s}:{r}" for s, r in who})}
 
     def affected_segment(self, seg: int) -> dict[str, Any]:
         who = [self.where[i] for i in np.unique(self.rid[self.seg_a == seg]).tolist()]
-        return {"segment": str(self.store.segment_path(seg)),
+        return {"segment": str(self.store.segments.path(seg)),
                 "snapshots": sorted({s for s, _ in who}), "regions": sorted({f"{s}:{r}" for s, r in who})}
 
     def segments(self) -> None:
         """Every referenced segment is in the catalog, exists and starts with its header."""
         self.bad_segments: set[int] = set()
         for seg_id in sorted(set(np.unique(self.seg_a).tolist()) | self.referenced_segs):
-            path = self.store.segment_path(seg_id)
+            path = self.store.segments.path(seg_id)
             if seg_id not in self.segs:
                 self.problem("segment", f"segment {seg_id} is referenced but not in the catalog",
                              **self.affected_segment(seg_id))
@@ -380,9 +352,8 @@ class _Check:
                 self.bad_segments.add(seg_id)
             else:
                 try:
-                    with open(path, "rb") as f:
-                        check_segment_header(f.read(SEGMENT_HEADER.size), seg_id)
-                except FrameError as exc:
+                    check_segment_header(self.store.segments.pread(seg_id, 0, SEGMENT_HEADER.size), seg_id)
+                except (FrameError, StoreCorrupt) as exc:
                     self.problem("segment", f"segment {path}: {exc.reason}", **self.affected_segment(seg_id),
                                  offset=0)
 
@@ -398,39 +369,36 @@ class _Check:
         if len(fkeys):
             finfo = self.frames[:, 2:]                       # flen, npages
             consistent &= (finfo[pos, 0] == self.flen_a[first]) & (finfo[pos, 1] >= max_end)
-        sizes = np.array([self.files[int(sg)].st_size if int(sg) in self.files else 0
-                          for sg in (ukeys >> 40)], np.int64)
-        in_bad = np.isin(ukeys >> 40, np.array(sorted(self.bad_segments), dtype=np.int64))
-        truncated = consistent & ~in_bad & ((ukeys & ((1 << 40) - 1)) + self.flen_a[first] > sizes)
+        useg, uoff = key_parts(ukeys)
+        sizes = np.array([self.files[sg].st_size if sg in self.files else 0 for sg in useg.tolist()], np.int64)
+        in_bad = np.isin(useg, np.array(sorted(self.bad_segments), dtype=np.int64))
+        truncated = consistent & ~in_bad & (uoff + self.flen_a[first] > sizes)
         for k in ukeys[~consistent & ~in_bad].tolist():
-            self.problem("frame", f"frame {self.store.segment_path(k >> 40)}@{k & ((1 << 40) - 1)} is "
-                         "referenced but missing or inconsistent in the frame index", **self.affected(k))
+            self.problem("frame", f"frame {self.frame_name(k)} is referenced but missing or inconsistent "
+                         "in the frame index", **self.affected(k))
         for k, fl, size in zip(ukeys[truncated].tolist(), self.flen_a[first][truncated].tolist(),
                                sizes[truncated].tolist()):
-            self.problem("frame", f"frame {self.store.segment_path(k >> 40)}@{k & ((1 << 40) - 1)} lies "
-                         f"beyond the end of the segment ({size} bytes): truncated", **self.affected(k))
+            self.problem("frame", f"frame {self.frame_name(k)} lies beyond the end of the segment "
+                         f"({size} bytes): truncated", **self.affected(k))
         self.readable = consistent & ~in_bad & ~truncated
 
     def frame_data(self) -> None:
         """Read every referenced frame and check its CRC and decode."""
         todo = self.ukeys[self.readable]
         todo_flen = self.flen_a[self.first][self.readable]
-        fds: dict[int, int] = {}
-        try:
-            for k, fl in zip(todo.tolist(), todo_flen.tolist()):
-                seg, off = k >> 40, k & ((1 << 40) - 1)
-                fd = fds.get(seg)
-                if fd is None:
-                    fd = fds[seg] = os.open(self.store.segment_path(seg), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    decode_frame(os.pread(fd, fl, off), seg)
-                except FrameError as exc:
-                    self.problem("frame", f"frame {self.store.segment_path(seg)}@{off}: {exc.reason}",
-                                 **self.affected(k))
-                self.verified += 1
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+        for k, fl in zip(todo.tolist(), todo_flen.tolist()):
+            seg, off = key_parts(k)
+            try:
+                decode_frame(self.store.segments.pread(seg, off, fl), seg)
+            except (FrameError, StoreCorrupt) as exc:
+                self.problem("frame", f"frame {self.frame_name(k)}: {getattr(exc, 'reason', exc)}",
+                             **self.affected(k))
+            self.verified += 1
+
+    def frame_name(self, key: int) -> str:
+        """A frame as messages name it: SEGMENT_PATH@OFFSET."""
+        seg, off = key_parts(key)
+        return f"{self.store.segments.path(seg)}@{off}"
 
     def garbage(self) -> dict[str, Any]:
         """What gc would reclaim. (A removed parent is not garbage: a child's maps point

@@ -16,6 +16,7 @@ from snapfs.errors import SnapshotNotFound, StoreCorrupt
 from snapfs.store import _integrity, _runs
 from snapfs.store._format import STORE_PAGE, FrameError, decode_frame, decompress_blob
 from snapfs.store.model import DATA, RegionInfo, SnapshotInfo
+from snapfs.store.segments import frame_keys
 
 # Up to this many runs, a range read loops over them in Python; more: vectorised over pages.
 _FEW_RUNS = 8
@@ -68,7 +69,7 @@ class SnapshotReader:
         if data is not None:
             return data
         try:
-            raw = self._store.read_segment(seg, off, flen)
+            raw = self._store.segments.pread(seg, off, flen)
         except StoreCorrupt:
             self._check_not_removed()
             raise
@@ -78,7 +79,7 @@ class SnapshotReader:
             self._check_not_removed()       # gc may have reclaimed a removed snapshot's frames
             region = self.regions[region_index]
             raise StoreCorrupt(
-                f"damaged frame in {self._store.segment_path(seg)} at offset {off} ({exc.reason}): "
+                f"damaged frame in {self._store.segments.path(seg)} at offset {off} ({exc.reason}): "
                 f"snapshot {self.info.name!r} region {region.name!r} cannot be read there; "
                 "run `snapfs check --verify-data`") from None
         self._store.frame_cache.put((seg, off), data)
@@ -163,7 +164,7 @@ class SnapshotReader:
             if len(pages) == 0:
                 return
         slot = data["slot"][k].astype(np.int64) + (pages - run_first[k])
-        frame_key = ((data["seg"].astype(np.int64) << 32) | data["off"].astype(np.int64))[k]
+        frame_key = frame_keys(data["seg"], data["off"])[k]
         # Python loops once per frame (32 pages), never per page or run: zero pages between
         # data pages cut a frame's pages into many short runs. Whether a frame's slots are
         # consecutive and its rows evenly spaced (then slices copy, without index arrays) is

@@ -1,6 +1,7 @@
 """The Store: opening/creating a store directory, the catalog connections, list/info/remove.
 
-Writing lives in writer.py, reading in reader.py, gc/check in maintenance.py.
+Writing lives in writer.py, reading in reader.py, gc/check in maintenance.py, segment files
+in segments.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from snapfs.store import _integrity, _runs
 from snapfs.store._format import STORE_PAGE, FrameError, decompress_blob
 from snapfs.store._fsutil import disk_full_error, fsync_dir, is_disk_full, write_atomic
 from snapfs.store.model import SnapshotInfo
+from snapfs.store.segments import SegmentFiles
 
 FORMAT_NAME = "snapfs-store"
 FORMAT_VERSION = 2         # 2: catalog rows carry checksums (_integrity.py); 1 is upgraded on write
@@ -33,7 +35,6 @@ READABLE_VERSIONS = (1, 2)
 DEFAULT_LEVEL = 1          # zstd level: level 1 keeps compression off the capture's critical path
 CATALOG = "catalog.sqlite"
 POOL_IDLE = 8              # idle catalog connections kept open
-OPEN_SEGMENTS = 64         # segment fds kept open for readers (LRU)
 _SCHEMA = (Path(__file__).with_name("schema.sql")).read_text()
 _OUR_ENTRIES = {"README", "config.json", CATALOG, CATALOG + "-wal",
                 CATALOG + "-shm", CATALOG + "-journal", "segments", "locks"}
@@ -155,14 +156,13 @@ class Store:
         self.path = path
         self.config = config
         self.level: int = int(config.get("compression_level", DEFAULT_LEVEL))
-        self.segments_dir = path / "segments"
+        self.segments = SegmentFiles(path / "segments")
         self.locks_dir = path / "locks"
         self._catalog_uri = (path / CATALOG).absolute().as_uri() + "?mode=rw"
         self.checksums = True          # catalog rows carry checksums (format 2): set by open()
         self._upgrade_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []      # pooled catalog connections
         self._lock = threading.Lock()
-        self._seg_fds: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # seg -> [fd, users]
         self.frame_cache = FrameCache()
         self._closed = False
 
@@ -352,54 +352,6 @@ class Store:
             return conn.execute(sql, params).fetchall()
 
     # ----------------------------------------------------------------- files
-    def segment_path(self, seg: int) -> Path:
-        """Path of segment ``seg``."""
-        return self.segments_dir / f"{seg:010d}.seg"
-
-    def read_segment(self, seg: int, offset: int, length: int) -> bytes:
-        """pread from segment ``seg`` through a bounded cache of open fds.
-
-        StoreCorrupt if the segment file is missing. An fd is only closed (LRU eviction, or
-        gc deleting the segment) when no read is using it, so fd numbers are never reused
-        under a running pread.
-        """
-        with self._lock:
-            entry = self._seg_fds.get(seg)
-            if entry is None:
-                try:
-                    fd = os.open(self.segment_path(seg), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    raise StoreCorrupt(f"segment {self.segment_path(seg)} is missing: "
-                                       "run `snapfs check` to see which snapshots are affected") from None
-                entry = self._seg_fds[seg] = [fd, 0]
-                self._evict_fds()
-            self._seg_fds.move_to_end(seg)
-            entry[1] += 1
-        try:
-            return os.pread(entry[0], length, offset)
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if entry[1] == 0 and self._seg_fds.get(seg) is not entry:
-                    os.close(entry[0])          # evicted or forgotten while we read
-
-    def _evict_fds(self) -> None:
-        """Close least recently used idle fds beyond OPEN_SEGMENTS (call with _lock held)."""
-        for seg in list(self._seg_fds):
-            if len(self._seg_fds) <= OPEN_SEGMENTS:
-                break
-            entry = self._seg_fds[seg]
-            if entry[1] == 0:
-                del self._seg_fds[seg]
-                os.close(entry[0])
-
-    def forget_segment_fd(self, seg: int) -> None:
-        """Close our fd of a segment gc deleted (once no read uses it)."""
-        with self._lock:
-            entry = self._seg_fds.pop(seg, None)
-            if entry is not None and entry[1] == 0:
-                os.close(entry[0])
-
     def new_lock(self) -> tuple[str, int]:
         """Create and flock a fresh writer lock file; returns (file name, fd).
 
@@ -678,12 +630,10 @@ class Store:
         self._closed = True
         with self._lock:
             conns, self._idle = self._idle, []
-            fds, self._seg_fds = self._seg_fds, collections.OrderedDict()
         for conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-        for fd, _ in fds.values():
-            os.close(fd)
+        self.segments.close()
         self.frame_cache.clear()
 
     def __enter__(self) -> "Store":

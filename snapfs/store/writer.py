@@ -27,13 +27,11 @@ import numpy as np
 from snapfs.errors import StoreCorrupt, StoreError
 from snapfs.store import _integrity, _runs
 from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, STORE_PAGE, SEGMENT_MAX_BYTES, FrameError,
-                                  compress_blob, compress_payload, decompress_blob, frame_header,
-                                  segment_header)
-from snapfs.store._appender import Appender
-from snapfs.store._fsutil import (PREALLOC_STEP, Writeback, disk_full_error, fsync_dir, is_disk_full,
-                                  preallocate)
+                                  compress_blob, compress_payload, decompress_blob, frame_header)
+from snapfs.store._fsutil import PREALLOC_STEP, disk_full_error, is_disk_full
 from snapfs.store._pagehash import ALGO, page_hash_list, page_hashes
 from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInfo
+from snapfs.store.segments import NewSegment, frame_keys
 
 BATCH_FRAMES = 32             # frames compressed, reserved and written together (4 MiB raw)
 HASH_CHUNK = 1 << 20          # pages per stored hash chunk (8 MiB of hashes)
@@ -71,15 +69,6 @@ class PageGivenTwice(RuntimeError):
     is not a SnapfsError so that it is reported loudly (with its traceback)."""
 
 
-@dataclass
-class _Segment:
-    id: int
-    fd: int
-    size: int
-    app: Appender
-    prealloc: int = 0          # blocks reserved (KEEP_SIZE) up to here; commit trims the rest
-
-
 class SnapshotWriter:
     """Writes one snapshot; see docs/architecture.md for the contract.
 
@@ -109,16 +98,15 @@ class SnapshotWriter:
         # One open segment per lane; a thread writes through a lane it holds alone. Two
         # threads appending to one file serialise on the inode lock (ext4 holds it for the
         # whole buffered copy) and the waiter spins on it: ~5% of a capture's CPU.
-        self._lanes: list[_Segment | None] = [None] * WRITE_LANES
+        self._lanes: list[NewSegment | None] = [None] * WRITE_LANES
         self._free_lanes = list(range(WRITE_LANES))
         self._lane_cond = threading.Condition(self._lock)
-        self._segments: list[_Segment] = []
+        self._segments = store.segments.writing()
         self._frames: list[tuple[int, int, int, int]] = []          # seg, off, flen, npages
         self._blobs: dict[str, bytes] = {}
         self._warnings: list[str] = []
         self._failed: BaseException | None = None
         self._done = False
-        self._writeback = Writeback()
         # idx -> (runs, ends, starts): ends/starts as contiguous int64 for fast searches
         self._parent_maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._parent_hashes: dict[tuple[int, int], np.ndarray] = {}
@@ -381,7 +369,7 @@ class SnapshotWriter:
                 iov: list[bytes | memoryview] = []
                 for codec, payload, pcrc in comp:
                     iov += (frame_header(codec, len(payload), pcrc, FRAME_PAGES, seg.id), payload)
-                seg.app.append(off, iov)
+                seg.append(off, iov)
         except (OSError, StoreError) as exc:
             self._fail(exc)
             raise self._failed from None
@@ -420,7 +408,7 @@ class SnapshotWriter:
                 self._free_lanes.append(lane)
                 self._lane_cond.notify()
 
-    def _reserve(self, lane: int, nbytes: int) -> tuple[_Segment, int]:
+    def _reserve(self, lane: int, nbytes: int) -> tuple[NewSegment, int]:
         """Reserve ``nbytes`` at the end of ``lane``'s segment (rotating it when full).
 
         Blocks are preallocated PREALLOC_STEP ahead of the end: appends then skip the
@@ -438,9 +426,9 @@ class SnapshotWriter:
             if seg.size > seg.prealloc:
                 grow_to = seg.prealloc = seg.size + PREALLOC_STEP
         if full is not None:
-            full.app.finish()              # this lane's thread was its only appender
+            full.finish()                  # this lane's thread was its only appender
         if grow_to:
-            preallocate(seg.fd, off, grow_to - off)
+            seg.preallocate(off, grow_to - off)
         return seg, off
 
     def _pool(self, raw: bytes | memoryview, regs: list[int], pages: list[int]) -> None:
@@ -472,7 +460,7 @@ class SnapshotWriter:
             with self._lane() as lane:
                 seg, off = self._reserve(lane, flen)
                 header = frame_header(codec, len(payload), pcrc, npages, seg.id)
-                seg.app.append(off, [header, payload])
+                seg.append(off, [header, payload])
         except (OSError, StoreError) as exc:
             self._fail(exc)
             raise self._failed from None
@@ -515,24 +503,14 @@ class SnapshotWriter:
         else:
             self._failed = StoreError(f"writing to store {self._store.path} failed: {exc}")
         if is_disk_full(exc) or "out of disk space" in str(self._failed):
-            for seg in list(self._segments):
-                try:
-                    os.ftruncate(seg.fd, 0)
-                except OSError:
-                    pass
+            self._segments.give_back_space()
 
-    def _new_segment(self) -> "_Segment":
+    def _new_segment(self) -> NewSegment:
         """Open a new segment file (call with _lock held); registered before it exists."""
         with self._store.transaction() as conn:
             cur = conn.execute("INSERT INTO segments(writer_id, state) VALUES (?, 'pending')", (self.id,))
             seg_id = int(cur.lastrowid)
-        fd = os.open(self._store.segment_path(seg_id),
-                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        header = segment_header(seg_id)
-        seg = _Segment(seg_id, fd, len(header), Appender(fd, self._writeback))
-        self._segments.append(seg)
-        seg.app.append(0, [header])
-        return seg
+        return self._segments.create(seg_id)
 
     def inherit(self, idx: int, first_page: int, npages: int) -> None:
         """Pages unchanged since the parent: refer to the parent's entries without reading them."""
@@ -659,16 +637,7 @@ class SnapshotWriter:
         if tail is not None:
             self._write_frame(*tail)
         try:
-            for seg in self._segments:
-                seg.app.finish()
-            error = self._writeback.close()
-            if error is not None:
-                raise error
-            for seg in self._segments:
-                os.ftruncate(seg.fd, seg.size)      # gives back preallocated blocks past the end
-                os.fsync(seg.fd)
-            if self._segments:
-                fsync_dir(self._store.segments_dir)
+            self._segments.seal()
         except OSError as exc:
             raise (disk_full_error(self._store.path, exc) if is_disk_full(exc) else
                    StoreError(f"syncing store {self._store.path} failed: {exc}")) from None
@@ -681,11 +650,10 @@ class SnapshotWriter:
         data_pages = int(n[all_runs["kind"] == DATA].sum())
         zero_pages = int(n[all_runs["kind"] == ZERO].sum())
         d = all_runs[all_runs["kind"] == DATA]
-        # Frames are identified by (segment, offset); segments < 2^24 and offsets < 2^40.
-        keys, first = np.unique((d["seg"].astype(np.uint64) << np.uint64(40)) | d["off"], return_index=True)
+        keys, first = np.unique(frame_keys(d["seg"], d["off"]), return_index=True)
         flens = d["flen"][first].astype(np.int64)
         frames = np.array(self._frames, dtype=np.int64).reshape(-1, 4)
-        own_keys = (frames[:, 0].astype(np.uint64) << np.uint64(40)) | frames[:, 1].astype(np.uint64)
+        own_keys = frame_keys(frames[:, 0], frames[:, 1])
         is_own = np.isin(keys, own_keys)
         stored = int(flens[is_own].sum())
         shared = int(flens[~is_own].sum())
@@ -731,7 +699,7 @@ class SnapshotWriter:
             conn.executemany("INSERT INTO frames(seg, off, flen, npages, owner) VALUES (?,?,?,?,?)",
                              [(s, o, fl, np_, self.id) for s, o, fl, np_ in self._frames])
             conn.executemany("UPDATE segments SET state='sealed', size=? WHERE id=?",
-                             [(seg.size, seg.id) for seg in self._segments])
+                             [(seg.size, seg.id) for seg in self._segments.created])
             for table, rows in (("regions", region_rows), ("hashes", hash_rows), ("blobs", blob_rows)):
                 if rows:
                     conn.executemany(f"INSERT INTO {table}({', '.join(rows[0])}) "
@@ -755,12 +723,7 @@ class SnapshotWriter:
         if self._done:
             return
         self._done = True
-        self._writeback.close()
-        for seg in self._segments:
-            try:
-                os.unlink(self._store.segment_path(seg.id))
-            except OSError:
-                pass
+        self._segments.discard()
         try:
             with self._store.transaction() as conn:
                 conn.execute("DELETE FROM snapshots WHERE id=? AND state='pending'", (self.id,))
@@ -771,14 +734,7 @@ class SnapshotWriter:
         self._release()
 
     def _release(self) -> None:
-        self._writeback.close()                 # its thread must not outlive the fds
-        for seg in self._segments:
-            seg.app.close()                     # nor may the segments' I/O threads
-            try:
-                os.close(seg.fd)
-            except OSError:
-                pass
-        self._segments = []
+        self._segments.close()
         if self._lock_fd >= 0:
             try:
                 os.unlink(self._store.locks_dir / self._lock_name)
