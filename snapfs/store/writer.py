@@ -283,27 +283,26 @@ class SnapshotWriter:
         if n <= SMALL_PUT:
             self._put_small(idx, reg, first_page, view, n, mask)
             return
-        words = np.frombuffer(view, "<u8").reshape(n, STORE_PAGE // 8)
-        sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
-        if sel.shape != (n,):
-            raise ValueError(f"put_pages: mask has shape {sel.shape}, expected ({n},)")
-        self._hand_over(reg, np.flatnonzero(sel) + first_page)
-        nonzero = np.bitwise_or.reduce(words, axis=1) != 0     # ~1.6x faster than any()
-        zero_idx = np.flatnonzero(sel & ~nonzero)
-        data_idx = np.flatnonzero(sel & nonzero)
-        hashes = page_hashes(view, data_idx)
-        pages = data_idx.astype(np.uint64) + np.uint64(first_page)
-        self._set_hashes(reg, pages, hashes)
-        parts = [_runs.make_runs(zero_idx.astype(np.uint64) + np.uint64(first_page), ZERO)]
-        if reg.parent_idx is not None and len(data_idx):
-            same = self._parent_hash(reg.parent_idx, pages) == hashes
-            if same.any():
-                parts.append(self._parent_locate(reg.parent_idx, pages[same]))
-                data_idx = data_idx[~same]
-        with self._lock:
-            reg.parts.extend(p for p in parts if len(p))
-            self._compact(reg)
-        self._store_pages(idx, first_page, view, words, data_idx)
+        self._put(idx, reg, np.arange(first_page, first_page + n, dtype=np.int64), view, mask, "put_pages")
+
+    def put_scattered(self, idx: int, pages: Any, data: Any, mask: Any = None) -> None:
+        """Store pages ``pages`` (ascending page numbers of region ``idx``) from ``data``
+        (``len(pages)`` * 4096 bytes, in that order); with ``mask`` only True pages are stored.
+        Same semantics as ``put_pages`` (zero pages as index entries, pages equal to the
+        parent's same page refer to its frame), in one pass whatever the number of pages:
+        a tracked child's few thousand scattered changed pages are one call, not thousands."""
+        pages = np.asarray(pages, dtype=np.int64)
+        view = memoryview(data).cast("B")
+        n = len(pages)
+        if len(view) != n * STORE_PAGE:
+            raise ValueError(f"put_scattered: {len(view)} bytes for {n} pages")
+        if n == 0:
+            return
+        reg = self._region(idx, int(pages[0]), 0)
+        if int(pages[-1]) >= reg.npages or (n > 1 and (np.diff(pages) <= 0).any()):
+            raise ValueError(f"region {reg.spec.name!r}: pages must be ascending, unique and inside "
+                             f"0..{reg.npages}")
+        self._put(idx, reg, pages, view, mask, "put_scattered")
 
     def _put_small(self, idx: int, reg: _Region, first_page: int, view: memoryview, n: int,
                    mask: Any) -> None:
@@ -336,24 +335,54 @@ class SnapshotWriter:
         raw = view if len(data) == n else b"".join(view[i * STORE_PAGE:(i + 1) * STORE_PAGE] for i in data)
         self._pool(raw, [idx] * len(data), [first_page + i for i in data])
 
-    def _store_pages(self, idx: int, first_page: int, view: memoryview, words: np.ndarray,
-                     data_idx: np.ndarray) -> None:
+    def _put(self, idx: int, reg: _Region, pages: np.ndarray, view: memoryview, mask: Any,
+             caller: str) -> None:
+        """The pipeline of every put but the smallest: ``view`` holds pages ``pages`` (int64,
+        ascending, unique, inside the region) in that order; with ``mask`` only True ones are
+        stored. Whole-put numpy passes: hand over, zero pages to index entries, hashes, pages
+        equal to the parent's to references, then the rest to frames."""
+        n = len(pages)
+        sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+        if sel.shape != (n,):
+            raise ValueError(f"{caller}: mask has shape {sel.shape}, expected ({n},)")
+        self._hand_over(reg, pages[sel])
+        words = np.frombuffer(view, "<u8").reshape(n, STORE_PAGE // 8)
+        nonzero = np.bitwise_or.reduce(words, axis=1) != 0     # ~1.6x faster than any()
+        zero_idx = np.flatnonzero(sel & ~nonzero)
+        data_idx = np.flatnonzero(sel & nonzero)
+        hashes = page_hashes(view, data_idx)
+        data_pages = pages[data_idx].astype(np.uint64)
+        self._set_hashes(reg, data_pages, hashes)
+        parts = [_runs.make_runs(pages[zero_idx].astype(np.uint64), ZERO)]
+        if reg.parent_idx is not None and len(data_idx):
+            same = self._parent_hash(reg.parent_idx, data_pages) == hashes
+            if same.any():
+                parts.append(self._parent_locate(reg.parent_idx, data_pages[same]))
+                data_idx, data_pages = data_idx[~same], data_pages[~same]
+        with self._lock:
+            reg.parts.extend(p for p in parts if len(p))
+            self._compact(reg)
+        self._store_pages(idx, view, words, data_idx, data_pages)
+
+    def _store_pages(self, idx: int, view: memoryview, words: np.ndarray, data_idx: np.ndarray,
+                     pages: np.ndarray) -> None:
+        """Write the pages at rows ``data_idx`` of ``view`` (region ``idx`` pages ``pages``):
+        whole frames straight to a segment, the remainder into the small-put pool."""
         k = len(data_idx)
         full = k - k % FRAME_PAGES
         if full:
             lo = int(data_idx[0])
             if int(data_idx[full - 1]) - lo == full - 1:
-                src = view[lo * STORE_PAGE:(lo + full) * STORE_PAGE]                   # contiguous: no copy
+                src = view[lo * STORE_PAGE:(lo + full) * STORE_PAGE]       # contiguous: no copy
             else:                                                       # one gather for the put
                 src = memoryview(np.take(words, data_idx[:full], axis=0)).cast("B")
-            pages = data_idx[:full].astype(np.uint64) + np.uint64(first_page)
             step = BATCH_FRAMES * FRAME_PAGES
             for b in range(0, full, step):
-                self._write_frames(idx, src[b * STORE_PAGE:(b + step) * STORE_PAGE], pages[b:b + step])
-        rest = data_idx[full:]
-        if not len(rest):
-            return
-        self._pool(words[rest].tobytes(), [idx] * len(rest), (rest + first_page).tolist())
+                end = min(b + step, full)
+                self._write_frames(idx, src[b * STORE_PAGE:end * STORE_PAGE], pages[b:end])
+        if k > full:      # the remainder joins the small-put pool (frames shared across puts)
+            rest = data_idx[full:]
+            self._pool(words[rest].tobytes(), [idx] * len(rest), pages[full:].tolist())
 
     def _write_frames(self, idx: int, raw: memoryview, pages: np.ndarray) -> None:
         """Write whole frames of region ``idx`` pages (``raw``, in page order) back to back."""
@@ -546,55 +575,6 @@ class SnapshotWriter:
         with self._lock:
             reg.parts.append(part)
             self._compact(reg)
-
-    def put_scattered(self, idx: int, pages: Any, data: Any, mask: Any = None) -> None:
-        """Store pages ``pages`` (ascending page numbers of region ``idx``) from ``data``
-        (``len(pages)`` * 4096 bytes, in that order); with ``mask`` only True pages are stored.
-        Same semantics as ``put_pages`` (zero pages as index entries, pages equal to the
-        parent's same page refer to its frame), in one pass whatever the number of pages:
-        a tracked child's few thousand scattered changed pages are one call, not thousands."""
-        pages = np.asarray(pages, dtype=np.int64)
-        view = memoryview(data).cast("B")
-        n = len(pages)
-        if len(view) != n * STORE_PAGE:
-            raise ValueError(f"put_scattered: {len(view)} bytes for {n} pages")
-        if n == 0:
-            return
-        reg = self._region(idx, int(pages[0]), 0)
-        if int(pages[-1]) >= reg.npages or (n > 1 and (np.diff(pages) <= 0).any()):
-            raise ValueError(f"region {reg.spec.name!r}: pages must be ascending, unique and inside "
-                             f"0..{reg.npages}")
-        words = np.frombuffer(view, "<u8").reshape(n, STORE_PAGE // 8)
-        sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
-        if sel.shape != (n,):
-            raise ValueError(f"put_scattered: mask has shape {sel.shape}, expected ({n},)")
-        self._hand_over(reg, pages[sel])
-        nonzero = np.bitwise_or.reduce(words, axis=1) != 0
-        zero_idx = np.flatnonzero(sel & ~nonzero)
-        data_idx = np.flatnonzero(sel & nonzero)
-        hashes = page_hashes(view, data_idx)
-        data_pages = pages[data_idx].astype(np.uint64)
-        self._set_hashes(reg, data_pages, hashes)
-        parts = [_runs.make_runs(pages[zero_idx].astype(np.uint64), ZERO)]
-        if reg.parent_idx is not None and len(data_idx):
-            same = self._parent_hash(reg.parent_idx, data_pages) == hashes
-            if same.any():
-                parts.append(self._parent_locate(reg.parent_idx, data_pages[same]))
-                data_idx, data_pages = data_idx[~same], data_pages[~same]
-        with self._lock:
-            reg.parts.extend(p for p in parts if len(p))
-            self._compact(reg)
-        k = len(data_idx)
-        full = k - k % FRAME_PAGES
-        if full:  # whole frames: one gather, written directly
-            src = memoryview(np.take(words, data_idx[:full], axis=0)).cast("B")
-            step = BATCH_FRAMES * FRAME_PAGES
-            for b in range(0, full, step):
-                end = min(b + step, full)
-                self._write_frames(idx, src[b * STORE_PAGE:end * STORE_PAGE], data_pages[b:end])
-        if k > full:  # the remainder joins the small-put pool (shared frames)
-            rest = data_idx[full:]
-            self._pool(words[rest].tobytes(), [idx] * len(rest), data_pages[full:].tolist())
 
     def mark_lost(self, idx: int, first_page: int, npages: int, reason: str) -> None:
         """Record pages that could not be captured (they read as holes); becomes a warning."""
