@@ -612,45 +612,68 @@ class SnapshotWriter:
             raise
 
     def _commit(self, meta_updates: dict[str, Any]) -> SnapshotInfo:
+        """commit's steps, in order: nothing is published before every byte is durable, and
+        everything is encoded before the catalog transaction (it blocks other writers')."""
+        self._write_pool_tail()
+        self._seal_segments()
+        maps = self._page_maps()
+        all_runs = np.concatenate(maps) if maps else _runs.EMPTY
+        info, created = self._info(all_runs, meta_updates)
+        rows = self._catalog_rows(maps)
+        ref_segs = np.unique(all_runs["seg"][all_runs["kind"] == DATA]).tolist()
+        self._publish(rows, info, created, ref_segs)
+        self._done = True
+        self._release()
+        return self._store.info(self.name)
+
+    def _write_pool_tail(self) -> None:
+        """The small-put pool's last pages become one (short) frame."""
         with self._buf_lock:
             tail = self._take_buffer(len(self._buf_pages)) if self._buf_pages else None
         if tail is not None:
             self._write_frame(*tail)
+
+    def _seal_segments(self) -> None:
         try:
             self._segments.seal()
         except OSError as exc:
             raise (disk_full_error(self._store.path, exc) if is_disk_full(exc) else
                    StoreError(f"syncing store {self._store.path} failed: {exc}")) from None
 
-        maps = [_runs.finish(reg.merged + reg.parts +
+    def _page_maps(self) -> list[np.ndarray]:
+        """Each region's final page map: its run pieces merged and sorted."""
+        return [_runs.finish(reg.merged + reg.parts +
                              [_runs.make_runs(np.array(reg.zero_pending, np.uint64), ZERO)])
                 for reg in self._regions]
-        all_runs = np.concatenate(maps) if maps else _runs.EMPTY
+
+    def _info(self, all_runs: np.ndarray,
+              meta_updates: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+        """The snapshot row's info (sizes, warnings, the caller's metadata) from the runs of
+        every region, and its creation time if the caller gave one (the capture's freeze time)."""
         n = all_runs["n"].astype(np.int64)
         data_pages = int(n[all_runs["kind"] == DATA].sum())
         zero_pages = int(n[all_runs["kind"] == ZERO].sum())
+        # The frames the snapshot references: stored (written by this writer) or shared.
         d = all_runs[all_runs["kind"] == DATA]
         keys, first = np.unique(frame_keys(d["seg"], d["off"]), return_index=True)
         flens = d["flen"][first].astype(np.int64)
         frames = np.array(self._frames, dtype=np.int64).reshape(-1, 4)
-        own_keys = frame_keys(frames[:, 0], frames[:, 1])
-        is_own = np.isin(keys, own_keys)
-        stored = int(flens[is_own].sum())
-        shared = int(flens[~is_own].sum())
-        ref_segs = np.unique(d["seg"]).tolist()
+        is_own = np.isin(keys, frame_keys(frames[:, 0], frames[:, 1]))
         merged = {**self._meta, **meta_updates}
         warnings = self._warnings + list(merged.pop("warnings", []))
-        created = merged.pop("created", None)       # the capture's own freeze time, if given
+        created = merged.pop("created", None)
         info = {k: merged.pop(k) for k in _INFO_KEYS if k in merged}
         info.setdefault("kind", "process")
         info.setdefault("duration_s", time.time() - self._started)
-        info.update(resident_bytes=(data_pages + zero_pages) * STORE_PAGE, zero_bytes=zero_pages * STORE_PAGE,
-                    stored_bytes=stored, shared_bytes=shared, warnings=warnings,
-                    meta=merged, region_count=len(self._regions))
+        info.update(resident_bytes=(data_pages + zero_pages) * STORE_PAGE,
+                    zero_bytes=zero_pages * STORE_PAGE, stored_bytes=int(flens[is_own].sum()),
+                    shared_bytes=int(flens[~is_own].sum()), warnings=warnings, meta=merged,
+                    region_count=len(self._regions))
         info.setdefault("faults", 0)
+        return info, created
 
-        # Encode (and checksum, see _integrity.py) everything before the transaction: it
-        # blocks other writers' commits.
+    def _catalog_rows(self, maps: list[np.ndarray]) -> dict[str, list[dict[str, Any]]]:
+        """The region, hash and blob rows, encoded and checksummed (see _integrity.py)."""
         region_rows, hash_rows, blob_rows = [], [], []
         for i, (reg, runs) in enumerate(zip(self._regions, maps)):
             spec = reg.spec
@@ -674,16 +697,21 @@ class SnapshotWriter:
             row = {"snapshot_id": self.id, "name": name, "size": len(raw)}
             blob_rows.append({**row, "data": compress_blob(raw), "crc": _integrity.keyed_blob_crc(
                 "blobs", row, _integrity.BLOB_FIELDS, raw)})
+        return {"regions": region_rows, "hashes": hash_rows, "blobs": blob_rows}
 
+    def _publish(self, rows: dict[str, list[dict[str, Any]]], info: dict[str, Any],
+                 created: float | None, ref_segs: list[int]) -> None:
+        """One catalog transaction: the frames and sealed segments, the rows, the segment
+        references, then the snapshot row flips from pending to committed."""
         with self._store.transaction() as conn:
             conn.executemany("INSERT INTO frames(seg, off, flen, npages, owner) VALUES (?,?,?,?,?)",
                              [(s, o, fl, np_, self.id) for s, o, fl, np_ in self._frames])
             conn.executemany("UPDATE segments SET state='sealed', size=? WHERE id=?",
                              [(seg.size, seg.id) for seg in self._segments.created])
-            for table, rows in (("regions", region_rows), ("hashes", hash_rows), ("blobs", blob_rows)):
-                if rows:
-                    conn.executemany(f"INSERT INTO {table}({', '.join(rows[0])}) "
-                                     f"VALUES ({', '.join(':' + k for k in rows[0])})", rows)
+            for table, table_rows in rows.items():
+                if table_rows:
+                    conn.executemany(f"INSERT INTO {table}({', '.join(table_rows[0])}) "
+                                     f"VALUES ({', '.join(':' + k for k in table_rows[0])})", table_rows)
             conn.execute("DELETE FROM seg_refs WHERE snapshot_id=?", (self.id,))
             conn.executemany("INSERT INTO seg_refs VALUES (?,?)", [(self.id, s) for s in ref_segs])
             cur = conn.execute("UPDATE snapshots SET state='committed', lock=NULL, info=?, "
@@ -694,9 +722,6 @@ class SnapshotWriter:
                                  "nothing published")
             _integrity.seal_snapshot(conn, self.id)
             conn.execute("UPDATE counters SET value=value+1 WHERE name='generation'")
-        self._done = True
-        self._release()
-        return self._store.info(self.name)
 
     def abort(self) -> None:
         """Discard everything written: nothing becomes visible; files are deleted now or by gc."""
