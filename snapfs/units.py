@@ -53,3 +53,8 @@ def format_rate(bytes_per_s: float) -> str:
 def format_count(n: int) -> str:
     """Thousands separated by a thin space, as in ``1 873``."""
     return f"{n:,}".replace(",", " ")
+
+
+def count_of(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 snapshot``, ``2 snapshots``, ``1 873 write faults`` (``plural`` when not noun + s)."""
+    return f"{format_count(n)} {noun if n == 1 else plural or noun + 's'}"

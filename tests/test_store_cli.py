@@ -67,7 +67,7 @@ def test_rm_gc_check(populated, snapfs_env):
     info = json.loads(run(snapfs_env, "info", "child", "--json").stdout)
     assert info["parent"] is None and info["removed_parents"] == ["base"]
     p = run(snapfs_env, "check", "--verify-data")
-    assert p.returncode == 0 and p.stdout.strip().endswith("OK")
+    assert p.returncode == 0 and p.stdout.strip().endswith("OK") and ": 1 snapshot, " in p.stdout
     p = run(snapfs_env, "gc", "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["bytes_reclaimed"] == 0
     # An abandoned capture: gc removes it and says so.
@@ -78,10 +78,23 @@ def test_rm_gc_check(populated, snapfs_env):
         w.put_pages(0, 0, os.urandom(64 * 4096))
         w._release()           # simulate death: the lock is gone, the rows and segment remain
     p = run(snapfs_env, "check")
-    assert p.returncode == 0 and "reclaimable by `snapfs gc`: 1 unfinished snapshots" in p.stdout
+    assert p.returncode == 0 and "reclaimable by `snapfs gc`: 1 unfinished snapshot\n" in p.stdout
     p = run(snapfs_env, "gc")
-    assert p.returncode == 0 and "1 unfinished snapshots removed" in p.stdout
+    assert p.returncode == 0 and "1 unfinished snapshot removed" in p.stdout
     assert "reclaimed 0 B" not in p.stdout
+
+
+@pytest.mark.parametrize("command", ["list", "info", "rm", "gc", "check"])
+def test_every_store_command_describes_itself(store_dir, snapfs_env, command):
+    """`snapfs CMD --help` says what the command does, not only its usage line; `rm` says
+    what becomes of a removed snapshot's children."""
+    p = run(snapfs_env, command, "--help")
+    assert p.returncode == 0
+    usage, _, rest = p.stdout.partition("\n\n")
+    description = rest.split("\n\n")[0]
+    assert not description.startswith(("positional arguments", "options")) and len(description) > 80
+    if command == "rm":
+        assert "Children" in description and "readable" in description
 
 
 def test_check_reports_damage_with_exit_code(populated, snapfs_env):
@@ -93,7 +106,7 @@ def test_check_reports_damage_with_exit_code(populated, snapfs_env):
         f.write(b"\xff\x00\xff")
     p = run(snapfs_env, "check", "--verify-data")
     assert p.returncode == 6
-    assert "1 problems" in p.stdout and f"{path}@{off}" in p.stdout and "base:region0" in p.stdout
+    assert ": 1 problem\n" in p.stdout and f"{path}@{off}" in p.stdout and "base:region0" in p.stdout
     report = json.loads(run(snapfs_env, "check", "--verify-data", "--json").stdout)
     assert report["ok"] is False and report["problems"][0]["offset"] == off
     assert run(snapfs_env, "check").returncode == 0     # without --verify-data frames are not read

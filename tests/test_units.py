@@ -3,7 +3,7 @@
 import pytest
 
 from snapfs.errors import UsageError
-from snapfs.units import format_bytes, format_count, format_rate, parse_duration, parse_size
+from snapfs.units import count_of, format_bytes, format_count, format_rate, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(
@@ -36,3 +36,6 @@ def test_formatting():
     assert format_bytes(3.1 * (1 << 30)) == "3.1 GiB"
     assert format_rate(1.6e9) == "1.6 GB/s"
     assert format_count(1873) == "1 873"
+    assert count_of(1, "snapshot") == "1 snapshot" and count_of(0, "snapshot") == "0 snapshots"
+    assert count_of(1873, "write fault") == "1 873 write faults"
+    assert count_of(2, "copy", "copies") == "2 copies"

@@ -17,11 +17,21 @@ from snapfs.units import format_bytes
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``list`` and ``info`` commands."""
-    p = subparsers.add_parser("list", help="list snapshots in the store")
+    p = subparsers.add_parser(
+        "list", help="list snapshots in the store",
+        description="List the store's snapshots, oldest first: name, when it was taken, the target "
+        "(pid and command, or the VM), the pause, the memory it holds (RESIDENT), the bytes it "
+        "wrote to the store (STORED) and those it shares with its parent chain (SHARED), and its "
+        "parent (an incremental snapshot's; removed ancestors are named). Exit 6 if a catalog row "
+        "is damaged (see `snapfs check`).")
     add_store_argument(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_list)
-    p = subparsers.add_parser("info", help="show one snapshot in detail")
+    p = subparsers.add_parser(
+        "info", help="show one snapshot in detail",
+        description="Show one snapshot: the process (exe, command line), pause, duration, write "
+        "faults, sizes, parent, warnings recorded during the capture, and every region with its "
+        "address, permissions, kind and how much of it holds data or zero pages.")
     add_store_argument(p)
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -16,7 +16,7 @@ import sys
 
 from snapfs.commands.common import add_store_argument, store_path
 from snapfs.errors import RestoreRefused, UsageError
-from snapfs.units import format_bytes
+from snapfs.units import count_of, format_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_restore(r) -> None:
     """The human report of ``incoming --pid`` (everything with --dry-run)."""
     what = f"snapshot {r.snapshot}" if r.snapshot else "the stream"
-    print(f"{what}: {r.blocks} blocks, {r.pages_sent} pages, registers of {r.threads} threads")
+    print(f"{what}: {count_of(r.blocks, 'block')}, {count_of(r.pages_sent, 'page')}, registers of {count_of(r.threads, 'thread')}")
     if r.dry_run or r.layout:
         print(f"layout: {len(r.layout)} syscalls to inject" + "".join(f"\n  {op}" for op in r.layout))
     if r.fd_changes:
@@ -87,8 +87,8 @@ def _print_restore(r) -> None:
                    "would refuse (--force restores anyway)" if r.differences else "would restore")
         print(f"dry run, nothing written: {verdict} process {r.pid}")
         return
-    print(f"process {r.pid}: restored {r.blocks} blocks ({r.pages_written} of {r.pages_sent} pages "
-          f"differed and were written), {len(r.layout)} layout syscalls, registers of {r.threads} threads")
+    print(f"process {r.pid}: restored {count_of(r.blocks, 'block')} ({r.pages_written} of {count_of(r.pages_sent, 'page')} "
+          f"differed and were written), {count_of(len(r.layout), 'layout syscall')}, registers of {count_of(r.threads, 'thread')}")
     if r.forced:
         print("--force: restored although the process differs from the snapshot; the restored "
               "memory may disagree with the kernel and the process may misbehave where it does:"

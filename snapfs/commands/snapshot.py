@@ -13,7 +13,7 @@ import time
 
 from snapfs.commands.common import ProgressLine, add_store_argument, run_interruptible, store_path
 from snapfs.errors import TargetError, UsageError
-from snapfs.units import format_bytes, format_count, format_rate, parse_duration, parse_size
+from snapfs.units import count_of, format_bytes, format_rate, parse_duration, parse_size
 
 EXIT_INTERRUPTED = 130
 
@@ -88,7 +88,7 @@ def progress_text(p) -> str:
     eta = f"ETA {p.eta_s:.0f} s" if p.eta_s is not None else "ETA -"
     return (
         f"{format_bytes(p.done_bytes)} / {format_bytes(p.total_bytes)} · "
-        f"{format_rate(p.rate)} · {format_count(p.faults)} faults · {eta}"
+        f"{format_rate(p.rate)} · {count_of(p.faults, 'fault')} · {eta}"
     )
 
 
@@ -103,10 +103,10 @@ def summary(result) -> str:
     rate = result.resident_bytes / result.duration_s if result.duration_s > 0 else 0.0
     return (
         f"snapshot {result.name}: pid {result.pid} ({result.comm}), "
-        f"{format_bytes(result.resident_bytes)} resident in {result.region_count} regions\n"
+        f"{format_bytes(result.resident_bytes)} resident in {count_of(result.region_count, 'region')}\n"
         f"paused {result.pause_ms:.1f} ms{_attach(result)} · captured {format_bytes(result.resident_bytes)} in "
         f"{result.duration_s:.1f} s ({format_rate(rate)}) · "
-        f"{format_count(result.faults)} write faults served first · "
+        f"{count_of(result.faults, 'write fault')} served first · "
         f"stored {format_bytes(result.stored_bytes)}"
     )
 
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         if taken:  # --every: an interrupt is the normal way to stop
             print(
-                f"snapfs: stopped after {len(taken)} snapshots (last: {taken[-1]}); "
+                f"snapfs: stopped after {count_of(len(taken), 'snapshot')} (last: {taken[-1]}); "
                 "the one in progress was discarded",
                 file=sys.stderr,
             )
@@ -210,7 +210,7 @@ async def _every(args, comm: str, store, options, progress, report, taken: list[
                 if not taken:
                     raise
                 # The target ended: the series is complete, not failed.
-                print(f"snapfs: process {args.pid} ended; stopped after {len(taken)} snapshots "
+                print(f"snapfs: process {args.pid} ended; stopped after {count_of(len(taken), 'snapshot')} "
                       f"(last: {taken[-1]})", file=sys.stderr)
                 return
             taken.append(result.name)
