@@ -6,6 +6,7 @@ them and on "check" reports how many bytes differ from the state at start.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -174,3 +175,15 @@ def test_bad_stream_leaves_target_untouched(target, snapfs_env, cut):
 def test_unknown_pid_fails_before_reading(snapfs_env):
     res = run(snapfs_env, "incoming", "--pid", "999999999", stdin=b"QEVM")
     assert res.returncode == 3 and res.stderr.decode().count("\n") == 1
+    res = run(snapfs_env, "incoming", "--pid", "999999", "--dry-run", stdin=b"")
+    assert res.returncode == 3 and res.stderr.decode() == "snapfs: no process with PID 999999: check the PID (ps -p 999999)\n"
+
+
+def test_empty_stream_is_said_to_be_empty(snapfs_env):
+    """Nothing on stdin (a pipe whose writer failed at once): "empty stream", not a
+    truncation at byte 0 — for a restore and for an ingest alike."""
+    res = run(snapfs_env, "incoming", "--pid", str(os.getpid()), "--dry-run", stdin=b"")
+    assert res.returncode == 9 and res.stderr.decode().startswith("snapfs: empty stream: "), res.stderr
+    res = run(snapfs_env, "incoming", "--name", "e", stdin=b"")
+    assert res.returncode == 9 and res.stderr.decode().startswith("snapfs: empty stream: "), res.stderr
+    assert b"truncated" not in res.stderr

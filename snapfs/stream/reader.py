@@ -122,6 +122,9 @@ class _Input:
             self._fill(n)
             end = n
             if n > len(self._buf):
+                if self._base + len(self._buf) == 0:
+                    raise StreamError("empty stream: no bytes arrived where a QEMU migration stream "
+                                      "was expected (e.g. `snapfs cat NAME vmstate | ...`)")
                 raise StreamError(
                     f"stream truncated at byte {self._base + len(self._buf)} while reading {what} "
                     f"(started at byte {self.offset})"
