@@ -808,6 +808,8 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
         warnings=list(info.warnings),
         info=info,
         tracking=tracking,
+        copied_bytes=copied,
+        parent=info.parent,
     )
 
 

@@ -53,7 +53,7 @@ from snapfs.capture.ptrace import check_target
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.target_info import process_meta, shared_with_others
-from snapfs.capture.types import CaptureOptions, CaptureResult, Progress, region_spec
+from snapfs.capture.types import CaptureOptions, CaptureResult, Progress, RecentRate, region_spec
 from snapfs.capture.uffd import Uffd
 from snapfs.elfcore.state import BLOB as CORE_BLOB
 from snapfs.errors import TargetError, reported_error
@@ -343,16 +343,18 @@ class _Capture:
         raise TargetError(f"process {self.pid} exited during the capture: nothing published")
 
     async def _progress_loop(self) -> None:
-        ctx = self.ctx
+        ctx, recent = self.ctx, RecentRate()
         while True:
-            self.progress_cb(
-                Progress(ctx.done_bytes, self.total_bytes, ctx.faults, time.monotonic() - self.t0)
-            )
+            now, done = time.monotonic(), ctx.done_bytes
+            self.progress_cb(Progress(done, self.total_bytes, self.fault_path.served(), now - self.t0,
+                                      recent.add(now, done)))
             await trio.sleep(0.2)
 
     async def _store_copies(self) -> None:
         """Store what was copied during the pause (one worker-thread call for all)."""
         copies, self.prep.copies = self.prep.copies, []
+        # Saved in the pause: done from the start (before the first progress sample).
+        self.ctx.done_bytes += sum(int(c.mask.sum()) for c in copies) * PAGE
 
         def put_all() -> None:
             for c in copies:
@@ -360,7 +362,6 @@ class _Capture:
                     self.writer.put_pages(self.ctx.region_index[c.region], c.first_page, c.data, c.mask)
 
         await trio.to_thread.run_sync(put_all, limiter=self.limiter)
-        self.ctx.done_bytes += sum(int(c.mask.sum()) for c in copies) * PAGE
 
     async def _store_worker(self, work_recv, free_send) -> None:
         """Compress and write scanned chunks; return each buffer to the pool after."""

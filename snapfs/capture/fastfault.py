@@ -103,6 +103,10 @@ class NativeLoop:
         """``n`` more records are written to the store: their slots are free again."""
         self.counters[TAIL] = self.counters[TAIL] + np.uint64(n)
 
+    def unseen_faults(self) -> int:
+        """Faults the loop served since the last :meth:`new_faults`, without consuming them."""
+        return int(self.counters[FAULTS]) - self.faults_seen
+
     def new_faults(self) -> int:
         """Faults the loop served since the last call."""
         total = int(self.counters[FAULTS])

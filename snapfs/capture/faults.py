@@ -171,6 +171,12 @@ class FaultPath:
             os.close(self._stop_fd)
             self._stop_fd = -1
 
+    def served(self) -> int:
+        """Write faults served so far, the native loop's included (the progress line's; the
+        native count joins ``ctx.faults`` only once the Python fault thread is gone)."""
+        native = self.native
+        return self.ctx.faults + (native.unseen_faults() if native is not None else 0)
+
     async def _stop_on_cancel(self, done: trio.Event) -> None:
         try:
             await done.wait()

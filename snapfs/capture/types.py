@@ -8,6 +8,7 @@ without importing one another.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,19 +32,37 @@ class CaptureOptions:
 class Progress:
     """Passed to the ``progress`` callback about 5 times a second."""
 
-    done_bytes: int
+    done_bytes: int  # pages saved so far (the pause's copies, the scan's, the faults')
     total_bytes: int
-    faults: int
+    faults: int  # write faults served so far, the native loop's included
     elapsed_s: float
-
-    @property
-    def rate(self) -> float:
-        return self.done_bytes / self.elapsed_s if self.elapsed_s > 0 else 0.0
+    rate: float | None = None  # bytes/s over the last few seconds; None for the first second
 
     @property
     def eta_s(self) -> float | None:
-        r = self.rate
-        return (self.total_bytes - self.done_bytes) / r if r > 0 else None
+        """Seconds left at the recent rate (None while it is not known yet)."""
+        if not self.rate:
+            return None
+        return max(0, self.total_bytes - self.done_bytes) / self.rate
+
+
+class RecentRate:
+    """Bytes per second over the last ``window`` seconds, None until ``warmup`` seconds of
+    samples exist. An average since the start would count the pages copied in the pause
+    and the first burst of faults (a rate 3x the --rate limit at first) and keep the ETA
+    short while the copy slows down."""
+
+    def __init__(self, window: float = 3.0, warmup: float = 1.0) -> None:
+        self.window, self.warmup = window, warmup
+        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def add(self, t: float, done: int) -> float | None:
+        """Record ``done`` bytes at time ``t``; return the recent rate."""
+        self.samples.append((t, done))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        t0, d0 = self.samples[0]
+        return (done - d0) / (t - t0) if t - t0 >= self.warmup else None
 
 
 @dataclass
@@ -70,6 +89,15 @@ class CaptureResult:
     # can time its own stalls with): "attach" and "freeze" are [stop, resume], "preprotect"
     # lies between them, the background copy from the freeze's resume to "end".
     phases: dict = field(default_factory=dict)
+    # A tracked child (``--every``): the pages it read (written since its parent) and the
+    # parent it inherits the rest from; None for a capture that reads everything.
+    copied_bytes: int | None = None
+    parent: str | None = None
+
+    @property
+    def inherited_bytes(self) -> int:
+        """Resident pages taken from the parent without reading them (0 unless a child)."""
+        return 0 if self.copied_bytes is None else max(0, self.resident_bytes - self.copied_bytes)
 
     def to_json(self) -> dict:
         """The ``--json`` object."""
@@ -84,6 +112,9 @@ class CaptureResult:
             "zero_bytes": self.zero_bytes,
             "stored_bytes": self.stored_bytes,
             "faults": self.faults,
+            "copied_bytes": self.resident_bytes if self.copied_bytes is None else self.copied_bytes,
+            "inherited_bytes": self.inherited_bytes,
+            "parent": self.parent,
             "regions": self.region_count,
             "warnings": list(self.warnings),
             "huge_restored_bytes": self.huge_restored_bytes,

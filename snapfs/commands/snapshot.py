@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -84,11 +85,19 @@ def default_name(comm: str, pid: int, when: float | None = None) -> str:
 
 
 def progress_text(p) -> str:
-    """The progress line of a capture (a :class:`snapfs.capture.Progress`)."""
-    eta = f"ETA {p.eta_s:.0f} s" if p.eta_s is not None else "ETA -"
+    """The progress line of a capture (a :class:`snapfs.capture.Progress`): the rate of the
+    last seconds and the time left at it, rounded up ("ETA 0 s" never shows while pages
+    remain; once all are saved the store's last writes are "finishing")."""
+    if p.done_bytes >= p.total_bytes:
+        eta = "finishing"
+    elif p.eta_s is None:
+        eta = "ETA -"
+    else:
+        eta = f"ETA {math.ceil(p.eta_s)} s"
+    rate = "- MB/s" if p.rate is None else format_rate(p.rate)
     return (
         f"{format_bytes(p.done_bytes)} / {format_bytes(p.total_bytes)} · "
-        f"{format_rate(p.rate)} · {count_of(p.faults, 'fault')} · {eta}"
+        f"{rate} · {count_of(p.faults, 'fault')} · {eta}"
     )
 
 
@@ -99,12 +108,21 @@ def _attach(result) -> str:
 
 
 def summary(result) -> str:
-    """The two human lines for a finished snapshot."""
+    """The two human lines for a finished snapshot (for a tracked ``--every`` child: what
+    it copied, what it inherited from its parent)."""
+    first = (f"snapshot {result.name}: pid {result.pid} ({result.comm}), "
+             f"{format_bytes(result.resident_bytes)} resident in {count_of(result.region_count, 'region')}\n"
+             f"paused {result.pause_ms:.1f} ms{_attach(result)} · ")
+    copied = getattr(result, "copied_bytes", None)
+    if copied is not None:
+        return first + (
+            f"copied {format_bytes(copied)} written since {result.parent or 'the parent'} in "
+            f"{result.duration_s:.1f} s · inherited {format_bytes(result.inherited_bytes)} unchanged · "
+            f"stored {format_bytes(result.stored_bytes)}"
+        )
     rate = result.resident_bytes / result.duration_s if result.duration_s > 0 else 0.0
-    return (
-        f"snapshot {result.name}: pid {result.pid} ({result.comm}), "
-        f"{format_bytes(result.resident_bytes)} resident in {count_of(result.region_count, 'region')}\n"
-        f"paused {result.pause_ms:.1f} ms{_attach(result)} · captured {format_bytes(result.resident_bytes)} in "
+    return first + (
+        f"captured {format_bytes(result.resident_bytes)} in "
         f"{result.duration_s:.1f} s ({format_rate(rate)}) · "
         f"{count_of(result.faults, 'write fault')} served first · "
         f"stored {format_bytes(result.stored_bytes)}"
