@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +16,7 @@ from snapfs.errors import SnapfsError
 from snapfs.units import format_bytes, format_count
 
 MARKER = b"snapfs-demo-marker"
+PAGE = 4096
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,22 +63,37 @@ def run(args: argparse.Namespace) -> int:
             print("snapfs: interrupted: demo target released, snapshot discarded", file=sys.stderr)
             return EXIT_INTERRUPTED
         print(summary(result))
-        block = _verify(store, name, addr, length)
+        block = _verify(store, name, addr, length, result.resident_bytes)
         gdb_core = _show_core(store, name)
     finally:
         target.kill()
         target.wait()
+    snapfs, st, marker = snapfs_command(), shlex.quote(str(store)), MARKER.decode()
+    data = f"/tmp/snaps/{name}/ramblocks/{block}/data"
     print(
         f"\nBrowse it (store {store}):\n"
-        f"  snapfs list --store {store}\n"
-        f"  mkdir -p /tmp/snaps && snapfs mount /tmp/snaps --store {store}\n"
+        f"  {snapfs} list --store {st}\n"
+        f"  mkdir -p /tmp/snaps && {snapfs} mount /tmp/snaps --store {st}\n"
         f"  ls /tmp/snaps/{name}/ramblocks\n"
-        f"  strings /tmp/snaps/{name}/ramblocks/{block}/data | grep -c {MARKER.decode()}\n"
+        f"  grep -ao {marker} {data} | wc -l      # counts the markers (grep -c would count lines)\n"
         f"  {gdb_core} /tmp/snaps/{name}/core -batch -ex 'thread apply all bt'\n"
-        f"  snapfs umount /tmp/snaps\n"
-        f"Without FUSE: snapfs cat {name} ramblocks/{block}/data --store {store} | strings | head"
+        f"  {snapfs} umount /tmp/snaps\n"
+        f"Without FUSE: {snapfs} cat {name} ramblocks/{block}/data --store {st} | grep -ao {marker} | wc -l"
     )
     return 0
+
+
+def snapfs_command() -> str:
+    """This snapfs as a command that runs as printed: ``snapfs`` when that is on PATH and is
+    this one, else the script's absolute path (``./tools/demo`` runs ``.venv/bin/snapfs``,
+    which is not on PATH), else ``python -m snapfs`` with this interpreter."""
+    script = os.path.abspath(sys.argv[0])
+    if os.path.basename(script) == "snapfs" and os.access(script, os.X_OK):
+        found = shutil.which("snapfs")
+        if found and os.path.realpath(found) == os.path.realpath(script):
+            return "snapfs"
+        return shlex.quote(script)
+    return f"{shlex.quote(sys.executable)} -m snapfs"
 
 
 def _show_core(store_dir, name: str) -> str:
@@ -111,9 +130,10 @@ def _show_core(store_dir, name: str) -> str:
     return gdb
 
 
-def _verify(store_dir, name: str, addr: int, length: int) -> str:
-    """Read the demo buffer back from the store; print what was found; return its block name."""
-    from snapfs.store import Store
+def _verify(store_dir, name: str, addr: int, length: int, resident: int) -> str:
+    """Read the demo buffer back from the store; print what was found and why the snapshot's
+    resident size is not the buffer's; return the buffer's block name."""
+    from snapfs.store import HOLE, Store
 
     store = Store.open(store_dir)
     try:
@@ -125,6 +145,15 @@ def _verify(store_dir, name: str, addr: int, length: int) -> str:
             found += reader.read(region.index, off, min(chunk, first + length - off)).count(MARKER)
         print(f"verified: block {region.name} read back from the store, {format_count(found)} "
               f"marker strings found in the demo buffer")
+        # Resident counts the pages the process has: the buffer's zero pages were never
+        # written, so they have no memory and nothing is copied for them.
+        lo, hi = first // PAGE, (first + length) // PAGE
+        held = sum(max(0, min(p + n, hi) - max(p, lo)) for p, n, kind in reader.runs(region.index)
+                   if kind != HOLE) * PAGE
+        print(f"resident {format_bytes(resident)}: {format_bytes(held)} of the {format_bytes(length)} buffer "
+              f"(its other {format_bytes(length - held)} are zero pages the target never wrote: no "
+              f"memory, nothing to copy) + {format_bytes(max(0, resident - held))} of the Python "
+              "interpreter's own memory")
         return region.name
     finally:
         store.close()
