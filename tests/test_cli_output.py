@@ -16,7 +16,7 @@ from snapfs.capture.engine import CaptureResult, Progress, RecentRate
 from snapfs.commands.snapshot import progress_text, summary
 from snapfs.store import Store
 from tests.conftest import snapfs_cmd
-from tests.test_capture_support import Target
+from tests.support.capture import Target
 
 MiB = 1 << 20
 

@@ -16,7 +16,6 @@ from snapfs.errors import SnapfsError
 from snapfs.units import format_bytes, format_count
 
 MARKER = b"snapfs-demo-marker"
-PAGE = 4096
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +133,7 @@ def _verify(store_dir, name: str, addr: int, length: int, resident: int) -> str:
     """Read the demo buffer back from the store; print what was found and why the snapshot's
     resident size is not the buffer's; return the buffer's block name."""
     from snapfs.store import HOLE, Store
+    from snapfs.store.model import STORE_PAGE as PAGE
 
     store = Store.open(store_dir)
     try:
