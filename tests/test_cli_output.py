@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from snapfs.capture import CaptureOptions, capture_process
-from snapfs.capture.engine import CaptureResult, Progress, RecentRate
+from snapfs.capture.types import CaptureResult, Progress, RecentRate
 from snapfs.commands.snapshot import progress_text, summary
 from snapfs.store import Store
 from tests.conftest import snapfs_cmd
@@ -63,13 +63,13 @@ async def test_progress_counts_faults_while_the_copy_runs(store_dir):
 def test_every_child_summary_says_copied_and_inherited():
     child = CaptureResult(name="cont-2", pid=42, comm="app", pause_ms=3.0, duration_s=0.2,
                           resident_bytes=300 * MiB, zero_bytes=0, stored_bytes=MiB, faults=0,
-                          regions=1, copied_bytes=2 * MiB, parent="cont-1")
+                          region_count=1, copied_bytes=2 * MiB, parent="cont-1")
     text = summary(child)
     assert "copied 2.0 MiB written since cont-1" in text and "inherited 298.0 MiB unchanged" in text
     assert "captured" not in text and "resident in 1 region\n" in text
     assert child.to_json()["inherited_bytes"] == 298 * MiB and child.to_json()["parent"] == "cont-1"
     full = CaptureResult(name="s", pid=42, comm="app", pause_ms=3.0, duration_s=2.0,
-                         resident_bytes=300 * MiB, zero_bytes=0, stored_bytes=MiB, faults=1, regions=2)
+                         resident_bytes=300 * MiB, zero_bytes=0, stored_bytes=MiB, faults=1, region_count=2)
     assert "captured 300.0 MiB" in summary(full) and "1 write fault served first" in summary(full)
     assert full.to_json()["copied_bytes"] == 300 * MiB and full.to_json()["inherited_bytes"] == 0
 
