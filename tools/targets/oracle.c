@@ -18,6 +18,7 @@
  *   d: madvise(DONTNEED) pages [N/4, N/4+N/16)      u: munmap pages [N/2, N/2+N/16)
  *   r: mremap pages [3N/4, 3N/4+N/16) elsewhere     q: exit 0
  *   f: fork a child that overwrites its copy of the buffer, wait for it
+ *   x: execute /bin/sleep 1000 (same PID, a new program; no reply)
  * After d/u/r the writers skip those pages.
  */
 #include <errno.h>
@@ -161,6 +162,9 @@ int main(int argc, char **argv) {
                 _exit(0);
             }
             waitpid(child, NULL, 0);
+        } else if (c == 'x') {
+            execl("/bin/sleep", "sleep", "1000", (char *)NULL);
+            perror("execl");
         } else {
             continue;
         }
