@@ -3,6 +3,8 @@ as if never stopped (syscall-restart emulation), whichever of them snapfs inject
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 
@@ -21,7 +23,8 @@ async def test_blocked_calls_resume_unchanged(store_dir, main_call):
                 assert_released(t.pid)
         # The stop-only freeze must be just as transparent.
         with stopped(t.pid) as proc:
-            assert t.pid in proc.tids and len(proc.tids) == 6
+            # Every live thread (the nanosleep one may have finished under load).
+            assert t.pid in proc.tids and len(proc.tids) == len(os.listdir(f"/proc/{t.pid}/task"))
         assert_released(t.pid)
         out, _ = t.proc.communicate("go\n", timeout=10)
         assert t.proc.returncode == 0, out

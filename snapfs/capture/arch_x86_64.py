@@ -1,13 +1,18 @@
 """Everything x86_64-specific the capture needs: register layout, syscall numbers, the
-``syscall`` instruction, and the kernel's syscall-restart rule.
+``syscall`` instruction, the kernel's syscall-restart rule, and what the safe injection
+(:mod:`snapfs.capture.inject`) writes onto a thread's stack: its gadgets, the chain of
+return addresses, and an ``rt_sigframe`` holding the thread's original state.
 
 An aarch64 port provides a module with the same names (``REGS_STRUCT``, ``REG_NAMES``,
 ``SYS``, ``SYSCALL_INSN``, ``set_syscall``, ``syscall_result``, ``emulate_restart``,
-``pc``/``sp``, and what it takes from ``snapfs.elfcore.aarch64``) and :mod:`snapfs.capture.arch`
-picks it by ``platform.machine()``.
+``pc``/``sp``, ``GADGETS``, ``chain``, ``sigframe``, ``signal_xstate``..., and what it takes
+from ``snapfs.elfcore.aarch64``) and :mod:`snapfs.capture.arch` picks it by
+``platform.machine()``.
 """
 
 from __future__ import annotations
+
+import struct
 
 # The register layout and the register sets recorded at the freeze are shared with the core
 # view (snapfs.elfcore.x86_64): one description of the registers for both.
@@ -26,24 +31,32 @@ XSTATE_MAX = 16384  # buffer for PTRACE_GETREGSET(NT_X86_XSTATE); AMX needs ~11 
 
 # Syscall numbers (asm/unistd_64.h) used for injection and by snapfs itself.
 SYS = {
+    "open": 2,
     "close": 3,
     "mmap": 9,
-    "munmap": 11,
-    "ioctl": 16,
-    "socketpair": 53,
-    "recvmsg": 47,
-    "pause": 34,
-    "fcntl": 72,
-    "epoll_ctl": 233,
-    "dup3": 292,
-    "brk": 12,
     "mprotect": 10,
+    "munmap": 11,
+    "brk": 12,
+    "rt_sigreturn": 15,
+    "ioctl": 16,
     "mremap": 25,
-    "open": 2,
+    "pause": 34,
+    "getpid": 39,
+    "recvmsg": 47,
+    "socketpair": 53,
+    "fcntl": 72,
     "ptrace": 101,
+    "gettid": 186,
     "restart_syscall": 219,
+    "timer_create": 222,
+    "timer_settime": 223,
+    "timer_delete": 226,
+    "epoll_ctl": 233,
+    "tgkill": 234,
+    "dup3": 292,
     "process_vm_readv": 310,
     "process_vm_writev": 311,
+    "kcmp": 312,
     "userfaultfd": 323,
     "pidfd_open": 434,
     "pidfd_getfd": 438,
@@ -78,12 +91,24 @@ def syscall_result(regs) -> int:
     return _signed(regs.rax)
 
 
+def in_restart_block_call(regs) -> bool:
+    """True if the stopped thread waits in a call the kernel restarts through its restart
+    block (nanosleep, clock_nanosleep, poll/futex with a timeout...)."""
+    return _signed(regs.orig_rax) >= 0 and _signed(regs.rax) == _ERESTART_RESTARTBLOCK
+
+
 def emulate_restart(regs) -> None:
     """Apply to saved registers what the kernel would do when resuming an interrupted syscall.
 
     A thread released from a syscall-exit stop (after an injection) skips the kernel's own
     restart logic, so without this ``read`` would return errno 512 and ``nanosleep`` 516.
     """
+    _restart(regs, SYS["restart_syscall"], SYSCALL_INSN_LEN)
+
+
+def _restart(regs, restart_block_rax: int, restart_block_back: int) -> None:
+    """The kernel's restart rule on ``regs``; a -ERESTART_RESTARTBLOCK call gets rax =
+    ``restart_block_rax`` and rip moved back by ``restart_block_back``."""
     if _signed(regs.orig_rax) < 0:
         return
     rax = _signed(regs.rax)
@@ -91,8 +116,8 @@ def emulate_restart(regs) -> None:
         regs.rax = regs.orig_rax
         regs.rip -= SYSCALL_INSN_LEN
     elif rax == _ERESTART_RESTARTBLOCK:
-        regs.rax = SYS["restart_syscall"]
-        regs.rip -= SYSCALL_INSN_LEN
+        regs.rax = restart_block_rax & ((1 << 64) - 1)
+        regs.rip -= restart_block_back
 
 
 def resume_as_recorded(regs) -> None:
@@ -133,3 +158,96 @@ def sp(regs) -> int:
 
 
 RED_ZONE = 128  # bytes below rsp a leaf function may use (System V ABI)
+
+
+# ---------------------------------------------------------------- safe injection
+# Byte sequences the injection needs in the target's executable memory (any of its mappings:
+# libc has several of each; this machine's [vdso] has no `syscall; ret`).
+GADGETS = {
+    "syscall_ret": b"\x0f\x05\xc3",  # syscall; ret
+    "pop_rax": b"\x58\xc3",  # pop %rax; ret
+    "pop_rdi": b"\x5f\xc3",  # pop %rdi; ret         (optional: close fds snapfs made)
+    "xchg_eax_edi": b"\x97\xc3",  # xchg %eax,%edi; ret  (optional: close the fd just made)
+}
+REQUIRED_GADGETS = ("syscall_ret", "pop_rax")
+
+RT_SIGFRAME_SIZE = 440  # pretcode (8) + struct ucontext (304) + struct siginfo (128)
+_UC_FP_XSTATE, _UC_SIGCONTEXT_SS, _UC_STRICT_RESTORE_SS = 1, 2, 4
+_FP_XSTATE_MAGIC1, _FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
+_XFEATURE_TILEDATA = 1 << 18  # the only dynamically enabled feature (AMX), and the last
+_TILEDATA_SIZE = 8192
+_SS_INVALID = 3  # neither 0, SS_ONSTACK nor SS_DISABLE: rt_sigreturn leaves sigaltstack alone
+_EINTR = -4
+# struct sigcontext (asm/sigcontext.h), the general registers in order, then cs/gs/fs/ss.
+_SIGCONTEXT_REGS = ("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi",
+                    "rbp", "rbx", "rdx", "rax", "rcx", "rsp", "rip", "eflags")  # fmt: skip
+
+
+def restart_for_sigreturn(regs) -> None:
+    """The kernel's restart rule applied to registers that ``rt_sigreturn`` will restore.
+
+    rt_sigreturn sets orig_rax to -1 (no restart later), so a syscall interrupted with
+    -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND is re-executed from the frame (rax = its
+    number, rip back on the instruction). It also resets the thread's restart block, so a
+    -ERESTART_RESTARTBLOCK call (nanosleep, poll with a timeout, futex wait...) returns
+    -EINTR — what it returns after any signal handler.
+    """
+    _restart(regs, _EINTR, 0)
+
+
+def signal_xstate(xstate: bytes) -> bytes:
+    """A thread's XSAVE area (PTRACE_GETREGSET NT_X86_XSTATE) as a signal frame carries it:
+    the software-reserved bytes describe it (FP_XSTATE_MAGIC1, sizes, features) and
+    FP_XSTATE_MAGIC2 follows it, so rt_sigreturn restores every component (x87, SSE, AVX,
+    AVX-512, PKRU...) instead of falling back to the legacy FXSAVE part and resetting the rest.
+
+    Bytes 464.. of the ptrace layout hold XCR0 (the user features). The size must not exceed
+    what the kernel allows the task: AMX tile data is enabled per process, so a thread whose
+    tile data is in its initial state is described without it (it is the last component).
+    """
+    if len(xstate) < 576:
+        raise ValueError("XSAVE area too short")
+    xcr0, = struct.unpack_from("<Q", xstate, 464)
+    header_bv, = struct.unpack_from("<Q", xstate, 512)
+    size = len(xstate)
+    if xcr0 & _XFEATURE_TILEDATA and not header_bv & _XFEATURE_TILEDATA and size > 2 * _TILEDATA_SIZE:
+        size -= _TILEDATA_SIZE
+        xcr0 &= ~_XFEATURE_TILEDATA
+    sw = struct.pack("<IIQI28x", _FP_XSTATE_MAGIC1, size + 4, xcr0, size)
+    return xstate[:464] + sw + xstate[512:size] + struct.pack("<I", _FP_XSTATE_MAGIC2)
+
+
+def sigframe(pretcode: int, regs, sigmask: int, fpstate: int) -> bytes:
+    """``struct rt_sigframe`` (x86_64) from its ``pretcode`` slot on: a ucontext that
+    ``rt_sigreturn`` turns back into ``regs`` (restart rule already applied), the blocked
+    mask ``sigmask`` and the XSAVE area at ``fpstate`` (64-byte aligned, see
+    :func:`signal_xstate`). rt_sigreturn reads it at rsp - 8, i.e. right after the return
+    into `syscall; ret` pops ``pretcode``."""
+    mc = struct.pack("<18Q", *(getattr(regs, r) & ((1 << 64) - 1) for r in _SIGCONTEXT_REGS))
+    mc += struct.pack("<4H", regs.cs, regs.gs, regs.fs, regs.ss)
+    mc += struct.pack("<4QQ64x", 0, 0, 0, 0, fpstate)  # err, trapno, oldmask, cr2, fpstate
+    assert len(mc) == 256
+    uc = struct.pack("<QQQi4xQ", _UC_FP_XSTATE | _UC_SIGCONTEXT_SS | _UC_STRICT_RESTORE_SS,
+                     0, 0, _SS_INVALID, 0)
+    uc += mc + struct.pack("<Q", sigmask & ((1 << 64) - 1))
+    frame = struct.pack("<Q", pretcode) + uc + bytes(128)  # siginfo: unused by rt_sigreturn
+    assert len(frame) == RT_SIGFRAME_SIZE
+    return frame
+
+
+def chain(gadgets: dict[str, int], close_result: bool, close_fds: tuple[int, ...]) -> list[int]:
+    """The return addresses (and values) a thread executes after an injected ``syscall``
+    returns at the `syscall; ret` gadget, up to (not including) the frame's pretcode slot:
+    optionally close the fd the syscall returned and fds snapfs opened in the target, then
+    rax = 15 (rt_sigreturn), whose `syscall; ret` is the pretcode slot."""
+    words: list[int] = []
+    if close_result:
+        words += [gadgets["xchg_eax_edi"], gadgets["pop_rax"], SYS["close"], gadgets["syscall_ret"]]
+    for fd in close_fds:
+        words += [gadgets["pop_rdi"], fd, gadgets["pop_rax"], SYS["close"], gadgets["syscall_ret"]]
+    return words + [gadgets["pop_rax"], SYS["rt_sigreturn"]]
+
+
+def set_stack(regs, addr: int) -> None:
+    """Point the stack pointer of ``regs`` at ``addr``."""
+    regs.rsp = addr

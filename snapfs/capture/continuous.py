@@ -59,7 +59,9 @@ from snapfs.capture.memory import prefaulted_buffer, read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.protect import Prepared
 from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread
-from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
+from snapfs.capture.handle import ProcessHandle
+from snapfs.capture.inject import find_gadgets
+from snapfs.capture.ptrace import StoppedProcess, check_target
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.target_info import process_meta
 from snapfs.capture.types import CaptureOptions, CaptureResult, region_spec
@@ -103,13 +105,18 @@ class Tracking:
     switch_pause_ms: float = 0.0
     # Helper threads for the stop (scan and copy split across cores): made on first use.
     pool: ThreadPoolExecutor | None = None
+    # The pinned target and the capture lock, held for the whole series.
+    handle: ProcessHandle | None = None
 
     def close(self) -> None:
-        """Stop tracking (the kernel drops the protection)."""
+        """Stop tracking (the kernel drops the protection) and let go of the target."""
         self.uffd.close()
         if self.pool is not None:
             self.pool.shutdown(wait=True)
             self.pool = None
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 def _written(found: np.ndarray) -> list[tuple[int, int]]:
@@ -136,11 +143,16 @@ def _arm(uffd: Uffd, vmas: list[Vma]) -> None:
 
 
 async def start_tracking(
-    ctx: CaptureContext, prep: Prepared, name: str, options: CaptureOptions, huge_sizes: dict
+    ctx: CaptureContext, prep: Prepared, name: str, options: CaptureOptions, huge_sizes: dict,
+    handle: ProcessHandle,
 ) -> Tracking:
     """At the end of a continuous-mode capture (fault path still running): record what was
-    written since its freeze and switch to async tracking, in one more short stop."""
-    insn = find_syscall_insn(ctx.pid)
+    written since its freeze and switch to async tracking, in one more short stop. The
+    tracking takes ``handle`` (the pinned target and its capture lock) over."""
+    try:
+        handle.gadgets = find_gadgets(ctx.pid)  # before the stop: the pause stays short
+    except (TargetError, OSError):
+        handle.gadgets = None  # searched for again once stopped
 
     def close_sync_uffd() -> None:  # in the trio thread: the fault path waits on this fd
         trio.lowlevel.notify_closing(ctx.uffd.fd)
@@ -150,9 +162,7 @@ async def start_tracking(
 
     def switch() -> tuple[Uffd, dict]:
         nonlocal stop_ms
-        # All ptrace requests of this stop come from this one worker thread.
-        proc = StoppedProcess(ctx.pid)
-        proc.syscall_insn = insn
+        proc = StoppedProcess(handle)
         t0 = time.monotonic()
         proc.stop()  # threads blocked on a sync fault stop once the fault path served it
         scanner = PagemapScanner(ctx.pid)
@@ -194,6 +204,7 @@ async def start_tracking(
         parent_regions={v.name: v.length for v in prep.regions},
         written_before=written,
         switch_pause_ms=stop_ms,
+        handle=handle,
     )
 
 
@@ -484,7 +495,7 @@ def _stopped_pass_rt(tracking: Tracking, early_jobs: list[list[_Walk]], need: np
     changed copied; new VMAs armed; the target released."""
     st = _Stop(tracking, need, scanners)
     t_stop = time.monotonic()
-    with stopped(tracking.pid) as proc:
+    with stopped(tracking.handle or tracking.pid) as proc:
         t0 = time.monotonic()
         last_share, helpers = _start_early_walks(st, early_jobs)
         text, st.vmas = _maps_at_stop(tracking, maps_before)

@@ -48,17 +48,29 @@ from snapfs.capture.maps import ClassifiedMaps, huge_page_sizes, read_maps_text,
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.priority import background_thread_priority, fault_thread_priority
 from snapfs.capture.preprotect import PreProtected, protect_then_freeze
+from snapfs.capture.handle import ProcessHandle
 from snapfs.capture.protect import Prepared, copy_buffer_for, handshake, protect_and_record
-from snapfs.capture.ptrace import check_target
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.target_info import process_meta, shared_with_others
 from snapfs.capture.types import CaptureOptions, CaptureResult, Progress, RecentRate, region_spec
 from snapfs.capture.uffd import Uffd
 from snapfs.elfcore.state import BLOB as CORE_BLOB
-from snapfs.errors import TargetError, reported_error
+from snapfs.errors import SnapfsError, TargetError, reported_error
 
 PAGE = k.PAGE_SIZE
+
+
+def _gone_instead(handle: ProcessHandle, exc: BaseException) -> TargetError | None:
+    """The TargetError to report instead of ``exc`` when the target exited, its PID was
+    reused or it exec'd meanwhile (whatever kernel call noticed first: an ioctl on the uffd
+    of its old address space, a /proc file gone...)."""
+    if isinstance(exc, BaseExceptionGroup):
+        if exc.split((SnapfsError, KeyboardInterrupt, trio.Cancelled))[0] is not None:
+            return None
+    elif isinstance(exc, (SnapfsError, KeyboardInterrupt, trio.Cancelled)):
+        return None
+    return handle.gone_error("the capture")
 
 
 class _Capture:
@@ -75,6 +87,7 @@ class _Capture:
         self.warnings: list[str] = []
         self.writer = None
         self.tracking = None
+        self.handle: ProcessHandle | None = None  # the pinned target (capture_process)
         # The restore's record of the instant (snapfs.capture.procstate): the kernel state
         # read before the freeze and after the release, the threads' signal masks.
         self.state_before: dict | None = None
@@ -101,7 +114,28 @@ class _Capture:
         self.core_record: tuple[dict, bytes] = ({}, b"")  # (meta["threads"], core.state blob)
 
     async def run(self) -> CaptureResult:
-        comm = check_target(self.pid)
+        # Pinned before anything is looked up; one capture at a time per process.
+        handle = self.handle = ProcessHandle.open(self.pid)
+        try:
+            if handle.leader_exited:
+                raise TargetError(
+                    f"the main thread of process {self.pid} has exited while its other threads "
+                    "run on: its memory cannot be read through /proc/PID, so snapfs cannot "
+                    "snapshot it"
+                )
+            handle.lock_capture()
+            return await self._run(handle)
+        except BaseException as exc:
+            gone = _gone_instead(handle, exc)
+            if gone is not None:
+                raise gone from None
+            raise
+        finally:
+            if self.tracking is None:
+                handle.close()  # else the tracking holds it (and the lock) for the series
+
+    async def _run(self, handle: ProcessHandle) -> CaptureResult:
+        comm = handle.comm
         premaps = parse_maps(read_maps_text(self.pid))
         huge_sizes = self.huge_sizes = huge_page_sizes(self.pid)
         shared = shared_with_others(self.pid, premaps)
@@ -118,7 +152,9 @@ class _Capture:
         t_start = time.monotonic()
         try:
             # 1. A short stop only to take a uffd for the target's memory.
-            async with frozen(self.pid, record=False) as attach:
+            # Only the injected thread needs to stop (the uffd belongs to the mm): the
+            # attach costs the same for 1 thread or 300.
+            async with frozen(handle, record=False, one_thread=True) as attach:
                 uffd = attach.uffd
             features = handshake(uffd)
             self.state_before = await trio.to_thread.run_sync(procstate.read_state, self.pid)
@@ -235,7 +271,7 @@ class _Capture:
             trio.from_thread.run(self._start_faults, uffd, prep)
             return prep
 
-        return await protect_then_freeze(self.pid, comm, uffd, maps, at_instant)
+        return await protect_then_freeze(self.pid, comm, uffd, maps, at_instant, handle=self.handle)
 
     async def _read_state_after(self) -> None:
         """The kernel state again once the target runs (see procstate.bracket)."""
@@ -303,7 +339,7 @@ class _Capture:
             free_send.send_nowait(buf)
         work_send, work_recv = trio.open_memory_channel[tuple](self.workers)
         self.t0 = time.monotonic()
-        pidfd = k.pidfd_open(self.pid)
+        pidfd = os.dup(self.handle.pidfd)  # the pinned process, whatever its PID names now
         try:
             async with trio.open_nursery() as outer:
                 # Tasks that live until the scan and the store work are done.
@@ -326,7 +362,7 @@ class _Capture:
                 if self.options.continuous:
                     # Switch to async tracking while the fault path still serves faults.
                     self.tracking = await continuous.start_tracking(
-                        ctx, self.prep, self.name, self.options, self.huge_sizes
+                        ctx, self.prep, self.name, self.options, self.huge_sizes, self.handle
                     )
                 # Everything is claimed: stop serving faults (closing the uffd after this
                 # wakes any writer), then write what the fault path saved.
@@ -411,9 +447,16 @@ async def snapshot_next(tracking: continuous.Tracking, store, name: str, progres
     (:func:`~snapfs.capture.continuous.capture_next`) when at most STOPPED_COPY_LIMIT
     changed (the copy buffer's bound), else a live capture in continuous mode (a new
     tracking replaces this one: use ``result.tracking``)."""
-    pre = await trio.to_thread.run_sync(continuous.prescan, tracking)
-    if pre.copy_bytes <= continuous.STOPPED_COPY_LIMIT:
-        return await continuous.capture_next(tracking, store, name, pre)
+    try:
+        pre = await trio.to_thread.run_sync(continuous.prescan, tracking)
+        if pre.copy_bytes <= continuous.STOPPED_COPY_LIMIT:
+            return await continuous.capture_next(tracking, store, name, pre)
+    except BaseException as exc:
+        # The target exited or exec'd: say so, whichever kernel call noticed it first.
+        gone = _gone_instead(tracking.handle, exc) if tracking.handle is not None else None
+        if gone is not None:
+            raise gone from None
+        raise
     parent = tracking.parent
     tracking.close()
     opts = CaptureOptions(

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -48,6 +49,18 @@ int snapfs_wait4(int pid, int *status, int options)
 {
     int r = wait4(pid, status, options, NULL);
     return RET(r);
+}
+
+static void nothing(int sig)
+{
+    (void)sig;
+}
+
+int snapfs_wake_handler(int sig)
+{
+    struct sigaction sa = {.sa_handler = nothing, .sa_flags = 0};
+    sigemptyset(&sa.sa_mask);
+    return sigaction(sig, &sa, NULL) < 0 ? -errno : 0;
 }
 
 ssize_t snapfs_wait_read(int fd, int stop_fd, int64_t timeout_ns, void *buf, size_t len)

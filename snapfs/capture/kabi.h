@@ -47,6 +47,11 @@ ssize_t snapfs_process_vm_writev(int pid, const struct iovec *local, unsigned lo
                                  const struct iovec *remote, unsigned long nremote);
 int snapfs_wait4(int pid, int *status, int options);
 
+/* Install a handler for signal sig that does nothing, without SA_RESTART: the signal then
+ * only makes a blocked system call of the thread it is sent to return EINTR (the tracer
+ * thread's wait4, see snapfs.capture.ptrace). */
+int snapfs_wake_handler(int sig);
+
 /* Wait until fd or stop_fd is readable (or timeout_ns has passed; < 0: no timeout), then
  * read up to len bytes from fd (non-blocking): the bytes read; 0 after a timeout, a stop,
  * EINTR or nothing to read; or -errno. The fault thread's wait and read in one call: one

@@ -25,6 +25,7 @@ import trio
 from snapfs.capture import kernel as k
 from snapfs.capture.faults import HotCalls
 from snapfs.capture.freeze import FrozenTarget, frozen_again
+from snapfs.capture.handle import ProcessHandle
 from snapfs.capture.ledger import HUGE_PMD
 from snapfs.capture.maps import ClassifiedMaps, Vma
 from snapfs.capture.pagemap import REGION_DTYPE, PagemapScanner
@@ -250,11 +251,13 @@ async def protect_then_freeze(
     maps: ClassifiedMaps,
     at_instant: Callable[[FrozenTarget, PreProtected], T],
     meanwhile: Callable[[PreProtected], Awaitable[None]] | None = None,
+    handle: ProcessHandle | None = None,
 ) -> tuple[PreProtected, FrozenTarget, T]:
     """Write-protect the captured regions of ``maps`` while the target runs (serving the faults this causes),
     then freeze it and call ``at_instant(frozen_target, pre)`` with every thread stopped and
     the fault server halted (``pre.changed`` complete); returns (pre, frozen target, its
     result). ``meanwhile`` runs between the two (tests make the target act there).
+    ``handle``, the one the attach used, makes the freeze refuse a target that exec'd.
 
     The freeze runs in one worker thread (ptrace wants a single tracer thread) while the
     trio thread keeps serving faults until every thread is stopped.
@@ -265,7 +268,7 @@ async def protect_then_freeze(
         trio.from_thread.run_sync(server.halt)
 
     def freeze(pre: PreProtected) -> tuple[FrozenTarget, T]:
-        with frozen_again(pid, comm, uffd, on_stopped=halt_server) as ft:
+        with frozen_again(handle or pid, comm, uffd, on_stopped=halt_server) as ft:
             pre.changed = list(server.changed)
             pre.hot = np.unique(np.array(server.written, np.uint64))
             return ft, at_instant(ft, pre)

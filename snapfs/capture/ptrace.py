@@ -1,41 +1,354 @@
-"""Stopping every thread of a process with ptrace, injecting syscalls, releasing it.
+"""Stopping processes with ptrace: seize and interrupt every thread, wait for all, release.
 
-All ptrace requests of one attachment must come from the same OS thread (the tracer is a
-thread, not a process): :class:`StoppedProcess` is used from one thread only.
+Every ptrace request of one stop comes from one dedicated OS thread, the :class:`Tracer`
+(the kernel ties a tracee to the tracer *thread*). That thread never forks, so
+``wait4(-1, __WALL | __WNOTHREAD)`` there returns the events of its tracees and nothing
+else: one wait serves every thread of every process stopped together, dispatched by tid. A
+dying target's threads are reaped as they exit, so no wait hangs on a leader whose exit the
+kernel delays until its other (traced) threads are reaped.
+
+Every wait is bounded and interruptible: a per-thread POSIX timer (the deadline) and
+:meth:`Tracer.abort` (SIGINT, cancellation) send the tracer thread ``WAKE_SIGNAL``, whose
+handler does nothing and is installed without SA_RESTART, so a blocked ``wait4`` returns
+EINTR. A thread that never stops (uninterruptible sleep, a frozen cgroup) is given up after
+``STOP_TIMEOUT`` with a message naming it; the tracer thread then ends, and the kernel
+detaches everything it still traces, exactly as when snapfs dies.
+
+No signal is ever held back in snapfs (where a kill would lose it): a signal-delivery stop
+met while stopping is resumed at once with its signal and interrupted again, and signals are
+blocked in a thread while syscalls are injected into it (:mod:`snapfs.capture.inject`).
+
+:class:`StopGroup` stops several processes at one instant (all threads interrupted before
+any wait); :class:`StoppedProcess` is one of them. Their methods may be called from any
+thread: the requests run in the tracer thread (one hand-off per call).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
+import queue
 import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from snapfs.capture import arch
 from snapfs.capture import kernel as k
+from snapfs.capture.handle import ProcessHandle, read_stat
 from snapfs.errors import PermissionDenied, TargetError
 
-PF_KTHREAD = 0x00200000
+T = TypeVar("T")
+
+# How long a stop waits for every thread to stop, and an injected syscall to return.
+STOP_TIMEOUT = float(os.environ.get("SNAPFS_STOP_TIMEOUT", "2.0"))
+# Sent to the tracer thread to interrupt a blocked wait4 (its handler is a no-op).
+WAKE_SIGNAL = signal.SIGRTMIN + 5
+# After the deadline (or an abort) the timer fires again at this period until the job ends:
+# a signal landing just before the thread enters wait4 is then followed by another.
+_REFIRE_NS = 10_000_000
+
+SEIZE_OPTIONS = k.PTRACE_O_TRACESYSGOOD | k.PTRACE_O_TRACEEXEC
+_SYSCALL_STOP = signal.SIGTRAP | 0x80
+_STATE_NAMES = {
+    "R": "running", "S": "sleeping", "D": "uninterruptible sleep (I/O, a frozen cgroup?)",
+    "T": "stopped", "t": "traced by another tracer", "Z": "zombie", "X": "dead",
+}  # fmt: skip
 
 
+class Aborted(Exception):
+    """Raised inside the tracer thread when the caller gave up on the current job."""
+
+
+# ---------------------------------------------------------------- the tracer thread
+_wake_installed = False
+_wake_lock = threading.Lock()
+
+
+def _install_wake_handler() -> None:
+    """A do-nothing C handler for WAKE_SIGNAL, without SA_RESTART (kabi.c): it only makes a
+    blocked syscall of the thread it hits return EINTR. (signal.signal would need the main
+    thread and would run Python code in it on every wake-up.)"""
+    global _wake_installed
+    with _wake_lock:
+        if not _wake_installed:
+            k.check(k.lib.snapfs_wake_handler(WAKE_SIGNAL), "sigaction")
+            _wake_installed = True
+
+
+class _Job:
+    __slots__ = ("fn", "args", "future", "aborted")
+
+    def __init__(self, fn: Callable, args: tuple) -> None:
+        self.fn = fn
+        self.args = args
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.aborted: str | None = None
+
+
+class Tracer:
+    """The OS thread that issues every ptrace request of snapfs, and waits for its events.
+
+    One per snapfs process (:func:`get_tracer`): fault-injection tools that count ptrace
+    calls per thread (``strace -e inject=ptrace:when=N``) then see every call of a capture
+    in one sequence. :meth:`call` / :meth:`acall` run a function in it; :meth:`abort` makes
+    the running job's waits raise :class:`Aborted`; :meth:`retire` ends the thread after
+    its current job — the kernel then detaches whatever it still traces (a thread that
+    never stopped, a thread left running an injected syscall) — and the next
+    :func:`get_tracer` starts a new one.
+    """
+
+    def __init__(self, name: str = "snapfs-tracer") -> None:
+        _install_wake_handler()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._job: _Job | None = None
+        self._lock = threading.Lock()
+        self._timer = -1
+        self._armed_for: float | None = None
+        self.retired = False
+        # tid -> the StopGroup it belongs to, for every thread seized (tracer thread only).
+        self.route: dict[int, StopGroup] = {}
+        self._status = k.ffi.new("int *")  # wait4's, reused (tracer thread only)
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def _main(self) -> None:
+        self.tid = threading.get_native_id()
+        self._timer = _timer_for_thread(self.tid)
+        self._started.set()
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                with self._lock:
+                    self._job = job
+                try:
+                    job.future.set_result(job.fn(*job.args))
+                except BaseException as exc:  # handed to the caller
+                    job.future.set_exception(exc)
+                finally:
+                    with self._lock:
+                        self._job = None
+                    self._disarm()
+        finally:
+            if self._timer >= 0:
+                k.syscall("timer_delete", self._timer)
+            # Ending this thread detaches every tracee it still has (kernel: exit_ptrace).
+
+    # ------------------------------------------------------------ calling
+    def in_tracer(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in the tracer thread and return its result (blocking). A
+        KeyboardInterrupt while waiting aborts the job, waits for it to clean up, and is
+        re-raised."""
+        if self.in_tracer():
+            return fn(*args)
+        job = self._submit(fn, args)
+        try:
+            return job.future.result()
+        except KeyboardInterrupt:
+            if job.future.done():
+                raise
+            self._abort_job(job, "interrupted")
+            _wait_quietly(job.future)
+            raise
+
+    async def acall(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`call` for trio: cancellation aborts the job (which releases what it
+        holds), waits for it to end, then propagates."""
+        import trio
+
+        if self.in_tracer():
+            return fn(*args)
+        job = self._submit(fn, args)
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        job.future.add_done_callback(lambda _f: token.run_sync_soon(done.set))
+        try:
+            await done.wait()
+        except BaseException:
+            self._abort_job(job, "cancelled")
+            with trio.CancelScope(shield=True):
+                await done.wait()
+            raise
+        return job.future.result()
+
+    def call_cancellable(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`call`, but from a trio worker thread the job is run through the trio
+        thread (:meth:`acall`), so cancelling the trio side aborts it."""
+        import trio
+
+        if not self.in_tracer():
+            try:
+                trio.from_thread.check_cancelled()
+            except RuntimeError:
+                pass  # not a trio worker thread
+            else:
+                return trio.from_thread.run(self.acall, fn, *args)
+        return self.call(fn, *args)
+
+    def _submit(self, fn: Callable, args: tuple) -> _Job:
+        if self.retired:  # a job queued behind its end would never run
+            raise TargetError("snapfs let go of the target (a thread did not stop in time)")
+        job = _Job(fn, args)
+        self._jobs.put(job)
+        return job
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future:
+        """Queue ``fn(*args)`` in the tracer thread without waiting (jobs run in order)."""
+        if self.in_tracer():
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_result(fn(*args))
+            return future
+        return self._submit(fn, args).future
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Make the running job's waits raise Aborted (from any thread)."""
+        with self._lock:
+            job = self._job
+        if job is not None:
+            self._abort_job(job, reason)
+
+    def _abort_job(self, job: _Job, reason: str) -> None:
+        with self._lock:
+            job.aborted = reason
+            if self._job is not job:
+                return  # not running yet: its first wait sees the flag
+        _timer_set(self._timer, time.monotonic(), _REFIRE_NS)
+
+    def retire(self) -> None:
+        """End the tracer thread after its current job (from any thread): the kernel then
+        detaches everything it still traces. The next get_tracer() starts a new one."""
+        global _current
+        with _current_lock:
+            if _current is self:
+                _current = None
+        if not self.retired:
+            self.retired = True
+            self._jobs.put(None)
+
+    def join(self) -> None:
+        """Wait for a retired tracer thread to end (not from the tracer thread)."""
+        if not self.in_tracer():
+            self._thread.join()
+
+    # ------------------------------------------------------------ waiting (tracer thread)
+    def check_abort(self) -> None:
+        job = self._job
+        if job is not None and job.aborted:
+            raise Aborted(job.aborted)
+
+    def wait(self, deadline: float, abortable: bool = True) -> tuple[int, int] | None:
+        """The next (tid, status) of any tracee of this thread, already handed to the
+        StopGroup that owns the tid; None once ``deadline`` (time.monotonic()) has passed.
+        Raises Aborted (unless not ``abortable``: an injection is never left half done), or
+        ChildProcessError when nothing is traced any more."""
+        status = self._status
+        if self._armed_for != deadline:
+            _timer_set(self._timer, deadline, _REFIRE_NS)
+            self._armed_for = deadline
+        while True:
+            if abortable:
+                self.check_abort()
+            # Past the deadline, an event already there is still taken (the deadline may
+            # have gone by in a slow request, not in waiting).
+            late = time.monotonic() >= deadline
+            r = k.lib.snapfs_wait4(-1, status, k.WALL | k.WNOTHREAD | (os.WNOHANG if late else 0))
+            if r == 0:
+                return None
+            if r > 0:
+                group = self.route.get(r)
+                if group is not None:
+                    group.dispatch(r, status[0])
+                return r, status[0]
+            err = -r
+            if err == errno.EINTR:
+                continue
+            if err == errno.ECHILD:
+                raise ChildProcessError(err, "no tracee left")
+            raise OSError(err, f"wait4: {os.strerror(err)}")
+
+    def reap(self) -> None:
+        """Consume every status already waiting (tracer thread): threads that exited while
+        traced stay zombies — and keep their process from being reaped by its parent —
+        until their tracer waits for them."""
+        status = k.ffi.new("int *")
+        while True:
+            r = k.lib.snapfs_wait4(-1, status, k.WALL | k.WNOTHREAD | os.WNOHANG)
+            if r <= 0:
+                if r == -errno.EINTR:
+                    continue
+                return
+            group = self.route.get(r)
+            if group is not None:
+                group.dispatch(r, status[0])
+
+    def _disarm(self) -> None:
+        _timer_set(self._timer, None, 0)
+        self._armed_for = None
+
+
+_current: Tracer | None = None
+_current_lock = threading.Lock()
+
+
+def get_tracer() -> Tracer:
+    """The process's tracer thread (started on first use, or after one retired)."""
+    global _current
+    with _current_lock:
+        if _current is None:
+            _current = Tracer()
+        return _current
+
+
+def _wait_quietly(future: concurrent.futures.Future) -> None:
+    """Wait for ``future`` to finish, letting further KeyboardInterrupts pass."""
+    while True:
+        try:
+            future.exception()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _address(buf) -> int:
+    return int(k.ffi.cast("uintptr_t", k.ffi.from_buffer(buf)))
+
+
+def _timer_for_thread(tid: int) -> int:
+    """A CLOCK_MONOTONIC timer that signals thread ``tid`` with WAKE_SIGNAL."""
+    # The kernel's struct sigevent (64 bytes): value, signo, notify, then the thread id.
+    ev = bytearray(struct.pack("<QiiI", 0, WAKE_SIGNAL, k.SIGEV_THREAD_ID, tid).ljust(64, b"\0"))
+    out = bytearray(4)
+    k.syscall("timer_create", k.CLOCK_MONOTONIC, _address(ev), _address(out))
+    return struct.unpack("<i", out)[0]
+
+
+def _timer_set(timer: int, at: float | None, refire_ns: int) -> None:
+    """Arm ``timer`` for monotonic time ``at`` (then every ``refire_ns``), or disarm it."""
+    value = interval = (0, 0)
+    if at is not None:
+        value = divmod(max(int(at * 1e9), 1), 1_000_000_000)
+        interval = divmod(refire_ns, 1_000_000_000)
+    spec = bytearray(struct.pack("<4q", *interval, *value))  # struct itimerspec
+    k.syscall("timer_settime", timer, k.TIMER_ABSTIME, _address(spec), 0)
+
+
+# ---------------------------------------------------------------- helpers
 def check_target(pid: int) -> str:
     """Validate that ``pid`` is a live user process we may snapshot; return its comm."""
-    if pid <= 0:
-        raise TargetError(f"bad PID {pid}: give the PID of a running process")
-    if pid == os.getpid():
-        raise TargetError("snapfs cannot snapshot itself: give the PID of another process")
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise TargetError(f"no process with PID {pid}: check the PID (ps -p {pid})") from None
-    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2 :].split()
-    state, flags = fields[0], int(fields[6])
-    if flags & PF_KTHREAD:
-        raise TargetError(f"PID {pid} ({comm}) is a kernel thread: it has no user memory to snapshot")
-    if state in ("Z", "X"):
-        raise TargetError(f"process {pid} ({comm}) has exited (zombie): nothing to snapshot")
-    return comm
+    with ProcessHandle.open(pid) as handle:
+        return handle.comm
 
 
 def _tracer_pid(pid: int, tid: int | None = None) -> int:
@@ -67,6 +380,13 @@ def permission_error(pid: int, tid: int | None = None) -> PermissionDenied:
     )
 
 
+def find_syscall_insn(pid: int) -> int:
+    """Address of a ``syscall`` instruction in the target (see snapfs.capture.inject)."""
+    from snapfs.capture.inject import find_syscall_insn as find
+
+    return find(pid)
+
+
 def list_tids(pid: int) -> list[int]:
     """Thread ids of ``pid`` (empty if it is gone)."""
     try:
@@ -75,71 +395,296 @@ def list_tids(pid: int) -> list[int]:
         return []
 
 
-def _thread_exiting(pid: int, tid: int) -> bool:
-    """True if thread ``tid`` of ``pid`` is gone or exiting (state Z or X)."""
+def _thread_state(pid: int, tid: int) -> str | None:
+    """The state letter of thread ``tid`` of ``pid`` (None if gone)."""
+    stat = read_stat(pid, tid)
+    return stat[1][0] if stat else None
+
+
+def describe_thread(pid: int, tid: int) -> str:
+    """'thread TID (comm) of process PID, state S: meaning, in WCHAN' for messages."""
+    stat = read_stat(pid, tid)
+    if stat is None:
+        return f"thread {tid} of process {pid} (gone)"
+    comm, fields = stat
+    state = fields[0]
     try:
-        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return True
-    return state in (b"Z", b"X")
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            wchan = f.read().strip()
+    except OSError:
+        wchan = ""
+    where = f" in {wchan}" if wchan and wchan != "0" else ""
+    return f"thread {tid} ({comm}) of process {pid}, state {state}: {_STATE_NAMES.get(state, '?')}{where}"
 
 
+# ---------------------------------------------------------------- stopped processes
 class StoppedProcess:
-    """Every thread of a process seized and stopped (PTRACE_SEIZE + PTRACE_INTERRUPT).
+    """The stopped threads of one process (a member of a :class:`StopGroup`).
 
-    :meth:`stop` stops them (looping until no new thread appears); :meth:`release` detaches
-    them all, re-delivering any signal that was intercepted. Registers changed for an
-    injection are restored (with syscall-restart emulation) before release.
+    ``tids`` lists the threads stopped (the leader first when it is one of them). Register
+    access and injection go through the tracer thread, from whichever thread calls.
     """
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, target: int | ProcessHandle, group: StopGroup | None = None) -> None:
+        self.handle = target if isinstance(target, ProcessHandle) else None
+        self.pid = target.pid if isinstance(target, ProcessHandle) else target
+        self.group = group
         self.tids: list[int] = []
-        self._pending_signal: dict[int, int] = {}
-        self._injector: Injector | None = None
-        # Address of a `syscall` instruction, found before the stop to keep the pause short.
-        self.syscall_insn: int | None = None
-        # get_regsets' buffer, allocated before the stop rather than inside the pause.
-        self._regset_buf = k.ffi.new("char[]", arch.REGSET_BUFFER)
-        self._regset_iov = k.ffi.new("struct iovec *")
+        self.exited = False
+        self.execed = False
+        self._injector = None
+        self._recorded: list[list] = []  # raw thread records, decoded after the release
 
-    # ------------------------------------------------------------------ stop
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop every thread of this process alone (a group of one)."""
+        if self.group is None:
+            self.group = StopGroup([], timeout=timeout)
+            self.group.procs.append(self)
+        self.group.stop()
+
+    @property
+    def tracer(self) -> Tracer:
+        assert self.group is not None and self.group.tracer is not None, "not stopped"
+        return self.group.tracer
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return self.tracer.call(fn, *args)
+
+    # ------------------------------------------------------------ registers
+    def get_regs(self, tid: int):
+        """The thread's ``struct user_regs`` (a cffi object)."""
+        return self._call(_get_regs, tid)
+
+    def set_regs(self, tid: int, regs) -> None:
+        self._call(k.ptrace, k.PTRACE_SETREGS, tid, 0, regs)
+
+    def get_fpregs(self, tid: int) -> bytes:
+        """The FXSAVE area of the thread (empty on failure)."""
+        return self._call(_get_fpregs, tid)
+
+    def get_xstate(self, tid: int) -> bytes:
+        """The thread's XSAVE area as PTRACE_GETREGSET(NT_X86_XSTATE) returns it (standard
+        format; bytes 464.. hold the user xfeatures mask, XCR0)."""
+        return self._call(_get_regset, tid, k.NT_X86_XSTATE, arch.REGSET_BUFFER)
+
+    def get_regsets(self, tid: int) -> dict[int, bytes]:
+        """The thread's register sets ``arch.RECORDED_REGSETS`` (PTRACE_GETREGSET) by note
+        type; one the CPU or kernel does not offer is left out."""
+        return self._call(_get_regsets, tid, k.ffi.new("char[]", arch.REGSET_BUFFER))
+
+    def get_sigmask(self, tid: int) -> int:
+        """The thread's blocked-signal mask (bit N-1 = signal N)."""
+        return self._call(_get_sigmask, tid)
+
+    def set_sigmask(self, tid: int, mask: int) -> None:
+        self._call(_set_sigmask, tid, mask)
+
+    def record_threads(self, wait: bool = True) -> dict[str, dict]:
+        """Every stopped thread's state as of the stop, by tid: general registers (``regs``),
+        the FXSAVE area (``fpregs``, hex) and the register sets ``arch.RECORDED_REGSETS``
+        (``regsets``, bytes by note type). Only raw bytes are read during the stop; the
+        entries are complete after the release (decoding lengthened the pause); thread names
+        are read after it too (:func:`snapfs.capture.coreinfo.thread_names`). No thread is
+        ever recorded in the middle of a signal delivery: the stop never holds a signal.
+
+        ``wait=False`` queues the reads in the tracer thread and returns at once: they run
+        while the caller does other work of the pause (protecting memory); the release,
+        queued after them, waits for them."""
+        out: dict[str, dict] = {}
+        if wait:
+            self._recorded.append(self._call(self._record_threads, out))
+        else:
+            self._recorded.append(self.tracer.submit(self._record_threads, out))
+        return out
+
+    def _record_threads(self, out: dict[str, dict]) -> list:
+        raw = []
+        regs = k.ffi.new("struct user_regs *")
+        buf = k.ffi.new("char[]", arch.REGSET_BUFFER)
+        for tid in list(self.tids):
+            if self._injector is not None and tid == self._injector.tid:
+                regs_bytes = bytes(k.ffi.buffer(self._injector.saved))
+            else:
+                try:
+                    k.ptrace(k.PTRACE_GETREGS, tid, 0, regs)
+                except OSError as exc:
+                    if exc.errno != errno.ESRCH or tid == self.pid:
+                        raise
+                    continue  # killed while stopped: it has no state to record
+                regs_bytes = bytes(k.ffi.buffer(regs))
+            regsets = _get_regsets(tid, buf)
+            # The FXSAVE area comes out of the XSAVE area: GETFPREGS only where there is none.
+            fp = None if regsets else _get_fpregs(tid)
+            entry = out[str(tid)] = {"regs": {}, "fpregs": "", "regsets": regsets}
+            raw.append((entry, regs_bytes, fp))
+        return raw
+
+    def _finish_records(self) -> None:
+        """Decode what record_threads read. A queued recording that failed raises here."""
+        recorded, self._recorded = self._recorded, []
+        for raw in recorded:
+            if isinstance(raw, concurrent.futures.Future):
+                raw = raw.result()
+            for entry, regs_bytes, fp in raw:
+                entry["regs"] = dict(zip(arch.REG_NAMES, struct.unpack(f"<{len(arch.REG_NAMES)}Q", regs_bytes)))
+                entry["fpregs"] = (arch.fpregs_from_regsets(entry["regsets"]) if fp is None else fp).hex()
+
+    def injector(self, tid: int | None = None):
+        """The syscall injector of this process (created on first use; one at a time), on
+        ``tid`` or on a thread chosen for it (see :mod:`snapfs.capture.inject`)."""
+        from snapfs.capture.inject import Injector, pick_thread
+
+        if self._injector is None:
+            self._injector = self._call(Injector, self, tid if tid is not None else pick_thread(self))
+        return self._injector
+
+    # ------------------------------------------------------------ release
+    def release(self) -> None:
+        """Put back injected registers, then detach every thread (safe to call twice). For
+        a process stopped alone this releases its group."""
+        group = self.group
+        if group is None or group.tracer is None:
+            self.tids = []
+            self._injector = None
+            return
+        if len(group.procs) == 1:
+            group.release()
+            return
+        group.tracer.call(group._release_one, self)
+        group.released_at = time.monotonic()
+        self._finish_records()
+
+
+class StopGroup:
+    """Processes stopped together: every thread of every one of them is seized and
+    interrupted before any is waited for, so they all stop at (nearly) one instant.
+
+    ``stop()`` raises TargetError / PermissionDenied (leaving nothing stopped or traced)
+    when a process is gone, exec'd, or a thread does not stop within ``timeout`` seconds.
+    ``group[pid]`` is the :class:`StoppedProcess` of ``pid``.
+    """
+
+    def __init__(self, targets: Iterable[int | ProcessHandle], timeout: float = STOP_TIMEOUT,
+                 one_thread: bool = False) -> None:
+        self.procs = [StoppedProcess(t, self) for t in targets]
+        self.timeout = timeout
+        # Stop one thread per process (the leader, else any live one), not all: enough to
+        # inject a call whose effect belongs to the process (a userfaultfd for its mm).
+        self.one_thread = one_thread
+        self.tracer: Tracer | None = None
+        self._owner: dict[int, StoppedProcess] = {}  # tid -> process, for every tid seized
+        self._stopped: dict[int, int] = {}  # tid -> raw status of its current stop
+        self.stop_ms = 0.0
+        self.released_at: float | None = None  # time.monotonic() once every thread runs again
+
+    def __getitem__(self, pid: int) -> StoppedProcess:
+        return next(p for p in self.procs if p.pid == pid)
+
     def stop(self) -> None:
-        """Seize and stop every thread; raises TargetError / PermissionDenied."""
-        seen: set[int] = set()
+        """Stop every thread (blocking; from a trio worker thread it is cancellable)."""
+        self.tracer = get_tracer()
+        self.tracer.call_cancellable(self._stop_in_tracer)
+
+    async def astop(self) -> None:
+        """:meth:`stop` for trio (cancellation releases everything and propagates)."""
+        self.tracer = get_tracer()
+        await self.tracer.acall(self._stop_in_tracer)
+
+    def release(self) -> None:
+        """Detach every thread of every process (injected registers put back first)."""
+        if self.tracer is None or not self._owner and not any(p.tids for p in self.procs):
+            return
+        if self.tracer.retired:  # its end detached everything it traced
+            self.tracer.join()
+            self._owner.clear()
+            for p in self.procs:
+                p.tids, p._injector = [], None
+            return
+        self.tracer.call(self._release_all)
+        self.released_at = time.monotonic()
+        for p in self.procs:
+            p._finish_records()
+
+    # ------------------------------------------------------------ in the tracer thread
+    def _release_all(self) -> None:
+        for p in self.procs:
+            self._release_one(p)
+
+    def _release_one(self, p: StoppedProcess) -> None:
+        inj, p._injector = p._injector, None
+        if inj is not None:
+            inj.finish_quietly()
+        p.tids = []
+        left = False
+        for tid, owner in list(self._owner.items()):
+            if owner is not p:
+                continue
+            try:
+                k.ptrace(k.PTRACE_DETACH, tid, 0, 0)
+            except OSError as exc:
+                # ESRCH: gone, or not in a stop (never stopped, or running an injected call
+                # that did not return): only the end of the tracer thread lets that go.
+                if exc.errno == errno.ESRCH and _thread_state(p.pid, tid) not in (None, "Z", "X"):
+                    left = True
+            self._forget(tid)
+        self.tracer.reap()
+        if left:
+            self.tracer.retire()
+
+    def _forget(self, tid: int) -> None:
+        self._owner.pop(tid, None)
+        self._stopped.pop(tid, None)
+        if self.tracer is not None and self.tracer.route.get(tid) is self:
+            del self.tracer.route[tid]
+
+    def _stop_in_tracer(self) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout
         try:
+            seen: set[int] = set(self._owner)  # a one-thread stop being widened
             while True:
-                new = [t for t in list_tids(self.pid) if t not in seen]
+                new: list[int] = []
+                for p in self.procs:
+                    if self.one_thread and p.tids:
+                        continue
+                    for tid in _leader_first(p.pid, list_tids(p.pid)):
+                        if tid not in seen:
+                            seen.add(tid)
+                            if self._seize(p, tid):
+                                new.append(tid)
+                                if self.one_thread:
+                                    break
                 if not new:
                     break
                 for tid in new:
-                    seen.add(tid)
-                    if self._seize(tid):
-                        self.tids.append(tid)
-                for tid in new:
-                    if tid in self.tids:
-                        self._wait_stop(tid)
+                    self._await_stop(tid, deadline)
+                if self.one_thread and all(p.tids or p.exited or p.execed for p in self.procs):
+                    break
+            for p in self.procs:
+                self._check_stopped(p)
         except BaseException:
-            self.release()
+            self._release_all()
             raise
-        if self.pid not in self.tids:
-            self.release()
-            raise TargetError(f"process {self.pid} exited")
+        self.stop_ms = (time.monotonic() - t0) * 1000.0
 
-    def _seize(self, tid: int) -> bool:
+    def _seize(self, p: StoppedProcess, tid: int) -> bool:
+        """PTRACE_SEIZE + PTRACE_INTERRUPT; False if the thread is gone or exiting."""
         try:
-            k.ptrace(k.PTRACE_SEIZE, tid, 0, k.PTRACE_O_TRACESYSGOOD)
+            k.ptrace(k.PTRACE_SEIZE, tid, 0, SEIZE_OPTIONS)
         except OSError as exc:
             if exc.errno == errno.ESRCH:
-                if tid == self.pid:
-                    raise TargetError(f"process {self.pid} exited") from None
+                if tid == p.pid and not _alive(p):
+                    raise TargetError(f"process {p.pid} exited") from None
                 return False
             if exc.errno == errno.EPERM:
-                if tid != self.pid and _thread_exiting(self.pid, tid):
-                    return False  # the kernel refuses EPERM, not ESRCH, for an exiting thread
-                raise permission_error(self.pid, tid) from None
+                # The kernel answers EPERM, not ESRCH, for a thread that is exiting; a leader
+                # that called pthread_exit stays a zombie while the process lives.
+                if _thread_state(p.pid, tid) in (None, "Z", "X"):
+                    return False
+                raise permission_error(p.pid, tid) from None
             raise
+        self._owner[tid] = p
+        self.tracer.route[tid] = self
         try:
             k.ptrace(k.PTRACE_INTERRUPT, tid)
         except OSError as exc:
@@ -147,209 +692,153 @@ class StoppedProcess:
                 raise
         return True
 
-    def wait(self, tid: int) -> int:
-        """waitpid one thread; returns the raw status; removes threads that exited."""
-        while True:
-            try:
-                _, status = os.waitpid(tid, k.WALL)
-            except ChildProcessError:
-                self._forget(tid)
-                raise TargetError(f"thread {tid} of process {self.pid} exited") from None
-            except InterruptedError:
-                continue
-            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                self._forget(tid)
-                raise TargetError(f"process {self.pid} exited during the snapshot")
-            return status
+    def _await_stop(self, tid: int, deadline: float) -> None:
+        """Handle events until ``tid`` is stopped or gone (or its process exec'd)."""
+        p = self._owner.get(tid)
+        while tid not in self._stopped and tid in self._owner and not p.execed:
+            if self.tracer.wait(deadline) is None:
+                raise TargetError(
+                    f"{describe_thread(p.pid, tid)} did not stop within {self.timeout:g} s: "
+                    "target released, nothing captured; retry when it runs again"
+                )
 
-    def _forget(self, tid: int) -> None:
-        if tid in self.tids:
-            self.tids.remove(tid)
-
-    def _wait_stop(self, tid: int) -> None:
-        """Wait for the interrupt stop; a signal-delivery stop counts too (the signal is
-        kept and re-delivered on release)."""
-        try:
-            status = self.wait(tid)
-        except TargetError:
-            if tid == self.pid:
-                raise
+    def dispatch(self, tid: int, status: int) -> None:
+        """Record one wait status of a thread of this group (called by Tracer.wait). A
+        signal-delivery stop outside an injection is resumed at once with its signal
+        (nothing is held back) and interrupted again."""
+        p = self._owner.get(tid)
+        if p is None:
             return
-        sig = os.WSTOPSIG(status)
-        event = status >> 16
-        if event == 0 and sig not in (signal.SIGTRAP, signal.SIGTRAP | 0x80):
-            # Signal-delivery stop: the signal is suppressed now and re-sent at release.
-            self._pending_signal[tid] = sig
-
-    # ------------------------------------------------------------ registers
-    def get_regs(self, tid: int):
-        """The thread's ``struct user_regs`` (a cffi object)."""
-        regs = k.ffi.new("struct user_regs *")
-        k.ptrace(k.PTRACE_GETREGS, tid, 0, regs)
-        return regs
-
-    def set_regs(self, tid: int, regs) -> None:
-        k.ptrace(k.PTRACE_SETREGS, tid, 0, regs)
-
-    def get_fpregs(self, tid: int) -> bytes:
-        """The FXSAVE area of the thread (empty on failure)."""
-        buf = k.ffi.new("char[]", arch.FPREGS_SIZE)
-        try:
-            k.ptrace(k.PTRACE_GETFPREGS, tid, 0, buf)
-        except OSError:
-            return b""
-        return bytes(k.ffi.buffer(buf))
-
-    def get_regsets(self, tid: int) -> dict[int, bytes]:
-        """The thread's register sets ``arch.RECORDED_REGSETS`` (PTRACE_GETREGSET) by note
-        type; one the CPU or kernel does not offer is left out."""
-        buf, iov = self._regset_buf, self._regset_iov
-        out = {}
-        for nt in arch.RECORDED_REGSETS:
-            iov.iov_base, iov.iov_len = buf, arch.REGSET_BUFFER
-            try:
-                k.ptrace(k.PTRACE_GETREGSET, tid, nt, iov)
-            except OSError:
-                continue
-            out[nt] = bytes(k.ffi.buffer(buf, iov.iov_len))
-        return out
-
-    def get_siginfo(self, tid: int) -> bytes | None:
-        """The siginfo of the signal ``tid`` was stopped delivering (None if not in such a stop)."""
-        sig = self._pending_signal.get(tid)
-        if not sig or (self._injector is not None and tid == self._injector.tid):
-            return None  # an injection went through its signal-delivery stop: its siginfo is gone
-        buf = k.ffi.new("char[]", k.SIGINFO_SIZE)
-        try:
-            k.ptrace(k.PTRACE_GETSIGINFO, tid, 0, buf)
-        except OSError:
-            return None
-        info = bytes(k.ffi.buffer(buf))
-        return info if int.from_bytes(info[:4], "little") == sig else None
-
-    def record_threads(self) -> dict[str, dict]:
-        """Every thread's state as of the stop, by tid: general registers (``regs``), the
-        FXSAVE area (``fpregs``, hex), the register sets ``arch.RECORDED_REGSETS`` (``regsets``,
-        bytes by note type) and, for a thread stopped while a signal was being delivered to it,
-        that signal's ``siginfo`` (bytes). Only what can change is read here, inside the pause:
-        thread names are read after it (:func:`snapfs.capture.coreinfo.thread_names`)."""
-        out: dict[str, dict] = {}
-        for tid in list(self.tids):
-            if self._injector is not None and tid == self._injector.tid:
-                regs = self._injector.saved
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._forget(tid)
+            if tid in p.tids:
+                p.tids.remove(tid)
+            if tid == p.pid:
+                p.exited = True  # the leader's exit is reported last: the process is gone
+            return
+        if not os.WIFSTOPPED(status):
+            return
+        sig, event = os.WSTOPSIG(status), status >> 16
+        if event == k.PTRACE_EVENT_EXEC:
+            p.execed = True
+        elif event == 0 and sig != _SYSCALL_STOP and (p._injector is None or p._injector.tid != tid):
+            # A signal-delivery stop (a signal dequeued just as we seized): let the thread
+            # take its signal now, then stop it again.
+            k.ptrace(k.PTRACE_CONT, tid, 0, sig)
+            k.ptrace(k.PTRACE_INTERRUPT, tid)
+            return
+        self._stopped[tid] = status
+        if tid not in p.tids:
+            if tid == p.pid:
+                p.tids.insert(0, tid)
             else:
-                try:
-                    regs = self.get_regs(tid)
-                except OSError as exc:
-                    if exc.errno != errno.ESRCH or tid == self.pid:
-                        raise
-                    continue  # killed while stopped: it has no state to record
-            regsets = self.get_regsets(tid)
-            fpregs = arch.fpregs_from_regsets(regsets)  # no GETFPREGS where XSAVE holds it
-            entry = {
-                "regs": {name: int(getattr(regs, name)) for name in arch.REG_NAMES},
-                "fpregs": (self.get_fpregs(tid) if fpregs is None else fpregs).hex(),
-                "regsets": regsets,
-            }
-            if tid in self._pending_signal:
-                siginfo = self.get_siginfo(tid)
-                if siginfo:
-                    entry["siginfo"] = siginfo
-            out[str(tid)] = entry
-        return out
+                p.tids.append(tid)
 
-    def injector(self) -> Injector:
-        """The (single) syscall injector, created on first use in the main thread."""
-        if self._injector is None:
-            tid = self.pid if self.pid in self.tids else self.tids[0]
-            self._injector = Injector(self, tid)
-        return self._injector
+    def resumed(self, tid: int) -> None:
+        """Note that ``tid`` was resumed (by an injection); its next stop is awaited."""
+        self._stopped.pop(tid, None)
 
-    # -------------------------------------------------------------- release
-    def release(self) -> None:
-        """Restore injected registers, then detach every thread. Never raises for threads
-        that are gone; safe to call twice."""
-        if self._injector is not None:
-            try:
-                self._injector.restore()
-            except OSError:
-                pass
-            self._injector = None
-        tids, self.tids = self.tids, []
-        for tid in tids:
-            try:
-                k.ptrace(k.PTRACE_DETACH, tid, 0, self._pending_signal.get(tid, 0))
-            except OSError:
-                pass
-        self._pending_signal.clear()
+    def wait_stopped(self, tid: int, deadline: float) -> int:
+        """Wait for the next stop of ``tid`` (tracer thread) after an injection resumed it;
+        returns its raw status. TargetError if it exits or the deadline passes. Not
+        abortable: cancelling snapfs mid-injection would leave the thread stopped at a
+        syscall entry (where putting its registers back runs a syscall) or leave the
+        injected call's fd in the target; an injected call takes microseconds, and the
+        deadline still bounds it."""
+        p = self._owner.get(tid)
+        pid = p.pid if p is not None else tid
+        while tid not in self._stopped:
+            if tid not in self._owner:
+                raise TargetError(f"process {pid} exited during the snapshot")
+            if self.tracer.wait(deadline, abortable=False) is None:
+                raise TargetError(
+                    f"{describe_thread(pid, tid)} did not come back from an injected system "
+                    f"call within {self.timeout:g} s: target released"
+                )
+        return self._stopped[tid]
+
+    def _check_stopped(self, p: StoppedProcess) -> None:
+        if p.execed:
+            raise TargetError(
+                f"process {p.pid} started a new program (exec) while snapfs stopped it: "
+                "target released, nothing captured"
+            )
+        if p.exited or not _alive(p):
+            raise TargetError(f"process {p.pid} exited")
+        if p.handle is not None and p.handle.mm_changed():
+            raise TargetError(
+                f"process {p.pid} started a new program (exec) during the snapshot: "
+                "target released, nothing captured"
+            )
+        if not p.tids:
+            raise TargetError(f"process {p.pid} has no thread left to stop")
 
 
-class Injector:
-    """Runs syscalls inside one stopped thread of the target, at an existing ``syscall``
-    instruction of the ``[vdso]`` (no code is modified)."""
-
-    def __init__(self, proc: StoppedProcess, tid: int) -> None:
-        self.proc = proc
-        self.tid = tid
-        self.saved = proc.get_regs(tid)
-        self.insn = proc.syscall_insn or find_syscall_insn(proc.pid)
-        self._dirty = False
-
-    def __call__(self, name: str, *args: int) -> int:
-        """Run syscall ``name`` in the target; return its (signed) result, ``-errno`` on error."""
-        regs = k.ffi.new("struct user_regs *")
-        k.ffi.memmove(regs, self.saved, k.ffi.sizeof("struct user_regs"))
-        arch.set_syscall(regs, self.insn, arch.SYS[name], args)
-        self._dirty = True
-        self.proc.set_regs(self.tid, regs)
-        for _ in range(2):  # to syscall-entry, then to syscall-exit
-            self._resume_to_syscall_stop()
-        out = self.proc.get_regs(self.tid)
-        return arch.syscall_result(out)
-
-    def _resume_to_syscall_stop(self) -> None:
-        sig = 0
-        while True:
-            k.ptrace(k.PTRACE_SYSCALL, self.tid, 0, sig)
-            status = self.proc.wait(self.tid)
-            stopsig = os.WSTOPSIG(status)
-            if stopsig == signal.SIGTRAP | 0x80:
-                return
-            # A signal arrived first: hold it back and re-deliver it at release.
-            if status >> 16 == 0 and stopsig != signal.SIGTRAP:
-                self.proc._pending_signal[self.tid] = stopsig
-            sig = 0
-
-    def restore(self) -> None:
-        """Put back the thread's registers, emulating the syscall restart it missed."""
-        if not self._dirty:
-            return
-        regs = k.ffi.new("struct user_regs *")
-        k.ffi.memmove(regs, self.saved, k.ffi.sizeof("struct user_regs"))
-        arch.emulate_restart(regs)
-        self.proc.set_regs(self.tid, regs)
-        self._dirty = False
-
-    def scratch_address(self, size: int) -> int:
-        """Dead stack space below the red zone of the stopped thread, 16-byte aligned."""
-        return (arch.sp(self.saved) - arch.RED_ZONE - size - 64) & ~0xF
+def _leader_first(pid: int, tids: list[int]) -> list[int]:
+    if pid in tids:
+        tids.remove(pid)
+        tids.insert(0, pid)
+    return tids
 
 
-def find_syscall_insn(pid: int) -> int:
-    """Address of a ``syscall`` instruction in the target: in its ``[vdso]``, else in its
-    first executable mappings (libc has plenty)."""
-    from snapfs.capture.maps import read_maps
-    from snapfs.capture.memory import read_memory
+def _alive(p: StoppedProcess) -> bool:
+    """The process is alive (and, when pinned, the same one)."""
+    if p.handle is not None:
+        return p.handle.alive()
+    return _thread_state(p.pid, p.pid) not in (None, "X")
 
-    vmas = read_maps(pid)
-    candidates = [v for v in vmas if v.path == "[vdso]" and v.perms[2] == "x"]
-    candidates += [v for v in vmas if v.perms[:3] == "r-x" and v.path != "[vdso]"]
-    for v in candidates[:8]:
+
+def _get_regs(tid: int):
+    regs = k.ffi.new("struct user_regs *")
+    k.ptrace(k.PTRACE_GETREGS, tid, 0, regs)
+    return regs
+
+
+def _get_fpregs(tid: int) -> bytes:
+    buf = k.ffi.new("char[]", arch.FPREGS_SIZE)
+    try:
+        k.ptrace(k.PTRACE_GETFPREGS, tid, 0, buf)
+    except OSError:
+        return b""
+    return bytes(k.ffi.buffer(buf))
+
+
+def _get_regset(tid: int, note: int, size: int) -> bytes:
+    buf = k.ffi.new("char[]", size)
+    iov = k.ffi.new("struct iovec *")
+    iov.iov_base = buf
+    iov.iov_len = size
+    k.ptrace(k.PTRACE_GETREGSET, tid, note, iov)
+    return bytes(k.ffi.buffer(buf, iov.iov_len))
+
+
+def _get_regsets(tid: int, buf) -> dict[int, bytes]:
+    out = {}
+    iov = k.ffi.new("struct iovec *")
+    for nt in arch.RECORDED_REGSETS:
+        iov.iov_base, iov.iov_len = buf, arch.REGSET_BUFFER
         try:
-            text = read_memory(pid, v.start, min(v.length, 1 << 20))
+            k.ptrace(k.PTRACE_GETREGSET, tid, nt, iov)
         except OSError:
             continue
-        off = text.find(arch.SYSCALL_INSN)
-        if off >= 0:
-            return v.start + off
-    raise TargetError(f"process {pid} has no syscall instruction in executable memory: cannot inject")
+        out[nt] = bytes(k.ffi.buffer(buf, iov.iov_len))
+    return out
+
+
+def _get_sigmask(tid: int) -> int:
+    mask = k.ffi.new("unsigned long long *")
+    k.ptrace(k.PTRACE_GETSIGMASK, tid, 8, mask)
+    return int(mask[0])
+
+
+def _set_sigmask(tid: int, mask: int) -> None:
+    m = k.ffi.new("unsigned long long *", mask)
+    k.ptrace(k.PTRACE_SETSIGMASK, tid, 8, m)
+
+
+def stop_processes(targets: Iterable[int | ProcessHandle], timeout: float = STOP_TIMEOUT) -> StopGroup:
+    """Stop every thread of every target at one instant (blocking); release the returned
+    group when done. Raises TargetError / PermissionDenied with nothing left stopped."""
+    group = StopGroup(targets, timeout=timeout)
+    group.stop()
+    return group
