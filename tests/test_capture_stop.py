@@ -412,6 +412,22 @@ async def test_two_captures_of_one_process(snapfs_env, store_dir):
         _check(t)
 
 
+def test_rate_has_a_floor(snapfs_env):
+    out = subprocess.run([*snapfs_cmd(), "snapshot", "1", "--rate", "1"], env=snapfs_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "at least 1M" in out.stderr, out.stderr
+
+
+async def test_rate_deadline_copies_the_rest_at_full_speed(store_dir):
+    with Target("oracle", "16384", "1") as t:  # 64 MiB at 1 MiB/s would take a minute
+        with Store.open(store_dir, create=True) as store:
+            t0 = time.monotonic()
+            result = await capture_process(t.pid, store, "s", CaptureOptions(rate=1 << 20, rate_deadline=1.0))
+            assert time.monotonic() - t0 < 45  # snapfs start-up included: slow on a loaded machine
+            assert any("deadline" in w for w in result.warnings), result.warnings
+        assert_released(t.pid)
+
+
 # ---------------------------------------------------------------- odd but legal targets
 async def test_process_whose_main_thread_exited(store_dir):
     """A leader that called pthread_exit stays a zombie while the process runs: the stop

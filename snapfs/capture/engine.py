@@ -333,7 +333,8 @@ class _Capture:
         fault_path = self.fault_path  # already serving (started inside the freeze)
         # In continuous mode pages stay protected after the scan: the fault path unprotects
         # only what is written, so at the end the protection says what changed.
-        scan = Scan(ctx, self.options.rate, unprotect=not self.options.continuous, hot=self.hot)
+        scan = Scan(ctx, self.options.rate, unprotect=not self.options.continuous, hot=self.hot,
+                    rate_deadline=self.options.rate_deadline)
         free_send, free_recv = trio.open_memory_channel[bytearray](len(self.buffers))
         for buf in self.buffers:
             free_send.send_nowait(buf)
@@ -358,6 +359,11 @@ class _Capture:
                             scan.run, work_send, free_recv, abandon_on_cancel=False
                         )
                     scan_done.set()
+                    if scan.late:
+                        self.warnings.append(
+                            f"the background copy at {self.options.rate:.0f} bytes/s reached its "
+                            f"{self.options.rate_deadline:g} s deadline: the rest was copied at full speed"
+                        )
                     work_recv.close()
                 if self.options.continuous:
                     # Switch to async tracking while the fault path still serves faults.
@@ -461,6 +467,7 @@ async def snapshot_next(tracking: continuous.Tracking, store, name: str, progres
     tracking.close()
     opts = CaptureOptions(
         rate=tracking.options.rate,
+        rate_deadline=tracking.options.rate_deadline,
         include_readonly=tracking.options.include_readonly,
         parent=parent,
         workers=tracking.options.workers,

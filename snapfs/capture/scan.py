@@ -5,7 +5,9 @@ pages are not split; many small mappings share a batch): skip it if the fault pa
 claimed all of it; read it with ``process_vm_readv`` (GIL released); check with
 ``PAGEMAP_SCAN`` that the pages read were still write-protected (so still the freeze
 content); claim, under the ledger lock, those nobody claimed yet; only then unprotect them;
-hand the buffer to the store workers. ``rate`` throttles only this.
+hand the buffer to the store workers. ``rate`` throttles only this, and only until
+``rate_deadline`` seconds have passed: then the rest is copied at full speed (``late`` is
+set), so a low rate never keeps the target write-protected for hours.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ class Scan:
     """One scan over the ledger; :meth:`run` is the body of its worker thread."""
 
     def __init__(self, ctx: CaptureContext, rate: float | None, unprotect: bool = True,
-                 hot: np.ndarray | None = None) -> None:
+                 hot: np.ndarray | None = None, rate_deadline: float | None = None) -> None:
         self.ctx = ctx
         self.rate = rate
+        self.rate_deadline = rate_deadline
+        self.late = False  # the deadline passed: the rest went at full speed
         self.unprotect = unprotect  # False: chunks stay protected (continuous mode)
         # Pages written during pre-protection (sorted): their batches are copied first.
         self.hot = hot if hot is not None else np.empty(0, np.uint64)
@@ -61,8 +65,14 @@ class Scan:
                 a, b = int(plan.slot[first]), int(plan.slot[last - 1] + plan.npages[last - 1])
                 if not (led.state[a:b] == 0).any():  # the fault path took it all
                     continue
-                if self.rate:
-                    ahead = scanned / self.rate - (time.monotonic() - started)
+                if self.rate and not self.late:
+                    elapsed = time.monotonic() - started
+                    ahead = scanned / self.rate - elapsed
+                    if self.rate_deadline is not None:
+                        if elapsed >= self.rate_deadline:
+                            self.late = True
+                            ahead = 0
+                        ahead = min(ahead, self.rate_deadline - elapsed)
                     if ahead > 0 and self.stop.wait(ahead):
                         return
                 lo, hi = plan.lo[first:last], plan.hi[first:last]

@@ -20,6 +20,9 @@ class CaptureOptions:
     """How to capture (see ``snapfs snapshot --help``)."""
 
     rate: float | None = None  # bytes/s for the background scan; None = unlimited
+    # After this many seconds of throttled scan, the rest is copied at full speed: a low
+    # rate must not keep the target write-protected (every write a fault) for hours.
+    rate_deadline: float = 600.0
     include_readonly: bool = False
     parent: str | None = None
     workers: int = 0  # compression threads; 0 = number of CPUs

@@ -47,9 +47,18 @@ def register(subparsers) -> None:
     p.add_argument(
         "--rate",
         metavar="BYTES_PER_S",
-        type=_arg(parse_size),
+        type=_arg(_parse_rate),
         default=None,
-        help="limit the background copy (e.g. 200M); write faults are always served at once",
+        help="limit the background copy (e.g. 200M; at least 1M); write faults are always "
+        "served at once. After --rate-deadline the rest is copied at full speed",
+    )
+    p.add_argument(
+        "--rate-deadline",
+        metavar="DURATION",
+        type=_arg(parse_duration),
+        default=600.0,
+        help="how long --rate may stretch the copy (default 10m): the target stays "
+        "write-protected until it ends, and each of its writes meanwhile is a fault",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object with the figures")
     p.add_argument(
@@ -68,6 +77,20 @@ def register(subparsers) -> None:
         "incremental child of the previous one",
     )
     p.set_defaults(func=run)
+
+
+MIN_RATE = 1 << 20
+
+
+def _parse_rate(text: str) -> int:
+    """--rate: a size per second, at least MIN_RATE."""
+    rate = parse_size(text)
+    if rate < MIN_RATE:
+        raise UsageError(
+            f"--rate {text} is too low: at least 1M (1 MiB/s); the target stays write-protected "
+            "until the copy ends"
+        )
+    return rate
 
 
 def check_name(name: str) -> str:
@@ -158,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     line = ProgressLine() if sys.stderr.isatty() and not args.json else None
     progress = None if line is None else (lambda p: line.show(progress_text(p)))
     options = CaptureOptions(rate=args.rate, include_readonly=args.include_readonly,
-                             continuous=args.every is not None)
+                             continuous=args.every is not None, rate_deadline=args.rate_deadline)
     store = Store.open(store_path(args), create=True)
     taken: list[str] = []  # snapshots committed (for --every)
 
