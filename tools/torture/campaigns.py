@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tools.torture import capture  # noqa: F401  (registers "capture")
+from tools.torture import capture, restore  # noqa: F401  (they register themselves)
 from tools.torture.core import CAMPAIGNS
 
 __all__ = ["CAMPAIGNS"]
