@@ -160,7 +160,7 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
     assert incr["dirty_pages"] > 0 and 0 < incr["stored_ratio"] < 1, incr  # the child stores only what changed
 
     goals = results["goals"]
-    assert len(goals) == 14
+    assert len(goals) == 15
     for g in goals:  # a verdict, or the reason there is none
         assert g["goal"] and g["measured"] and g["pass"] in (True, False, None), g
         assert g["pass"] is not None or g["note"], g
@@ -170,6 +170,11 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
     for g in per_row:
         judged = [r["pass"] for r in g["rows"] if r["pass"] is not None]
         assert g["pass"] == (all(judged) if judged else None), g
+
+    sc = results["stop_cost"]  # stop cost by thread count, beside the C floor
+    assert sc["threads_low"] == 1 and sc["threads_high"] == 256 and sc["ratio"] > 0
+    for row in sc["summary"].values():
+        assert row["attach_freeze_ms"] > 0 and row["floor_stop_ms"] > 0 and row["floor_resume_ms"] > 0
 
     # The stall sections: every row the target's worst stall beside its undisturbed window.
     sections = {r.get("section") for r in results["rows"]}

@@ -42,8 +42,9 @@ def _label(r: dict) -> str:
 
 
 def stall_goals(results: dict) -> list[dict]:
-    """The stall goals, per row: worst stall vs fork(), the write-fault round trip, the JVM-like
-    target, many mappings, throughput vs stop-copy, and the --every children."""
+    """The stall goals, per row: worst stall vs fork(), the stop cost by thread count (the
+    stop-cost section), the write-fault round trip, the JVM-like target, many mappings,
+    throughput vs stop-copy, and the --every children."""
     rows = [r for r in results["rows"] if r.get("section") and not r.get("error")]
     goals = []
     by_key: dict[tuple, dict[str, dict]] = {}
@@ -70,6 +71,20 @@ def stall_goals(results: dict) -> list[dict]:
                           "worst = the longest stall the target measured during the run (attach, "
                           "pre-protect, freeze, background copy, release); fork() = the target's own "
                           "timing of fork() in the fork peer on the same target"))
+
+    # 2. the stop does not grow with the thread count
+    name = "attach + freeze, 256 threads <= 2 x one thread"
+    sc = results.get("stop_cost") or {}
+    if sc.get("ratio") is not None:
+        hi, lo = sc["summary"][str(sc["threads_high"])], sc["summary"][str(sc["threads_low"])]
+        goals.append(_goal(name, f"{sc['threads_high']} threads {hi['attach_freeze_ms']:.2f} ms vs "
+                           f"{sc['threads_low']} {lo['attach_freeze_ms']:.2f} ms (x{sc['ratio']:.2f}); "
+                           f"C floor for {sc['threads_high']}: stop {hi['floor_stop_ms']:.2f} + resume "
+                           f"{hi['floor_resume_ms']:.2f} ms", sc["ratio"] <= 2,
+                           "medians of interleaved rounds on idle-thread targets of one size "
+                           "(tools/bench/stopcost.py)"))
+    else:
+        goals.append(_goal(name, "n/a", None, "needs the stop-cost section"))
 
     # 3. write-fault round trip
     checks = []

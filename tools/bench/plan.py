@@ -42,6 +42,10 @@ class Plan:
     mappings_size: int = 1 * GiB
     throughput_sizes: list[int] = field(default_factory=lambda: [1 * GiB, 4 * GiB])
     throughput_rounds: int = 2
+    # Stop cost by thread count (tools/bench/stopcost.py): idle threads beside the main one
+    stopcost_threads: tuple[int, ...] = (0, 255)
+    stopcost_size: int = 256 * MiB
+    stopcost_rounds: int = 5
     every_children: int = 3          # --every children per incremental target
     every_period_s: float = 4.0      # --every period of the memwriter series (the Python one: half)
     python_target_size: int = 300 * MiB
@@ -59,7 +63,8 @@ def quick() -> Plan:
                 thread_counts=[1, 4], matrix_rates=[20000], jvm_size=128 * MiB, jvm_writers=4,
                 jvm_idle_threads=40, jvm_write_rate=20000, mappings=4000, mappings_size=64 * MiB,
                 throughput_sizes=[64 * MiB], throughput_rounds=1, every_children=2,
-                every_period_s=1.5, python_target_size=32 * MiB)
+                every_period_s=1.5, python_target_size=32 * MiB, stopcost_size=64 * MiB,
+                stopcost_rounds=2)
 
 
 def full() -> Plan:

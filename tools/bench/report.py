@@ -241,6 +241,11 @@ def markdown(results: dict, command: str, img_prefix: str = "") -> str:
                      f"{sec['child']['stored_bytes'] / 2**20:.1f} MiB vs {sec['full']['stored_bytes'] / 2**20:.1f} MiB")
     L.append("")
 
+    if results.get("stop_cost"):
+        from tools.bench.stopcost import report as stop_report
+
+        L += ["## Stop cost by thread count", "", stop_report(results["stop_cost"]), ""]
+
     L += ["## How each figure is measured", "",
           "- **pause**: the longest stall the target measured itself during the run (memwriter times "
           "every write; a stall is the time from when a write could start — its pacing deadline or "

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench import every, floors, machine, peers, readpaths, stalls
+from tools.bench import every, floors, machine, peers, readpaths, stalls, stopcost
 from tools.bench.methods import Method
 from tools.bench.methods.gcore import Gcore
 from tools.bench.methods.precopy import PreCopy
@@ -99,7 +99,7 @@ def _throughput_runs(method: Method, row: dict, target: Target, workdir: Path, t
     row["zstd_side_by_side"] = {"Bps": max(passes), "pass_Bps": passes, "threads": threads}
 
 
-SECTIONS = ("methods", "matrix", "jvm", "mappings", "throughput", "every", "qemu", "readpaths")
+SECTIONS = ("methods", "matrix", "jvm", "mappings", "throughput", "every", "qemu", "readpaths", "stopcost")
 
 
 def run(plan: Plan, out_dir: Path, install_peers: bool = True, only: set[str] | None = None) -> dict:
@@ -209,6 +209,11 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True, only: set[str] | 
         if wanted("readpaths"):
             log(f"read paths ({plan.readpath_size >> 20} MiB region)")
             results["readpaths"] = readpaths.run(plan, workdir, log)
+        if wanted("stopcost"):
+            log(f"stop cost by thread count ({plan.stopcost_size >> 20} MiB sleepers, "
+                f"{'/'.join(str(n + 1) for n in plan.stopcost_threads)} threads)")
+            results["stop_cost"] = stopcost.measure(plan.stopcost_size >> 20, tuple(plan.stopcost_threads),
+                                                    plan.stopcost_rounds, log=log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = time.time() - started
