@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from snapfs.capture import arch
+from snapfs.capture import arch, threadstate
 from snapfs.capture import kernel as k
 from snapfs.capture.memory import read_memory, write_memory
 from snapfs.errors import TargetError
@@ -60,7 +60,6 @@ T = TypeVar("T")
 
 _SYSCALL_STOP = signal.SIGTRAP | 0x80
 _FAULT_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGTRAP)
-_ALL_SIGNALS = (1 << 64) - 1
 _CHAIN_WORDS = 64  # room for the longest chain (a dozen fds to close)
 _TEXT_LIMIT = 32 << 20  # search at most this much of one executable mapping
 
@@ -242,7 +241,7 @@ class Injector:
     """
 
     def __init__(self, proc: StoppedProcess, tid: int) -> None:
-        from snapfs.capture.ptrace import _get_regs, _get_regset, _get_sigmask
+        from snapfs.capture.ptrace import _get_regs
 
         self.proc = proc
         self.tid = tid
@@ -253,9 +252,9 @@ class Injector:
                 "cannot inject a system call into it safely"
             )
         self.saved = _get_regs(tid)
-        self.sigmask = _get_sigmask(tid)
+        self.sigmask = threadstate.get_sigmask(tid)
         self.gadgets = gadgets_for(proc, tid)
-        xstate = arch.signal_xstate(_get_regset(tid, k.NT_X86_XSTATE, arch.REGSET_BUFFER))
+        xstate = arch.signal_xstate(threadstate.get_xstate(tid))
         frame_regs = _copy_regs(self.saved)
         arch.restart_for_sigreturn(frame_regs)
 
@@ -338,7 +337,7 @@ class Injector:
         self._live = True
         k.ptrace(k.PTRACE_SETREGS, self.tid, 0, regs)  # from here a death runs the chain
         if not self._masked:
-            _set_mask(self.tid, _ALL_SIGNALS)
+            threadstate.block_all(self.tid)
             self._masked = True
         self._to_syscall_stop()  # entry
         self._to_syscall_stop()  # exit
@@ -387,7 +386,7 @@ class Injector:
 
     def _finish(self, regs) -> None:
         if self._masked:
-            _set_mask(self.tid, self.sigmask)
+            threadstate.set_sigmask(self.tid, self.sigmask)
             self._masked = False
         if self._live:
             final = _copy_regs(self.saved if regs is None else regs)
@@ -401,8 +400,3 @@ def _copy_regs(regs):
     out = k.ffi.new("struct user_regs *")
     k.ffi.memmove(out, regs, k.ffi.sizeof("struct user_regs"))
     return out
-
-
-def _set_mask(tid: int, mask: int) -> None:
-    m = k.ffi.new("unsigned long long *", mask)
-    k.ptrace(k.PTRACE_SETSIGMASK, tid, 8, m)

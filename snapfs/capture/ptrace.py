@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from snapfs.capture import arch
+from snapfs.capture import arch, threadstate
 from snapfs.capture import kernel as k
 from snapfs.capture.handle import ProcessHandle, read_stat
 from snapfs.errors import PermissionDenied, TargetError
@@ -465,7 +465,7 @@ class StoppedProcess:
     def get_xstate(self, tid: int) -> bytes:
         """The thread's XSAVE area as PTRACE_GETREGSET(NT_X86_XSTATE) returns it (standard
         format; bytes 464.. hold the user xfeatures mask, XCR0)."""
-        return self._call(_get_regset, tid, k.NT_X86_XSTATE, arch.REGSET_BUFFER)
+        return self._call(threadstate.get_xstate, tid)
 
     def get_regsets(self, tid: int) -> dict[int, bytes]:
         """The thread's register sets ``arch.RECORDED_REGSETS`` (PTRACE_GETREGSET) by note
@@ -474,10 +474,10 @@ class StoppedProcess:
 
     def get_sigmask(self, tid: int) -> int:
         """The thread's blocked-signal mask (bit N-1 = signal N)."""
-        return self._call(_get_sigmask, tid)
+        return self._call(threadstate.get_sigmask, tid)
 
     def set_sigmask(self, tid: int, mask: int) -> None:
-        self._call(_set_sigmask, tid, mask)
+        self._call(threadstate.set_sigmask, tid, mask)
 
     def record_threads(self, wait: bool = True) -> dict[str, dict]:
         """Every stopped thread's state as of the stop, by tid: general registers (``regs``),
@@ -803,15 +803,6 @@ def _get_fpregs(tid: int) -> bytes:
     return bytes(k.ffi.buffer(buf))
 
 
-def _get_regset(tid: int, note: int, size: int) -> bytes:
-    buf = k.ffi.new("char[]", size)
-    iov = k.ffi.new("struct iovec *")
-    iov.iov_base = buf
-    iov.iov_len = size
-    k.ptrace(k.PTRACE_GETREGSET, tid, note, iov)
-    return bytes(k.ffi.buffer(buf, iov.iov_len))
-
-
 def _get_regsets(tid: int, buf) -> dict[int, bytes]:
     out = {}
     iov = k.ffi.new("struct iovec *")
@@ -823,17 +814,6 @@ def _get_regsets(tid: int, buf) -> dict[int, bytes]:
             continue
         out[nt] = bytes(k.ffi.buffer(buf, iov.iov_len))
     return out
-
-
-def _get_sigmask(tid: int) -> int:
-    mask = k.ffi.new("unsigned long long *")
-    k.ptrace(k.PTRACE_GETSIGMASK, tid, 8, mask)
-    return int(mask[0])
-
-
-def _set_sigmask(tid: int, mask: int) -> None:
-    m = k.ffi.new("unsigned long long *", mask)
-    k.ptrace(k.PTRACE_SETSIGMASK, tid, 8, m)
 
 
 def stop_processes(targets: Iterable[int | ProcessHandle], timeout: float = STOP_TIMEOUT) -> StopGroup:
