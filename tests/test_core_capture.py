@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import trio
 
 from snapfs.capture import CaptureOptions, capture_process, stopped
 from snapfs.capture import kernel as k
@@ -119,6 +120,28 @@ async def test_their_blocks_round_trip_through_incoming_name_which_has_no_core(s
         providers = list(enumerate(PROVIDERS))
         assert "core" in LoadedSnapshot(store.open_snapshot("s1"), providers).extra_names().values()
         assert "core" not in LoadedSnapshot(store.open_snapshot("s2"), providers).extra_names().values()
+
+async def test_vdso_is_saved_whole_even_pages_the_target_never_ran(store_dir):
+    """A vdso page is mapped on first use: one never run is not present but not zero
+    (gdb reads the vdso's symbols from the core and finds a corrupt image otherwise)."""
+    import subprocess
+
+    from snapfs.capture import read_memory
+
+    sleeper = subprocess.Popen(["sleep", "60"])  # runs no vdso code
+    try:
+        while Path(f"/proc/{sleeper.pid}/wchan").read_text() != "hrtimer_nanosleep":
+            await trio.sleep(0.01)  # past the dynamic loader, asleep
+        vdso = next(v for v in read_maps(sleeper.pid) if v.path == "[vdso]")
+        with Store.open(store_dir, create=True) as store:
+            await capture_process(sleeper.pid, store, "s", CaptureOptions())
+            reader = store.open_snapshot("s")
+            r = next(r for r in reader.regions if r.kind == "vdso")
+            assert r.data_pages == r.length // 4096
+            assert reader.read(r.index, 0, r.length) == read_memory(sleeper.pid, vdso.start, vdso.length)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 async def test_continuous_children_record_it_too(store_dir):

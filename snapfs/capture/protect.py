@@ -338,6 +338,10 @@ def protect_and_record(
         for i, v in enumerate(regions):
             if v.mode == "wp" and v.kind == "shmem":
                 extra += _shmem_unmapped(ft, v, i, lo[vi == i], hi[vi == i])
+            elif v.mode == "copy" and v.kind == "vdso":
+                # The vdso's pages are the kernel's image, mapped on first use: one the
+                # target never ran is not present, but it is not zero either.
+                copy_jobs.append((i, v, np.array([(v.start, v.end, 0)], REGION_DTYPE)))
             elif v.mode == "copy":
                 copy_jobs.append((i, v, populated_ranges(scanner, v.start, v.end)))
             elif v.mode == "readonly":
