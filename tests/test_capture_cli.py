@@ -102,8 +102,16 @@ def _snapshot_in_scan(t, env, rate: str) -> subprocess.Popen:
         [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", rate],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=20)
-    assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=20)
+    # The stop lasts milliseconds (polling the target's TracerPid can miss it): the scan is
+    # running once snapfs holds the target's userfaultfd and the target is no longer traced.
+    def scanning() -> bool:
+        try:
+            fds = [os.readlink(f"/proc/{snap.pid}/fd/{n}") for n in os.listdir(f"/proc/{snap.pid}/fd")]
+        except OSError:
+            return False
+        return "anon_inode:[userfaultfd]" in fds and proc_status(t.pid)["TracerPid"] == "0"
+
+    assert wait_for(scanning, timeout=30)
     time.sleep(0.3)
     return snap
 
