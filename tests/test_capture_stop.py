@@ -23,7 +23,7 @@ from snapfs.capture.freeze import stopped, stopped_group
 from snapfs.errors import TargetError
 from snapfs.store import Store
 from tests.conftest import ROOT, snapfs_cmd
-from tests.test_capture_support import Target, assert_released, proc_status, wait_for
+from tests.support.capture import Target, assert_released, proc_status, wait_for
 from tools.targets import build
 
 pytestmark = pytest.mark.timeout(180)

@@ -189,7 +189,7 @@ def test_a_signal_sent_during_the_stop_is_delivered_after_it_never_held():
     import time
 
     from snapfs.capture.freeze import stopped
-    from tests.test_capture_support import Target as Checked
+    from tests.support.capture import Target as Checked
 
     with Checked("regcheck", "spin", "2") as t:
         with stopped(t.pid) as proc:
