@@ -20,6 +20,7 @@ from tests.support.capture import (
     assert_released,
     check_oracle,
     proc_status,
+    wait_scanning,
     region_image,
     wait_for,
 )
@@ -102,16 +103,7 @@ def _snapshot_in_scan(t, env, rate: str) -> subprocess.Popen:
         [*snapfs_cmd(), "snapshot", str(t.pid), "--rate", rate],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    # The stop lasts milliseconds (polling the target's TracerPid can miss it): the scan is
-    # running once snapfs holds the target's userfaultfd and the target is no longer traced.
-    def scanning() -> bool:
-        try:
-            fds = [os.readlink(f"/proc/{snap.pid}/fd/{n}") for n in os.listdir(f"/proc/{snap.pid}/fd")]
-        except OSError:
-            return False
-        return "anon_inode:[userfaultfd]" in fds and proc_status(t.pid)["TracerPid"] == "0"
-
-    assert wait_for(scanning, timeout=30)
+    assert wait_scanning(snap.pid, t.pid)
     time.sleep(0.3)
     return snap
 

@@ -23,7 +23,7 @@ from snapfs.capture.freeze import stopped, stopped_group
 from snapfs.errors import TargetError
 from snapfs.store import Store
 from tests.conftest import ROOT, snapfs_cmd
-from tests.support.capture import Target, assert_released, proc_status, wait_for
+from tests.support.capture import Target, assert_released, proc_status, wait_for, wait_scanning
 from tools.targets import build
 
 pytestmark = pytest.mark.timeout(180)
@@ -284,8 +284,7 @@ def test_target_that_execs_during_the_scan(snapfs_env, store_dir):
                                 env=snapfs_env, cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            assert wait_for(lambda: proc_status(t.pid)["TracerPid"] != "0", timeout=30)
-            assert wait_for(lambda: proc_status(t.pid)["TracerPid"] == "0", timeout=30)
+            assert wait_scanning(snap.pid, t.pid)
             time.sleep(0.5)
             t.proc.stdin.write("x\n")
             t.proc.stdin.flush()

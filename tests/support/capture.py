@@ -165,3 +165,17 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.002) -> bool:
             return True
         time.sleep(interval)
     return False
+
+
+def wait_scanning(snapfs_pid: int, target_pid: int, timeout: float = 30.0) -> bool:
+    """Wait until a ``snapfs snapshot`` is past its stops: it holds the target's userfaultfd
+    and the target is untraced (the stops last milliseconds: polling TracerPid misses them)."""
+
+    def scanning() -> bool:
+        try:
+            fds = [os.readlink(f"/proc/{snapfs_pid}/fd/{n}") for n in os.listdir(f"/proc/{snapfs_pid}/fd")]
+        except OSError:
+            return False
+        return "anon_inode:[userfaultfd]" in fds and proc_status(target_pid)["TracerPid"] == "0"
+
+    return wait_for(scanning, timeout)
