@@ -121,6 +121,7 @@ async def test_their_blocks_round_trip_through_incoming_name_which_has_no_core(s
         assert "core" in LoadedSnapshot(store.open_snapshot("s1"), providers).extra_names().values()
         assert "core" not in LoadedSnapshot(store.open_snapshot("s2"), providers).extra_names().values()
 
+
 async def test_vdso_is_saved_whole_even_pages_the_target_never_ran(store_dir):
     """A vdso page is mapped on first use: one never run is not present but not zero
     (gdb reads the vdso's symbols from the core and finds a corrupt image otherwise)."""
