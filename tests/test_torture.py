@@ -15,11 +15,14 @@ pytestmark = [pytest.mark.torture, pytest.mark.timeout(900)]
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-@pytest.mark.parametrize("case", ["spin-4", "blocked"])
-def test_capture_killed_at_any_moment(case):
+@pytest.mark.parametrize("case,positions", [("spin-4", 6), ("blocked", 6), ("blocked-sleep", 16)])
+def test_capture_killed_at_any_moment(case, positions):
+    # blocked-sleep: the leader sleeps in nanosleep (a restart-block call), so the attach must
+    # inject into another thread; 16 positions cover the injection window.
     tally = Tally()
     lines: list[str] = []
-    CAMPAIGNS["capture"][1](Budget(positions=6, random_kills=2, cases=[case], seed=7), tally, lines.append)
+    CAMPAIGNS["capture"][1](Budget(positions=positions, random_kills=2, cases=[case], seed=7), tally,
+                            lines.append)
     assert tally.cases == 1 and tally.faults >= 5, lines
     assert tally.ok, "\n".join(tally.problems + lines)
 

@@ -645,7 +645,7 @@ class StopGroup:
             while True:
                 new: list[int] = []
                 for p in self.procs:
-                    if self.one_thread and p.tids:
+                    if self.one_thread and self._injectable(p):
                         continue
                     for tid in _leader_first(p.pid, list_tids(p.pid)):
                         if tid not in seen:
@@ -658,7 +658,7 @@ class StopGroup:
                     break
                 for tid in new:
                     self._await_stop(tid, deadline)
-                if self.one_thread and all(p.tids or p.exited or p.execed for p in self.procs):
+                if self.one_thread and all(self._injectable(p) or p.exited or p.execed for p in self.procs):
                     break
             for p in self.procs:
                 self._check_stopped(p)
@@ -666,6 +666,20 @@ class StopGroup:
             self._release_all()
             raise
         self.stop_ms = (time.monotonic() - t0) * 1000.0
+
+    def _injectable(self, p: StoppedProcess) -> bool:
+        """A one-thread stop holds a thread of ``p`` a call can be injected into without
+        harm: one not in a -ERESTART_RESTARTBLOCK call (nanosleep, poll or a futex wait
+        with a timeout), which would return EINTR if snapfs died mid-injection (the
+        injection's rt_sigreturn ends the restart block). A process whose every thread is
+        in one gets all of them stopped and keeps that window."""
+        for tid in p.tids:
+            try:
+                if not arch.in_restart_block_call(_get_regs(tid)):
+                    return True
+            except OSError:
+                continue
+        return False
 
     def _seize(self, p: StoppedProcess, tid: int) -> bool:
         """PTRACE_SEIZE + PTRACE_INTERRUPT; False if the thread is gone or exiting."""
