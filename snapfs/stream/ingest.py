@@ -20,7 +20,10 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from snapfs.capture.relocated import HOLES_META
+from snapfs.errors import StreamError
 from snapfs.store import RegionSpec, SnapshotInfo, Store
+from snapfs.store.model import REGION_KINDS
+from snapfs.stream import procdesc
 from snapfs.stream.procdesc import DESC_BLOB, carried
 from snapfs.stream.reader import Limits
 from snapfs.stream.spool import SENT_DATA, SENT_ZERO, PipeCapture, SpooledStream, spool_dir, spool_stream
@@ -162,14 +165,15 @@ def commit_spooled(writer: Any, spooled: SpooledStream, meta: dict[str, Any]) ->
     """
     try:
         desc = carried(spooled.vmdesc)
-        _write_pages(writer, spooled, _unsent_left_to_file(desc))
+        image = _process_image(spooled)
+        _write_pages(writer, spooled, image, _unsent_left_to_file(desc))
         if spooled.header.raw:
             writer.put_blob(BLOB_CONFIGURATION, spooled.header.raw)
         if spooled.devices is not None:
             writer.put_blob(BLOB_DEVICES, spooled.devices)
         if desc is not None:  # a snapfs process stream: its vmstate keeps the description
             writer.put_blob(DESC_BLOB, desc)
-        return writer.commit(_snapshot_meta(spooled, meta))
+        return writer.commit({**_snapshot_meta(spooled, image), **meta})
     except BaseException:
         writer.abort()
         raise
@@ -177,7 +181,24 @@ def commit_spooled(writer: Any, spooled: SpooledStream, meta: dict[str, Any]) ->
         spooled.close()
 
 
-def _snapshot_meta(s: SpooledStream, extra: dict[str, Any]) -> dict[str, Any]:
+def _process_image(s: SpooledStream) -> procdesc.ProcessImage | None:
+    """The process description a snapfs process stream carries (None for a QEMU stream or
+    one without it); a description that does not match the stream's RAMBlocks is an error."""
+    image = procdesc.parse(s.vmdesc)
+    if image is None:
+        return None
+    bad = sorted({r.kind for r in image.regions} - set(REGION_KINDS))
+    if bad:
+        raise StreamError(f"the stream's snapfs description names unknown region kinds {bad}")
+    blocks = [(b.name, b.length) for b in s.blocks]
+    described = [(r.block, r.length) for r in image.regions]
+    if blocks != described:
+        raise StreamError("the stream's snapfs description does not match its RAMBlocks "
+                          f"({len(described)} described, {len(blocks)} sent)")
+    return image
+
+
+def _snapshot_meta(s: SpooledStream, image: procdesc.ProcessImage | None) -> dict[str, Any]:
     stream = {
         "machine": s.header.machine,
         "ram_section_id": s.ram_section_id,
@@ -189,9 +210,17 @@ def _snapshot_meta(s: SpooledStream, extra: dict[str, Any]) -> dict[str, Any]:
         "device_state_bytes": len(s.devices) if s.devices is not None else 0,
     }
     meta: dict[str, Any] = {"kind": "vm" if s.devices is not None else "process", META_KEY: stream}
-    if s.header.machine:
+    if image is not None:
+        # A snapfs process stream: the process it was taken of, and its threads' registers
+        # (the core view's); the instant is the original capture's.
+        proc = image.process
+        meta.update({k: proc[k] for k in ("pid", "comm", "exe", "cmdline", "created") if proc.get(k) is not None})
+        if image.threads:
+            meta["threads"] = {str(t.tid): {"comm": t.comm, "regs": t.regs} for t in image.threads}
+        if image.snapshot:
+            meta["ingested_from"] = image.snapshot
+    elif s.header.machine:
         meta["comm"] = f"qemu ({s.header.machine})"
-    meta.update(extra)
     return meta
 
 
@@ -206,7 +235,20 @@ def _unsent_left_to_file(desc: bytes | None) -> set[str]:
             and r.get("mode") == HOLES_META["mode"]} if isinstance(regions, list) else set()
 
 
-def _write_pages(writer: Any, s: SpooledStream, file_holes: set[str] = frozenset()) -> None:
+def _region_spec(block: Any, start: int, desc: procdesc.RegionDesc | None, meta: dict[str, Any]) -> RegionSpec:
+    """The region a RAMBlock becomes: where the description says it lived, or (a QEMU
+    stream) a ``ramblock`` region laid after the previous one."""
+    if desc is None:
+        return RegionSpec(name=block.name, start=start, length=block.length, perms="rw-p",
+                          kind="ramblock", meta=meta)
+    meta.update({k: v for k, v in (("dev", desc.dev), ("inode", desc.inode), ("mode", desc.mode)) if v})
+    return RegionSpec(name=block.name, start=desc.start, length=desc.length, perms=desc.perms,
+                      offset=desc.offset, path=desc.path, kind=desc.kind, page_size=desc.page_size,
+                      meta=meta)
+
+
+def _write_pages(writer: Any, s: SpooledStream, image: procdesc.ProcessImage | None = None,
+                 file_holes: set[str] = frozenset()) -> None:
     ignore_shared = "x-ignore-shared" in s.header.capabilities
     start = 0
     for bi, block in enumerate(s.blocks):
@@ -219,10 +261,7 @@ def _write_pages(writer: Any, s: SpooledStream, file_holes: set[str] = frozenset
         if ignore_shared and sent == 0:
             # x-ignore-shared: QEMU sends no pages of a shared block; the destination maps it.
             region_meta["ignored"] = True
-        idx = writer.add_region(
-            RegionSpec(name=block.name, start=start, length=block.length, perms="rw-p",
-                       kind="ramblock", meta=region_meta)
-        )
+        idx = writer.add_region(_region_spec(block, start, image.regions[bi] if image else None, region_meta))
         start += block.length
         for first, states, pages in s.spool.batches(bi):
             mask = (states == SENT_DATA) | (states == SENT_ZERO)
