@@ -60,6 +60,7 @@ class _Region:
     hashes: dict[int, np.ndarray] = field(default_factory=dict)  # per MAP_PIECE pages
     given: dict[int, np.ndarray] = field(default_factory=dict)   # bitmap of pages handed over, per GIVEN_PIECE
     lost: list[tuple[int, int, str]] = field(default_factory=list)
+    shares: tuple[int, int] | None = None                     # (source region, first page)
 
 
 class PageGivenTwice(RuntimeError):
@@ -131,12 +132,31 @@ class SnapshotWriter:
             self._regions.append(_Region(spec, spec.length // STORE_PAGE, parent_idx))
             return len(self._regions) - 1
 
+    def share(self, idx: int, source_idx: int, source_first_page: int) -> None:
+        """Region ``idx`` holds the bytes of region ``source_idx`` from page
+        ``source_first_page`` on: memory several processes map (a process's window on a
+        shared object), stored once. Its page map is the source's, clipped and shifted, made
+        at commit; nothing is put into ``idx`` itself, and its pages count once (in the
+        source) in the snapshot's resident bytes."""
+        self._region_check_open()
+        reg, src = self._regions[idx], self._regions[source_idx]
+        if idx == source_idx or src.shares is not None:
+            raise ValueError(f"region {reg.spec.name!r} can only share a region that holds its own pages")
+        if source_first_page < 0:
+            raise ValueError(f"region {reg.spec.name!r}: negative first page {source_first_page}")
+        with self._lock:
+            if reg.parts or reg.merged or reg.zero_pending or reg.given:
+                raise StoreError(f"region {reg.spec.name!r} already holds pages: it cannot share others")
+            reg.shares = (source_idx, source_first_page)
+
     def _region(self, idx: int, first_page: int, npages: int) -> _Region:
         if self._done:
             raise StoreError(f"snapshot {self.name!r} writer is already committed or aborted")
         if self._failed is not None:
             raise self._failed
         reg = self._regions[idx]
+        if reg.shares is not None:
+            raise StoreError(f"region {reg.spec.name!r} shares another region's pages: nothing is put into it")
         if first_page < 0 or first_page + npages > reg.npages:
             raise ValueError(f"region {reg.spec.name!r}: pages {first_page}+{npages} outside 0..{reg.npages}")
         return reg
@@ -617,7 +637,9 @@ class SnapshotWriter:
         self._write_pool_tail()
         self._seal_segments()
         maps = self._page_maps()
-        all_runs = np.concatenate(maps) if maps else _runs.EMPTY
+        # A shared window's pages count once, in the region that holds them.
+        owned = [runs for reg, runs in zip(self._regions, maps) if reg.shares is None]
+        all_runs = np.concatenate(owned) if owned else _runs.EMPTY
         info, created = self._info(all_runs, meta_updates)
         rows = self._catalog_rows(maps)
         ref_segs = np.unique(all_runs["seg"][all_runs["kind"] == DATA]).tolist()
@@ -641,15 +663,21 @@ class SnapshotWriter:
                    StoreError(f"syncing store {self._store.path} failed: {exc}")) from None
 
     def _page_maps(self) -> list[np.ndarray]:
-        """Each region's final page map: its run pieces merged and sorted."""
-        return [_runs.finish(reg.merged + reg.parts +
+        """Each region's final page map: its run pieces merged and sorted; a region that
+        shares another's pages gets its window on the source's map."""
+        maps = [_runs.finish(reg.merged + reg.parts +
                              [_runs.make_runs(np.array(reg.zero_pending, np.uint64), ZERO)])
                 for reg in self._regions]
+        for i, reg in enumerate(self._regions):
+            if reg.shares is not None:
+                maps[i] = _shared_window(maps[reg.shares[0]], reg.shares[1], reg.npages)
+        return maps
 
     def _info(self, all_runs: np.ndarray,
               meta_updates: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
         """The snapshot row's info (sizes, warnings, the caller's metadata) from the runs of
-        every region, and its creation time if the caller gave one (the capture's freeze time)."""
+        every region that holds its own pages, and its creation time if the caller gave one
+        (the capture's freeze time)."""
         n = all_runs["n"].astype(np.int64)
         data_pages = int(n[all_runs["kind"] == DATA].sum())
         zero_pages = int(n[all_runs["kind"] == ZERO].sum())
@@ -682,6 +710,9 @@ class SnapshotWriter:
             meta = dict(spec.meta)
             if reg.lost:
                 meta["lost"] = [list(x) for x in reg.lost]
+            if reg.shares is not None:
+                meta["shares"] = {"region": self._regions[reg.shares[0]].spec.name,
+                                  "first_page": reg.shares[1]}
             blob, map_crc = _runs.encode(runs)
             row = dict(zip(_integrity.REGION_FIELDS, (
                 self.id, i, spec.name, int(spec.start), int(spec.length), spec.perms, int(spec.offset),
@@ -754,3 +785,10 @@ class SnapshotWriter:
     def __exit__(self, exc_type: Any, *exc: object) -> None:
         if exc_type is not None or not self._done:
             self.abort()
+
+
+def _shared_window(source: np.ndarray, first: int, npages: int) -> np.ndarray:
+    """The runs of pages [first, first+npages) of a source map, renumbered from 0."""
+    window = _runs.clip(source, first, first + npages)
+    window["page"] -= np.uint64(first)
+    return window
