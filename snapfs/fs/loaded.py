@@ -18,6 +18,7 @@ from snapfs.fs import inodes
 from snapfs.fs.memview import MemView
 from snapfs.fs.names import unique_entries
 from snapfs.fs.views import PROVIDERS, BytesView, RegionDataView, ViewProvider
+from snapfs.store.tree import MemberReader, is_tree, tree_meta
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,11 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 class LoadedSnapshot:
-    """The reader of one snapshot plus its block entries, ``mem`` layout and views."""
+    """The reader of one snapshot plus its block entries, ``mem`` layout and views.
+
+    A process-tree snapshot has no ``mem`` nor views of its own: its ``members`` (one
+    LoadedSnapshot per process, over a :class:`~snapfs.store.tree.MemberReader`, made on first
+    use) have them; its regions listed here are its shared objects."""
 
     def __init__(self, reader: Any, providers: list[tuple[int, ViewProvider]]) -> None:
         self.reader = reader
@@ -37,8 +42,19 @@ class LoadedSnapshot:
         self.regions = list(reader.regions)
         self.entries = unique_entries([r.name for r in self.regions])
         self.entry_index = {e: i for i, e in enumerate(self.entries)}
-        self.mem = MemView(reader, self.regions, self.info.kind)
-        self._providers = providers  # (local, provider) of the providers whose module exists
+        self.is_tree = is_tree(self.info)
+        self.mem = None if self.is_tree else MemView(reader, self.regions, self.info.kind)
+        tree = tree_meta(self.info)
+        self._member_docs = tree["processes"]
+        self.member_entries = unique_entries([m["entry"] for m in self._member_docs])
+        self.member_index = {e: i for i, e in enumerate(self.member_entries)}
+        self._shared_docs = tree["shared"]
+        self.shared_entries = unique_entries([o["entry"] for o in self._shared_docs])
+        self.shared_regions = [o["region"] for o in self._shared_docs]
+        self.shared_index = dict(zip(self.shared_entries, self.shared_regions))
+        self._members: dict[int, LoadedSnapshot] = {}
+        self._providers = providers if not self.is_tree else []  # (local, provider) whose module exists
+        self._all_providers = providers
         self._lock = threading.Lock()
         self._provider_views: dict[int, Any] = {}  # local -> view (None: failed or not applicable)
         self._provider_locks = {local: threading.Lock() for local, _ in providers}
@@ -75,7 +91,8 @@ class LoadedSnapshot:
 
     def info_json(self) -> BytesView:
         """``<snapshot>/info.json``: the snapshot's metadata, what its views say about
-        themselves (``core``: how to open it) and its list of regions."""
+        themselves (``core``: how to open it) and its list of regions (for a tree: its
+        processes and shared objects, each with the path of its directory)."""
         with self._lock:
             if self._info_json is not None:
                 return self._info_json
@@ -85,11 +102,31 @@ class LoadedSnapshot:
             view = self.provider_view(local) if provider.describes else None
             if view is not None:
                 doc[name] = view.describe()
-        doc["regions"] = [self._region_doc(i) for i in range(len(self.regions))]
+        if self.is_tree:
+            tree = doc["meta"].pop("tree", {})
+            doc["root"] = tree.get("root")
+            doc["processes"] = [
+                {"dir": f"processes/{e}", **{k: v for k, v in m.items() if k not in ("threads", "regions")}}
+                for e, m in zip(self.member_entries, self._member_docs)]
+            doc["shared"] = [{**o, **self._region_doc(o["region"]), "dir": f"shared/{e}"}
+                             for e, o in zip(self.shared_entries, self._shared_docs)]
+        else:
+            doc["regions"] = [self._region_doc(i) for i in range(len(self.regions))]
         with self._lock:
             if self._info_json is None:
                 self._info_json = BytesView(_json_bytes(doc))
             return self._info_json
+
+    def member(self, index: int) -> "LoadedSnapshot | None":
+        """Member ``index`` of a tree snapshot (None if there is no such member)."""
+        if not 0 <= index < len(self._member_docs):
+            return None
+        with self._lock:
+            found = self._members.get(index)
+            if found is None:
+                found = LoadedSnapshot(MemberReader(self.reader, self._member_docs[index]), self._all_providers)
+                self._members[index] = found
+            return found
 
     # -- regions ---------------------------------------------------------------------------
     def _region_doc(self, index: int) -> dict[str, Any]:
@@ -107,7 +144,7 @@ class LoadedSnapshot:
             "page_size": r.page_size,
             "data_pages": r.data_pages,
             "zero_pages": r.zero_pages,
-            "mem_offset": self.mem.layout.get(index),
+            "mem_offset": self.mem.layout.get(index) if self.mem is not None else None,
         }
 
     def region_json(self, index: int) -> BytesView:

@@ -8,6 +8,13 @@ Layout (the contract with users and ``docs/architecture.md``)::
     /<snapshot>/ramblocks/<block>/info.json   region + data extents
     /<snapshot>/vmstate, /<snapshot>/core views from providers (see views), listed if present
 
+A process-tree snapshot (kind ``tree``, :mod:`snapfs.store.tree`)::
+
+    /<snapshot>/info.json                 the tree: root, processes, shared objects, figures
+    /<snapshot>/processes/<pid>-<comm>/   one process, laid out as a process snapshot above
+    /<snapshot>/shared/<object>/data      a shared object, stored once (each process's region
+    /<snapshot>/shared/<object>/info.json   mapping it reads the same bytes)
+
 The root follows the store: :meth:`SnapshotFS.refresh` compares ``store.generation()`` (cheap)
 and re-lists only when it changed; it runs on lookups and listings of the root, never on reads.
 A snapshot's reader is opened on first access to anything inside it and kept in a bounded LRU,
@@ -205,19 +212,52 @@ class SnapshotFS:
         return Attr(inode, self._file_mode, 1, int(view.size), allocated_bytes(view),
                     self.uid, self.gid, mtime_ns)
 
+    def _node(self, inode: int) -> tuple[int, int | None, int]:
+        """``(slot, member, local)``: member is None for a snapshot's own nodes, else the
+        index of the tree member the node belongs to and local is its local in that member."""
+        slot, local = inodes.unpack(inode)
+        member, local = inodes.split_member(local)
+        return slot, member, local
+
+    def _holder(self, slot: int, member: int | None) -> LoadedSnapshot:
+        """The loaded snapshot, or the tree member, whose node it is."""
+        snap = self.loaded(slot)
+        if member is None:
+            return snap
+        found = snap.member(member)
+        if found is None:
+            raise FsError(errno.ENOENT, f"no member {member}")
+        return found
+
+    def _is_tree(self, slot: int, member: int | None) -> bool:
+        return member is None and self._listed(slot).info.kind == "tree"
+
+    def _shared_region(self, snap: LoadedSnapshot, local: int) -> tuple[int, int]:
+        """``(region index, part)`` of a tree's node under ``shared/``; ENOENT for others."""
+        index, part = inodes.split_region_local(local)
+        if local < inodes.REGION_BASE or index not in snap.shared_regions:
+            raise FsError(errno.ENOENT, f"local {local}")
+        return index, part
+
     def getattr(self, inode: int) -> Attr:
         """Attributes of ``inode``; FsError(ENOENT) if it does not (or no longer) exist."""
         if inode == inodes.ROOT:
             with self._lock:
                 return self._dir(inode, 2 + len(self._live), self._root_mtime_ns)
-        slot, local = inodes.unpack(inode)
+        slot, member, local = self._node(inode)
         listed = self._listed(slot)
         mtime = int(listed.info.created * 1e9)
+        if self._is_tree(slot, member):
+            return self._tree_getattr(inode, slot, local, mtime)
         if local == inodes.SNAP_DIR:
+            if member is not None:
+                self._holder(slot, member)  # ENOENT for a member that does not exist
             return self._dir(inode, 3, mtime)
-        if local == inodes.RAMBLOCKS:
+        if local == inodes.RAMBLOCKS and member is None:
             return self._dir(inode, 2 + listed.info.region_count, mtime)
-        snap = self.loaded(slot)
+        snap = self._holder(slot, member)
+        if local == inodes.RAMBLOCKS:
+            return self._dir(inode, 2 + len(snap.regions), mtime)
         if local >= inodes.REGION_BASE:
             index, part = inodes.split_region_local(local)
             if index < len(snap.regions) and part == inodes.REGION_DIR:
@@ -227,37 +267,80 @@ class SnapshotFS:
             raise FsError(errno.ENOENT, f"inode {inode}")
         return self._file(inode, view, mtime)
 
+    def _tree_getattr(self, inode: int, slot: int, local: int, mtime: int) -> Attr:
+        """Attributes of a tree snapshot's own nodes: its directory, info.json, processes/,
+        shared/ and the shared objects' nodes."""
+        if local == inodes.SNAP_DIR:
+            return self._dir(inode, 4, mtime)
+        snap = self.loaded(slot)
+        if local == inodes.PROCESSES:
+            return self._dir(inode, 2 + len(snap.member_entries), mtime)
+        if local == inodes.SHARED:
+            return self._dir(inode, 2 + len(snap.shared_entries), mtime)
+        if local == inodes.SNAP_INFO:
+            return self._file(inode, snap.info_json(), mtime)
+        _, part = self._shared_region(snap, local)
+        if part == inodes.REGION_DIR:
+            return self._dir(inode, 2, mtime)
+        return self._file(inode, snap.view(local), mtime)
+
     # -- names -----------------------------------------------------------------------------
     def _children(self, inode: int) -> list[tuple[str, int]]:
         """``(name, local)`` of a directory inside a snapshot, in cursor order."""
-        slot, local = inodes.unpack(inode)
+        slot, member, local = self._node(inode)
+        if self._is_tree(slot, member):
+            return self._tree_children(inode, slot, local)
+        base = 0 if member is None else inodes.member_base(member)
+        return [(name, base | loc) for name, loc in self._process_children(inode, slot, member, local)]
+
+    def _process_children(self, inode: int, slot: int, member: int | None, local: int) -> list[tuple[str, int]]:
+        """Children of a process (or VM) snapshot's directory, locals within that snapshot."""
         if local == inodes.SNAP_DIR:
-            snap = self.loaded(slot)
+            snap = self._holder(slot, member)
             names = [("info.json", inodes.SNAP_INFO), ("ramblocks", inodes.RAMBLOCKS), ("mem", inodes.MEM)]
             names += [(name, loc) for loc, name in sorted(snap.extra_names().items())]
             return names
         if local == inodes.RAMBLOCKS:
-            snap = self.loaded(slot)
+            snap = self._holder(slot, member)
             return [(e, inodes.region_local(i, inodes.REGION_DIR)) for i, e in enumerate(snap.entries)]
         if local >= inodes.REGION_BASE:
             index, part = inodes.split_region_local(local)
             if part == inodes.REGION_DIR:
-                return [("data", inodes.region_local(index, inodes.REGION_DATA)),
-                        ("info.json", inodes.region_local(index, inodes.REGION_INFO))]
+                return _region_children(index)
         self.getattr(inode)  # ENOENT if it does not exist at all
+        raise FsError(errno.ENOTDIR, f"inode {inode}")
+
+    def _tree_children(self, inode: int, slot: int, local: int) -> list[tuple[str, int]]:
+        snap = self.loaded(slot)
+        if local == inodes.SNAP_DIR:
+            return [("info.json", inodes.SNAP_INFO), ("processes", inodes.PROCESSES), ("shared", inodes.SHARED)]
+        if local == inodes.PROCESSES:
+            return [(e, inodes.member_base(m) | inodes.SNAP_DIR) for m, e in enumerate(snap.member_entries)]
+        if local == inodes.SHARED:
+            return [(e, inodes.region_local(r, inodes.REGION_DIR))
+                    for e, r in sorted(zip(snap.shared_entries, snap.shared_regions), key=lambda x: x[1])]
+        if local >= inodes.REGION_BASE:
+            index, part = self._shared_region(snap, local)
+            if part == inodes.REGION_DIR:
+                return _region_children(index)
+        self.getattr(inode)
         raise FsError(errno.ENOTDIR, f"inode {inode}")
 
     def parent(self, inode: int) -> int:
         """The inode of the directory holding ``inode`` (the root for the root)."""
-        slot, local = inodes.unpack(inode)
-        if inode == inodes.ROOT or local == inodes.SNAP_DIR:
+        if inode == inodes.ROOT:
             return inodes.ROOT
+        slot, member, local = self._node(inode)
+        if local == inodes.SNAP_DIR:
+            return inodes.ROOT if member is None else inodes.pack(slot, inodes.PROCESSES)
+        tree = self._is_tree(slot, member)
+        base = 0 if member is None else inodes.member_base(member)
         if local >= inodes.REGION_BASE:
             index, part = inodes.split_region_local(local)
             if part == inodes.REGION_DIR:
-                return inodes.pack(slot, inodes.RAMBLOCKS)
-            return inodes.pack(slot, inodes.region_local(index, inodes.REGION_DIR))
-        return inodes.pack(slot, inodes.SNAP_DIR)
+                return inodes.pack(slot, inodes.SHARED if tree else base | inodes.RAMBLOCKS)
+            return inodes.pack(slot, base | inodes.region_local(index, inodes.REGION_DIR))
+        return inodes.pack(slot, base | inodes.SNAP_DIR)
 
     def lookup(self, parent: int, name: str) -> Attr:
         """Attributes of ``name`` in directory ``parent``; FsError(ENOENT) if absent."""
@@ -272,16 +355,30 @@ class SnapshotFS:
             if slot is None:
                 raise FsError(errno.ENOENT, name)
             return self.getattr(inodes.pack(slot, inodes.SNAP_DIR))
-        slot, local = inodes.unpack(parent)
-        if local == inodes.RAMBLOCKS:  # a dict lookup: directories of many regions stay fast
-            index = self.loaded(slot).entry_index.get(name)
+        slot, member, local = self._node(parent)
+        # Dict lookups: directories of many regions (or processes) stay fast.
+        found: int | None = None
+        if self._is_tree(slot, member) and local in (inodes.PROCESSES, inodes.SHARED):
+            snap = self.loaded(slot)
+            if local == inodes.PROCESSES:
+                m = snap.member_index.get(name)
+                found = None if m is None else inodes.member_base(m) | inodes.SNAP_DIR
+            else:
+                r = snap.shared_index.get(name)
+                found = None if r is None else inodes.region_local(r, inodes.REGION_DIR)
+            if found is None:
+                raise FsError(errno.ENOENT, name)
+        elif not self._is_tree(slot, member) and local == inodes.RAMBLOCKS:
+            index = self._holder(slot, member).entry_index.get(name)
             if index is None:
                 raise FsError(errno.ENOENT, name)
-            return self.getattr(inodes.pack(slot, inodes.region_local(index, inodes.REGION_DIR)))
-        for child, child_local in self._children(parent):
-            if child == name:
-                return self.getattr(inodes.pack(slot, child_local))
-        raise FsError(errno.ENOENT, name)
+            base = 0 if member is None else inodes.member_base(member)
+            found = base | inodes.region_local(index, inodes.REGION_DIR)
+        else:
+            found = next((loc for child, loc in self._children(parent) if child == name), None)
+            if found is None:
+                raise FsError(errno.ENOENT, name)
+        return self.getattr(inodes.pack(slot, found))
 
     def readdir(self, inode: int, after: int = 0, limit: int = 1024) -> list[Entry]:
         """Up to ``limit`` entries of directory ``inode`` following cursor ``after`` (0: start).
@@ -329,8 +426,8 @@ class SnapshotFS:
         """The view behind regular file ``inode``; FsError EISDIR/ENOENT otherwise."""
         if self.getattr(inode).is_dir:
             raise FsError(errno.EISDIR, f"inode {inode}")
-        slot, local = inodes.unpack(inode)
-        view = self.loaded(slot).view(local)
+        slot, member, local = self._node(inode)
+        view = self._holder(slot, member).view(local)
         if view is None:
             raise FsError(errno.ENOENT, f"inode {inode}")
         return view
@@ -362,3 +459,9 @@ class SnapshotFS:
             self._loaded.clear()
         for snap in loaded:
             snap.close()
+
+
+def _region_children(index: int) -> list[tuple[str, int]]:
+    """The entries of a region's directory (``ramblocks/<block>/``, ``shared/<object>/``)."""
+    return [("data", inodes.region_local(index, inodes.REGION_DATA)),
+            ("info.json", inodes.region_local(index, inodes.REGION_INFO))]
