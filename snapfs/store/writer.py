@@ -601,8 +601,31 @@ class SnapshotWriter:
         reg = self._region(idx, first_page, npages)
         with self._lock:
             reg.lost.append((first_page, npages, reason))
-            self._warnings.append(f"region {reg.spec.name} ({reg.spec.start:#x}): {npages} pages from "
-                                  f"page {first_page} not captured: {reason}")
+
+    def _lost_warnings(self) -> list[str]:
+        """Warnings for the pages marked lost: one per region and reason, or one per reason
+        when many regions lost pages for it (a process that exits mid-capture loses pages in
+        hundreds of ranges; the ranges themselves stay in each region's ``meta["lost"]``)."""
+        by_reason: dict[str, list[tuple[_Region, int, int, int]]] = {}
+        for reg in self._regions:
+            per: dict[str, list[tuple[int, int]]] = {}
+            for first, n, reason in reg.lost:
+                per.setdefault(reason, []).append((first, n))
+            for reason, ranges in per.items():
+                by_reason.setdefault(reason, []).append(
+                    (reg, sum(n for _, n in ranges), len(ranges), min(f for f, _ in ranges)))
+        out = []
+        for reason, regs in by_reason.items():
+            if len(regs) > 3:
+                names = ", ".join(r.spec.name for r, *_ in regs[:3])
+                out.append(f"{sum(n for _, n, _, _ in regs)} pages in {len(regs)} regions ({names}, ...) "
+                           f"not captured: {reason}")
+                continue
+            for reg, total, count, first in regs:
+                where = f"from page {first}" if count == 1 else f"in {count} ranges from page {first}"
+                out.append(f"region {reg.spec.name} ({reg.spec.start:#x}): {total} pages {where} "
+                           f"not captured: {reason}")
+        return out
 
     def put_blob(self, name: str, data: bytes) -> None:
         """Attach opaque bytes (VM device state...) to the snapshot."""
@@ -688,8 +711,8 @@ class SnapshotWriter:
         frames = np.array(self._frames, dtype=np.int64).reshape(-1, 4)
         is_own = np.isin(keys, frame_keys(frames[:, 0], frames[:, 1]))
         merged = {**self._meta, **meta_updates}
-        warnings = self._warnings + list(merged.pop("warnings", []))
-        created = merged.pop("created", None)
+        warnings = self._warnings + self._lost_warnings() + list(merged.pop("warnings", []))
+        created = merged.pop("created", None)       # the capture's own freeze time, if given
         info = {k: merged.pop(k) for k in _INFO_KEYS if k in merged}
         info.setdefault("kind", "process")
         info.setdefault("duration_s", time.time() - self._started)
