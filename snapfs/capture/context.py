@@ -28,6 +28,13 @@ class CaptureContext:
     writer: Any  # snapfs.store.SnapshotWriter
     done_bytes: int = 0  # pages claimed so far (progress)
     faults: int = 0  # write faults served
+    # Tree captures (snapfs.capture.tree): the shared objects this process maps, whose pages
+    # the fault path saves once per object (``shared.save(fault_path, lo, hi)``, and
+    # ``shared.event(fault_path, event, a0, a1, a2)`` for REMOVE/UNMAP/REMAP), and what to do
+    # with the uffd of a child forked during the capture (``on_fork(fd)``; None: close it,
+    # which drops the child's protection).
+    shared: Any = None
+    on_fork: Any = None
 
     def page_of(self, ext: int, addr: int) -> tuple[int, int]:
         """(store region index, page number in that region) of ``addr`` in extent ``ext``."""

@@ -352,7 +352,8 @@ class _Capture:
                 async with trio.open_nursery() as inner:
                     inner.start_soon(_stop_thread_on_cancel, scan.stop, scan_done)
                     for _ in range(self.workers):
-                        inner.start_soon(self._store_worker, work_recv.clone(), free_send.clone())
+                        inner.start_soon(store_chunks, self.writer, self.limiter, work_recv.clone(),
+                                         free_send.clone())
                     await self._store_copies()
                     async with work_send:  # closing it lets the workers drain, then end
                         await trio.to_thread.run_sync(
@@ -405,21 +406,25 @@ class _Capture:
 
         await trio.to_thread.run_sync(put_all, limiter=self.limiter)
 
-    async def _store_worker(self, work_recv, free_send) -> None:
-        """Compress and write scanned chunks; return each buffer to the pool after."""
-        async with work_recv, free_send:
-            async for buf, pieces, pooled in work_recv:
-                await trio.to_thread.run_sync(self._put_pieces, buf, pieces, limiter=self.limiter)
-                if pooled:
-                    await free_send.send(buf)
 
-    def _put_pieces(self, buf: bytearray, pieces: list) -> None:
-        view = memoryview(buf)
-        # Niced: a woken writer of the target (and the fault threads) preempt compression.
-        with background_thread_priority():
-            for region, first_page, off, mask in pieces:
-                if mask.any():
-                    self.writer.put_pages(region, first_page, view[off : off + len(mask) * PAGE], mask)
+
+async def store_chunks(writer, limiter: trio.CapacityLimiter, work_recv, free_send) -> None:
+    """A store worker: compress and write the scan's chunks (``(buffer, pieces, pooled)`` from
+    ``work_recv``, see :meth:`Scan.run`) in worker threads; return pooled buffers after."""
+    async with work_recv, free_send:
+        async for buf, pieces, pooled in work_recv:
+            await trio.to_thread.run_sync(_put_pieces, writer, buf, pieces, limiter=limiter)
+            if pooled:
+                await free_send.send(buf)
+
+
+def _put_pieces(writer, buf: bytearray, pieces: list) -> None:
+    view = memoryview(buf)
+    # Niced: a woken writer of the target (and the fault threads) preempt compression.
+    with background_thread_priority():
+        for region, first_page, off, mask in pieces:
+            if mask.any():
+                writer.put_pages(region, first_page, view[off : off + len(mask) * PAGE], mask)
 
 
 async def _stop_thread_on_cancel(stop, done: trio.Event) -> None:

@@ -38,10 +38,11 @@ def new_ring() -> np.ndarray:
     return pages
 
 
-def preallocate_ring() -> None:
-    """Allocate the next capture's ring now (~2.5 ms; the engine does it before the freeze,
-    since the fault path starts while the target is still stopped)."""
-    if not _spare_rings:
+def preallocate_ring(count: int = 1) -> None:
+    """Allocate the next capture's rings now (~2.5 ms each; the engine does it before the
+    freeze, since the fault path starts while the target is still stopped; a tree capture
+    needs one per process)."""
+    while len(_spare_rings) < count:
         _spare_rings.append(new_ring())
 
 

@@ -304,6 +304,11 @@ class FaultPath:
         for m in msgs[~is_fault]:
             a0, a1, a2 = int(m["a0"]), int(m["a1"]), int(m["a2"])
             ev = int(m["event"])
+            if ev == k.UFFD_EVENT_FORK:
+                fork_event(self.ctx.on_fork, a0)
+                continue
+            if self.ctx.shared is not None:
+                self.ctx.shared.event(self, ev, a0, a1, a2)
             if ev == k.UFFD_EVENT_REMOVE:
                 self.range_changed(scanner, a0, a1, None, "madvise(DONTNEED/REMOVE)")
             elif ev == k.UFFD_EVENT_UNMAP:
@@ -330,6 +335,8 @@ class FaultPath:
             seen.add(lo)
             if ext >= 0:
                 self.save_now(lo, hi, scanner=scanner)
+            elif self.ctx.shared is not None:
+                self.ctx.shared.save(self, lo, hi)
             self._unprotect(lo, hi)
             self.ctx.faults += 1
 
@@ -425,6 +432,12 @@ class FaultPath:
             self.ctx.mark_lost_slots(np.concatenate(lost), f"{what} by the target during the capture")
 
     # ------------------------------------------------------------ store side
+    def queue(self, region: int, first: int, data, mask: np.ndarray | None = None) -> None:
+        """Hand saved pages to the store side (written by :meth:`run_store`); from the fault
+        threads, for pages saved on their behalf (a shared object's)."""
+        self._queue(region, first, data, mask)
+        self.ctx.done_bytes += len(data) // PAGE if mask is None else int(mask.sum())
+
     def _queue(self, region: int, first: int, data, mask: np.ndarray | None, ring: bool = False) -> None:
         with self.queue_cond:
             self.items.append((region, first, data, mask, ring))
@@ -487,3 +500,14 @@ class FaultPath:
                 writer.put_scattered(
                     region, [p for p, _ in items], b"".join(d for _, d in items)
                 )
+
+
+def fork_event(on_fork, ufd: int) -> None:
+    """A UFFD_EVENT_FORK message: the kernel installed the child's uffd in snapfs as fd
+    ``ufd`` (low 32 bits of the message's first argument). Hand it to ``on_fork``, or close it
+    (which drops every protection the child inherited)."""
+    fd = ufd & 0xFFFFFFFF
+    if on_fork is None:
+        os.close(fd)
+    else:
+        on_fork(fd)

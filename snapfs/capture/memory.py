@@ -1,4 +1,5 @@
-"""Reading and writing another process's memory with ``process_vm_readv``/``writev``.
+"""Reading and writing another process's memory with ``process_vm_readv``/``writev`` (and
+which pages of a shared file hold data).
 
 Batched: one syscall carries up to ``IOV_MAX`` remote ranges. The GIL is released during the
 call, so these run in worker threads beside the trio loop.
@@ -7,6 +8,8 @@ call, so these run in worker threads beside the trio loop.
 from __future__ import annotations
 
 import errno
+import os
+
 import numpy as np
 
 from snapfs.capture.kernel import IOV_MAX, PAGE_SIZE, check, ffi, lib
@@ -142,3 +145,21 @@ def read_pages_robust(pid: int, buf, ranges) -> np.ndarray:
         pending = np.concatenate([head if head[0, 1] > 0 else head[:0], pending[idx + 1 :]])
         page_cursor += 1  # the failing page stays False
     return ok
+
+
+def file_data_ranges(fd: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Offsets in [lo, hi) a file holds data for (SEEK_DATA/SEEK_HOLE: for shmem, the pages in
+    its page cache), page-aligned."""
+    out: list[tuple[int, int]] = []
+    pos = lo
+    while pos < hi:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        if data >= hi:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), hi)
+        out.append((data // PAGE_SIZE * PAGE_SIZE, -(-hole // PAGE_SIZE) * PAGE_SIZE))
+        pos = hole
+    return out

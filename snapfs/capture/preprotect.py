@@ -23,7 +23,7 @@ import numpy as np
 import trio
 
 from snapfs.capture import kernel as k
-from snapfs.capture.faults import HotCalls
+from snapfs.capture.faults import HotCalls, fork_event
 from snapfs.capture.freeze import FrozenTarget, frozen_again
 from snapfs.capture.handle import ProcessHandle
 from snapfs.capture.ledger import HUGE_PMD
@@ -226,7 +226,11 @@ class PreFaultServer:
     def _note_events(self, msgs: np.ndarray) -> None:
         for m in msgs[msgs["event"] != k.UFFD_EVENT_PAGEFAULT].tolist():
             ev, a0, a1, a2 = m[0], m[4], m[5], m[6]
-            if ev in (k.UFFD_EVENT_REMOVE, k.UFFD_EVENT_UNMAP):
+            if ev == k.UFFD_EVENT_FORK:
+                # A child born before the instant: its inherited protection is dropped (a
+                # tree capture freezes and protects it with the others).
+                fork_event(None, a0)
+            elif ev in (k.UFFD_EVENT_REMOVE, k.UFFD_EVENT_UNMAP):
                 self.changed.append((a0, a1))
             elif ev == k.UFFD_EVENT_REMAP:
                 self.changed += [(a0, a0 + a2), (a1, a1 + a2)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from snapfs.capture import kernel as k
 from snapfs.capture.freeze import FrozenTarget
 from snapfs.capture.ledger import Ledger
 from snapfs.capture.maps import ClassifiedMaps, Vma
-from snapfs.capture.memory import prefaulted_buffer, read_pages_robust
+from snapfs.capture.memory import file_data_ranges, prefaulted_buffer, read_pages_robust
 from snapfs.capture.pagemap import REGION_DTYPE, PagemapScanner
 from snapfs.capture.preprotect import PreProtected, populated_ranges
 from snapfs.capture.uffd import WANTED_FEATURES
@@ -64,23 +65,11 @@ def _shmem_cached(pid: int, v: Vma) -> list[tuple[int, int]] | None:
         fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    out = []
     try:
-        pos, end = v.offset, v.offset + v.length
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after pos
-                break
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-            lo = data // k.PAGE_SIZE * k.PAGE_SIZE
-            out.append((v.start + lo - v.offset, v.start + hole - v.offset))
-            pos = hole
+        return [(v.start + lo - v.offset, v.start + hi - v.offset)
+                for lo, hi in file_data_ranges(fd, v.offset, v.offset + v.length)]
     finally:
         os.close(fd)
-    return out
 
 
 def _subtract(ranges: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -239,6 +228,7 @@ def protect_and_record(
     features: int,
     pre: PreProtected | None = None,
     copy_buffer: bytearray | None = None,
+    shared: Callable[[Vma], bool] | None = None,
 ) -> Prepared:
     """Run inside the freeze: protect, record populated pages, copy what cannot be protected.
 
@@ -255,6 +245,10 @@ def protect_and_record(
     ``PAGEMAP_SCAN`` and re-protected with one ioctl per coalesced range, and the results
     are assigned to VMAs with array operations (65 000 mappings paused 2.1-2.4 s when each
     VMA took its own scan, register and Python bookkeeping).
+
+    ``shared`` (tree captures) names the VMAs that map an object several processes share:
+    they are protected like the others, but their pages are recorded (or copied) once per
+    object by the caller, so they get no ledger extent and no copy here (``meta["shared"]``).
     """
     t0 = time.monotonic()
     pre = pre or PreProtected()
@@ -266,6 +260,9 @@ def protect_and_record(
     regions = maps.regions
     starts, ends = maps.starts, maps.ends
     n = len(regions)
+    is_shared = np.array([shared is not None and shared(v) for v in regions], bool) if n else np.zeros(0, bool)
+    for i in np.flatnonzero(is_shared).tolist():
+        regions[i].meta["shared"] = True
     for start, reason in pre.unprotectable.items():
         i = int(np.searchsorted(starts, np.uint64(start)))
         if i < n and regions[i].start == start and regions[i].mode == "wp":
@@ -342,7 +339,7 @@ def protect_and_record(
                 # The vdso's pages are the kernel's image, mapped on first use: one the
                 # target never ran is not present, but it is not zero either.
                 copy_jobs.append((i, v, np.array([(v.start, v.end, 0)], REGION_DTYPE)))
-            elif v.mode == "copy":
+            elif v.mode == "copy" and not is_shared[i]:
                 copy_jobs.append((i, v, populated_ranges(scanner, v.start, v.end)))
             elif v.mode == "readonly":
                 r = populated_ranges(scanner, v.start, v.end)
@@ -353,6 +350,9 @@ def protect_and_record(
         for elo, ehi, ecat, evi in extra:
             lo, hi, cat, vi = (np.concatenate([lo, elo]), np.concatenate([hi, ehi]),
                                np.concatenate([cat, ecat]), np.concatenate([vi, evi]))
+        if is_shared.any():  # protected above; recorded once per object by the caller
+            keep = ~is_shared[vi]
+            lo, hi, cat, vi = lo[keep], hi[keep], cat[keep], vi[keep]
         order = np.argsort(lo, kind="stable")
         lo, hi, cat, vi = lo[order], hi[order], cat[order], vi[order]
         page_sizes = np.array([v.page_size for v in regions], np.uint64) if n else np.zeros(0, np.uint64)

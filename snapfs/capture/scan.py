@@ -51,9 +51,34 @@ class Scan:
         with background_thread_priority():
             self._run(work_send, free_recv)
 
+    # The source of the pages: the target's memory. A tree capture's shared objects
+    # override these (snapfs.capture.shared.ObjectScan).
+    def _open_scanner(self) -> PagemapScanner | None:
+        return PagemapScanner(self.ctx.pid)
+
+    def _read(self, buf, spans: np.ndarray) -> np.ndarray:
+        """Read ``spans`` ((n, 2): address, length) back to back into ``buf``; True per page read."""
+        return read_pages_robust(self.ctx.pid, buf, spans)
+
+    def _still_frozen(self, scanner: PagemapScanner, lo: np.ndarray, hi: np.ndarray, wp: np.ndarray) -> np.ndarray:
+        """Per page of the batch's span [lo[0], hi[-1]): still its content at the freeze (see
+        still_frozen). One PAGEMAP_SCAN for the whole batch (the gaps between its pieces are
+        never read), VMA by VMA only where protected and unprotected regions mix."""
+        span_lo, span_hi = int(lo[0]), int(hi[-1])
+        if wp.all() or not wp.any():
+            return still_frozen(scanner, span_lo, span_hi, bool(wp[0]))
+        valid = np.zeros((span_hi - span_lo) // PAGE, bool)
+        for x, y, w in zip(lo.tolist(), hi.tolist(), wp.tolist()):
+            valid[(x - span_lo) // PAGE:(y - span_lo) // PAGE] = still_frozen(scanner, x, y, w)
+        return valid
+
+    def _release(self, lo: int, hi: int) -> None:
+        """Unprotect [lo, hi) (claimed: saved), quietly if a mapping change is pending."""
+        self.ctx.uffd.unprotect_quiet(lo, hi - lo)
+
     def _run(self, work_send, free_recv) -> None:
         ctx, led = self.ctx, self.ctx.ledger
-        scanner = PagemapScanner(ctx.pid)
+        scanner = self._open_scanner()
         started = time.monotonic()
         scanned = 0
         plan = _Plan(ctx)
@@ -79,18 +104,10 @@ class Scan:
                 size = (b - a) * PAGE
                 pooled = size <= CHUNK  # else a 1 GiB hugetlb page: a buffer of its own
                 buf = trio.from_thread.run(free_recv.receive) if pooled else bytearray(size)
-                ok = read_pages_robust(ctx.pid, buf, np.stack([lo, hi - lo], axis=1).astype(np.int64))
+                ok = self._read(buf, np.stack([lo, hi - lo], axis=1).astype(np.int64))
                 wp = wp_region[plan.region[first:last]]
-                span_lo, span_hi = int(lo[0]), int(hi[-1])
-                # One PAGEMAP_SCAN for the whole batch (the gaps between its pieces are never
-                # read), VMA by VMA only where protected and unprotected regions mix.
-                if wp.all() or not wp.any():
-                    valid = still_frozen(scanner, span_lo, span_hi, bool(wp[0]))
-                else:
-                    valid = np.zeros((span_hi - span_lo) // PAGE, bool)
-                    for x, y, w in zip(lo.tolist(), hi.tolist(), wp.tolist()):
-                        valid[(x - span_lo) // PAGE:(y - span_lo) // PAGE] = still_frozen(scanner, x, y, w)
-                rel = _page_offsets(lo - np.uint64(span_lo), plan.npages[first:last])
+                valid = self._still_frozen(scanner, lo, hi, wp)
+                rel = _page_offsets(lo - lo[0], plan.npages[first:last])
                 mine = led.claim(a, b, ok & valid[rel])
                 pieces = []
                 pos = 0
@@ -105,12 +122,13 @@ class Scan:
                     # path, which finds them saved and just unprotects. One call per run of
                     # adjacent pieces (a call across another VMA would fail).
                     for x, y in _adjacent(lo[wp], hi[wp]):
-                        ctx.uffd.unprotect_quiet(x, y - x)
+                        self._release(x, y)
                 scanned += size
                 ctx.done_bytes += int(mine.sum()) * PAGE
                 trio.from_thread.run(work_send.send, (buf, pieces, pooled))
         finally:
-            scanner.close()
+            if scanner is not None:
+                scanner.close()
 
 
 class _Plan:
