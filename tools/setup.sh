@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# gdb, elfutils (eu-readelf), binutils (readelf) and python3-dbg (py-bt) for the core view's tests.
+# gdb, elfutils (eu-readelf), binutils (readelf) and python3-dbg (py-bt) for the core view's tests;
+# postgresql (the distribution's server, with pgbench): the tree tests start their own cluster in
+# a temporary directory (tests/pg_support.py); the packaged default cluster is not created.
 DEBS=(gcc libc6-dev make pkg-config fuse3 libfuse3-dev gdb elfutils binutils python3-dbg qemu-system-x86 qemu-utils python3-venv python3-dev psmisc libxxhash0 libdeflate0
-      redis-server redis-tools strace)
+      redis-server redis-tools strace postgresql)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,6 +20,11 @@ if [ ${#missing[@]} -gt 0 ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
+    if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+        # No cluster listening on the machine's port 5432 as a side effect of the install.
+        mkdir -p /etc/postgresql-common/createcluster.d
+        echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/snapfs.conf
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _target(s: SnapshotInfo) -> str:
     if s.kind == "vm":
         return f"vm {s.meta.get('vm_name') or s.comm or ''}".strip()
+    if s.kind == "tree":
+        tree = s.meta.get("tree", {})
+        root = tree.get("root", {})
+        where = f"{s.pid} {s.comm or ''}".strip() if s.pid else f"cgroup {root.get('cgroup', '?')}"
+        return f"tree {where} ({len(tree.get('processes', []))} processes)"
     return f"{s.pid or '?'} {s.comm or ''}".strip()
 
 
@@ -117,10 +122,32 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"{key + ':':10} {value}")
     for w in info.warnings:
         print(f"warning:   {w}")
-    if regions:
+    if info.kind == "tree":
+        _tree_info(info, regions)
+    elif regions:
         print()
         print(f"{'START':>18}  {'LENGTH':>10}  PERMS  {'KIND':8}  {'DATA':>10}  {'ZERO':>10}  NAME")
         for r in regions:
             print(f"{r.start:#18x}  {format_bytes(r.length):>10}  {r.perms:5}  {r.kind:8}  "
                   f"{format_bytes(r.data_pages * 4096):>10}  {format_bytes(r.zero_pages * 4096):>10}  {r.name}")
     return 0
+
+
+def _tree_info(info: SnapshotInfo, regions: list) -> None:
+    """A tree snapshot's processes and shared objects (the regions are theirs)."""
+    from snapfs.store.tree import member_regions
+
+    tree = info.meta.get("tree", {})
+    print()
+    print(f"{'PID':>8}  {'PPID':>8}  {'PAUSE':>9}  {'FAULTS':>7}  {'RESIDENT':>10}  PROCESS")
+    for p in tree.get("processes", []):
+        pages = sum(regions[i].data_pages + regions[i].zero_pages for i in member_regions(p))
+        flag = "  (exited during the capture)" if p.get("exited") else ""
+        print(f"{p['pid']:>8}  {p['ppid']:>8}  {p['pause_ms']:>6.1f} ms  {p['faults']:>7}  "
+              f"{format_bytes(pages * 4096):>10}  processes/{p['entry']}{flag}")
+    print()
+    print(f"{'SIZE':>10}  {'DATA':>10}  {'MAPPED BY':>9}  {'HOW':24}  SHARED OBJECT")
+    for o in tree.get("shared", []):
+        r = regions[o["region"]]
+        print(f"{format_bytes(r.length):>10}  {format_bytes(r.data_pages * 4096):>10}  "
+              f"{len(o.get('mapped_by', [])):>9}  {o['how'][:24]:24}  shared/{o['entry']} ({o['path']})")

@@ -68,6 +68,20 @@ def register(subparsers) -> None:
     )
     p.add_argument("--qmp", metavar="SOCKET", help="snapshot the QEMU VM behind this QMP socket")
     p.add_argument(
+        "--tree",
+        metavar="PID",
+        type=int,
+        default=None,
+        help="snapshot PID and all its descendants at one instant, shared memory stored once",
+    )
+    p.add_argument(
+        "--cgroup",
+        metavar="PATH",
+        default=None,
+        help="snapshot every process of a cgroup (e.g. system.slice/postgresql.service) at "
+        "one instant, shared memory stored once",
+    )
+    p.add_argument(
         "--every",
         metavar="DURATION",
         type=_arg(parse_duration),
@@ -164,12 +178,17 @@ def snapshot_process(pid: int, store, name: str, options=None, progress=None):
 
 def run(args: argparse.Namespace) -> int:
     """Run ``snapfs snapshot``; returns the exit code."""
+    if args.tree is not None or args.cgroup is not None:
+        from snapfs.commands import tree_snapshot
+
+        return tree_snapshot.run(args)
     if args.qmp:
         from snapfs.commands import vm
 
         return vm.run(args)
     if args.pid is None:
-        raise UsageError("give the PID of the process to snapshot (or --qmp SOCKET for a VM)")
+        raise UsageError("give the PID of the process to snapshot (or --tree PID, --cgroup PATH, "
+                         "or --qmp SOCKET for a VM)")
     if args.name is not None:
         check_name(args.name)
 

@@ -1,0 +1,745 @@
+"""One consistent snapshot of a process tree or a cgroup, shared memory included.
+
+:func:`capture_tree` is :func:`~snapfs.capture.engine.capture_process` for several processes
+at one instant (docs/architecture.md, "Process trees"):
+
+1. every member is stopped briefly, one after the other, to take its userfaultfd (asking for
+   ``UFFD_FEATURE_EVENT_FORK``);
+2. every member's memory is write-protected while they all run (one pre-fault server each,
+   which also drops the protection of children born meanwhile: they are frozen with the
+   others);
+3. **the instant**: every member is stopped together, from one thread; processes that
+   appeared since (children of members, or new processes of the cgroup) are stopped and get
+   a uffd too, until none appears; then each member's pages written since are re-protected
+   and its populated pages recorded (:func:`~snapfs.capture.protect.protect_and_record`),
+   each shared object gets its ledger (or is copied, if it cannot be protected), the fault
+   paths start, and every member resumes;
+4. in the background: every member's fault path, a server for the uffds of children forked
+   after the instant (:class:`~snapfs.capture.shared.ChildServer`), and one scan after the
+   other (shared objects first: every member writes them), all into one store snapshot of
+   kind ``tree`` (:mod:`snapfs.store.tree`).
+
+A member that exits during the capture keeps the pages saved so far; the rest of its private
+memory is reported lost and the member is flagged ``exited`` (the kernel tears its memory down
+without an event snapfs could wait on). Shared objects survive it: snapfs holds a descriptor
+on each. If snapfs dies, the kernel closes every uffd it holds (members' and children's), so
+no process stays protected or stopped, and the store never shows the half-written snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from functools import partial
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from snapfs.capture import fastfault
+from snapfs.capture import kernel as k
+from snapfs.capture.context import CaptureContext
+from snapfs.capture.engine import (CaptureOptions, Progress, _collapse, _stop_thread_on_cancel, region_spec,
+                                   store_chunks)
+from snapfs.capture.faults import FaultPath
+from snapfs.capture.freeze import FrozenTarget, frozen, frozen_again, take_userfaultfd
+from snapfs.capture.ledger import LOST, runs_of
+from snapfs.capture.maps import Vma, classify, huge_page_sizes, read_maps
+from snapfs.capture.memory import prefaulted_buffer
+from snapfs.capture.preprotect import PreFaultServer, PreProtected, preprotect_regions
+from snapfs.capture.priority import (LOOP_PRIORITY, background_thread_priority, fault_thread_priority,
+                                     realtime_thread)
+from snapfs.capture.processes import cgroup_pids, memory_owners, proc_stat, tree_pids
+from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, protect_and_record
+from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
+from snapfs.capture.scan import CHUNK, Scan
+from snapfs.capture.shared import (ChildServer, MemberWindows, ObjectScan, SharedObject, Window,
+                                   entry_name, object_context, object_key, open_object,
+                                   record_at_instant)
+from snapfs.capture.target_info import process_meta
+from snapfs.capture.uffd import WANTED_FEATURES, Uffd
+from snapfs.errors import TargetError
+from snapfs.store.tree import SHARED_PREFIX, TREE_KIND, member_entry
+
+PAGE = k.PAGE_SIZE
+TREE_FEATURES = WANTED_FEATURES | k.UFFD_FEATURE_EVENT_FORK
+_SEEN_ATTEMPTS = 64  # rounds of "stop the newcomers" before giving up (a fork bomb)
+
+
+@dataclass
+class TreeTarget:
+    """What to snapshot: a process and its descendants, or a cgroup."""
+
+    pid: int | None = None
+    cgroup: str | None = None
+    _seen: set[int] = field(default_factory=set, repr=False)
+
+    def pids(self) -> list[int]:
+        """The live members now, parents first (and every process that exists now is
+        remembered, so that :meth:`newcomers` looks only at processes created since)."""
+        self._seen = {int(e) for e in os.listdir("/proc") if e.isdigit()}
+        return tree_pids(self.pid) if self.pid is not None else cgroup_pids(self.cgroup)
+
+    def newcomers(self, members: set[int]) -> list[int]:
+        """Processes that joined the tree since :meth:`pids` (or the last call), parents
+        first: for a tree, those whose parent is a member (or a newcomer); for a cgroup, its
+        processes. Cheap inside the freeze: only processes created since are read."""
+        if self.cgroup is not None:
+            fresh = [p for p in cgroup_pids(self.cgroup) if p not in members]
+            self._seen.update(fresh)
+            return fresh
+        now = sorted(int(e) for e in os.listdir("/proc") if e.isdigit())
+        new = [p for p in now if p not in self._seen]
+        self._seen.update(new)
+        out: list[int] = []
+        family = set(members)
+        for _ in range(len(new)):  # a child may precede its parent when pids wrap
+            added = False
+            for pid in new:
+                st = proc_stat(pid)
+                if pid not in family and st is not None and st.capturable and st.ppid in family:
+                    family.add(pid)
+                    out.append(pid)
+                    added = True
+            if not added:
+                break
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": self.pid} if self.pid is not None else {"cgroup": self.cgroup}
+
+
+@dataclass
+class Member:
+    """One process of the tree during the capture."""
+
+    pid: int
+    comm: str
+    ppid: int
+    entry: str
+    meta: dict[str, Any]
+    huge_sizes: dict[int, int]
+    uffd: Uffd | None = None
+    features: int = 0
+    attach_pause_ms: float = 0.0
+    newcomer: bool = False  # appeared after the attach: protected inside the freeze
+    regions: list[Vma] = field(default_factory=list)
+    server: PreFaultServer | None = None
+    pre: PreProtected | None = None
+    ft: FrozenTarget | None = None
+    prep: Prepared | None = None
+    ctx: CaptureContext | None = None
+    faults: FaultPath | None = None
+    windows: MemberWindows | None = None
+    region_first: int = 0
+    exited: bool = False
+    gone_before: bool = False  # exited before the instant: not part of the snapshot
+    warnings: list[str] = field(default_factory=list)
+    fault_scope: trio.CancelScope | None = None
+    faults_done: trio.Event | None = None
+
+    def close(self) -> None:
+        if self.uffd is not None:
+            self.uffd.close()
+
+
+@dataclass
+class TreeResult:
+    """What :func:`capture_tree` returns (the figures ``snapfs snapshot --tree`` prints)."""
+
+    name: str
+    root: dict[str, Any]
+    processes: int
+    pause_ms: float  # the instant: the longest any member was stopped for it
+    attach_pause_ms: float  # the longest of the members' short stops to take a uffd
+    duration_s: float
+    resident_bytes: int
+    shared_bytes: int  # of which in shared objects (stored once)
+    zero_bytes: int
+    stored_bytes: int
+    faults: int
+    shared_objects: int
+    exited: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    members: list[dict[str, Any]] = field(default_factory=list)
+    info: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object."""
+        out = dataclasses.asdict(self)
+        out.pop("info")
+        for key in ("pause_ms", "attach_pause_ms", "duration_s"):
+            out[key] = round(out[key], 3)
+        return out
+
+
+class _TreeCapture:
+    def __init__(self, target: TreeTarget, store: Any, name: str, options: CaptureOptions,
+                 progress: Callable[[Progress], None] | None) -> None:
+        self.target = target
+        self.store = store
+        self.name = name
+        self.options = options
+        self.progress_cb = progress
+        self.workers = options.workers or os.cpu_count() or 2
+        self.limiter = trio.CapacityLimiter(self.workers)
+        self.members: list[Member] = []
+        self.sharers: dict[int, int] = {}  # pid -> the member whose memory it runs on
+        self.objects: list[SharedObject] = []
+        self.children: ChildServer | None = None
+        self.warnings: list[str] = []
+        self.writer: Any = None
+
+    # ------------------------------------------------------------------ members
+    def _new_member(self, pid: int, newcomer: bool = False) -> Member | None:
+        st = proc_stat(pid)
+        if st is None or not st.capturable:
+            return None
+        try:
+            comm = check_target(pid)
+            huge = {} if newcomer else huge_page_sizes(pid)  # smaps walks page tables: not in the pause
+        except TargetError:
+            return None
+        return Member(pid=pid, comm=comm, ppid=st.ppid, entry=member_entry(pid, comm),
+                      meta=process_meta(pid, comm), huge_sizes=huge, newcomer=newcomer)
+
+    @property
+    def live(self) -> list[Member]:
+        return [m for m in self.members if not m.gone_before]
+
+    async def run(self) -> TreeResult:
+        pids = self.target.pids()
+        self.sharers = memory_owners(pids)
+        self.members = [m for m in (self._new_member(p) for p in pids if p not in self.sharers) if m]
+        if not self.members:
+            raise TargetError("no process to snapshot")
+        root = self.members[0]
+        meta = {"kind": TREE_KIND, "pid": self.target.pid, "comm": root.comm if self.target.pid else None,
+                "exe": root.meta.get("exe") if self.target.pid else None,
+                "cmdline": root.meta.get("cmdline") if self.target.pid else None, "created": time.time()}
+        self.writer = self.store.begin_snapshot(self.name, meta, self.options.parent)
+        self.buffers = [prefaulted_buffer(CHUNK) for _ in range(self.workers * 2 + 1)]
+        fastfault.preallocate_ring(len(self.members))
+        t_start = time.monotonic()
+        self.phases: dict[str, float] = {}
+        try:
+            for m in self.members:
+                await self._attach(m)
+            self._phase("attach", t_start)
+            self.members = [m for m in self.members if m.uffd is not None]
+            self._note_outside_mappers()
+            with fault_thread_priority():
+                try:
+                    async with trio.open_nursery() as self.fault_nursery:
+                        await self._protect_and_freeze()
+                        await self._background()
+                except BaseExceptionGroup as eg:
+                    raise _collapse(eg) from None
+            self._close_all()
+            self._report_unsaved()
+            self._note_new_mappings()
+            duration = time.monotonic() - t_start
+            info = self.writer.commit(self._commit_meta(duration))
+        except BaseException:
+            self._close_all()
+            self.writer.abort()
+            raise
+        finally:
+            for obj in self.objects:
+                if obj.fd >= 0:
+                    os.close(obj.fd)
+                    obj.fd = -1
+        return self._result(info, duration)
+
+    async def _attach(self, m: Member) -> None:
+        """The short stop that takes a member's uffd (a member gone meanwhile is dropped)."""
+        try:
+            async with frozen(m.pid, record=False) as a:
+                m.uffd = a.uffd
+            m.attach_pause_ms = a.pause_ms
+            m.features = _handshake(m.uffd)
+        except TargetError as exc:
+            if m.uffd is not None:
+                m.uffd.close()
+            m.uffd = None
+            if _alive(m.pid):  # still there: it is missing from the snapshot, say why
+                self.warnings.append(f"process {m.pid} ({m.comm}) is not in the snapshot: {exc}")
+
+    def _phase(self, name: str, since: float) -> None:
+        self.phases[name] = round((time.monotonic() - since) * 1e3, 3)
+
+    def _close_all(self) -> None:
+        if self.children is not None:
+            self.children.close()
+        for m in self.members:
+            m.close()
+
+    # ------------------------------------------------------------------ the instant
+    async def _protect_and_freeze(self) -> None:
+        opts = self.options
+        for m in self.members:
+            m.regions = classify(read_maps(m.pid), include_readonly=opts.include_readonly,
+                                 huge_sizes=m.huge_sizes)
+            m.server = PreFaultServer(m.pid, m.uffd, m.regions)
+        async with trio.open_nursery() as nursery:
+            for m in self.members:
+                nursery.start_soon(m.server.run)
+            t0 = time.monotonic()
+            await trio.to_thread.run_sync(self._preprotect_all)
+            self._phase("preprotect", t0)
+            await trio.to_thread.run_sync(self._freeze)
+            self._phase("freeze", t0)
+            nursery.cancel_scope.cancel()
+        for m in self.live:
+            if m.server is not None and m.pre is not None:
+                m.pre.faults = m.server.faults
+
+    def _preprotect_all(self) -> None:
+        for m in self.members:
+            try:
+                m.pre = preprotect_regions(m.pid, m.uffd, m.regions)
+            except TargetError:
+                m.pre = PreProtected()  # gone: the freeze finds out
+
+    def _freeze(self) -> None:
+        """Worker thread: stop every member (and newcomers), do the instant's work, resume.
+        Realtime: every member waits on this thread, and a busy machine must not preempt it."""
+        with realtime_thread(LOOP_PRIORITY):
+            self._freeze_all()
+
+    def _freeze_all(self) -> None:
+        known = {m.pid for m in self.members} | set(self.sharers)
+        t = [time.monotonic()]
+        with contextlib.ExitStack() as stack:
+            for m in self.members:
+                server = m.server
+
+                def halt(server: PreFaultServer = server) -> None:
+                    trio.from_thread.run_sync(server.halt)
+
+                try:
+                    m.ft = stack.enter_context(frozen_again(m.pid, m.comm, m.uffd, on_stopped=halt))
+                except TargetError:
+                    m.gone_before = True  # exited before the instant
+                    continue
+                m.pre.changed = list(server.changed)
+            for pid in self.sharers:
+                stack.enter_context(_stopped_quietly(pid))
+            t.append(time.monotonic())
+            self._stop_newcomers(stack, known)
+            t.append(time.monotonic())
+            # Every member is stopped: this is the snapshot's instant.
+            live = self.live
+            keys = {object_key(v) for m in live for v in m.ft.maps} - {None}
+            for m in live:
+                m.prep = protect_and_record(
+                    m.ft, include_readonly=self.options.include_readonly, huge_sizes=m.huge_sizes,
+                    features=m.features, pre=m.pre if not m.newcomer else None,
+                    shared=lambda v: object_key(v) in keys)
+            t.append(time.monotonic())
+            self._find_objects(live)
+            for obj in self.objects:
+                record_at_instant(obj, self.members)
+            t.append(time.monotonic())
+            trio.from_thread.run(self._start_faults)
+            t.append(time.monotonic())
+        t.append(time.monotonic())
+        self.instant_ms = {key: round((b - a) * 1e3, 3) for key, a, b in zip(
+            ("stop", "newcomers", "protect", "objects", "start_faults", "resume"), t, t[1:])}
+
+    def _stop_newcomers(self, stack: contextlib.ExitStack, known: set[int]) -> None:
+        """Stop (and take a uffd from) every process that joined the tree since the list was
+        made, until none appears: all members stopped means none can fork any more."""
+        for _ in range(_SEEN_ATTEMPTS):
+            fresh = [p for p in self.target.newcomers(known) if p != os.getpid()]
+            if not fresh:
+                return
+            known.update(fresh)
+            owners = memory_owners(sorted(known))
+            for pid in fresh:
+                if pid in owners:
+                    self.sharers[pid] = owners[pid]
+                    stack.enter_context(_stopped_quietly(pid))
+                    continue
+                m = self._new_member(pid, newcomer=True)
+                if m is None:
+                    continue
+                try:
+                    m.ft = stack.enter_context(_frozen_newcomer(m))
+                except TargetError:
+                    continue
+                m.uffd, m.features = m.ft.uffd, m.ft.uffd.features
+                self.members.append(m)
+        raise TargetError("the tree keeps creating processes faster than snapfs can stop them")
+
+    def _find_objects(self, live: list[Member]) -> None:
+        """The shared objects the members map at the instant, each with its windows."""
+        by_key: dict[Any, SharedObject] = {}
+        for i, m in enumerate(self.members):
+            if m.gone_before:
+                continue
+            for v in m.prep.regions:
+                if not v.meta.get("shared"):
+                    continue
+                key = object_key(v)
+                obj = by_key.get(key)
+                if obj is None:
+                    # Registration works only on shmem (and hugetlb): a "file" that could be
+                    # protected is a tmpfs file, its page cache the memory, as for shmem.
+                    obj = by_key[key] = SharedObject(key, v.path, v.kind, v.page_size,
+                                                     cache_backed=v.kind == "shmem" or (v.kind == "file" and v.mode == "wp"))
+                obj.windows.append(Window(i, v.start, v.end, v.offset))
+                if v.mode != "wp":
+                    obj.protected = False
+                    obj.reason = ("SysV shared memory cannot be write-protected" if v.path.startswith("/SYSV")
+                                  else "the kernel refuses to write-protect this mapping")
+                if obj.fd < 0:
+                    obj.fd = open_object(m.pid, v)
+        taken: set[str] = set()
+        for obj in by_key.values():
+            obj.entry = entry_name(obj, taken)
+        self.objects = list(by_key.values())
+
+    async def _start_faults(self) -> None:
+        """Trio thread, every member still stopped: declare the regions, start every fault
+        path and the children's server."""
+        w = self.writer
+        for obj in self.objects:
+            obj.store_index = w.add_region(dataclasses.replace(
+                region_spec(Vma(0, obj.length, "rw-s", 0, obj.key[0], obj.key[1], obj.path,
+                                page_size=obj.page_size, kind=obj.kind, name=SHARED_PREFIX + obj.entry)),
+                meta={"how": obj.describe()["how"]}))
+        by_key = {obj.key: obj for obj in self.objects}
+        for i, m in enumerate(self.members):
+            if m.gone_before:
+                continue
+            index = []
+            for v in m.prep.regions:
+                spec = region_spec(v)
+                idx = w.add_region(dataclasses.replace(spec, name=f"{m.entry}/{spec.name}"))
+                if v.meta.get("shared"):
+                    w.share(idx, by_key[object_key(v)].store_index, v.offset // PAGE)
+                index.append(idx)
+            m.region_first = index[0] if index else 0
+            m.windows = MemberWindows.of_member(i, self.objects, self.members)
+            m.ctx = CaptureContext(pid=m.pid, uffd=m.uffd, ledger=m.prep.ledger, regions=m.prep.regions,
+                                   region_index=index, writer=w, shared=m.windows)
+        self.children = ChildServer(self._private_ranges)
+        for i, m in enumerate(self.members):
+            if m.gone_before:
+                continue
+            m.ctx.on_fork = self.children.on_fork_of(m.windows, i)
+            m.faults = FaultPath(m.ctx)
+            await self.fault_nursery.start(self._serve_member_faults, m)
+        # Object pages a child saves are written with the first member's.
+        self.children.sink = self.live[0].faults
+        self.fault_nursery.start_soon(partial(trio.to_thread.run_sync, self.children.run, abandon_on_cancel=False))
+
+    def _private_ranges(self, member: int) -> list[tuple[int, int]]:
+        """A member's write-protected private VMAs (what its forked children may unprotect)."""
+        m = self.members[member]
+        return [(v.start, v.end) for v in m.prep.regions if v.mode == "wp" and not v.meta.get("shared")]
+
+    async def _serve_member_faults(self, m: Member, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        m.faults_done = trio.Event()
+        try:
+            with trio.CancelScope() as m.fault_scope:
+                try:
+                    await m.faults.run(task_status=task_status)
+                except* TargetError:
+                    m.exited = True  # its fault threads saw it gone
+        finally:
+            m.faults_done.set()
+
+    # ------------------------------------------------------------------ background
+    async def _background(self) -> None:
+        opts = self.options
+        scans: list[tuple[Member | None, Scan]] = [
+            (None, ObjectScan(obj, object_context(obj, self.writer), self.members, opts.rate))
+            for obj in self.objects if obj.protected and obj.ledger is not None and obj.ledger.total_pages]
+        scans += [(m, Scan(m.ctx, opts.rate)) for m in self.live]
+        self.total_bytes = sum(s.ctx.ledger.total_pages for _, s in scans) * PAGE
+        free_send, free_recv = trio.open_memory_channel[bytearray](len(self.buffers))
+        for buf in self.buffers:
+            free_send.send_nowait(buf)
+        work_send, work_recv = trio.open_memory_channel[tuple](self.workers)
+        self.t0 = t_bg = time.monotonic()
+        pidfds = {id(m): k.pidfd_open(m.pid) for m in self.live if not m.exited and _alive(m.pid)}
+        try:
+            async with trio.open_nursery() as outer:
+                for m in self.live:
+                    outer.start_soon(m.faults.run_store, self.limiter)
+                    if id(m) in pidfds:
+                        outer.start_soon(self._watch_exit, m, pidfds[id(m)])
+                if self.progress_cb is not None:
+                    outer.start_soon(self._progress_loop, scans)
+                scan_done = trio.Event()
+                async with trio.open_nursery() as inner:
+                    for _, scan in scans:
+                        inner.start_soon(_stop_thread_on_cancel, scan.stop, scan_done)
+                    for _ in range(self.workers):
+                        inner.start_soon(store_chunks, self.writer, self.limiter, work_recv.clone(),
+                                         free_send.clone())
+                    await self._store_copies()
+                    async with work_send:
+                        await trio.to_thread.run_sync(self._scan_all, scans, work_send, free_recv,
+                                                      abandon_on_cancel=False)
+                    self._phase("scan", t_bg)
+                    scan_done.set()
+                    work_recv.close()
+                # Everything is claimed: stop serving faults, then write what they saved.
+                self.children.stop()
+                for m in self.live:
+                    m.fault_scope.cancel()
+                outer.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                for m in self.live:
+                    await m.faults_done.wait()
+                for m in self.live:
+                    await m.faults.flush(self.limiter)
+                self._phase("background", t_bg)
+        finally:
+            for fd in pidfds.values():
+                os.close(fd)
+
+    def _scan_all(self, scans, work_send, free_recv) -> None:
+        """Worker thread: the scans one after the other (shared objects first). A member
+        that exits ends its own scan only."""
+        for m, scan in scans:
+            if m is not None and m.exited:
+                continue
+            t0 = time.monotonic()
+            try:
+                scan.run(work_send, free_recv)
+                self._phase(f"scan {m.entry if m else 'shared'}", t0)
+            except TargetError:
+                if m is None:
+                    raise
+                m.exited = True
+            if scan.stop.is_set():
+                return
+
+    async def _watch_exit(self, m: Member, pidfd: int) -> None:
+        await trio.lowlevel.wait_readable(pidfd)
+        m.exited = True
+
+    async def _progress_loop(self, scans) -> None:
+        while True:
+            done = sum(s.ctx.done_bytes for _, s in scans)
+            faults = sum(m.ctx.faults for m in self.live)
+            self.progress_cb(Progress(min(done, self.total_bytes), self.total_bytes, faults,
+                                      time.monotonic() - self.t0))
+            await trio.sleep(0.2)
+
+    async def _store_copies(self) -> None:
+        """Store what was copied while every member was stopped (one worker-thread call)."""
+        w = self.writer
+
+        def put_all() -> None:
+            with background_thread_priority():
+                for m in self.live:
+                    copies, m.prep.copies = m.prep.copies, []
+                    for c in copies:
+                        if c.mask.any():
+                            w.put_pages(m.ctx.region_index[c.region], c.first_page, c.data, c.mask)
+                for obj in self.objects:
+                    for first, data, ok in obj.copied:
+                        if ok.any():
+                            w.put_pages(obj.store_index, first, data, ok)
+                    obj.copied = []
+
+        await trio.to_thread.run_sync(put_all, limiter=self.limiter)
+
+    # ------------------------------------------------------------------ the end
+    def _report_unsaved(self) -> None:
+        """Pages never saved: a member that exited lost them with its memory."""
+        for m in self.live:
+            led = m.ctx.ledger
+            pending = np.flatnonzero(led.state == 0)
+            if len(pending):
+                led.state[pending] = LOST
+                why = (f"process {m.pid} exited during the capture" if m.exited
+                       else "could not be read (unmapped by the process?)")
+                m.ctx.mark_lost_slots(pending, why)
+        for obj in self.objects:
+            led = obj.ledger
+            if led is None:
+                continue
+            pending = np.flatnonzero(led.state == 0)
+            if len(pending):
+                led.state[pending] = LOST
+                object_context(obj, self.writer).mark_lost_slots(pending, "no process mapping it was left to read it")
+            for first, mask in obj.lost:
+                for s, n in runs_of(mask):
+                    self.writer.mark_lost(obj.store_index, first + s, n, "removed (MADV_REMOVE) during the capture")
+
+    def _note_outside_mappers(self) -> None:
+        """Shared objects that processes outside the tree map too: their writes are not
+        protected (say so, naming them)."""
+        pids = {m.pid for m in self.members}
+        keys = {}
+        for m in self.members:
+            for v in read_maps(m.pid):
+                key = object_key(v)
+                if key is not None and v.writable:
+                    keys.setdefault(key, v.path)
+        if not keys:
+            return
+        outside: dict[Any, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in pids or int(entry) in self.sharers or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/maps") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                parts = line.split(None, 5)
+                if len(parts) < 5 or parts[1][3] != "s" or parts[1][1] != "w":
+                    continue
+                major, minor = parts[3].split(":")
+                key = ((int(major, 16), int(minor, 16)), int(parts[4]))
+                if key in keys:
+                    outside.setdefault(key, []).append(int(entry))
+        for key, who in outside.items():
+            self.warnings.append(
+                f"shared memory {keys[key]} is also mapped by processes outside the snapshot "
+                f"(pid {', '.join(map(str, sorted(set(who))[:8]))}): their writes during the capture "
+                "are not write-protected and may show")
+
+    def _note_new_mappings(self) -> None:
+        """A member that mapped a shared object anew after the instant wrote through a
+        mapping nobody protected: say so."""
+        windows = {(w.member, w.start) for obj in self.objects for w in obj.windows}
+        keys = {obj.key: obj for obj in self.objects}
+        for i, m in enumerate(self.members):
+            if m.gone_before or m.exited:
+                continue
+            try:
+                vmas = read_maps(m.pid)
+            except TargetError:
+                continue
+            for v in vmas:
+                obj = keys.get(object_key(v))
+                if obj is not None and v.writable and (i, v.start) not in windows and obj.protected:
+                    self.warnings.append(
+                        f"process {m.pid} mapped shared memory {obj.path} again during the capture: "
+                        "writes through that mapping were not write-protected and may show")
+
+    def _commit_meta(self, duration: float) -> dict[str, Any]:
+        processes = []
+        for m in self.live:
+            ft, prep = m.ft, m.prep
+            processes.append({
+                "entry": m.entry, "pid": m.pid, "ppid": m.ppid, "comm": m.comm,
+                "exe": m.meta.get("exe"), "cmdline": m.meta.get("cmdline"),
+                "regions": [m.region_first, len(prep.regions)], "threads": ft.threads,
+                "pause_ms": round(ft.pause_ms, 3), "attach_pause_ms": round(m.attach_pause_ms, 3),
+                "protect_ms": round(prep.protect_ms, 3), "faults": m.ctx.faults,
+                "preprotect_ms": round(m.pre.elapsed_ms, 3) if m.pre and not m.newcomer else None,
+                "newcomer": m.newcomer, "exited": m.exited, "warnings": m.warnings,
+                "sharers": sorted(p for p, owner in self.sharers.items() if owner == m.pid),
+            })
+        shared = []
+        for obj in self.objects:
+            doc = obj.describe()
+            doc["mapped_by"] = sorted({self.members[w.member].pid for w in obj.windows})
+            shared.append(doc)
+        warnings = list(self.warnings)
+        for m in self.live:
+            warnings += [f"{m.entry}: {w}" for w in m.warnings]
+        pause = max((m.ft.pause_ms for m in self.live), default=0.0)
+        return {
+            "tree": {"root": self.target.describe(), "processes": processes, "shared": shared},
+            "pause_ms": pause, "duration_s": duration, "warnings": warnings,
+            "faults": sum(m.ctx.faults for m in self.live) + self.children.faults,
+            "children_forked": self.children.forks, "children_faults": self.children.faults,
+            "attach_pause_ms": max((m.attach_pause_ms for m in self.live), default=0.0),
+            "instant_ms": self.instant_ms, "timing_ms": self.phases,
+        }
+
+    def _result(self, info: Any, duration: float) -> TreeResult:
+        shared = sum((r.data_pages + r.zero_pages) * PAGE for r in self.store.open_snapshot(info.name).regions
+                     if r.name.startswith(SHARED_PREFIX))
+        tree = info.meta["tree"]
+        return TreeResult(
+            name=info.name, root=tree["root"], processes=len(tree["processes"]), pause_ms=info.pause_ms,
+            attach_pause_ms=info.meta.get("attach_pause_ms", 0.0), duration_s=duration,
+            resident_bytes=info.resident_bytes, shared_bytes=shared, zero_bytes=info.zero_bytes,
+            stored_bytes=info.stored_bytes, faults=info.faults, shared_objects=len(tree["shared"]),
+            exited=[p["pid"] for p in tree["processes"] if p["exited"]], warnings=list(info.warnings),
+            members=[{k: p[k] for k in ("entry", "pid", "pause_ms", "faults", "exited")} for p in tree["processes"]],
+            info=info)
+
+
+def _handshake(uffd: Uffd) -> int:
+    """UFFDIO_API asking for fork events too (a child's inherited protection must be served)."""
+    try:
+        return uffd.api(TREE_FEATURES)
+    except OSError:
+        return uffd.api(MINIMAL_FEATURES | k.UFFD_FEATURE_EVENT_FORK)
+
+
+def _alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st.capturable
+
+
+@contextlib.contextmanager
+def _stopped_quietly(pid: int):
+    """Stop a process that runs on a member's memory (a vfork child) for the instant; a
+    process gone meanwhile is skipped."""
+    proc = StoppedProcess(pid)
+    try:
+        proc.stop()
+    except TargetError:
+        yield None
+        return
+    try:
+        yield proc
+    finally:
+        proc.release()
+
+
+@contextlib.contextmanager
+def _frozen_newcomer(m: Member):
+    """Inside the freeze: stop a process that joined the tree after the attach and take a
+    uffd from it (its memory is then protected in full during the pause)."""
+    proc = StoppedProcess(m.pid)
+    proc.syscall_insn = find_syscall_insn(m.pid)
+    t0 = time.monotonic()
+    proc.stop()
+    uffd: Uffd | None = None
+    ft: FrozenTarget | None = None
+    try:
+        uffd = Uffd(take_userfaultfd(proc))
+        _handshake(uffd)
+        ft = FrozenTarget(pid=m.pid, comm=m.comm, proc=proc, uffd=uffd, maps=read_maps(m.pid),
+                          threads=proc.record_threads(), stopped_at=t0)
+        yield ft
+    except BaseException:
+        if uffd is not None:
+            uffd.close()
+        raise
+    finally:
+        proc.release()
+        if ft is not None:
+            ft.resumed_at = time.monotonic()
+
+
+async def capture_tree(target: TreeTarget, store: Any, name: str, options: CaptureOptions | None = None,
+                       progress: Callable[[Progress], None] | None = None) -> TreeResult:
+    """Take one point-in-time snapshot of every process of ``target`` (a process and its
+    descendants, or a cgroup) into ``store`` as ``name`` (kind ``tree``).
+
+    Every member is stopped only for the attach and for the instant; afterwards they run
+    while their pages and the shared objects are saved. On any failure or cancellation
+    every process is released at once and nothing is published. Raises TargetError,
+    PermissionDenied, NameInUse, StoreError.
+    """
+    return await _TreeCapture(target, store, name, options or CaptureOptions(), progress).run()
