@@ -20,6 +20,7 @@ from tests.conftest import snapfs_cmd
 from tests.test_capture_support import assert_released, proc_status, region_image, wait_for
 from tests.tree_oracle import check_tree
 from tests.tree_support import TreeTarget
+from tools.targets import build
 
 
 def tree_image(reader, t: TreeTarget) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -86,6 +87,14 @@ def test_cli_tree_snapshot_and_every(snapfs_env, store_dir):
         cat = subprocess.run([*snapfs_cmd(), "cat", "tree1", f"processes/{t.worker_pids[1]}-treecounter/info.json"],
                              env=snapfs_env, capture_output=True, text=True, timeout=60)
         assert json.loads(cat.stdout)["pid"] == t.worker_pids[1]
+        # Each process has its core: gdb finds the worker's stack and its libraries.
+        core = store_dir.parent / "worker.core"
+        with open(core, "wb") as f:
+            subprocess.run([*snapfs_cmd(), "cat", "tree1", f"processes/{t.worker_pids[1]}-treecounter/core"],
+                           env=snapfs_env, stdout=f, check=True, timeout=120)
+        gdb = subprocess.run(["gdb", "-batch", "-ex", "bt", "-ex", "info sharedlibrary", str(build("treecounter")),
+                              str(core)], capture_output=True, text=True, timeout=120)
+        assert " worker (w=1)" in gdb.stdout and "libc.so" in gdb.stdout, gdb.stdout + gdb.stderr
         every = subprocess.Popen(
             [*snapfs_cmd(), "snapshot", "--tree", str(t.pid), "--every", "0.3s", "--name", "s", "--json"],
             env=snapfs_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from snapfs.capture import fastfault
+from snapfs.capture import coreinfo, fastfault
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.engine import (CaptureOptions, Progress, _collapse, _stop_thread_on_cancel, region_spec,
@@ -56,12 +56,14 @@ from snapfs.capture.priority import (LOOP_PRIORITY, background_thread_priority, 
 from snapfs.capture.processes import cgroup_pids, memory_owners, proc_stat, tree_pids
 from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, protect_and_record
 from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
+from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.shared import (ChildServer, MemberWindows, ObjectScan, SharedObject, Window,
                                    entry_name, object_context, object_key, open_object,
                                    record_at_instant)
 from snapfs.capture.target_info import process_meta
 from snapfs.capture.uffd import WANTED_FEATURES, Uffd
+from snapfs.elfcore.state import BLOB as CORE_BLOB
 from snapfs.errors import TargetError
 from snapfs.store.tree import SHARED_PREFIX, TREE_KIND, member_entry
 
@@ -136,6 +138,9 @@ class Member:
     faults: FaultPath | None = None
     windows: MemberWindows | None = None
     region_first: int = 0
+    later_regions: list[int] = field(default_factory=list)  # added after the resume
+    core_before: Any = None  # coreinfo.before_freeze
+    threads: dict[str, dict] = field(default_factory=dict)  # as recorded for the core view
     exited: bool = False
     gone_before: bool = False  # exited before the instant: not part of the snapshot
     warnings: list[str] = field(default_factory=list)
@@ -205,7 +210,8 @@ class _TreeCapture:
         except TargetError:
             return None
         return Member(pid=pid, comm=comm, ppid=st.ppid, entry=member_entry(pid, comm),
-                      meta=process_meta(pid, comm), huge_sizes=huge, newcomer=newcomer)
+                      meta=process_meta(pid, comm), huge_sizes=huge, newcomer=newcomer,
+                      core_before=coreinfo.before_freeze(pid))
 
     @property
     def live(self) -> list[Member]:
@@ -236,6 +242,7 @@ class _TreeCapture:
                 try:
                     async with trio.open_nursery() as self.fault_nursery:
                         await self._protect_and_freeze()
+                        await trio.to_thread.run_sync(self._after_resume, limiter=self.limiter)
                         await self._background()
                 except BaseExceptionGroup as eg:
                     raise _collapse(eg) from None
@@ -439,6 +446,19 @@ class _TreeCapture:
         self.children.sink = self.live[0].faults
         self.fault_nursery.start_soon(partial(trio.to_thread.run_sync, self.children.run, abandon_on_cancel=False))
 
+    def _after_resume(self) -> None:
+        """Worker thread, every member running again: what the core view needs (as a process
+        capture records it, :mod:`snapfs.capture.coreinfo`, :mod:`snapfs.capture.relocated`),
+        per member, its blob named ``<entry>/core.state``."""
+        for m in self.live:
+            try:
+                save_private_pages(m.pid, m.ft.maps, _MemberRegions(self.writer, m), {v.start for v in m.prep.regions})
+                m.threads, blob = coreinfo.record(m.pid, m.core_before, m.ft.maps, m.ft.threads)
+            except (OSError, TargetError):
+                m.threads, blob = m.ft.threads, None  # exited: no thread names to read
+            if blob is not None:
+                self.writer.put_blob(f"{m.entry}/{CORE_BLOB}", blob)
+
     def _private_ranges(self, member: int) -> list[tuple[int, int]]:
         """A member's write-protected private VMAs (what its forked children may unprotect)."""
         m = self.members[member]
@@ -638,7 +658,8 @@ class _TreeCapture:
             processes.append({
                 "entry": m.entry, "pid": m.pid, "ppid": m.ppid, "comm": m.comm,
                 "exe": m.meta.get("exe"), "cmdline": m.meta.get("cmdline"),
-                "regions": [m.region_first, len(prep.regions)], "threads": ft.threads,
+                "regions": [[m.region_first, len(prep.regions)], *([i, 1] for i in m.later_regions)],
+                "threads": m.threads or ft.threads,
                 "pause_ms": round(ft.pause_ms, 3), "attach_pause_ms": round(m.attach_pause_ms, 3),
                 "protect_ms": round(prep.protect_ms, 3), "faults": m.ctx.faults,
                 "preprotect_ms": round(m.pre.elapsed_ms, 3) if m.pre and not m.newcomer else None,
@@ -688,6 +709,22 @@ def _handshake(uffd: Uffd) -> int:
 def _alive(pid: int) -> bool:
     st = proc_stat(pid)
     return st is not None and st.capturable
+
+
+class _MemberRegions:
+    """The writer as :func:`save_private_pages` sees it for one member: its regions named
+    ``<entry>/<name>`` and listed among the member's."""
+
+    def __init__(self, writer: Any, member: Member) -> None:
+        self.writer, self.member = writer, member
+
+    def add_region(self, spec: Any) -> int:
+        idx = self.writer.add_region(dataclasses.replace(spec, name=f"{self.member.entry}/{spec.name}"))
+        self.member.later_regions.append(idx)
+        return idx
+
+    def put_scattered(self, *args: Any, **kwargs: Any) -> None:
+        self.writer.put_scattered(*args, **kwargs)
 
 
 @contextlib.contextmanager
