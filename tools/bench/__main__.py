@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                    + " (methods = the write-rate sweep of every method, with the floors)")
     p.add_argument("--threads", metavar="LIST", help="writer-thread counts of the matrix, e.g. 1,4,16")
     p.add_argument("--thp", metavar="LIST", help="THP modes of the matrix: off,on")
+    p.add_argument("--merge", type=Path, metavar="RESULTS_JSON",
+                   help="with --only tree: the other sections from an earlier run's results.json")
     p.add_argument("--docs", type=Path, metavar="DIR",
                    help="also write DIR/performance.md and DIR/performance/*.png from this run")
     args = p.parse_args(argv)
@@ -58,11 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             if only - set(runner.SECTIONS):
                 raise ValueError(f"unknown sections {sorted(only - set(runner.SECTIONS))}: choose from "
                                  + ", ".join(runner.SECTIONS))
+        if args.merge and only != {"tree"}:
+            raise ValueError("--merge goes with --only tree")
     except (ValueError, KeyError, UsageError) as e:
         p.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m tools.bench" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results = runner.run(the_plan, args.out, install_peers=not args.no_install, only=only)
+    if args.merge:
+        results = dict(json.loads(args.merge.read_text()),
+                       tree=dict(results["tree"] or {}, command=command, loadavg=results["machine"].get("loadavg")))
     results["goals"] = goals.evaluate(results)
     js, md = report.write(results, args.out, command)
     pngs = plots.write(results, args.out)

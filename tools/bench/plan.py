@@ -49,6 +49,11 @@ class Plan:
     every_children: int = 3          # --every children per incremental target
     every_period_s: float = 4.0      # --every period of the memwriter series (the Python one: half)
     python_target_size: int = 300 * MiB
+    # Process trees (tools/bench/tree.py): processes, shared and private MiB, writes/s each
+    tree_procs: int = 4
+    tree_shared_mib: int = 256
+    tree_private_mib: int = 128
+    tree_rate: float = 10000
 
     def to_json(self) -> dict:
         """Plain dict for results.json."""
@@ -64,7 +69,8 @@ def quick() -> Plan:
                 jvm_idle_threads=40, jvm_write_rate=20000, mappings=4000, mappings_size=64 * MiB,
                 throughput_sizes=[64 * MiB], throughput_rounds=1, every_children=2,
                 every_period_s=1.5, python_target_size=32 * MiB, stopcost_size=64 * MiB,
-                stopcost_rounds=2)
+                stopcost_rounds=2,
+                tree_procs=2, tree_shared_mib=8, tree_private_mib=8)
 
 
 def full() -> Plan:

@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+from tools.bench import tree
 from tools.bench.methods.gcore import Gcore
 from tools.bench.methods.precopy import PreCopy
 from tools.bench.methods.qemu_bg import QemuBackground
@@ -245,6 +246,8 @@ def markdown(results: dict, command: str, img_prefix: str = "") -> str:
         from tools.bench.stopcost import report as stop_report
 
         L += ["## Stop cost by thread count", "", stop_report(results["stop_cost"]), ""]
+
+    L += tree.markdown(results.get("tree"))
 
     L += ["## How each figure is measured", "",
           "- **pause**: the longest stall the target measured itself during the run (memwriter times "

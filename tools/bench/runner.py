@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench import every, floors, machine, peers, readpaths, stalls, stopcost
+from tools.bench import every, floors, machine, peers, readpaths, stalls, stopcost, tree
 from tools.bench.methods import Method
 from tools.bench.methods.gcore import Gcore
 from tools.bench.methods.precopy import PreCopy
@@ -99,7 +99,7 @@ def _throughput_runs(method: Method, row: dict, target: Target, workdir: Path, t
     row["zstd_side_by_side"] = {"Bps": max(passes), "pass_Bps": passes, "threads": threads}
 
 
-SECTIONS = ("methods", "matrix", "jvm", "mappings", "throughput", "every", "qemu", "readpaths", "stopcost")
+SECTIONS = ("methods", "matrix", "jvm", "mappings", "throughput", "every", "qemu", "readpaths", "stopcost", "tree")
 
 
 def run(plan: Plan, out_dir: Path, install_peers: bool = True, only: set[str] | None = None) -> dict:
@@ -112,7 +112,7 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True, only: set[str] | 
     started = time.time()
     results: dict = {"plan": plan.to_json(), "machine": machine.describe(), "started": started,
                      "rows": [], "missing": {}, "floors": {}, "qemu": None, "readpaths": {},
-                     "sections": sorted(only) if only else list(SECTIONS), "every": {}}
+                     "sections": sorted(only) if only else list(SECTIONS), "every": {}, "tree": None}
     peer_status = peers.ensure(install_peers)
     results["peers"] = peer_status
     for peer, st in peer_status.items():
@@ -214,6 +214,9 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True, only: set[str] | 
                 f"{'/'.join(str(n + 1) for n in plan.stopcost_threads)} threads)")
             results["stop_cost"] = stopcost.measure(plan.stopcost_size >> 20, tuple(plan.stopcost_threads),
                                                     plan.stopcost_rounds, log=log)
+        if wanted("tree"):
+            log(f"process tree: {plan.tree_procs} processes")
+            results["tree"] = tree.run(plan, workdir, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = time.time() - started
