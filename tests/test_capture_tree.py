@@ -5,9 +5,11 @@ during captures, the CLI, and SIGKILL of snapfs in every phase."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +159,67 @@ def test_sigkill_of_snapfs_during_a_tree_capture(snapfs_env, store_dir, phase):
             assert store.list_snapshots() == []  # nothing half-visible
             store.gc()
             assert not store.check()["problems"]
+
+
+def test_every_kind_of_shared_memory_is_stored_once(store):
+    """MAP_SHARED anonymous memory, a memfd, a /dev/shm file and a SysV segment, shared by a
+    parent and its child: one object each under shared/, both processes' regions read it."""
+    import sys
+
+    from tests.shared_kinds_target import PAGES, pattern
+
+    proc = subprocess.Popen([sys.executable, "-m", "tests.shared_kinds_target"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parent.parent))
+    try:
+        child = int(proc.stdout.readline().split()[1])
+        r = trio.run(capture_tree, Tree(pid=proc.pid), store, "kinds")
+        assert r.processes == 2 and not r.warnings, r.warnings
+        reader = store.open_snapshot("kinds")
+        objects = {}
+        for obj, region in shared_objects(reader):
+            data = reader.read(region.index, 0, PAGES * 4096)
+            kind = next((k for k in range(4) if data == pattern(k)), None)
+            if kind is not None:
+                objects[kind] = (obj, region)
+        assert sorted(objects) == [0, 1, 2, 3], [o["path"] for o, _ in shared_objects(reader)]
+        assert objects[3][0]["how"].startswith("copied while stopped")  # SysV
+        for kind in range(3):
+            assert objects[kind][0]["how"] == "write-protected", objects[kind][0]
+        for obj, region in objects.values():
+            assert obj["mapped_by"] == sorted([proc.pid, child])
+            for m in members(reader):
+                mine = [x for x in m.regions if x.meta.get("shares", {}).get("region") == region.name]
+                assert len(mine) == 1
+                assert m.read(mine[0].index, 0, PAGES * 4096) == reader.read(region.index, 0, PAGES * 4096)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_cgroup_snapshot(snapfs_env, store_dir):
+    """--cgroup: every process of a (v2) cgroup, children born into it included."""
+    from snapfs.capture.processes import CGROUP_ROOTS
+
+    root = next((Path(r) for r in CGROUP_ROOTS if (Path(r) / "cgroup.subtree_control").exists()), None)
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy to create a test cgroup in")
+    cg = root / f"snapfs-test-{os.getpid()}"
+    cg.mkdir()
+    try:
+        with TreeTarget(2, 512, 256) as t:
+            for pid in [t.pid, *t.worker_pids]:
+                (cg / "cgroup.procs").write_text(str(pid))
+            proc = subprocess.run([*snapfs_cmd(), "snapshot", "--cgroup", str(cg.relative_to(root)), "--json",
+                                   "--name", "cg"], env=snapfs_env, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            doc = json.loads(proc.stdout)
+            assert sorted(m["pid"] for m in doc["members"]) == sorted([t.pid, *t.worker_pids])
+            assert doc["root"] == {"cgroup": str(cg)}
+            with Store.open(store_dir, create=False) as store:
+                check_tree(*tree_image(store.open_snapshot("cg"), t))
+            for pid in [t.pid, *t.worker_pids]:
+                (root / "cgroup.procs").write_text(str(pid))
+    finally:
+        for pid in (cg / "cgroup.procs").read_text().split():
+            (root / "cgroup.procs").write_text(pid)
+        cg.rmdir()

@@ -407,7 +407,6 @@ class _Capture:
         await trio.to_thread.run_sync(put_all, limiter=self.limiter)
 
 
-
 async def store_chunks(writer, limiter: trio.CapacityLimiter, work_recv, free_send) -> None:
     """A store worker: compress and write the scan's chunks (``(buffer, pieces, pooled)`` from
     ``work_recv``, see :meth:`Scan.run`) in worker threads; return pooled buffers after."""

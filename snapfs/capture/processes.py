@@ -77,16 +77,19 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd")
+
+
 def cgroup_dir(path: str) -> Path:
-    """The cgroup v2 directory named by ``path`` (absolute under /sys/fs/cgroup, or relative
-    to it, as ``systemctl status`` prints it)."""
+    """The cgroup directory named by ``path``: absolute, or relative to the cgroup root as
+    ``systemctl status`` prints it (on a hybrid hierarchy, under ``unified/`` or ``systemd/``)."""
     p = Path(path)
-    if not p.is_absolute() or not str(p).startswith("/sys/fs/cgroup"):
-        p = Path("/sys/fs/cgroup") / str(path).lstrip("/")
-    if not (p / "cgroup.procs").is_file():
-        raise UsageError(f"{path} is not a cgroup (no cgroup.procs in {p}): give a directory "
-                         "under /sys/fs/cgroup, e.g. system.slice/postgresql.service")
-    return p
+    candidates = [p] if str(p).startswith("/sys/fs/cgroup") else [Path(r) / str(path).lstrip("/") for r in CGROUP_ROOTS]
+    for c in candidates:
+        if (c / "cgroup.procs").is_file():
+            return c
+    raise UsageError(f"{path} is not a cgroup (no cgroup.procs in {candidates[0]}): give a directory "
+                     "under /sys/fs/cgroup, e.g. system.slice/postgresql.service")
 
 
 def cgroup_pids(path: str) -> list[int]:

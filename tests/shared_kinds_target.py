@@ -1,0 +1,47 @@
+"""A parent and a child sharing one object of each kind (MAP_SHARED anonymous memory inherited
+across fork, a memfd, a /dev/shm file, a SysV segment), each filled with a known pattern; both
+then wait for stdin to close. Prints "ready <child pid>" (tests/test_capture_tree.py)."""
+
+import ctypes
+import mmap
+import os
+import sys
+import tempfile
+
+PAGES = 64
+SIZE = PAGES * 4096
+
+
+def pattern(kind: int) -> bytes:
+    return bytes((kind * 37 + i) % 251 + 1 for i in range(256)) * (SIZE // 256)
+
+
+def main() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    regions = [mmap.mmap(-1, SIZE, mmap.MAP_SHARED)]
+    fd = os.memfd_create("snapfs-kinds")
+    os.ftruncate(fd, SIZE)
+    regions.append(mmap.mmap(fd, SIZE, mmap.MAP_SHARED))
+    shm_path = tempfile.mktemp(prefix="snapfs-kinds-", dir="/dev/shm")
+    fd2 = os.open(shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(shm_path)  # still mapped: the object lives on
+    os.ftruncate(fd2, SIZE)
+    regions.append(mmap.mmap(fd2, SIZE, mmap.MAP_SHARED))
+    shmid = libc.shmget(0, SIZE, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+    sysv = libc.shmat(shmid, None, 0)
+    libc.shmctl(shmid, 0, None)  # IPC_RMID: gone once detached
+    for kind, m in enumerate(regions):
+        m[:] = pattern(kind)
+    ctypes.memmove(sysv, pattern(len(regions)), SIZE)
+    child = os.fork()
+    if child == 0:
+        sys.stdin.read()
+        os._exit(0)
+    print("ready", child, flush=True)
+    sys.stdin.read()
+    os.waitpid(child, 0)
+
+
+if __name__ == "__main__":
+    main()
