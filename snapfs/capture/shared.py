@@ -234,7 +234,7 @@ def populated_offsets(obj: SharedObject, members: list[Any]) -> list[tuple[int, 
     for w in obj.windows:
         scanner = PagemapScanner(members[w.member].pid)
         try:
-            present = populated_ranges(scanner, Vma(w.start, w.end, "rw-s", w.offset, obj.key[0], obj.key[1], obj.path))
+            present = populated_ranges(scanner, w.start, w.end)
         finally:
             scanner.close()
         found += [w.to_offsets(s, e) for s, e in zip(present["start"].tolist(), present["end"].tolist())]

@@ -48,13 +48,13 @@ from snapfs.capture.engine import (CaptureOptions, Progress, _collapse, _stop_th
 from snapfs.capture.faults import FaultPath
 from snapfs.capture.freeze import FrozenTarget, frozen, frozen_again, take_userfaultfd
 from snapfs.capture.ledger import LOST, runs_of
-from snapfs.capture.maps import Vma, classify, huge_page_sizes, read_maps
+from snapfs.capture.maps import ClassifiedMaps, Vma, huge_page_sizes, read_maps, read_maps_text
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.preprotect import PreFaultServer, PreProtected, preprotect_regions
 from snapfs.capture.priority import (LOOP_PRIORITY, background_thread_priority, fault_thread_priority,
                                      realtime_thread)
 from snapfs.capture.processes import cgroup_pids, memory_owners, proc_stat, tree_pids
-from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, protect_and_record
+from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, copy_buffer_for, protect_and_record
 from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
@@ -129,7 +129,8 @@ class Member:
     features: int = 0
     attach_pause_ms: float = 0.0
     newcomer: bool = False  # appeared after the attach: protected inside the freeze
-    regions: list[Vma] = field(default_factory=list)
+    maps: ClassifiedMaps | None = None  # read before pre-protection (followed by the freeze)
+    copy_buffer: bytearray | None = None  # for its copy-mode regions, touched before the freeze
     server: PreFaultServer | None = None
     pre: PreProtected | None = None
     ft: FrozenTarget | None = None
@@ -289,9 +290,10 @@ class _TreeCapture:
     async def _protect_and_freeze(self) -> None:
         opts = self.options
         for m in self.members:
-            m.regions = classify(read_maps(m.pid), include_readonly=opts.include_readonly,
-                                 huge_sizes=m.huge_sizes)
-            m.server = PreFaultServer(m.pid, m.uffd, m.regions)
+            m.maps = ClassifiedMaps(read_maps_text(m.pid), include_readonly=opts.include_readonly,
+                                    huge_sizes=m.huge_sizes)
+            m.copy_buffer = copy_buffer_for(m.maps.regions)
+            m.server = PreFaultServer(m.pid, m.uffd, m.maps.regions)
         async with trio.open_nursery() as nursery:
             for m in self.members:
                 nursery.start_soon(m.server.run)
@@ -309,7 +311,7 @@ class _TreeCapture:
     def _preprotect_all(self) -> None:
         for m in self.members:
             try:
-                m.pre = preprotect_regions(m.pid, m.uffd, m.regions)
+                m.pre = preprotect_regions(m.pid, m.uffd, m.maps)
             except TargetError:
                 m.pre = PreProtected()  # gone: the freeze finds out
 
@@ -335,6 +337,7 @@ class _TreeCapture:
                     m.gone_before = True  # exited before the instant
                     continue
                 m.pre.changed = list(server.changed)
+                m.pre.hot = np.unique(np.array(server.written, np.uint64))
             for pid in self.sharers:
                 stack.enter_context(_stopped_quietly(pid))
             t.append(time.monotonic())
@@ -347,7 +350,7 @@ class _TreeCapture:
                 m.prep = protect_and_record(
                     m.ft, include_readonly=self.options.include_readonly, huge_sizes=m.huge_sizes,
                     features=m.features, pre=m.pre if not m.newcomer else None,
-                    shared=lambda v: object_key(v) in keys)
+                    copy_buffer=m.copy_buffer, shared=lambda v: object_key(v) in keys)
             t.append(time.monotonic())
             self._find_objects(live)
             for obj in self.objects:
@@ -413,26 +416,19 @@ class _TreeCapture:
         self.objects = list(by_key.values())
 
     async def _start_faults(self) -> None:
-        """Trio thread, every member still stopped: declare the regions, start every fault
-        path and the children's server."""
+        """Trio thread, every member still stopped: number the store regions (objects first,
+        then each member's, in order: declared right after the resume, see
+        :meth:`_declare_regions`), start every fault path and the children's server."""
         w = self.writer
-        for obj in self.objects:
-            obj.store_index = w.add_region(dataclasses.replace(
-                region_spec(Vma(0, obj.length, "rw-s", 0, obj.key[0], obj.key[1], obj.path,
-                                page_size=obj.page_size, kind=obj.kind, name=SHARED_PREFIX + obj.entry)),
-                meta={"how": obj.describe()["how"]}))
-        by_key = {obj.key: obj for obj in self.objects}
+        for i, obj in enumerate(self.objects):
+            obj.store_index = i
+        next_index = len(self.objects)
         for i, m in enumerate(self.members):
             if m.gone_before:
                 continue
-            index = []
-            for v in m.prep.regions:
-                spec = region_spec(v)
-                idx = w.add_region(dataclasses.replace(spec, name=f"{m.entry}/{spec.name}"))
-                if v.meta.get("shared"):
-                    w.share(idx, by_key[object_key(v)].store_index, v.offset // PAGE)
-                index.append(idx)
-            m.region_first = index[0] if index else 0
+            m.region_first = next_index
+            index = list(range(next_index, next_index + len(m.prep.regions)))
+            next_index += len(index)
             m.windows = MemberWindows.of_member(i, self.objects, self.members)
             m.ctx = CaptureContext(pid=m.pid, uffd=m.uffd, ledger=m.prep.ledger, regions=m.prep.regions,
                                    region_index=index, writer=w, shared=m.windows)
@@ -447,10 +443,35 @@ class _TreeCapture:
         self.children.sink = self.live[0].faults
         self.fault_nursery.start_soon(partial(trio.to_thread.run_sync, self.children.run, abandon_on_cancel=False))
 
+    def _declare_regions(self) -> None:
+        """Declare the regions to the writer in the order :meth:`_start_faults` numbered them
+        (before any page reaches the store; thousands of add_region calls took milliseconds
+        inside the pause)."""
+        w = self.writer
+
+        def declare(spec: Any, expected: int) -> int:
+            if w.add_region(spec) != expected:
+                raise RuntimeError("internal error: store region indices out of step with the capture's")
+            return expected
+
+        for obj in self.objects:
+            declare(dataclasses.replace(
+                region_spec(Vma(0, obj.length, "rw-s", 0, obj.key[0], obj.key[1], obj.path,
+                                page_size=obj.page_size, kind=obj.kind, name=SHARED_PREFIX + obj.entry)),
+                meta={"how": obj.describe()["how"]}), obj.store_index)
+        by_key = {obj.key: obj for obj in self.objects}
+        for m in self.live:
+            for j, v in enumerate(m.prep.regions):
+                spec = region_spec(v)
+                idx = declare(dataclasses.replace(spec, name=f"{m.entry}/{spec.name}"), m.region_first + j)
+                if v.meta.get("shared"):
+                    w.share(idx, by_key[object_key(v)].store_index, v.offset // PAGE)
+
     def _after_resume(self) -> None:
-        """Worker thread, every member running again: what the core view needs (as a process
-        capture records it, :mod:`snapfs.capture.coreinfo`, :mod:`snapfs.capture.relocated`),
-        per member, its blob named ``<entry>/core.state``."""
+        """Worker thread, every member running again: the store regions, then what the core
+        view needs (as a process capture records it, :mod:`snapfs.capture.coreinfo`,
+        :mod:`snapfs.capture.relocated`), per member, its blob named ``<entry>/core.state``."""
+        self._declare_regions()
         for m in self.live:
             try:
                 save_private_pages(m.pid, m.ft.maps, _MemberRegions(self.writer, m), {v.start for v in m.prep.regions})
@@ -482,7 +503,7 @@ class _TreeCapture:
         scans: list[tuple[Member | None, Scan]] = [
             (None, ObjectScan(obj, object_context(obj, self.writer), self.members, opts.rate))
             for obj in self.objects if obj.protected and obj.ledger is not None and obj.ledger.total_pages]
-        scans += [(m, Scan(m.ctx, opts.rate)) for m in self.live]
+        scans += [(m, Scan(m.ctx, opts.rate, hot=m.pre.hot if m.pre is not None else None)) for m in self.live]
         self.total_bytes = sum(s.ctx.ledger.total_pages for _, s in scans) * PAGE
         free_send, free_recv = trio.open_memory_channel[bytearray](len(self.buffers))
         for buf in self.buffers:
@@ -765,7 +786,7 @@ def _frozen_newcomer(m: Member):
     try:
         uffd = Uffd(take_userfaultfd(proc))
         _handshake(uffd)
-        ft = FrozenTarget(pid=m.pid, comm=m.comm, proc=proc, uffd=uffd, maps=read_maps(m.pid),
+        ft = FrozenTarget(pid=m.pid, comm=m.comm, proc=proc, uffd=uffd, maps_text=read_maps_text(m.pid),
                           threads=proc.record_threads(), stopped_at=t0)
         yield ft
     except BaseException:
