@@ -12,8 +12,14 @@ PAGES = 64
 SIZE = PAGES * 4096
 
 
+HOLE = (10, 21)  # pages of the memfd left as a hole: its object has two extents
+
+
 def pattern(kind: int) -> bytes:
-    return bytes((kind * 37 + i) % 251 + 1 for i in range(256)) * (SIZE // 256)
+    data = bytearray(bytes((kind * 37 + i) % 251 + 1 for i in range(256)) * (SIZE // 256))
+    if kind == 1:
+        data[HOLE[0] * 4096:HOLE[1] * 4096] = bytes((HOLE[1] - HOLE[0]) * 4096)
+    return bytes(data)
 
 
 def main() -> None:
@@ -33,6 +39,9 @@ def main() -> None:
     libc.shmctl(shmid, 0, None)  # IPC_RMID: gone once detached
     for kind, m in enumerate(regions):
         m[:] = pattern(kind)
+    # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: those pages leave the memfd's page cache.
+    if libc.fallocate(fd, 3, ctypes.c_long(HOLE[0] * 4096), ctypes.c_long((HOLE[1] - HOLE[0]) * 4096)):
+        raise OSError(ctypes.get_errno(), "fallocate")
     ctypes.memmove(sysv, pattern(len(regions)), SIZE)
     child = os.fork()
     if child == 0:

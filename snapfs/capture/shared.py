@@ -106,11 +106,12 @@ class SharedObject:
         }
 
     # ------------------------------------------------------------------ reading
-    def read(self, buf, spans: list[tuple[int, int]], members: list[Any]) -> np.ndarray:
+    def read(self, buf, spans, members: list[Any]) -> np.ndarray:
         """Read object ``spans`` (offset, length) back to back into ``buf``; True per page
         read (pages past the object's end, or with no live mapping to read them through,
         stay False)."""
         view = memoryview(buf)
+        spans = np.asarray(spans, np.int64).reshape(-1, 2).tolist()
         npages = sum(n for _, n in spans) // PAGE
         ok = np.zeros(npages, bool)
         pos = 0
@@ -278,11 +279,11 @@ class ObjectScan(Scan):
     def _read(self, buf, spans):
         return self.obj.read(buf, spans, self.members)
 
-    def _still_frozen(self, scanner, lo: int, hi: int, wp: bool) -> np.ndarray:
+    def _still_frozen(self, scanner, lo: np.ndarray, hi: np.ndarray, wp: np.ndarray) -> np.ndarray:
         # Pending pages are protected in every member (only a claim lets anyone unprotect):
         # what was read is the instant's content. Writers no page table sees (write(2),
         # processes outside the tree) are reported as warnings instead.
-        return np.ones((hi - lo) // PAGE, bool)
+        return np.ones((int(hi[-1]) - int(lo[0])) // PAGE, bool)
 
     def _release(self, lo: int, hi: int) -> None:
         self.obj.release(lo, hi, self.members)

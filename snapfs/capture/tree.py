@@ -355,6 +355,10 @@ class _TreeCapture:
             self._find_objects(live)
             for obj in self.objects:
                 record_at_instant(obj, self.members)
+                if obj.fd < 0 and obj.cache_backed and obj.protected:
+                    self.warnings.append(
+                        f"shared memory {obj.path}: pages no process had mapped could not be found "
+                        "(reading /proc/PID/map_files needs CAP_SYS_ADMIN): they read as zero")
             t.append(time.monotonic())
             trio.from_thread.run(self._start_faults)
             t.append(time.monotonic())
@@ -441,7 +445,17 @@ class _TreeCapture:
             await self.fault_nursery.start(self._serve_member_faults, m)
         # Object pages a child saves are written with the first member's.
         self.children.sink = self.live[0].faults
-        self.fault_nursery.start_soon(partial(trio.to_thread.run_sync, self.children.run, abandon_on_cancel=False))
+        self.fault_nursery.start_soon(self._run_children)
+
+    async def _run_children(self) -> None:
+        """The children's server thread; cancellation stops it (it polls in a loop)."""
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_call_on_cancel, self.children.stop, done)
+            try:
+                await trio.to_thread.run_sync(self.children.run, abandon_on_cancel=False)
+            finally:
+                done.set()
 
     def _declare_regions(self) -> None:
         """Declare the regions to the writer in the order :meth:`_start_faults` numbered them
@@ -718,6 +732,14 @@ class _TreeCapture:
             exited=[p["pid"] for p in tree["processes"] if p["exited"]], warnings=list(info.warnings),
             members=[{k: p[k] for k in ("entry", "pid", "pause_ms", "faults", "exited")} for p in tree["processes"]],
             info=info)
+
+
+async def _call_on_cancel(call: Callable[[], None], done: trio.Event) -> None:
+    """Call ``call`` once cancelled or once ``done`` is set, whichever comes first."""
+    try:
+        await done.wait()
+    finally:
+        call()
 
 
 async def _warm_threads(count: int) -> None:
