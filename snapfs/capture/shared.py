@@ -80,8 +80,9 @@ class SharedObject:
     kind: str  # region kind: shmem, hugetlb or file
     page_size: int
     cache_backed: bool = True  # shmem/tmpfs: its page cache is the memory (SEEK_DATA finds it)
+    index: int = -1  # its position among the capture's objects (what windows name it by)
     entry: str = ""
-    windows: list[Window] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)  # at the instant
     fd: int = -1  # a descriptor on the object itself (-1: none; read through members)
     protected: bool = True  # every window registered and protected (else copied, stopped)
     store_index: int = -1
@@ -127,18 +128,22 @@ class SharedObject:
     def _read_via_members(self, dest: memoryview, off: int, members: list[Any]) -> np.ndarray:
         n = len(dest) // PAGE
         ok = np.zeros(n, bool)
-        for w in self.windows:
-            if members[w.member].exited:
+        for mi, m in enumerate(members):
+            if m.exited:
                 continue
-            lo, hi = max(off, w.offset), min(off + len(dest), w.offset + w.end - w.start)
-            if hi <= lo:
-                continue
-            try:
-                got = read_pages_robust(members[w.member].pid, dest[lo - off: hi - off],
-                                        [(w.start + lo - w.offset, hi - lo)])
-            except TargetError:
-                continue
-            ok[(lo - off) // PAGE: (hi - off) // PAGE] |= got
+            if m.windows is not None:  # where it maps the object now
+                windows = m.windows.of_object(self.index)
+            else:  # inside the freeze: as at the instant
+                windows = [(w.start, w.end, self.index, w.offset) for w in self.windows if w.member == mi]
+            for start, end, _, offset in windows:
+                lo, hi = max(off, offset), min(off + len(dest), offset + end - start)
+                if hi <= lo:
+                    continue
+                try:
+                    got = read_pages_robust(m.pid, dest[lo - off: hi - off], [(start + lo - offset, hi - lo)])
+                except TargetError:
+                    continue
+                ok[(lo - off) // PAGE: (hi - off) // PAGE] |= got
             if ok.all():
                 break
         return ok
@@ -165,13 +170,16 @@ class SharedObject:
                 self.release(s, e, members)
 
     def release(self, lo: int, hi: int, members: list[Any]) -> None:
-        """Unprotect object offsets [lo, hi) (saved) in every live member that maps them."""
-        for w in self.windows:
-            m = members[w.member]
-            a_lo = w.start + max(lo, w.offset) - w.offset
-            a_hi = w.start + min(hi, w.offset + w.end - w.start) - w.offset
-            if a_hi > a_lo and not m.exited and m.uffd is not None:
-                m.uffd.unprotect_quiet(a_lo, a_hi - a_lo)
+        """Unprotect object offsets [lo, hi) (saved) in every live member that maps them,
+        where it maps them now (its windows follow its munmap/mremap events)."""
+        for m in members:
+            if m.exited or m.uffd is None or m.windows is None:
+                continue
+            for start, end, index, offset in m.windows.of_object(self.index):
+                a_lo = start + max(lo, offset) - offset
+                a_hi = start + min(hi, offset + end - start) - offset
+                if a_hi > a_lo:
+                    m.uffd.unprotect_quiet(a_lo, a_hi - a_lo)
 
 
 def _key_text(key: Key) -> str:
@@ -309,6 +317,11 @@ class MemberWindows:
         """The same windows, for a child forked now (it inherits its parent's layout)."""
         with self.lock:
             return MemberWindows(self.objects, self.members, list(self.windows))
+
+    def of_object(self, index: int) -> list[tuple[int, int, int, int]]:
+        """The windows on object ``index``."""
+        with self.lock:
+            return [w for w in self.windows if w[2] == index]
 
     def _overlapping(self, lo: int, hi: int) -> list[tuple[int, int, int, int]]:
         with self.lock:
@@ -460,17 +473,22 @@ class ChildServer:
     def stop(self) -> None:
         """End the thread (call from another thread)."""
         self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
+        with self._lock:
+            if self._stop_fd >= 0:
+                os.eventfd_write(self._stop_fd, 1)
 
     def close(self) -> None:
-        """After the thread ended: close every child's uffd (dropping their protection)."""
+        """After the thread ended: close every child's uffd (dropping their protection).
+        Safe to call twice."""
         with self._lock:
             self._stopping = True
             children, self.children = self.children, {}
+            stop_fd, self._stop_fd = self._stop_fd, -1
         for uffd, _ in children.values():
             uffd.close()
-        self._epoll.close()
-        os.close(self._stop_fd)
+        if stop_fd >= 0:
+            self._epoll.close()
+            os.close(stop_fd)
 
 
 def _dead(uffd: Uffd) -> bool:

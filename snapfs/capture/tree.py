@@ -415,8 +415,9 @@ class _TreeCapture:
                 if obj.fd < 0:
                     obj.fd = open_object(m.pid, v)
         taken: set[str] = set()
-        for obj in by_key.values():
+        for i, obj in enumerate(by_key.values()):
             obj.entry = entry_name(obj, taken)
+            obj.index = i
         self.objects = list(by_key.values())
 
     async def _start_faults(self) -> None:
