@@ -86,6 +86,11 @@ class TreeTarget:
         self._seen = {int(e) for e in os.listdir("/proc") if e.isdigit()}
         return tree_pids(self.pid) if self.pid is not None else cgroup_pids(self.cgroup)
 
+    @property
+    def seen(self) -> set[int]:
+        """Every process that existed at the last listing."""
+        return self._seen
+
     def newcomers(self, members: set[int]) -> list[int]:
         """Processes that joined the tree since :meth:`pids` (or the last call), parents
         first: for a tree, those whose parent is a member (or a newcomer); for a cgroup, its
@@ -490,11 +495,10 @@ class _TreeCapture:
         for m in self.live:
             try:
                 save_private_pages(m.pid, m.ft.maps, _MemberRegions(self.writer, m), {v.start for v in m.prep.regions})
-                m.threads, blob = coreinfo.record(m.pid, m.core_before, m.ft.maps, m.ft.threads)
             except (OSError, TargetError):
-                m.threads, blob = m.ft.threads, None  # exited: no thread names to read
-            if blob is not None:
-                self.writer.put_blob(f"{m.entry}/{CORE_BLOB}", blob)
+                pass  # exited meanwhile: the capture reports it
+            m.threads, blob = coreinfo.record(m.pid, m.core_before, m.ft.maps, m.ft.threads)
+            self.writer.put_blob(f"{m.entry}/{CORE_BLOB}", blob)
 
     def _private_ranges(self, member: int) -> list[tuple[int, int]]:
         """A member's write-protected private VMAs (what its forked children may unprotect)."""
@@ -647,8 +651,11 @@ class _TreeCapture:
         if not keys:
             return
         outside: dict[Any, list[int]] = {}
-        for entry in os.listdir("/proc"):
+        existed = self.target.seen  # processes born since the listing are children of members:
+        for entry in os.listdir("/proc"):  # frozen with them, or served through fork events
             if not entry.isdigit() or int(entry) in pids or int(entry) in self.sharers or int(entry) == os.getpid():
+                continue
+            if int(entry) not in existed:
                 continue
             try:
                 with open(f"/proc/{entry}/maps") as f:
@@ -696,7 +703,7 @@ class _TreeCapture:
                 "entry": m.entry, "pid": m.pid, "ppid": m.ppid, "comm": m.comm,
                 "exe": m.meta.get("exe"), "cmdline": m.meta.get("cmdline"),
                 "regions": [[m.region_first, len(prep.regions)], *([i, 1] for i in m.later_regions)],
-                "threads": m.threads or ft.threads,
+                "threads": m.threads,
                 "pause_ms": round(ft.pause_ms, 3), "attach_pause_ms": round(m.attach_pause_ms, 3),
                 "protect_ms": round(prep.protect_ms, 3), "faults": m.ctx.faults,
                 "preprotect_ms": round(m.pre.elapsed_ms, 3) if m.pre and not m.newcomer else None,
