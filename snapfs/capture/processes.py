@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapfs.capture import kernel as k
-from snapfs.capture.ptrace import PF_KTHREAD
+from snapfs.capture.handle import PF_KTHREAD
 from snapfs.errors import TargetError, UsageError
 
 KCMP_VM = 1

@@ -276,8 +276,9 @@ class ObjectScan(Scan):
     """The background scan of one object: reads through the object (or a member), and once a
     chunk is claimed unprotects it in every member that maps it."""
 
-    def __init__(self, obj: SharedObject, ctx: CaptureContext, members: list[Any], rate: float | None) -> None:
-        super().__init__(ctx, rate)
+    def __init__(self, obj: SharedObject, ctx: CaptureContext, members: list[Any], rate: float | None,
+                 rate_deadline: float | None = None) -> None:
+        super().__init__(ctx, rate, rate_deadline=rate_deadline)
         self.obj = obj
         self.members = members
 

@@ -47,6 +47,7 @@ from snapfs.capture.engine import (CaptureOptions, Progress, _collapse, _stop_th
                                    store_chunks)
 from snapfs.capture.faults import FaultPath
 from snapfs.capture.freeze import FrozenTarget, frozen, frozen_again, take_userfaultfd
+from snapfs.capture.handle import ProcessHandle
 from snapfs.capture.ledger import LOST, runs_of
 from snapfs.capture.maps import ClassifiedMaps, Vma, huge_page_sizes, read_maps, read_maps_text
 from snapfs.capture.memory import prefaulted_buffer
@@ -55,7 +56,8 @@ from snapfs.capture.priority import (LOOP_PRIORITY, background_thread_priority, 
                                      realtime_thread)
 from snapfs.capture.processes import cgroup_pids, memory_owners, proc_stat, tree_pids
 from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, copy_buffer_for, protect_and_record
-from snapfs.capture.ptrace import StoppedProcess, check_target, find_syscall_insn
+from snapfs.capture.inject import find_gadgets
+from snapfs.capture.ptrace import StoppedProcess
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.shared import (ChildServer, MemberWindows, ObjectScan, SharedObject, Window,
@@ -130,6 +132,7 @@ class Member:
     entry: str
     meta: dict[str, Any]
     huge_sizes: dict[int, int]
+    handle: ProcessHandle  # pinned (a PID reused or an exec is noticed), its capture lock held
     uffd: Uffd | None = None
     features: int = 0
     attach_pause_ms: float = 0.0
@@ -156,6 +159,7 @@ class Member:
     def close(self) -> None:
         if self.uffd is not None:
             self.uffd.close()
+        self.handle.close()
 
 
 @dataclass
@@ -211,13 +215,25 @@ class _TreeCapture:
         if st is None or not st.capturable:
             return None
         try:
-            comm = check_target(pid)
-            huge = {} if newcomer else huge_page_sizes(pid)  # smaps walks page tables: not in the pause
+            handle = ProcessHandle.open(pid)
         except TargetError:
             return None
-        return Member(pid=pid, comm=comm, ppid=st.ppid, entry=member_entry(pid, comm),
-                      meta=process_meta(pid, comm), huge_sizes=huge, newcomer=newcomer,
-                      core_before=coreinfo.before_freeze(pid))
+        try:
+            # One capture per process at a time (a tree's or a single process's).
+            handle.lock_capture()
+            comm = handle.comm
+            huge = {} if newcomer else huge_page_sizes(pid)  # smaps walks page tables: not in the pause
+            return Member(pid=pid, comm=comm, ppid=st.ppid, entry=member_entry(pid, comm),
+                          meta=process_meta(pid, comm), huge_sizes=huge, handle=handle, newcomer=newcomer,
+                          core_before=coreinfo.before_freeze(pid))
+        except TargetError:
+            handle.close()
+            if newcomer or handle.gone_error() is not None:
+                return None
+            raise  # another capture holds it: the tree cannot be taken at one instant
+        except BaseException:
+            handle.close()
+            raise
 
     @property
     def live(self) -> list[Member]:
@@ -226,9 +242,17 @@ class _TreeCapture:
     async def run(self) -> TreeResult:
         pids = self.target.pids()
         self.sharers = memory_owners(pids)
-        self.members = [m for m in (self._new_member(p) for p in pids if p not in self.sharers) if m]
-        if not self.members:
-            raise TargetError("no process to snapshot")
+        try:
+            for p in pids:
+                if p not in self.sharers and (m := self._new_member(p)) is not None:
+                    self.members.append(m)
+            if not self.members:
+                raise TargetError("no process to snapshot")
+            return await self._capture()
+        finally:
+            self._close_all()  # every uffd, pidfd and capture lock (safe to repeat)
+
+    async def _capture(self) -> TreeResult:
         root = self.members[0]
         meta = {"kind": TREE_KIND, "pid": self.target.pid, "comm": root.comm if self.target.pid else None,
                 "exe": root.meta.get("exe") if self.target.pid else None,
@@ -271,7 +295,8 @@ class _TreeCapture:
     async def _attach(self, m: Member) -> None:
         """The short stop that takes a member's uffd (a member gone meanwhile is dropped)."""
         try:
-            async with frozen(m.pid, record=False) as a:
+            # Only the injected thread stops: the uffd belongs to the process's mm.
+            async with frozen(m.handle, record=False, one_thread=True) as a:
                 m.uffd = a.uffd
             m.attach_pause_ms = a.pause_ms
             m.features = _handshake(m.uffd)
@@ -279,6 +304,7 @@ class _TreeCapture:
             if m.uffd is not None:
                 m.uffd.close()
             m.uffd = None
+            m.handle.close()
             if _alive(m.pid):  # still there: it is missing from the snapshot, say why
                 self.warnings.append(f"process {m.pid} ({m.comm}) is not in the snapshot: {exc}")
 
@@ -337,7 +363,7 @@ class _TreeCapture:
                     trio.from_thread.run_sync(server.halt)
 
                 try:
-                    m.ft = stack.enter_context(frozen_again(m.pid, m.comm, m.uffd, on_stopped=halt))
+                    m.ft = stack.enter_context(frozen_again(m.handle, m.comm, m.uffd, on_stopped=halt))
                 except TargetError:
                     m.gone_before = True  # exited before the instant
                     continue
@@ -391,6 +417,7 @@ class _TreeCapture:
                 try:
                     m.ft = stack.enter_context(_frozen_newcomer(m))
                 except TargetError:
+                    m.handle.close()  # gone, or exec'd, meanwhile
                     continue
                 m.uffd, m.features = m.ft.uffd, m.ft.uffd.features
                 self.members.append(m)
@@ -520,9 +547,10 @@ class _TreeCapture:
     async def _background(self) -> None:
         opts = self.options
         scans: list[tuple[Member | None, Scan]] = [
-            (None, ObjectScan(obj, object_context(obj, self.writer), self.members, opts.rate))
+            (None, ObjectScan(obj, object_context(obj, self.writer), self.members, opts.rate, opts.rate_deadline))
             for obj in self.objects if obj.protected and obj.ledger is not None and obj.ledger.total_pages]
-        scans += [(m, Scan(m.ctx, opts.rate, hot=m.pre.hot if m.pre is not None else None)) for m in self.live]
+        scans += [(m, Scan(m.ctx, opts.rate, hot=m.pre.hot if m.pre is not None else None,
+                           rate_deadline=opts.rate_deadline)) for m in self.live]
         self.total_bytes = sum(s.ctx.ledger.total_pages for _, s in scans) * PAGE
         free_send, free_recv = trio.open_memory_channel[bytearray](len(self.buffers))
         for buf in self.buffers:
@@ -550,6 +578,10 @@ class _TreeCapture:
                         await trio.to_thread.run_sync(self._scan_all, scans, work_send, free_recv,
                                                       abandon_on_cancel=False)
                     self._phase("scan", t_bg)
+                    if any(s.late for _, s in scans):
+                        self.warnings.append(
+                            f"the background copy at {opts.rate:.0f} bytes/s reached its "
+                            f"{opts.rate_deadline:g} s deadline: the rest was copied at full speed")
                     scan_done.set()
                     work_recv.close()
                 # Everything is claimed: stop serving faults, then write what they saved.
@@ -807,17 +839,20 @@ def _stopped_quietly(pid: int):
 def _frozen_newcomer(m: Member):
     """Inside the freeze: stop a process that joined the tree after the attach and take a
     uffd from it (its memory is then protected in full during the pause)."""
-    proc = StoppedProcess(m.pid)
-    proc.syscall_insn = find_syscall_insn(m.pid)
+    try:
+        m.handle.gadgets = find_gadgets(m.pid)
+    except (TargetError, OSError):
+        m.handle.gadgets = None  # searched for again once stopped
+    proc = StoppedProcess(m.handle)
     t0 = time.monotonic()
-    proc.stop()
     uffd: Uffd | None = None
     ft: FrozenTarget | None = None
     try:
-        uffd = Uffd(take_userfaultfd(proc))
+        proc.stop()
+        uffd = Uffd(proc.tracer.call(take_userfaultfd, proc))
         _handshake(uffd)
         ft = FrozenTarget(pid=m.pid, comm=m.comm, proc=proc, uffd=uffd, maps_text=read_maps_text(m.pid),
-                          threads=proc.record_threads(), stopped_at=t0)
+                          threads=proc.record_threads(), stopped_at=t0, handle=m.handle)
         yield ft
     except BaseException:
         if uffd is not None:
