@@ -71,11 +71,19 @@ def background_thread_priority(nice: int = BACKGROUND_NICE) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _realtime(priority: int, flags: int) -> Iterator[None]:
+def realtime_thread_of(tid: int, priority: int = LOOP_PRIORITY) -> Iterator[None]:
+    """:func:`realtime_thread` for another thread of snapfs (by native id), e.g. the ptrace
+    tracer thread while a realtime thread waits on it for the whole freeze."""
+    with _realtime(priority, 0, tid):
+        yield
+
+
+@contextlib.contextmanager
+def _realtime(priority: int, flags: int, tid: int = 0) -> Iterator[None]:
     try:
-        old_policy = os.sched_getscheduler(0)
-        old_param = os.sched_getparam(0)
-        os.sched_setscheduler(0, os.SCHED_FIFO | flags, os.sched_param(priority))
+        old_policy = os.sched_getscheduler(tid)
+        old_param = os.sched_getparam(tid)
+        os.sched_setscheduler(tid, os.SCHED_FIFO | flags, os.sched_param(priority))
     except (PermissionError, OSError, AttributeError):
         yield
         return
@@ -83,6 +91,6 @@ def _realtime(priority: int, flags: int) -> Iterator[None]:
         yield
     finally:
         try:
-            os.sched_setscheduler(0, old_policy & ~os.SCHED_RESET_ON_FORK, old_param)
+            os.sched_setscheduler(tid, old_policy & ~os.SCHED_RESET_ON_FORK, old_param)
         except OSError:
             pass

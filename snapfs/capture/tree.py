@@ -8,7 +8,8 @@ at one instant (docs/architecture.md, "Process trees"):
 2. every member's memory is write-protected while they all run (one pre-fault server each,
    which also drops the protection of children born meanwhile: they are frozen with the
    others);
-3. **the instant**: every member is stopped together, from one thread; processes that
+3. **the instant**: every member is stopped together (one ptrace ``StopGroup``: every thread
+   interrupted before any is waited for); processes that
    appeared since (children of members, or new processes of the cgroup) are stopped and get
    a uffd too, until none appears; then each member's pages written since are re-protected
    and its populated pages recorded (:func:`~snapfs.capture.protect.protect_and_record`),
@@ -46,18 +47,18 @@ from snapfs.capture.context import CaptureContext
 from snapfs.capture.engine import (CaptureOptions, Progress, _collapse, _stop_thread_on_cancel, region_spec,
                                    store_chunks)
 from snapfs.capture.faults import FaultPath
-from snapfs.capture.freeze import FrozenTarget, frozen, frozen_again, take_userfaultfd
+from snapfs.capture.freeze import FrozenTarget, frozen, take_userfaultfd
 from snapfs.capture.handle import ProcessHandle
 from snapfs.capture.ledger import LOST, runs_of
 from snapfs.capture.maps import ClassifiedMaps, Vma, huge_page_sizes, read_maps, read_maps_text
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.preprotect import PreFaultServer, PreProtected, preprotect_regions
 from snapfs.capture.priority import (LOOP_PRIORITY, background_thread_priority, fault_thread_priority,
-                                     realtime_thread)
+                                     realtime_thread, realtime_thread_of)
 from snapfs.capture.processes import cgroup_pids, memory_owners, proc_stat, tree_pids
 from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, copy_buffer_for, protect_and_record
 from snapfs.capture.inject import find_gadgets
-from snapfs.capture.ptrace import StoppedProcess
+from snapfs.capture.ptrace import StopGroup, StoppedProcess, get_tracer
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.shared import (ChildServer, MemberWindows, ObjectScan, SharedObject, Window,
@@ -349,28 +350,14 @@ class _TreeCapture:
     def _freeze(self) -> None:
         """Worker thread: stop every member (and newcomers), do the instant's work, resume.
         Realtime: every member waits on this thread, and a busy machine must not preempt it."""
-        with realtime_thread(LOOP_PRIORITY):
+        with realtime_thread(LOOP_PRIORITY), _tracer_realtime():
             self._freeze_all()
 
     def _freeze_all(self) -> None:
         known = {m.pid for m in self.members} | set(self.sharers)
         t = [time.monotonic()]
         with contextlib.ExitStack() as stack:
-            for m in self.members:
-                server = m.server
-
-                def halt(server: PreFaultServer = server) -> None:
-                    trio.from_thread.run_sync(server.halt)
-
-                try:
-                    m.ft = stack.enter_context(frozen_again(m.handle, m.comm, m.uffd, on_stopped=halt))
-                except TargetError:
-                    m.gone_before = True  # exited before the instant
-                    continue
-                m.pre.changed = list(server.changed)
-                m.pre.hot = np.unique(np.array(server.written, np.uint64))
-            for pid in self.sharers:
-                stack.enter_context(_stopped_quietly(pid))
+            self._stop_members(stack)
             t.append(time.monotonic())
             self._stop_newcomers(stack, known)
             t.append(time.monotonic())
@@ -396,6 +383,46 @@ class _TreeCapture:
         t.append(time.monotonic())
         self.instant_ms = {key: round((b - a) * 1e3, 3) for key, a, b in zip(
             ("stop", "newcomers", "protect", "objects", "start_faults", "resume"), t, t[1:])}
+
+    def _stop_members(self, stack: contextlib.ExitStack) -> None:
+        """Stop every member, and every process running on a member's memory, together: all
+        their threads are interrupted before any is waited for (one instant; the pause does
+        not add up process after process). The pre-fault servers serve until then (a thread
+        faulting on protected memory stops only once served), then halt. A member gone (or
+        exec'd) meanwhile is left out of the snapshot and the others are stopped again."""
+        while True:
+            members = [m for m in self.members if not m.gone_before]
+            if not members:
+                raise TargetError("every process of the tree exited before the snapshot instant")
+            sharers = [p for p in self.sharers if _alive(p)]
+            group = StopGroup([m.handle for m in members] + sharers)
+            t0 = time.monotonic()
+            try:
+                group.stop()
+                break
+            except TargetError:
+                gone = [(m, m.handle.gone_error()) for m in members]
+                gone = [(m, why) for m, why in gone if why is not None]
+                if not gone and all(_alive(p) for p in sharers):
+                    raise
+                for m, why in gone:
+                    m.gone_before = True
+                    if m.handle.alive():
+                        self.warnings.append(f"process {m.pid} ({m.comm}) is not in the snapshot: {why}")
+        stack.callback(_resume, group, members)
+        trio.from_thread.run_sync(lambda: [m.server.halt() for m in members])
+        for m in members:
+            m.pre.changed = list(m.server.changed)
+            m.pre.hot = np.unique(np.array(m.server.written, np.uint64))
+            proc = group[m.pid]
+            try:
+                maps_text = read_maps_text(m.pid)
+            except TargetError:
+                m.gone_before = True  # killed while stopped
+                continue
+            # Registers are read by the tracer thread meanwhile (complete once released).
+            m.ft = FrozenTarget(pid=m.pid, comm=m.comm, proc=proc, uffd=m.uffd, maps_text=maps_text,
+                                threads=proc.record_threads(wait=False), stopped_at=t0, handle=m.handle)
 
     def _stop_newcomers(self, stack: contextlib.ExitStack, known: set[int]) -> None:
         """Stop (and take a uffd from) every process that joined the tree since the list was
@@ -817,6 +844,23 @@ class _MemberRegions:
 
     def put_scattered(self, *args: Any, **kwargs: Any) -> None:
         self.writer.put_scattered(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _tracer_realtime():
+    """The ptrace tracer thread as realtime as the freeze thread that waits on it: on a busy
+    machine an ordinary tracer thread waited behind other processes at every stop, register
+    read and release (tens of ms of pause at a load of 12 on 2 cores)."""
+    with realtime_thread_of(get_tracer().tid, LOOP_PRIORITY):
+        yield
+
+
+def _resume(group: StopGroup, members: list[Member]) -> None:
+    """Release every process of the instant's group at once."""
+    group.release()
+    for m in members:
+        if m.ft is not None:
+            m.ft.resumed_at = group.released_at or time.monotonic()
 
 
 @contextlib.contextmanager
