@@ -44,8 +44,7 @@ import trio
 from snapfs.capture import coreinfo, fastfault
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
-from snapfs.capture.engine import (CaptureOptions, Progress, _collapse, _stop_thread_on_cancel, region_spec,
-                                   store_chunks)
+from snapfs.capture.engine import _stop_thread_on_cancel, store_chunks
 from snapfs.capture.faults import FaultPath
 from snapfs.capture.freeze import FrozenTarget, frozen, take_userfaultfd
 from snapfs.capture.handle import ProcessHandle
@@ -65,9 +64,10 @@ from snapfs.capture.shared import (ChildServer, MemberWindows, ObjectScan, Share
                                    entry_name, object_context, object_key, open_object,
                                    record_at_instant)
 from snapfs.capture.target_info import process_meta
+from snapfs.capture.types import CaptureOptions, Progress, region_spec
 from snapfs.capture.uffd import WANTED_FEATURES, Uffd
 from snapfs.elfcore.state import BLOB as CORE_BLOB
-from snapfs.errors import TargetError
+from snapfs.errors import TargetError, reported_error
 from snapfs.store.tree import SHARED_PREFIX, TREE_KIND, member_entry
 
 PAGE = k.PAGE_SIZE
@@ -276,7 +276,7 @@ class _TreeCapture:
                         await trio.to_thread.run_sync(self._after_resume, limiter=self.limiter)
                         await self._background()
                 except BaseExceptionGroup as eg:
-                    raise _collapse(eg) from None
+                    raise reported_error(eg) from None
             self._close_all()
             self._report_unsaved()
             self._note_new_mappings()
