@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(available() is not None, reason=str(available())
 def test_postgres_cluster_under_pgbench(snapfs_env, store_dir):
     with Cluster(shared_buffers="64MB") as pg:
         pg.pgbench("-i", "-s", "4", "-q")
-        bench = pg.pgbench("-c", "4", "-j", "2", "-T", "30", "-P", "5", background=True)
+        bench = pg.pgbench("-c", "4", "-j", "2", "-T", "60", "-P", "5", background=True)
         try:
             time.sleep(2)
             docs = []
