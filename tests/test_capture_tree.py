@@ -1,5 +1,5 @@
 """Tree snapshots of real processes: one instant across a tree of processes sharing memory
-(tools/targets/treecounter.c, its oracle in tests/tree_oracle.py), children born and dying
+(tools/targets/treecounter.c, its oracle in tests/support/tree_oracle.py), children born and dying
 during captures, the CLI, and SIGKILL of snapfs in every phase."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from snapfs.capture.tree import TreeTarget as Tree, capture_tree
 from snapfs.store import Store
 from snapfs.store.tree import members, shared_objects
 from tests.conftest import snapfs_cmd
-from tests.test_capture_support import assert_released, proc_status, region_image, wait_for
-from tests.tree_oracle import check_tree
-from tests.tree_support import TreeTarget
+from tests.support.capture import assert_released, proc_status, region_image, wait_for
+from tests.support.tree_oracle import check_tree
+from tests.support.tree import TreeTarget
 from tools.targets import build
 
 
@@ -172,11 +172,11 @@ def test_every_kind_of_shared_memory_is_stored_once(store, monkeypatch, map_file
     import sys
 
     import snapfs.capture.tree
-    from tests.shared_kinds_target import PAGES, pattern
+    from tests.support.shared_kinds_target import PAGES, pattern
 
     if not map_files:
         monkeypatch.setattr(snapfs.capture.tree, "open_object", lambda pid, v: -1)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.shared_kinds_target"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.shared_kinds_target"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parent.parent))
     try:
         child = int(proc.stdout.readline().split()[1])

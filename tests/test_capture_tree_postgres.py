@@ -16,8 +16,8 @@ import pytest
 from snapfs.store import Store
 from snapfs.store.tree import members, shared_objects
 from tests.conftest import snapfs_cmd
-from tests.pg_support import Cluster, available
-from tests.test_capture_support import assert_released
+from tests.support.postgres import Cluster, available
+from tests.support.capture import assert_released
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 

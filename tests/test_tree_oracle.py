@@ -1,5 +1,5 @@
 """The tree target's one-cut oracle can fail: a tree stopped with SIGSTOP reads as one instant,
-the same tree read while it runs does not (tests/tree_oracle.py, tools/targets/treecounter.c)."""
+the same tree read while it runs does not (tests/support/tree_oracle.py, tools/targets/treecounter.c)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-from tests.tree_oracle import check_tree
-from tests.tree_support import TreeTarget
+from tests.support.tree_oracle import check_tree
+from tests.support.tree import TreeTarget
 
 
 def _image(pid: int, addr: int, npages: int) -> np.ndarray:

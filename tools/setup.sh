@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # gdb, elfutils (eu-readelf), binutils (readelf) and python3-dbg (py-bt) for the core view's tests;
 # postgresql (the distribution's server, with pgbench): the tree tests start their own cluster in
-# a temporary directory (tests/pg_support.py); the packaged default cluster is not created.
+# a temporary directory (tests/support/postgres.py); the packaged default cluster is not created.
 DEBS=(gcc libc6-dev make pkg-config fuse3 libfuse3-dev gdb elfutils binutils python3-dbg qemu-system-x86 qemu-utils python3-venv python3-dev psmisc libxxhash0 libdeflate0
       redis-server redis-tools strace postgresql)
 missing=()

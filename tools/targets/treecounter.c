@@ -22,7 +22,7 @@
  * before the first step, pages hold the same formula for M = 0 (steps <= 0 are the initial
  * fill). Only step M + 1 may be part-way: its shared page, then its private page, may hold a
  * prefix of words (old word 0), or be complete. A snapshot of the whole tree is one instant
- * iff all of that holds for the M in its shared header (tests/tree_oracle.py checks it).
+ * iff all of that holds for the M in its shared header (tests/support/tree_oracle.py checks it).
  *
  * stdout: "ready shared=0x... nworkers=N shared_pages=S private_pages=P pids=a,b,c" once every
  * worker has filled its memory; each worker also prints "worker W pid=X private=0x...".
