@@ -128,7 +128,7 @@ def _kill_tree_capture(snapfs_env, t: TreeTarget, phase: str, name: str) -> bool
     killed = False
     try:
         # Busy-poll on purpose: the instant lasts milliseconds. (A kill inside the attach's
-        # syscall injections is issue 13's, covered by the single-process tests.)
+        # syscall injections is the injector's own promise, covered by the single-process tests.)
         if wait_for(all_traced, timeout=30, interval=0):
             if phase != "instant":
                 assert wait_for(lambda: not any(proc_status(p)["TracerPid"] != "0" for p in pids), timeout=20)
