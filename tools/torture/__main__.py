@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only this campaign (repeatable; default: all)")
     p.add_argument("--case", action="append", help="run only this case (repeatable; default: all)")
     p.add_argument("--positions", type=int, default=None,
-                   help="fault positions per case (default: every ptrace call)")
+                   help="fault positions per case (default: every ptrace call); flips or mutations "
+                        "per case for the bad-input campaigns (default: the suite's numbers)")
     p.add_argument("--random-kills", type=int, default=5, help="kills at random delays per case")
     p.add_argument("--seconds", type=float, default=None, help="stop starting new runs after this long")
     p.add_argument("--seed", type=int, default=1)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Budget:
-    """How much a campaign may do: ``positions`` fault positions per case (None: every one),
+    """How much a campaign may do: ``positions`` fault positions per case (None: every one;
+    for a bad-input campaign: flips or mutations per case, None: its default),
     ``random_kills`` kills at random delays per case, ``cases`` to run (None: all), and a
     wall-clock ``seconds`` limit (None: none) checked between runs."""
 
