@@ -11,6 +11,8 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from snapfs.commands.common import ProgressLine, add_store_argument, run_interruptible, store_path
 from snapfs.errors import TargetError, UsageError
@@ -204,15 +206,7 @@ def run(args: argparse.Namespace) -> int:
     store = Store.open(store_path(args), create=True)
     taken: list[str] = []  # snapshots committed (for --every)
 
-    def report(result) -> None:
-        if line is not None:
-            line.clear()
-        if args.json:
-            print(json.dumps(result.to_json()), flush=True)
-        else:
-            print(summary(result), flush=True)
-            for w in result.warnings:
-                print(f"snapfs: warning: {w}", file=sys.stderr)
+    report = reporter(args, line, summary)
 
     try:
         if args.every is None:
@@ -228,17 +222,39 @@ def run(args: argparse.Namespace) -> int:
         if line is not None:
             line.clear()
         store.close()
-    if interrupted:
-        if taken:  # --every: an interrupt is the normal way to stop
-            print(
-                f"snapfs: stopped after {count_of(len(taken), 'snapshot')} (last: {taken[-1]}); "
-                "the one in progress was discarded",
-                file=sys.stderr,
-            )
-            return 0
-        print("snapfs: interrupted: target released, snapshot in progress discarded", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    return interrupted_exit(taken, "target released") if interrupted else 0
+
+
+def reporter(args: argparse.Namespace, line: ProgressLine | None, summary_of) -> Callable[[Any], None]:
+    """What prints a finished snapshot: one JSON object (``--json``) or the human lines
+    (``summary_of(result)``) with the warnings on stderr, the progress line cleared first."""
+
+    def report(result) -> None:
+        if line is not None:
+            line.clear()
+        if args.json:
+            print(json.dumps(result.to_json()), flush=True)
+        else:
+            print(summary_of(result), flush=True)
+            for w in result.warnings:
+                print(f"snapfs: warning: {w}", file=sys.stderr)
+
+    return report
+
+
+def interrupted_exit(taken: list[str], released: str) -> int:
+    """The message and exit code of a snapshot command SIGINT/SIGTERM stopped: with
+    ``--every`` (``taken`` non-empty) the normal way to stop; otherwise ``released`` (what
+    was let go) and the snapshot in progress discarded."""
+    if taken:
+        print(
+            f"snapfs: stopped after {count_of(len(taken), 'snapshot')} (last: {taken[-1]}); "
+            "the one in progress was discarded",
+            file=sys.stderr,
+        )
+        return 0
+    print(f"snapfs: interrupted: {released}, snapshot in progress discarded", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 async def _every(args, comm: str, store, options, progress, report, taken: list[str]) -> None:

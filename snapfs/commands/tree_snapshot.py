@@ -8,11 +8,10 @@ one: the store keeps only the pages whose content changed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from snapfs.commands.common import ProgressLine, run_interruptible, store_path
-from snapfs.commands.snapshot import EXIT_INTERRUPTED, check_name, default_name, progress_text
+from snapfs.commands.snapshot import check_name, default_name, interrupted_exit, progress_text, reporter
 from snapfs.errors import TargetError, UsageError
 from snapfs.units import count_of, format_bytes, format_rate
 
@@ -63,15 +62,7 @@ def run(args: argparse.Namespace) -> int:
     store = Store.open(store_path(args), create=True)
     taken: list[str] = []
 
-    def report(result) -> None:
-        if line is not None:
-            line.clear()
-        if args.json:
-            print(json.dumps(result.to_json()), flush=True)
-        else:
-            print(summary(result), flush=True)
-            for w in result.warnings:
-                print(f"snapfs: warning: {w}", file=sys.stderr)
+    report = reporter(args, line, summary)
 
     async def series() -> None:
         n = 0
@@ -105,11 +96,4 @@ def run(args: argparse.Namespace) -> int:
         if line is not None:
             line.clear()
         store.close()
-    if interrupted:
-        if taken:  # --every: an interrupt is the normal way to stop
-            print(f"snapfs: stopped after {count_of(len(taken), 'snapshot')} (last: {taken[-1]}); "
-                  "the one in progress was discarded", file=sys.stderr)
-            return 0
-        print("snapfs: interrupted: every process released, snapshot in progress discarded", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    return interrupted_exit(taken, "every process released") if interrupted else 0
