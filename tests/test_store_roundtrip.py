@@ -354,3 +354,28 @@ def test_a_page_given_twice_is_refused_loudly(store):
     with pytest.raises(PageGivenTwice, match="page 63 "):
         w.put_pages(i, 63, pages[:2].tobytes())
     w.abort()
+
+
+def test_pages_lost_before_their_region_is_declared_are_kept(store):
+    """A capture numbers its regions in the pause and declares them after the resume; the
+    fault path may report pages the target unmapped in between (a JVM-like target's GC made
+    this an IndexError and a traceback)."""
+    w = store.begin_snapshot("early", {"kind": "process"})
+    w.mark_lost(1, 3, 2, "munmap by the target during the capture")
+    a = w.add_region(RegionSpec("a", 0, 4 * PAGE, "rw-p", 0, None, "anon"))
+    b = w.add_region(RegionSpec("b", 16 * PAGE, 8 * PAGE, "rw-p", 0, None, "anon"))
+    assert (a, b) == (0, 1)
+    w.put_pages(b, 0, b"\x05" * (3 * PAGE))
+    info = w.commit()
+    assert [x for x in info.warnings if "munmap by the target" in x], info.warnings
+    r = store.open_snapshot("early")
+    assert r.regions[1].meta["lost"] == [[3, 2, "munmap by the target during the capture"]]
+    assert list(r.runs(1)) == [(0, 3, DATA), (3, 5, HOLE)]
+
+
+def test_pages_lost_in_a_region_never_declared_fail_the_commit(store):
+    w = store.begin_snapshot("never", {"kind": "process"})
+    w.add_region(RegionSpec("a", 0, 4 * PAGE, "rw-p", 0, None, "anon"))
+    w.mark_lost(5, 0, 1, "EFAULT")
+    with pytest.raises(StoreError, match="never declared"):
+        w.commit()

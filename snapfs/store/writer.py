@@ -91,6 +91,10 @@ class SnapshotWriter:
         self._lock_fd = lock_fd
         self._started = time.time()
         self._regions: list[_Region] = []
+        # Lost pages reported for a region not declared yet (a capture numbers its regions in
+        # the pause and declares them after the resume; the fault path may see the target
+        # unmap memory in between): recorded once the region is declared.
+        self._early_lost: list[tuple[int, int, int, str]] = []
         self._lock = threading.Lock()          # bookkeeping (regions, frames, segments)
         self._buf_lock = threading.Lock()      # the small-put pooling buffer
         self._buf = bytearray()
@@ -130,7 +134,15 @@ class SnapshotWriter:
             parent_idx = same[0]
         with self._lock:
             self._regions.append(_Region(spec, spec.length // STORE_PAGE, parent_idx))
-            return len(self._regions) - 1
+            idx = len(self._regions) - 1
+            if self._early_lost:
+                now = [m for m in self._early_lost if m[0] == idx]
+                self._early_lost = [m for m in self._early_lost if m[0] != idx]
+            else:
+                now = []
+        for m in now:
+            self.mark_lost(*m)
+        return idx
 
     def share(self, idx: int, source_idx: int, source_first_page: int) -> None:
         """Region ``idx`` holds the bytes of region ``source_idx`` from page
@@ -597,7 +609,12 @@ class SnapshotWriter:
             self._compact(reg)
 
     def mark_lost(self, idx: int, first_page: int, npages: int, reason: str) -> None:
-        """Record pages that could not be captured (they read as holes); becomes a warning."""
+        """Record pages that could not be captured (they read as holes); becomes a warning.
+        A region not declared yet gets them when it is."""
+        with self._lock:
+            if idx >= len(self._regions) and not self._done:
+                self._early_lost.append((idx, first_page, npages, reason))
+                return
         reg = self._region(idx, first_page, npages)
         with self._lock:
             reg.lost.append((first_page, npages, reason))
@@ -648,6 +665,10 @@ class SnapshotWriter:
             self.abort()
             raise self._failed
         self._region_check_open()
+        if self._early_lost:
+            self.abort()
+            raise StoreError(f"internal error: pages marked lost in region {self._early_lost[0][0]}, "
+                             "which was never declared")
         try:
             return self._commit(meta_updates or {})
         except BaseException:
