@@ -11,7 +11,6 @@ Nothing is published unless everything succeeded: any error aborts the writer.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import threading
@@ -166,7 +165,7 @@ def commit_spooled(writer: Any, spooled: SpooledStream, meta: dict[str, Any]) ->
     try:
         desc = carried(spooled.vmdesc)
         image = _process_image(spooled)
-        _write_pages(writer, spooled, image, _unsent_left_to_file(desc))
+        _write_pages(writer, spooled, image)
         if spooled.header.raw:
             writer.put_blob(BLOB_CONFIGURATION, spooled.header.raw)
         if spooled.devices is not None:
@@ -224,17 +223,6 @@ def _snapshot_meta(s: SpooledStream, image: procdesc.ProcessImage | None) -> dic
     return meta
 
 
-def _unsent_left_to_file(desc: bytes | None) -> set[str]:
-    """The blocks of a snapfs process stream holding only the changed pages (and ELF header)
-    of a read-only file mapping (:mod:`snapfs.capture.relocated`): their pages never sent are
-    the file's. Ingested with the same region meta, their vmstate again leaves them unsent."""
-    if desc is None:
-        return set()
-    regions = json.loads(desc).get("regions")
-    return {r["block"] for r in regions if isinstance(r, dict) and isinstance(r.get("block"), str)
-            and r.get("mode") == HOLES_META["mode"]} if isinstance(regions, list) else set()
-
-
 def _region_spec(block: Any, start: int, desc: procdesc.RegionDesc | None, meta: dict[str, Any]) -> RegionSpec:
     """The region a RAMBlock becomes: where the description says it lived, or (a QEMU
     stream) a ``ramblock`` region laid after the previous one."""
@@ -242,21 +230,23 @@ def _region_spec(block: Any, start: int, desc: procdesc.RegionDesc | None, meta:
         return RegionSpec(name=block.name, start=start, length=block.length, perms="rw-p",
                           kind="ramblock", meta=meta)
     meta.update({k: v for k, v in (("dev", desc.dev), ("inode", desc.inode), ("mode", desc.mode)) if v})
+    if desc.mode == HOLES_META["mode"]:
+        # Only the changed pages (and ELF header) of a read-only file mapping were sent
+        # (snapfs.capture.relocated): the rest are the file's, and its vmstate again leaves
+        # them unsent.
+        meta["holes"] = HOLES_META["holes"]
     return RegionSpec(name=block.name, start=desc.start, length=desc.length, perms=desc.perms,
                       offset=desc.offset, path=desc.path, kind=desc.kind, page_size=desc.page_size,
                       meta=meta)
 
 
-def _write_pages(writer: Any, s: SpooledStream, image: procdesc.ProcessImage | None = None,
-                 file_holes: set[str] = frozenset()) -> None:
+def _write_pages(writer: Any, s: SpooledStream, image: procdesc.ProcessImage | None = None) -> None:
     ignore_shared = "x-ignore-shared" in s.header.capabilities
     start = 0
     for bi, block in enumerate(s.blocks):
         region_meta: dict[str, Any] = {}
         if block.extra:
             region_meta["ram_extra"] = block.extra.hex()
-        if block.name in file_holes:
-            region_meta["holes"] = HOLES_META["holes"]
         sent = s.spool.sent_pages(bi)
         if ignore_shared and sent == 0:
             # x-ignore-shared: QEMU sends no pages of a shared block; the destination maps it.
