@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from snapfs.capture import continuous, coreinfo, fastfault, hugepages, procstate, threadstate
+from snapfs.capture import continuous, coreinfo, fastfault, hugepages, procstate
 from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.faults import FaultPath
@@ -256,7 +256,7 @@ class _Capture:
         copy_buffer = copy_buffer_for(maps.regions)
 
         def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
-            self.thread_masks = threadstate.in_tracer(ft.proc, threadstate.record_masks, ft.proc.tids)
+            self.thread_masks = ft.thread_masks  # read with the registers (complete once resumed)
             prep = protect_and_record(
                 ft,
                 include_readonly=opts.include_readonly,

@@ -108,6 +108,8 @@ class FrozenTarget:
     maps_text: str  # /proc/PID/maps at the stop (parsed on first use of ``maps``)
     threads: dict[str, dict]
     stopped_at: float  # time.monotonic() when the stop began
+    # Blocked-signal masks by tid (frozen_again only; complete once released).
+    thread_masks: dict[str, int] = field(default_factory=dict)
     resumed_at: float | None = None
     injected_ms: float = 0.0
     handle: ProcessHandle | None = None
@@ -293,9 +295,10 @@ def frozen_again(
     try:
         _stop_protected(group)
         try:
-            # Registers are read by the tracer thread while this one reads the maps and
-            # protects memory (complete once released).
-            threads = proc.record_threads(wait=False)
+            # Registers and signal masks are read by the tracer thread while this one reads
+            # the maps and protects memory (complete once released).
+            masks: dict[str, int] = {}
+            threads = proc.record_threads(wait=False, masks=masks)
             if on_stopped is not None:
                 on_stopped()
             ft = FrozenTarget(
@@ -306,6 +309,7 @@ def frozen_again(
                 maps_text=read_maps_text(handle.pid),
                 threads=threads,
                 stopped_at=t0,
+                thread_masks=masks,
                 handle=handle,
             )
             yield ft

@@ -77,3 +77,70 @@ ssize_t snapfs_wait_read(int fd, int stop_fd, int64_t timeout_ns, void *buf, siz
         return errno == EAGAIN || errno == EINTR ? 0 : -errno;
     return r;
 }
+
+/* Batched ptrace: see kabi.h. Raw syscalls, like snapfs.capture.kernel.ptrace. */
+#define PTRACE_REQ(req, tid, addr, data) syscall(SYS_ptrace, (long)(req), (long)(tid), (long)(addr), (long)(data))
+/* linux/ptrace.h, linux/elf.h (the installed headers may predate some) */
+#define SNAPFS_PTRACE_DETACH 17
+#define SNAPFS_PTRACE_GETREGSET 0x4204
+#define SNAPFS_PTRACE_SEIZE 0x4206
+#define SNAPFS_PTRACE_INTERRUPT 0x4207
+#define SNAPFS_PTRACE_GETSIGMASK 0x420a
+#define SNAPFS_PTRACE_EVENT_STOP 128
+
+void snapfs_ptrace_seize(const int *tids, int n, long options, int *res)
+{
+    for (int i = 0; i < n; i++) {
+        if (PTRACE_REQ(SNAPFS_PTRACE_SEIZE, tids[i], 0, options) < 0) {
+            res[i] = -errno;
+            continue;
+        }
+        res[i] = PTRACE_REQ(SNAPFS_PTRACE_INTERRUPT, tids[i], 0, 0) < 0 && errno != ESRCH ? errno : 0;
+    }
+}
+
+void snapfs_ptrace_detach(const int *tids, int n, int *res)
+{
+    for (int i = 0; i < n; i++)
+        res[i] = PTRACE_REQ(SNAPFS_PTRACE_DETACH, tids[i], 0, 0) < 0 ? -errno : 0;
+}
+
+int snapfs_wait4_many(int *tids, int *statuses, int max, int need, int options)
+{
+    int got = 0;
+    while (got < max && got < need) {
+        int status;
+        int r = wait4(-1, &status, options, NULL);
+        if (r < 0)
+            return got ? got : -errno;
+        if (r == 0)
+            return got;
+        tids[got] = r;
+        statuses[got++] = status;
+        if (!WIFSTOPPED(status) || (status >> 16) != SNAPFS_PTRACE_EVENT_STOP)
+            break;
+    }
+    return got;
+}
+
+void snapfs_ptrace_record(const int *tids, int n, long regs_request, void *regs, size_t regs_size,
+                          int *regs_res, const unsigned long *notes, int nnotes, void *sets,
+                          size_t set_size, long *set_len, uint64_t *masks, int *mask_res)
+{
+    for (int i = 0; i < n; i++) {
+        struct iovec iov;
+        if (regs)
+            regs_res[i] = PTRACE_REQ(regs_request, tids[i], 0, (char *)regs + (size_t)i * regs_size) < 0
+                              ? -errno : 0;
+        for (int j = 0; sets && j < nnotes; j++) {
+            size_t at = (size_t)i * nnotes + j;
+            iov.iov_base = (char *)sets + at * set_size;
+            iov.iov_len = set_size;
+            set_len[at] = PTRACE_REQ(SNAPFS_PTRACE_GETREGSET, tids[i], notes[j], &iov) < 0
+                              ? -errno : (long)iov.iov_len;
+        }
+        if (masks)
+            mask_res[i] = PTRACE_REQ(SNAPFS_PTRACE_GETSIGMASK, tids[i], sizeof(uint64_t), &masks[i]) < 0
+                              ? -errno : 0;
+    }
+}

@@ -57,4 +57,33 @@ int snapfs_wake_handler(int sig);
  * EINTR or nothing to read; or -errno. The fault thread's wait and read in one call: one
  * GIL release per batch of messages. */
 ssize_t snapfs_wait_read(int fd, int stop_fd, int64_t timeout_ns, void *buf, size_t len);
+/* Batched ptrace for the tracer thread (snapfs.capture.ptrace): one call, and one GIL
+ * release, per stop of N threads instead of N. Every request still comes from the calling
+ * thread, which must be the tracer. Results are per thread; nothing stops at a failure.
+ *
+ * snapfs_ptrace_seize: PTRACE_SEIZE (options) then PTRACE_INTERRUPT each of tids[0..n).
+ * res[i]: 0; -errno if the seize failed (not traced); +errno if the interrupt failed with
+ * anything but ESRCH (traced, not interrupted). */
+void snapfs_ptrace_seize(const int *tids, int n, long options, int *res);
+
+/* PTRACE_DETACH each of tids[0..n) (signal 0); res[i]: 0 or -errno. */
+void snapfs_ptrace_detach(const int *tids, int n, int *res);
+
+/* wait4(-1, options) until `need` events are collected (at most `max`), returning their
+ * count with tids[] and statuses[] filled in order. Returns early, after the event, on any
+ * event but a PTRACE_EVENT_STOP stop (an exit, exec, signal-delivery stop: the caller acts
+ * on it before more waiting makes sense), when a WNOHANG wait finds nothing (0 if nothing
+ * yet), or on an error once something was collected (else -errno: EINTR is how the
+ * caller's deadline timer ends a blocked wait). */
+int snapfs_wait4_many(int *tids, int *statuses, int max, int need, int options);
+
+/* The state of each stopped tracee tids[i], for i < n; any output may be NULL (skipped):
+ *  - regs + i*regs_size: the general registers, by regs_request (PTRACE_GETREGS: it writes
+ *    regs_size bytes at its data pointer); regs_res[i]: 0 or -errno;
+ *  - sets + (i*nnotes + j)*set_size: register set notes[j] (PTRACE_GETREGSET);
+ *    set_len[i*nnotes + j]: bytes read or -errno;
+ *  - masks[i]: the blocked-signal mask (PTRACE_GETSIGMASK); mask_res[i]: 0 or -errno. */
+void snapfs_ptrace_record(const int *tids, int n, long regs_request, void *regs, size_t regs_size,
+                          int *regs_res, const unsigned long *notes, int nnotes, void *sets,
+                          size_t set_size, long *set_len, uint64_t *masks, int *mask_res);
 #endif

@@ -111,7 +111,9 @@ class Tracer:
         self.retired = False
         # tid -> the StopGroup it belongs to, for every thread seized (tracer thread only).
         self.route: dict[int, StopGroup] = {}
-        self._status = k.ffi.new("int *")  # wait4's, reused (tracer thread only)
+        # wait4's results, reused (tracer thread only); one call collects up to _WAIT_BATCH.
+        self._tids = k.ffi.new("int[]", _WAIT_BATCH)
+        self._statuses = k.ffi.new("int[]", _WAIT_BATCH)
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -248,12 +250,15 @@ class Tracer:
         if job is not None and job.aborted:
             raise Aborted(job.aborted)
 
-    def wait(self, deadline: float, abortable: bool = True) -> tuple[int, int] | None:
-        """The next (tid, status) of any tracee of this thread, already handed to the
-        StopGroup that owns the tid; None once ``deadline`` (time.monotonic()) has passed.
-        Raises Aborted (unless not ``abortable``: an injection is never left half done), or
-        ChildProcessError when nothing is traced any more."""
-        status = self._status
+    def wait(self, deadline: float, abortable: bool = True, need: int = 1) -> int | None:
+        """Wait for the next events of the tracees of this thread, each handed to the
+        StopGroup that owns its tid, in order; returns how many (>= 1), or None once
+        ``deadline`` (time.monotonic()) has passed. Up to ``need`` events are collected in
+        one C call (one GIL release, not one per thread), fewer if one is not a plain
+        interrupt stop (the caller acts on it first). Raises Aborted (unless not
+        ``abortable``: an injection is never left half done), or ChildProcessError when
+        nothing is traced any more."""
+        tids, statuses = self._tids, self._statuses
         if self._armed_for != deadline:
             _timer_set(self._timer, deadline, _REFIRE_NS)
             self._armed_for = deadline
@@ -263,14 +268,17 @@ class Tracer:
             # Past the deadline, an event already there is still taken (the deadline may
             # have gone by in a slow request, not in waiting).
             late = time.monotonic() >= deadline
-            r = k.lib.snapfs_wait4(-1, status, k.WALL | k.WNOTHREAD | (os.WNOHANG if late else 0))
+            r = k.lib.snapfs_wait4_many(tids, statuses, _WAIT_BATCH, need,
+                                        k.WALL | k.WNOTHREAD | (os.WNOHANG if late else 0))
             if r == 0:
                 return None
             if r > 0:
-                group = self.route.get(r)
-                if group is not None:
-                    group.dispatch(r, status[0])
-                return r, status[0]
+                route = self.route
+                for i in range(r):
+                    group = route.get(tids[i])
+                    if group is not None:
+                        group.dispatch(tids[i], statuses[i])
+                return r
             err = -r
             if err == errno.EINTR:
                 continue
@@ -299,6 +307,7 @@ class Tracer:
 
 
 _current: Tracer | None = None
+_WAIT_BATCH = 1024  # wait4 events collected per C call at most
 _current_lock = threading.Lock()
 
 
@@ -479,7 +488,7 @@ class StoppedProcess:
     def set_sigmask(self, tid: int, mask: int) -> None:
         self._call(threadstate.set_sigmask, tid, mask)
 
-    def record_threads(self, wait: bool = True) -> dict[str, dict]:
+    def record_threads(self, wait: bool = True, masks: dict[str, int] | None = None) -> dict[str, dict]:
         """Every stopped thread's state as of the stop, by tid: general registers (``regs``),
         the FXSAVE area (``fpregs``, hex) and the register sets ``arch.RECORDED_REGSETS``
         (``regsets``, bytes by note type). Only raw bytes are read during the stop; the
@@ -489,45 +498,51 @@ class StoppedProcess:
 
         ``wait=False`` queues the reads in the tracer thread and returns at once: they run
         while the caller does other work of the pause (protecting memory); the release,
-        queued after them, waits for them."""
+        queued after them, waits for them. Every thread is read by one C call (per-thread
+        Python and a GIL hand-off per request cost ~80 µs a thread).
+
+        ``masks``, if given, also receives each thread's blocked-signal mask by tid (as
+        :func:`snapfs.capture.threadstate.record_masks`), in the same call, after the
+        release."""
         out: dict[str, dict] = {}
         if wait:
-            self._recorded.append(self._call(self._record_threads, out))
+            self._recorded.append(self._call(self._record_threads, out, masks))
         else:
-            self._recorded.append(self.tracer.submit(self._record_threads, out))
+            self._recorded.append(self.tracer.submit(self._record_threads, out, masks))
         return out
 
-    def _record_threads(self, out: dict[str, dict]) -> list:
-        raw = []
-        regs = k.ffi.new("struct user_regs *")
-        buf = k.ffi.new("char[]", arch.REGSET_BUFFER)
-        for tid in list(self.tids):
-            if self._injector is not None and tid == self._injector.tid:
-                regs_bytes = bytes(k.ffi.buffer(self._injector.saved))
-            else:
-                try:
-                    k.ptrace(k.PTRACE_GETREGS, tid, 0, regs)
-                except OSError as exc:
-                    if exc.errno != errno.ESRCH or tid == self.pid:
-                        raise
-                    continue  # killed while stopped: it has no state to record
-                regs_bytes = bytes(k.ffi.buffer(regs))
-            regsets = _get_regsets(tid, buf)
-            # The FXSAVE area comes out of the XSAVE area: GETFPREGS only where there is none.
-            fp = None if regsets else _get_fpregs(tid)
-            entry = out[str(tid)] = {"regs": {}, "fpregs": "", "regsets": regsets}
-            raw.append((entry, regs_bytes, fp))
-        return raw
+    def _record_threads(self, out: dict[str, dict], masks: dict[str, int] | None) -> _RawRecord:
+        """Read every thread's registers and register sets in one C call (tracer thread);
+        only what must be decided during the stop is looked at here (a thread that
+        vanished, an error), the rest is cut up after the release."""
+        tids = list(self.tids)
+        rec = _RawRecord(out, tids, _regset_size(tids), masks)
+        rec.read()
+        inj = self._injector.tid if self._injector is not None else None
+        nsets = len(arch.RECORDED_REGSETS)
+        for i, tid in enumerate(tids):
+            r = rec.regs_res[i]
+            if tid == inj:  # its registers are the ones saved before the injection
+                rec.saved[tid] = bytes(k.ffi.buffer(self._injector.saved))
+            elif r < 0:
+                if r != -errno.ESRCH or tid == self.pid:
+                    raise OSError(-r, f"ptrace: {os.strerror(-r)}")
+                continue  # killed while stopped: it has no state to record
+            if all(rec.set_len[i * nsets + j] < 0 for j in range(nsets)):
+                rec.fpregs[tid] = _get_fpregs(tid)  # no XSAVE area to take the FXSAVE area from
+        if masks is not None:
+            for i, r in enumerate(rec.mask_res[0:len(tids)]):
+                if r < 0 and r != -errno.ESRCH:
+                    raise OSError(-r, f"ptrace: {os.strerror(-r)}")
+        return rec
 
     def _finish_records(self) -> None:
         """Decode what record_threads read. A queued recording that failed raises here."""
         recorded, self._recorded = self._recorded, []
-        for raw in recorded:
-            if isinstance(raw, concurrent.futures.Future):
-                raw = raw.result()
-            for entry, regs_bytes, fp in raw:
-                entry["regs"] = dict(zip(arch.REG_NAMES, struct.unpack(f"<{len(arch.REG_NAMES)}Q", regs_bytes)))
-                entry["fpregs"] = (arch.fpregs_from_regsets(entry["regsets"]) if fp is None else fp).hex()
+        for rec in recorded:
+            if isinstance(rec, concurrent.futures.Future):
+                rec = rec.result()
+            rec.decode()
 
     def injector(self, tid: int | None = None):
         """The syscall injector of this process (created on first use; one at a time), on
@@ -553,6 +568,79 @@ class StoppedProcess:
         group.tracer.call(group._release_one, self)
         group.released_at = time.monotonic()
         self._finish_records()
+
+
+class _RawRecord:
+    """The registers and register sets of stopped threads as one C call read them into
+    flat buffers (:func:`snapfs_ptrace_record`), decoded into ``out`` after the release."""
+
+    def __init__(self, out: dict[str, dict], tids: list[int], set_size: int,
+                 masks_out: dict[str, int] | None = None) -> None:
+        n, notes = len(tids), arch.RECORDED_REGSETS
+        self.out, self.tids, self.set_size, self.masks_out = out, tids, set_size, masks_out
+        self.saved: dict[int, bytes] = {}  # tid -> registers to record instead of its own
+        self.fpregs: dict[int, bytes] = {}  # tid -> its FXSAVE area, where no regset has it
+        self.regs = k.ffi.new("char[]", max(n, 1) * arch.REGS_SIZE)
+        self.regs_res = k.ffi.new("int[]", max(n, 1))
+        self.sets = k.ffi.new("char[]", max(n * len(notes), 1) * set_size)
+        self.set_len = k.ffi.new("long[]", max(n * len(notes), 1))
+        self._notes = k.ffi.new("unsigned long[]", notes or [0])
+        self.masks = k.ffi.new("uint64_t[]", max(n, 1)) if masks_out is not None else k.ffi.NULL
+        self.mask_res = k.ffi.new("int[]", max(n, 1)) if masks_out is not None else k.ffi.NULL
+
+    def read(self) -> None:
+        tids = self.tids
+        k.lib.snapfs_ptrace_record(
+            k.ffi.new("int[]", tids), len(tids), k.PTRACE_GETREGS, self.regs, arch.REGS_SIZE, self.regs_res,
+            self._notes, len(arch.RECORDED_REGSETS), self.sets, self.set_size, self.set_len,
+            self.masks, self.mask_res)
+
+    def decode(self) -> None:
+        notes, nregs = arch.RECORDED_REGSETS, len(arch.REG_NAMES)
+        regs = k.ffi.buffer(self.regs)
+        sets = k.ffi.buffer(self.sets)
+        for i, tid in enumerate(self.tids):
+            if self.masks_out is not None and self.mask_res[i] == 0:
+                self.masks_out[str(tid)] = int(self.masks[i])
+            regs_bytes = self.saved.get(tid)
+            if regs_bytes is None:
+                if self.regs_res[i] < 0:
+                    continue  # killed while stopped: it has no state to record
+                regs_bytes = regs[i * arch.REGS_SIZE:(i + 1) * arch.REGS_SIZE]
+            regsets = {}
+            for j, nt in enumerate(notes):
+                size = self.set_len[i * len(notes) + j]
+                if size >= 0:
+                    at = (i * len(notes) + j) * self.set_size
+                    regsets[nt] = sets[at:at + size]
+            # The FXSAVE area comes out of the XSAVE area: GETFPREGS only where there is none.
+            fp = self.fpregs[tid] if tid in self.fpregs else arch.fpregs_from_regsets(regsets)
+            self.out[str(tid)] = {
+                "regs": dict(zip(arch.REG_NAMES, struct.unpack(f"<{nregs}Q", regs_bytes))),
+                "fpregs": (fp or b"").hex(),
+                "regsets": regsets,
+            }
+
+
+_regset_sizes: dict[int, int] = {}
+
+
+def _regset_size(tids: list[int]) -> int:
+    """Room for each register set of ``arch.RECORDED_REGSETS``: what the kernel returns for
+    one (its size is fixed at boot — the CPU's XSAVE features — so it is learnt once),
+    else ``arch.REGSET_BUFFER``."""
+    size = 0
+    for nt in arch.RECORDED_REGSETS:
+        if nt not in _regset_sizes:
+            buf = k.ffi.new("char[]", arch.REGSET_BUFFER)
+            for tid in tids[:4]:
+                try:
+                    _regset_sizes[nt] = len(_get_regset(tid, nt, buf))
+                    break
+                except OSError:
+                    continue
+        size = max(size, _regset_sizes.get(nt, arch.REGSET_BUFFER))
+    return size
 
 
 class StopGroup:
@@ -616,16 +704,14 @@ class StopGroup:
             inj.finish_quietly()
         p.tids = []
         left = False
-        for tid, owner in list(self._owner.items()):
-            if owner is not p:
-                continue
-            try:
-                k.ptrace(k.PTRACE_DETACH, tid, 0, 0)
-            except OSError as exc:
-                # ESRCH: gone, or not in a stop (never stopped, or running an injected call
-                # that did not return): only the end of the tracer thread lets that go.
-                if exc.errno == errno.ESRCH and _thread_state(p.pid, tid) not in (None, "Z", "X"):
-                    left = True
+        mine = [tid for tid, owner in self._owner.items() if owner is p]
+        res = k.ffi.new("int[]", len(mine))
+        k.lib.snapfs_ptrace_detach(k.ffi.new("int[]", mine), len(mine), res)  # one C call
+        for tid, r in zip(mine, res):
+            # ESRCH: gone, or not in a stop (never stopped, or running an injected call that
+            # did not return): only the end of the tracer thread lets that go.
+            if r == -errno.ESRCH and _thread_state(p.pid, tid) not in (None, "Z", "X"):
+                left = True
             self._forget(tid)
         self.tracer.reap()
         if left:
@@ -647,19 +733,23 @@ class StopGroup:
                 for p in self.procs:
                     if self.one_thread and self._injectable(p):
                         continue
-                    for tid in _leader_first(p.pid, list_tids(p.pid)):
-                        if tid not in seen:
+                    tids = [t for t in _leader_first(p.pid, list_tids(p.pid)) if t not in seen]
+                    if self.one_thread:
+                        for tid in tids:
                             seen.add(tid)
-                            if self._seize(p, tid):
+                            if self._seize(p, [tid]):
                                 new.append(tid)
-                                if self.one_thread:
-                                    break
+                                break
+                    else:
+                        seen.update(tids)
+                        new += self._seize(p, tids)
                 if not new:
                     break
-                for tid in new:
-                    self._await_stop(tid, deadline)
+                self._await_stops(new, deadline)
                 if self.one_thread and all(self._injectable(p) or p.exited or p.execed for p in self.procs):
                     break
+                if not self.one_thread and all(_all_stopped(p) for p in self.procs):
+                    break  # no thread appeared meanwhile: no need to list them again
             for p in self.procs:
                 self._check_stopped(p)
         except BaseException:
@@ -681,38 +771,41 @@ class StopGroup:
                 continue
         return False
 
-    def _seize(self, p: StoppedProcess, tid: int) -> bool:
-        """PTRACE_SEIZE + PTRACE_INTERRUPT; False if the thread is gone or exiting."""
-        try:
-            k.ptrace(k.PTRACE_SEIZE, tid, 0, SEIZE_OPTIONS)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
-                if tid == p.pid and not _alive(p):
-                    raise TargetError(f"process {p.pid} exited") from None
-                return False
-            if exc.errno == errno.EPERM:
-                # The kernel answers EPERM, not ESRCH, for a thread that is exiting; a leader
-                # that called pthread_exit stays a zombie while the process lives.
-                if _thread_state(p.pid, tid) in (None, "Z", "X"):
-                    return False
-                raise permission_error(p.pid, tid) from None
-            raise
-        self._owner[tid] = p
-        self.tracer.route[tid] = self
-        try:
-            k.ptrace(k.PTRACE_INTERRUPT, tid)
-        except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                raise
-        return True
+    def _seize(self, p: StoppedProcess, tids: list[int]) -> list[int]:
+        """PTRACE_SEIZE + PTRACE_INTERRUPT each of ``tids`` (threads of ``p``), in one C
+        call; returns those seized (not the threads gone or exiting meanwhile). Every thread
+        seized is owned before an error is raised, so the release detaches it."""
+        if not tids:
+            return []
+        res = k.ffi.new("int[]", len(tids))
+        k.lib.snapfs_ptrace_seize(k.ffi.new("int[]", tids), len(tids), SEIZE_OPTIONS, res)
+        seized: list[int] = []
+        error: BaseException | None = None
+        for tid, r in zip(tids, res):
+            if r >= 0:
+                self._owner[tid] = p
+                self.tracer.route[tid] = self
+                seized.append(tid)
+                if r > 0 and error is None:  # the interrupt failed (not ESRCH: gone)
+                    error = OSError(r, f"ptrace: {os.strerror(r)}")
+            elif error is None:
+                error = _seize_refused(p, tid, -r)
+        if error is not None:
+            raise error
+        return seized
 
-    def _await_stop(self, tid: int, deadline: float) -> None:
-        """Handle events until ``tid`` is stopped or gone (or its process exec'd)."""
-        p = self._owner.get(tid)
-        while tid not in self._stopped and tid in self._owner and not p.execed:
-            if self.tracer.wait(deadline) is None:
+    def _await_stops(self, tids: list[int], deadline: float) -> None:
+        """Handle events until each of ``tids`` is stopped or gone (or its process exec'd)."""
+        owner, stopped = self._owner, self._stopped
+        pending = tids
+        while True:
+            pending = [t for t in pending if t not in stopped and t in owner and not owner[t].execed]
+            if not pending:
+                return
+            if self.tracer.wait(deadline, need=len(pending)) is None:
+                p = owner[pending[0]]
                 raise TargetError(
-                    f"{describe_thread(p.pid, tid)} did not stop within {self.timeout:g} s: "
+                    f"{describe_thread(p.pid, pending[0])} did not stop within {self.timeout:g} s: "
                     "target released, nothing captured; retry when it runs again"
                 )
 
@@ -788,6 +881,35 @@ class StopGroup:
             raise TargetError(f"process {p.pid} has no thread left to stop")
 
 
+def _all_stopped(p: StoppedProcess) -> bool:
+    """Every thread of ``p`` is among those stopped: the kernel's thread count (which counts
+    a traced thread until its tracer reaps it) equals theirs. A thread that appeared since
+    the list was read makes it larger, so it is caught by listing again; a thread we may
+    not have stopped (one exiting as it was seized) makes it larger too, which only costs
+    that second listing. Once every thread is stopped none can create another."""
+    stat = read_stat(p.pid)
+    try:
+        return stat is not None and int(stat[1][17]) == len(p.tids)
+    except (IndexError, ValueError):
+        return False
+
+
+def _seize_refused(p: StoppedProcess, tid: int, err: int) -> BaseException | None:
+    """What a PTRACE_SEIZE of ``tid`` failing with ``err`` means: None for a thread gone or
+    exiting (skipped), else the error to raise."""
+    if err == errno.ESRCH:
+        if tid == p.pid and not _alive(p):
+            return TargetError(f"process {p.pid} exited")
+        return None
+    if err == errno.EPERM:
+        # The kernel answers EPERM, not ESRCH, for a thread that is exiting; a leader that
+        # called pthread_exit stays a zombie while the process lives.
+        if _thread_state(p.pid, tid) in (None, "Z", "X"):
+            return None
+        return permission_error(p.pid, tid)
+    return OSError(err, f"ptrace: {os.strerror(err)}")
+
+
 def _leader_first(pid: int, tids: list[int]) -> list[int]:
     if pid in tids:
         tids.remove(pid)
@@ -817,16 +939,21 @@ def _get_fpregs(tid: int) -> bytes:
     return bytes(k.ffi.buffer(buf))
 
 
+def _get_regset(tid: int, nt: int, buf) -> bytes:
+    """Register set ``nt`` of ``tid`` (PTRACE_GETREGSET into ``buf``, REGSET_BUFFER bytes)."""
+    iov = k.ffi.new("struct iovec *")
+    iov.iov_base, iov.iov_len = buf, arch.REGSET_BUFFER
+    k.ptrace(k.PTRACE_GETREGSET, tid, nt, iov)
+    return bytes(k.ffi.buffer(buf, iov.iov_len))
+
+
 def _get_regsets(tid: int, buf) -> dict[int, bytes]:
     out = {}
-    iov = k.ffi.new("struct iovec *")
     for nt in arch.RECORDED_REGSETS:
-        iov.iov_base, iov.iov_len = buf, arch.REGSET_BUFFER
         try:
-            k.ptrace(k.PTRACE_GETREGSET, tid, nt, iov)
+            out[nt] = _get_regset(tid, nt, buf)
         except OSError:
             continue
-        out[nt] = bytes(k.ffi.buffer(buf, iov.iov_len))
     return out
 
 

@@ -10,6 +10,7 @@ one the thread keeps.
 from __future__ import annotations
 
 import errno
+import os
 
 from snapfs.capture import arch
 from snapfs.capture import kernel as k
@@ -63,17 +64,19 @@ def block_all(tid: int) -> None:
 
 
 def record_masks(tids: list[int]) -> dict[str, int]:
-    """``{tid: signal mask}`` of stopped threads (gone ones skipped), into one reused buffer.
+    """``{tid: signal mask}`` of stopped threads (gone ones skipped), read in one C call.
     Runs inside the snapshot's pause; the XSAVE areas come from the freeze's own register-set
     records."""
+    n = len(tids)
+    masks = k.ffi.new("uint64_t[]", max(n, 1))
+    res = k.ffi.new("int[]", max(n, 1))
+    k.lib.snapfs_ptrace_record(k.ffi.new("int[]", tids), n, 0, k.ffi.NULL, 0, k.ffi.NULL,
+                               k.ffi.NULL, 0, k.ffi.NULL, 0, k.ffi.NULL, masks, res)
     out: dict[str, int] = {}
-    mask = k.ffi.new("uint64_t *")
-    for tid in tids:
-        try:
-            k.ptrace(k.PTRACE_GETSIGMASK, tid, 8, mask)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
+    for i, tid in enumerate(tids):
+        if res[i] < 0:
+            if res[i] == -errno.ESRCH:
                 continue  # killed while stopped: nothing to record
-            raise
-        out[str(tid)] = int(mask[0])
+            raise OSError(-res[i], f"ptrace: {os.strerror(-res[i])}")
+        out[str(tid)] = int(masks[i])
     return out
