@@ -272,7 +272,7 @@ async def protect_then_freeze(
         trio.from_thread.run_sync(server.halt)
 
     def freeze(pre: PreProtected) -> tuple[FrozenTarget, T]:
-        with frozen_again(handle or pid, comm, uffd, on_stopped=halt_server) as ft:
+        with frozen_again(handle or pid, comm, uffd, on_stopped=halt_server, realtime=True) as ft:
             pre.changed = list(server.changed)
             pre.hot = np.unique(np.array(server.written, np.uint64))
             return ft, at_instant(ft, pre)

@@ -46,18 +46,17 @@ from snapfs.capture import kernel as k
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.engine import _stop_thread_on_cancel, store_chunks
 from snapfs.capture.faults import FaultPath
-from snapfs.capture.freeze import FrozenTarget, frozen, take_userfaultfd
+from snapfs.capture.freeze import FrozenTarget, frozen, realtime_freeze, take_userfaultfd
 from snapfs.capture.handle import ProcessHandle
 from snapfs.capture.ledger import LOST, runs_of
 from snapfs.capture.maps import ClassifiedMaps, Vma, huge_page_sizes, read_maps, read_maps_text
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.preprotect import PreFaultServer, PreProtected, preprotect_regions
-from snapfs.capture.priority import (LOOP_PRIORITY, background_thread_priority, fault_thread_priority,
-                                     realtime_thread, realtime_thread_of)
+from snapfs.capture.priority import background_thread_priority, fault_thread_priority
 from snapfs.capture.processes import cgroup_pids, memory_owners, proc_stat, tree_pids
 from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, copy_buffer_for, protect_and_record
 from snapfs.capture.inject import find_gadgets
-from snapfs.capture.ptrace import StopGroup, StoppedProcess, get_tracer
+from snapfs.capture.ptrace import StopGroup, StoppedProcess
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.shared import (ChildServer, MemberWindows, ObjectScan, SharedObject, Window,
@@ -350,7 +349,7 @@ class _TreeCapture:
     def _freeze(self) -> None:
         """Worker thread: stop every member (and newcomers), do the instant's work, resume.
         Realtime: every member waits on this thread, and a busy machine must not preempt it."""
-        with realtime_thread(LOOP_PRIORITY), _tracer_realtime():
+        with realtime_freeze():
             self._freeze_all()
 
     def _freeze_all(self) -> None:
@@ -844,15 +843,6 @@ class _MemberRegions:
 
     def put_scattered(self, *args: Any, **kwargs: Any) -> None:
         self.writer.put_scattered(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _tracer_realtime():
-    """The ptrace tracer thread as realtime as the freeze thread that waits on it: on a busy
-    machine an ordinary tracer thread waited behind other processes at every stop, register
-    read and release (tens of ms of pause at a load of 12 on 2 cores)."""
-    with realtime_thread_of(get_tracer().tid, LOOP_PRIORITY):
-        yield
 
 
 def _resume(group: StopGroup, members: list[Member]) -> None:
