@@ -316,6 +316,69 @@ def test_run_compaction_keeps_every_page(store, monkeypatch):
             assert list(r.runs(i)) == _expected_runs(region_kinds(n))
 
 
+def _many_small_regions(w, sizes):
+    return [w.add_region(RegionSpec(f"r{i}", i << 24, n * PAGE)) for i, n in enumerate(sizes)]
+
+
+def test_put_pieces_of_many_regions_equals_one_put_per_piece(store):
+    """put_pieces (a scan batch across hundreds of small mappings) stores exactly what one
+    put_pages per piece does: bytes, runs, page counts, and hashes a child matches against."""
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(1, 10, size=400).tolist()
+    data = [rng.integers(0, 256, size=(n, PAGE), dtype=np.uint8) for n in sizes]
+    for arr in data:
+        arr[rng.random(len(arr)) < 0.3] = 0                     # zero pages among them
+    masks = [rng.random(n) < 0.8 for n in sizes]
+    for name in ("pieces", "each"):
+        w = store.begin_snapshot(name, {})
+        idx = _many_small_regions(w, sizes)
+        if name == "each":
+            for i, arr, m in zip(idx, data, masks):
+                w.put_pages(i, 0, arr.tobytes(), m)
+        else:
+            for lo in range(0, len(sizes), 97):                   # batches of pieces
+                sel = range(lo, min(lo + 97, len(sizes)))
+                w.put_pieces([idx[i] for i in sel], [0] * len(sel), [sizes[i] for i in sel],
+                             b"".join(data[i].tobytes() for i in sel), np.concatenate([masks[i] for i in sel]))
+        # The pages left out by the masks, one by one (the fault path's single pages).
+        for i, m in zip(idx, masks):
+            for p in np.flatnonzero(~m).tolist():
+                w.put_pages(i, p, data[i][p].tobytes())
+        w.commit()
+    a, b = store.open_snapshot("pieces"), store.open_snapshot("each")
+    for i, n in enumerate(sizes):
+        assert a.read(i, 0, n * PAGE) == data[i].tobytes() == b.read(i, 0, n * PAGE)
+        assert list(a.runs(i)) == list(b.runs(i))
+        assert (a.regions[i].data_pages, a.regions[i].zero_pages) == (b.regions[i].data_pages, b.regions[i].zero_pages)
+    assert store.info("pieces").resident_bytes == store.info("each").resident_bytes
+    # A child with the same content stores nothing new: every page matches its parent's hash.
+    w = store.begin_snapshot("child", {}, parent="pieces")
+    idx = _many_small_regions(w, sizes)
+    w.put_pieces(idx, [0] * len(idx), sizes, b"".join(arr.tobytes() for arr in data))
+    child = w.commit()
+    assert child.stored_bytes == 0 and child.shared_bytes > 0
+    r = store.open_snapshot("child")
+    assert all(r.read(i, 0, n * PAGE) == data[i].tobytes() for i, n in enumerate(sizes))
+
+
+def test_put_pieces_refuses_bad_pieces(store):
+    from snapfs.store.writer import PageGivenTwice
+
+    w = store.begin_snapshot("bad", {})
+    idx = _many_small_regions(w, [4, 4, 4])
+    page = bytes(range(256)) * 16
+    with pytest.raises(ValueError, match="outside"):
+        w.put_pieces([idx[0]], [2], [3], page * 3)
+    with pytest.raises(ValueError, match="ascending"):
+        w.put_pieces([idx[1], idx[0]], [0, 0], [1, 1], page * 2)
+    with pytest.raises(ValueError, match="bytes"):
+        w.put_pieces([idx[0]], [0], [2], page)
+    w.put_pieces([idx[0], idx[2]], [0, 1], [2, 3], page * 5)
+    with pytest.raises(PageGivenTwice, match="page 3 of region 'r2'"):
+        w.put_pieces([idx[1], idx[2]], [0, 3], [1, 1], page * 2)
+    w.abort()
+
+
 def test_a_page_given_twice_is_refused_loudly(store):
     """Each page reaches the writer at most once: a second put (whole, masked, scattered,
     single page, or inherited) is an internal error that aborts the snapshot."""

@@ -418,9 +418,27 @@ async def store_chunks(writer, limiter: trio.CapacityLimiter, work_recv, free_se
 
 
 def _put_pieces(writer, buf: bytearray, pieces: list) -> None:
+    """One scan batch into the store: its pieces lie back to back in ``buf`` (see
+    :meth:`Scan.run`), so they go in one ``put_pieces`` call whatever their number (a batch
+    of 4 KiB mappings holds hundreds); pieces out of (region, page) order one by one."""
+    if not pieces:
+        return
     view = memoryview(buf)
+    regions = np.array([p[0] for p in pieces], np.int64)
+    firsts = np.array([p[1] for p in pieces], np.int64)
+    counts = np.array([len(p[3]) for p in pieces], np.int64)
+    offs = np.array([p[2] for p in pieces], np.int64)
     # Niced: a woken writer of the target (and the fault threads) preempt compression.
     with background_thread_priority():
+        ordered = len(pieces) == 1 or (
+            (offs == (np.cumsum(counts) - counts) * PAGE).all()
+            and ((regions[1:] > regions[:-1]) | ((regions[1:] == regions[:-1])
+                                                  & (firsts[1:] >= firsts[:-1] + counts[:-1]))).all())
+        if ordered and offs[0] == 0:
+            total = int(counts.sum())
+            writer.put_pieces(regions, firsts, counts, view[:total * PAGE],
+                              np.concatenate([p[3] for p in pieces]))
+            return
         for region, first_page, off, mask in pieces:
             if mask.any():
                 writer.put_pages(region, first_page, view[off : off + len(mask) * PAGE], mask)

@@ -9,10 +9,15 @@ Python work per put stays small, so two put threads do not serialise on the GIL.
 (single pages, THPs) are pooled in one bounded buffer until a full 128 KiB frame is ready.
 Segments are appended with O_DIRECT from a thread of their own (:mod:`._appender`), so commit's
 fsync has little left.
+
+Page-level bookkeeping (pages handed over, hashes, runs) lives in one page space for all
+regions (see ``_Region.base``), so ``put_pieces`` stores pieces of hundreds of regions in
+one pass and commit cuts the maps of tens of thousands of regions out of one sorted array.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -54,11 +59,9 @@ class _Region:
     spec: RegionSpec
     npages: int
     parent_idx: int | None
-    parts: list[np.ndarray] = field(default_factory=list)     # recent run pieces, unsorted
-    merged: list[np.ndarray] = field(default_factory=list)    # sorted runs, sizes decreasing
-    zero_pending: list[int] = field(default_factory=list)     # zero pages from small puts
-    hashes: dict[int, np.ndarray] = field(default_factory=dict)  # per MAP_PIECE pages
-    given: dict[int, np.ndarray] = field(default_factory=dict)   # bitmap of pages handed over, per GIVEN_PIECE
+    # Where the region's pages sit in the writer's page space: page p of the region is page
+    # base + p there. Regions follow each other with a one-page gap, so no run crosses one.
+    base: int = 0
     lost: list[tuple[int, int, str]] = field(default_factory=list)
     shares: tuple[int, int] | None = None                     # (source region, first page)
 
@@ -91,6 +94,23 @@ class SnapshotWriter:
         self._lock_fd = lock_fd
         self._started = time.time()
         self._regions: list[_Region] = []
+        # Every region's pages live in one page space (see _Region.base), so the page-level
+        # bookkeeping is one set of arrays, not one per region: a put of pieces of thousands
+        # of small regions, and commit's page maps, are a few vectorised passes.
+        self._next_base = 0
+        self._bases = np.zeros(0, np.int64)     # _Region.base of each region, for lookups
+        self._npages = np.zeros(0, np.int64)    # and its pages...
+        self._sharing = np.zeros(0, bool)       # ...and whether it shares another's
+        self._parts: list[np.ndarray] = []      # recent run pieces (writer page space), unsorted
+        self._merged: list[np.ndarray] = []     # sorted runs, sizes decreasing
+        self._zero_pending: list[int] = []      # zero pages from small puts (writer page space)
+        self._hashes: dict[int, np.ndarray] = {}  # page hashes, per MAP_PIECE pages
+        self._given: dict[int, np.ndarray] = {}   # bitmap of pages handed over, per GIVEN_PIECE
+        # The parent's regions by (name, length) and (name, length, start): add_region's match.
+        self._parent_by_shape: dict[tuple, list[int]] = {}
+        for r in parent_regions:
+            self._parent_by_shape.setdefault((r["name"], r["length"]), []).append(r["idx"])
+            self._parent_by_shape.setdefault((r["name"], r["length"], r["start"]), []).append(r["idx"])
         # Lost pages reported for a region not declared yet (a capture numbers its regions in
         # the pause and declares them after the resume; the fault path may see the target
         # unmap memory in between): recorded once the region is declared.
@@ -98,8 +118,7 @@ class SnapshotWriter:
         self._lock = threading.Lock()          # bookkeeping (regions, frames, segments)
         self._buf_lock = threading.Lock()      # the small-put pooling buffer
         self._buf = bytearray()
-        self._buf_regs: list[int] = []         # region index of each pooled page
-        self._buf_pages: list[int] = []        # page number of each pooled page
+        self._buf_pages: list[int] = []        # page (writer page space) of each pooled page
         # One open segment per lane; a thread writes through a lane it holds alone. Two
         # threads appending to one file serialise on the inode lock (ext4 holds it for the
         # whole buffered copy) and the waiter spins on it: ~5% of a capture's CPU.
@@ -124,16 +143,16 @@ class SnapshotWriter:
         if spec.kind not in REGION_KINDS:
             raise ValueError(f"region {spec.name!r}: kind {spec.kind!r} not one of {REGION_KINDS}")
         parent_idx = None
-        exact = [r["idx"] for r in self._parent_regions
-                 if r["name"] == spec.name and r["length"] == spec.length and r["start"] == spec.start]
-        same = [r["idx"] for r in self._parent_regions
-                if r["name"] == spec.name and r["length"] == spec.length]
+        exact = self._parent_by_shape.get((spec.name, spec.length, spec.start))
+        same = self._parent_by_shape.get((spec.name, spec.length), [])
         if exact:
             parent_idx = exact[0]
         elif len(same) == 1:
             parent_idx = same[0]
+        npages = spec.length // STORE_PAGE
         with self._lock:
-            self._regions.append(_Region(spec, spec.length // STORE_PAGE, parent_idx))
+            self._regions.append(_Region(spec, npages, parent_idx, self._next_base))
+            self._next_base += npages + 1
             idx = len(self._regions) - 1
             if self._early_lost:
                 now = [m for m in self._early_lost if m[0] == idx]
@@ -157,9 +176,33 @@ class SnapshotWriter:
         if source_first_page < 0:
             raise ValueError(f"region {reg.spec.name!r}: negative first page {source_first_page}")
         with self._lock:
-            if reg.parts or reg.merged or reg.zero_pending or reg.given:
+            if self._holds_pages(reg):
                 raise StoreError(f"region {reg.spec.name!r} already holds pages: it cannot share others")
             reg.shares = (source_idx, source_first_page)
+            self._sharing = np.zeros(0, bool)  # rebuilt by _region_arrays
+
+    def _holds_pages(self, reg: _Region) -> bool:
+        """Whether any page of ``reg`` was handed over (call with _lock held)."""
+        lo, hi = reg.base, reg.base + reg.npages
+        for piece, bits in self._given.items():
+            a, b = max(lo, piece * GIVEN_PIECE), min(hi, (piece + 1) * GIVEN_PIECE)
+            if a < b and np.unpackbits(bits, bitorder="little")[a - piece * GIVEN_PIECE:b - piece * GIVEN_PIECE].any():
+                return True
+        return False
+
+    def _region_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(base, pages, shares another) of every region declared, as arrays."""
+        with self._lock:
+            if len(self._bases) != len(self._regions) or len(self._sharing) != len(self._regions):
+                self._bases = np.array([r.base for r in self._regions], np.int64)
+                self._npages = np.array([r.npages for r in self._regions], np.int64)
+                self._sharing = np.array([r.shares is not None for r in self._regions], bool)
+            return self._bases, self._npages, self._sharing
+
+    def _locate_page(self, gpage: int) -> tuple[_Region, int]:
+        """(region, page in it) of a page of the writer's page space."""
+        reg = self._regions[bisect.bisect_right(self._regions, gpage, key=lambda r: r.base) - 1]
+        return reg, gpage - reg.base
 
     def _region(self, idx: int, first_page: int, npages: int) -> _Region:
         if self._done:
@@ -233,62 +276,89 @@ class SnapshotWriter:
                 out[sel] = arr[local]
         return out
 
-    def _hash_piece(self, reg: _Region, piece: int) -> np.ndarray:
-        """This writer's hashes of pages [piece*MAP_PIECE, ...) of a region (allocated lazily)."""
-        arr = reg.hashes.get(piece)
+    def _hash_piece(self, piece: int) -> np.ndarray:
+        """This writer's hashes of pages [piece*MAP_PIECE, ...) of its page space (allocated
+        lazily)."""
+        arr = self._hashes.get(piece)
         if arr is None:
             with self._lock:
-                arr = reg.hashes.setdefault(
-                    piece, np.zeros(min(MAP_PIECE, reg.npages - piece * MAP_PIECE), np.uint64))
+                arr = self._hashes.setdefault(piece, np.zeros(MAP_PIECE, np.uint64))
         return arr
 
-    def _set_hashes(self, reg: _Region, pages: np.ndarray, values: np.ndarray) -> None:
-        if len(pages) == 0:
+    def _set_hashes(self, gpages: np.ndarray, values: np.ndarray) -> None:
+        """Record the hashes of ascending pages ``gpages`` (writer page space)."""
+        if len(gpages) == 0:
             return
-        lo, hi = int(pages[0]) // MAP_PIECE, int(pages[-1]) // MAP_PIECE
+        gpages = gpages.astype(np.int64, copy=False)
+        lo, hi = int(gpages[0]) // MAP_PIECE, int(gpages[-1]) // MAP_PIECE
         if lo == hi:                                  # the usual case: one piece, no masks
-            self._hash_piece(reg, lo)[pages - np.uint64(lo * MAP_PIECE)] = values
+            self._hash_piece(lo)[gpages - lo * MAP_PIECE] = values
             return
-        pieces = pages // MAP_PIECE
-        for piece in np.unique(pieces).tolist():
-            sel = pieces == piece
-            self._hash_piece(reg, piece)[pages[sel] - np.uint64(piece * MAP_PIECE)] = values[sel]
+        # Ascending: each piece's pages are one slice.
+        pieces = gpages // MAP_PIECE
+        cuts = np.flatnonzero(np.diff(pieces)) + 1
+        for a, b in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(gpages)].tolist()):
+            piece = int(pieces[a])
+            self._hash_piece(piece)[gpages[a:b] - piece * MAP_PIECE] = values[a:b]
 
-    def _hash_chunks(self, reg: _Region) -> Iterator[tuple[int, np.ndarray]]:
-        """(chunk, hashes) of every stored hash chunk (HASH_CHUNK pages) holding a hash, built
-        from the in-memory pieces one at a time."""
-        per_chunk = HASH_CHUNK // MAP_PIECE
-        by_chunk: dict[int, list[int]] = {}
-        for piece, arr in reg.hashes.items():
-            if arr.any():
-                by_chunk.setdefault(piece // per_chunk, []).append(piece)
-        for chunk in sorted(by_chunk):
-            out = np.zeros(min(HASH_CHUNK, reg.npages - chunk * HASH_CHUNK), np.uint64)
-            for piece in by_chunk[chunk]:
-                at = (piece - chunk * per_chunk) * MAP_PIECE
-                arr = reg.hashes[piece]
-                out[at:at + len(arr)] = arr
-            yield chunk, out
-
-    def _hand_over(self, reg: _Region, pages: np.ndarray) -> None:
-        """Record that ``pages`` (ascending, unique) of ``reg`` were put or inherited; raise
-        :class:`PageGivenTwice` (and fail the writer) for a page already handed over."""
-        if len(pages) == 0:
+    def _hash_chunks(self, reg: _Region, pieces: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(chunk, hashes) of every stored hash chunk (HASH_CHUNK pages of the region) holding
+        a hash, from the in-memory pieces (``pieces``: their numbers, sorted) one at a time."""
+        lo, hi = reg.base, reg.base + reg.npages
+        if reg.npages <= HASH_CHUNK and lo // MAP_PIECE == (hi - 1) // MAP_PIECE:
+            # The usual small region: one slice of one piece.
+            arr = self._hashes.get(lo // MAP_PIECE)
+            if arr is not None:
+                arr = arr[lo % MAP_PIECE:lo % MAP_PIECE + reg.npages]
+                if arr.any():
+                    yield 0, arr
             return
-        pages = pages.astype(np.int64, copy=False)
-        one = int(pages[0]) // GIVEN_PIECE == int(pages[-1]) // GIVEN_PIECE   # the usual case
-        pieces = None if one else pages // GIVEN_PIECE
+        first = int(np.searchsorted(pieces, lo // MAP_PIECE))
+        last = int(np.searchsorted(pieces, (hi - 1) // MAP_PIECE, side="right"))
+        if first == last:
+            return
+        for chunk in range((reg.npages + HASH_CHUNK - 1) // HASH_CHUNK):
+            c_lo = lo + chunk * HASH_CHUNK
+            c_hi = min(c_lo + HASH_CHUNK, hi)
+            out = None
+            for piece in pieces[first:last].tolist():
+                p_lo = piece * MAP_PIECE
+                a, b = max(c_lo, p_lo), min(c_hi, p_lo + MAP_PIECE)
+                if a >= b:
+                    continue
+                arr = self._hashes[piece][a - p_lo:b - p_lo]
+                if arr.any():
+                    if out is None:
+                        out = np.zeros(c_hi - c_lo, np.uint64)
+                    out[a - c_lo:b - c_lo] = arr
+            if out is not None:
+                yield chunk, out
+
+    def _hand_over(self, gpages: np.ndarray) -> None:
+        """Record that ``gpages`` (ascending, unique; writer page space) were put or inherited;
+        raise :class:`PageGivenTwice` (and fail the writer) for a page already handed over."""
+        if len(gpages) == 0:
+            return
+        gpages = gpages.astype(np.int64, copy=False)
+        lo, hi = int(gpages[0]) // GIVEN_PIECE, int(gpages[-1]) // GIVEN_PIECE
+        if lo == hi:                                            # the usual case
+            spans = [(lo, 0, len(gpages))]
+        else:
+            pieces = gpages // GIVEN_PIECE
+            cuts = np.flatnonzero(np.diff(pieces)) + 1
+            starts = np.r_[0, cuts]
+            spans = list(zip(pieces[starts].tolist(), starts.tolist(), np.r_[cuts, len(gpages)].tolist()))
         with self._lock:
-            for piece in [int(pages[0]) // GIVEN_PIECE] if pieces is None else np.unique(pieces).tolist():
-                mine = pages if one else pages[pieces == piece]
-                given = reg.given.get(piece)
+            for piece, a, b in spans:
+                mine = gpages[a:b]
+                given = self._given.get(piece)
                 if given is None:
-                    given = reg.given[piece] = np.zeros(GIVEN_PIECE // 8, np.uint8)
+                    given = self._given[piece] = np.zeros(GIVEN_PIECE // 8, np.uint8)
                 local = mine - piece * GIVEN_PIECE
                 byte, bit = local >> 3, (np.uint8(1) << (local & 7).astype(np.uint8))
                 again = (given[byte] & bit) != 0
                 if again.any():
-                    page = int(mine[np.argmax(again)])
+                    reg, page = self._locate_page(int(mine[np.argmax(again)]))
                     self._failed = PageGivenTwice(
                         f"internal error: page {page} of region {reg.spec.name!r} was handed to the "
                         f"store twice ({int(again.sum())} pages of this call were): snapshot "
@@ -297,6 +367,40 @@ class SnapshotWriter:
                 # Ascending pages: the bits of each byte are gathered with one reduceat.
                 first = np.flatnonzero(np.diff(byte, prepend=-1))
                 given[byte[first]] |= np.bitwise_or.reduceat(bit, first)
+
+    def _hand_over_few(self, gpages: list[int]) -> None:
+        """:meth:`_hand_over` for a few pages (the fault path's): bit by bit, no numpy set-up."""
+        with self._lock:
+            for g in gpages:
+                piece, local = divmod(g, GIVEN_PIECE)
+                given = self._given.get(piece)
+                if given is None:
+                    given = self._given[piece] = np.zeros(GIVEN_PIECE // 8, np.uint8)
+                byte, bit = local >> 3, 1 << (local & 7)
+                old = int(given[byte])
+                if old & bit:
+                    reg, page = self._locate_page(g)
+                    self._failed = PageGivenTwice(
+                        f"internal error: page {page} of region {reg.spec.name!r} was handed to the "
+                        f"store twice: snapshot {self.name!r} aborted; please report this bug")
+                    raise self._failed
+                given[byte] = old | bit
+
+    def _add_runs(self, parts: list[np.ndarray], zeros: list[int] | None = None) -> None:
+        """Add run pieces (writer page space) and zero pages; compact when there are many."""
+        with self._lock:
+            self._parts.extend(p for p in parts if len(p))
+            if zeros:
+                self._zero_pending += zeros
+            self._compact()
+
+    @staticmethod
+    def _shifted(runs: np.ndarray, base: int) -> np.ndarray:
+        """Runs of a region's pages moved into the writer's page space."""
+        if len(runs) and base:
+            runs = runs.copy()
+            runs["page"] += np.uint64(base)
+        return runs
 
     # ----------------------------------------------------------------- putting pages
     def put_pages(self, idx: int, first_page: int, data: Any, mask: np.ndarray | None = None) -> None:
@@ -336,70 +440,115 @@ class SnapshotWriter:
                              f"0..{reg.npages}")
         self._put(idx, reg, pages, view, mask, "put_scattered")
 
+    def put_pieces(self, regions: Any, first_pages: Any, npages: Any, data: Any, mask: Any = None) -> None:
+        """Store pieces of several regions in one call: piece i is pages ``first_pages[i]``
+        .. of region ``regions[i]``, ``npages[i]`` long; ``data`` holds every piece's pages back
+        to back in that order; with ``mask`` (one entry per page) only True pages are stored.
+        Pieces must be in ascending (region, page) order and disjoint. Same semantics as
+        ``put_pages`` for each piece, in a few vectorised passes whatever the number of
+        pieces: the background scan's 4 MiB batch of a target with tens of thousands of small
+        mappings holds hundreds of them (one put each cost ~50 us of Python)."""
+        regs = np.asarray(regions, dtype=np.int64)
+        firsts = np.asarray(first_pages, dtype=np.int64)
+        counts = np.asarray(npages, dtype=np.int64)
+        view = memoryview(data).cast("B")
+        n = int(counts.sum()) if len(counts) else 0
+        if len(view) != n * STORE_PAGE or not (len(regs) == len(firsts) == len(counts)):
+            raise ValueError(f"put_pieces: {len(view)} bytes for {n} pages in {len(regs)} pieces")
+        if n == 0:
+            return
+        self._region_check_open()
+        bases, npages_of, sharing = self._region_arrays()
+        if (regs < 0).any() or (regs >= len(bases)).any():
+            raise IndexError(f"put_pieces: region index outside 0..{len(bases) - 1}")
+        bad = (firsts < 0) | (counts < 0) | (firsts + counts > npages_of[regs])
+        if bad.any():
+            reg = self._regions[int(regs[np.argmax(bad)])]
+            i = int(np.argmax(bad))
+            raise ValueError(f"region {reg.spec.name!r}: pages {firsts[i]}+{counts[i]} outside 0..{reg.npages}")
+        if sharing[regs].any():
+            reg = self._regions[int(regs[np.argmax(sharing[regs])])]
+            raise StoreError(f"region {reg.spec.name!r} shares another region's pages: nothing is put into it")
+        starts = bases[regs] + firsts
+        if len(starts) > 1 and (starts[1:] < starts[:-1] + counts[:-1]).any():
+            raise ValueError("put_pieces: pieces must be in ascending (region, page) order and disjoint")
+        if any(self._regions[r].parent_idx is not None for r in np.unique(regs).tolist()):
+            # Compared with a parent region by region (a continuous series' child).
+            pos = 0
+            for r, f, c in zip(regs.tolist(), firsts.tolist(), counts.tolist()):
+                if c:
+                    self.put_pages(r, f, view[pos * STORE_PAGE:(pos + c) * STORE_PAGE],
+                                   None if mask is None else np.asarray(mask, bool)[pos:pos + c])
+                pos += c
+            return
+        gpages = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(n, dtype=np.int64)
+        self._put_global(gpages, view, mask, None, "put_pieces")
+
     def _put_small(self, idx: int, reg: _Region, first_page: int, view: memoryview, n: int,
                    mask: Any) -> None:
         """put_pages for a few pages (the fault path): plain Python beats numpy's set-up cost."""
         keep = range(n) if mask is None else [i for i in range(n) if mask[i]]
-        self._hand_over(reg, np.array(keep, np.int64) + first_page)
+        base = reg.base + first_page
+        self._hand_over_few([base + i for i in keep])
         data = [i for i in keep if view[i * STORE_PAGE:(i + 1) * STORE_PAGE] != ZERO_PAGE]
         if len(data) < len(keep):
-            zeros = [first_page + i for i in keep if i not in data]
-            with self._lock:
-                reg.zero_pending += zeros
-                self._compact(reg)
+            self._add_runs([], [base + i for i in keep if i not in data])
         if not data:
             return
         hashes = page_hash_list(view, data)
         for i, h in zip(data, hashes):
-            page = first_page + i
-            self._hash_piece(reg, page // MAP_PIECE)[page % MAP_PIECE] = h
+            page = base + i
+            self._hash_piece(page // MAP_PIECE)[page % MAP_PIECE] = h
         if reg.parent_idx is not None:
             pages = np.array([first_page + i for i in data], np.uint64)
             same = self._parent_hash(reg.parent_idx, pages) == np.array(hashes, np.uint64)
             if same.any():
-                located = self._parent_locate(reg.parent_idx, pages[same])
-                with self._lock:
-                    reg.parts.append(located)
-                    self._compact(reg)
+                self._add_runs([self._shifted(self._parent_locate(reg.parent_idx, pages[same]), reg.base)])
                 data = [i for i, s in zip(data, same.tolist()) if not s]
                 if not data:
                     return
         raw = view if len(data) == n else b"".join(view[i * STORE_PAGE:(i + 1) * STORE_PAGE] for i in data)
-        self._pool(raw, [idx] * len(data), [first_page + i for i in data])
+        self._pool(raw, [base + i for i in data])
 
     def _put(self, idx: int, reg: _Region, pages: np.ndarray, view: memoryview, mask: Any,
              caller: str) -> None:
         """The pipeline of every put but the smallest: ``view`` holds pages ``pages`` (int64,
         ascending, unique, inside the region) in that order; with ``mask`` only True ones are
-        stored. Whole-put numpy passes: hand over, zero pages to index entries, hashes, pages
-        equal to the parent's to references, then the rest to frames."""
-        n = len(pages)
+        stored."""
+        self._put_global(pages + reg.base, view, mask, reg if reg.parent_idx is not None else None, caller)
+
+    def _put_global(self, gpages: np.ndarray, view: memoryview, mask: Any, parent_of: _Region | None,
+                    caller: str) -> None:
+        """``view`` holds pages ``gpages`` (int64, ascending, unique; writer page space) in that
+        order; with ``mask`` only True ones are stored. Whole-put numpy passes: hand over, zero
+        pages to index entries, hashes, pages equal to the parent's (all pages of
+        ``parent_of``, which has one) to references, then the rest to frames."""
+        n = len(gpages)
         sel = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
         if sel.shape != (n,):
             raise ValueError(f"{caller}: mask has shape {sel.shape}, expected ({n},)")
-        self._hand_over(reg, pages[sel])
+        self._hand_over(gpages[sel])
         words = np.frombuffer(view, "<u8").reshape(n, STORE_PAGE // 8)
         nonzero = np.bitwise_or.reduce(words, axis=1) != 0     # ~1.6x faster than any()
         zero_idx = np.flatnonzero(sel & ~nonzero)
         data_idx = np.flatnonzero(sel & nonzero)
         hashes = page_hashes(view, data_idx)
-        data_pages = pages[data_idx].astype(np.uint64)
-        self._set_hashes(reg, data_pages, hashes)
-        parts = [_runs.make_runs(pages[zero_idx].astype(np.uint64), ZERO)]
-        if reg.parent_idx is not None and len(data_idx):
-            same = self._parent_hash(reg.parent_idx, data_pages) == hashes
+        data_pages = gpages[data_idx]
+        self._set_hashes(data_pages, hashes)
+        parts = [_runs.make_runs(gpages[zero_idx].astype(np.uint64), ZERO)]
+        if parent_of is not None and len(data_idx):
+            local = (data_pages - parent_of.base).astype(np.uint64)
+            same = self._parent_hash(parent_of.parent_idx, local) == hashes
             if same.any():
-                parts.append(self._parent_locate(reg.parent_idx, data_pages[same]))
+                parts.append(self._shifted(self._parent_locate(parent_of.parent_idx, local[same]), parent_of.base))
                 data_idx, data_pages = data_idx[~same], data_pages[~same]
-        with self._lock:
-            reg.parts.extend(p for p in parts if len(p))
-            self._compact(reg)
-        self._store_pages(idx, view, words, data_idx, data_pages)
+        self._add_runs(parts)
+        self._store_pages(view, words, data_idx, data_pages.astype(np.uint64))
 
-    def _store_pages(self, idx: int, view: memoryview, words: np.ndarray, data_idx: np.ndarray,
+    def _store_pages(self, view: memoryview, words: np.ndarray, data_idx: np.ndarray,
                      pages: np.ndarray) -> None:
-        """Write the pages at rows ``data_idx`` of ``view`` (region ``idx`` pages ``pages``):
-        whole frames straight to a segment, the remainder into the small-put pool."""
+        """Write the pages at rows ``data_idx`` of ``view`` (pages ``pages`` of the writer's page
+        space): whole frames straight to a segment, the remainder into the small-put pool."""
         k = len(data_idx)
         full = k - k % FRAME_PAGES
         if full:
@@ -411,13 +560,15 @@ class SnapshotWriter:
             step = BATCH_FRAMES * FRAME_PAGES
             for b in range(0, full, step):
                 end = min(b + step, full)
-                self._write_frames(idx, src[b * STORE_PAGE:end * STORE_PAGE], pages[b:end])
+                self._write_frames(src[b * STORE_PAGE:end * STORE_PAGE], pages[b:end])
         if k > full:      # the remainder joins the small-put pool (frames shared across puts)
             rest = data_idx[full:]
-            self._pool(words[rest].tobytes(), [idx] * len(rest), pages[full:].tolist())
+            self._pool(words[rest].tobytes(), pages[full:].tolist())
 
-    def _write_frames(self, idx: int, raw: memoryview, pages: np.ndarray) -> None:
-        """Write whole frames of region ``idx`` pages (``raw``, in page order) back to back."""
+    def _write_frames(self, raw: memoryview, pages: np.ndarray) -> None:
+        """Write whole frames of ascending ``pages`` (writer page space; ``raw``, in page
+        order) back to back. Pages of different regions are never consecutive there, so
+        a run never crosses from one region into the next."""
         nframes = len(pages) // FRAME_PAGES
         fbytes = FRAME_PAGES * STORE_PAGE
         level = self._store.level
@@ -449,11 +600,10 @@ class SnapshotWriter:
         runs["seg"] = seg.id
         runs["off"] = offs[starts // FRAME_PAGES]
         runs["flen"] = flens[starts // FRAME_PAGES]
-        reg = self._regions[idx]
         with self._lock:
             self._frames += [(seg.id, o, fl, FRAME_PAGES) for o, fl in zip(offs.tolist(), flens.tolist())]
-            reg.parts.append(runs)
-            self._compact(reg)
+            self._parts.append(runs)
+            self._compact()
 
     @contextlib.contextmanager
     def _lane(self) -> Iterator[int]:
@@ -492,28 +642,27 @@ class SnapshotWriter:
             seg.preallocate(off, grow_to - off)
         return seg, off
 
-    def _pool(self, raw: bytes | memoryview, regs: list[int], pages: list[int]) -> None:
-        """Add pages to the shared small-put buffer; write out every full frame it yields."""
+    def _pool(self, raw: bytes | memoryview, pages: list[int]) -> None:
+        """Add pages (writer page space) to the shared small-put buffer; write out every full
+        frame it yields."""
         ready = []
         with self._buf_lock:
             self._buf += raw
-            self._buf_regs += regs
             self._buf_pages += pages
             while len(self._buf_pages) >= FRAME_PAGES:
                 ready.append(self._take_buffer(FRAME_PAGES))
         for frame in ready:
             self._write_frame(*frame)
 
-    def _take_buffer(self, npages: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+    def _take_buffer(self, npages: int) -> tuple[bytes, np.ndarray]:
         """Detach the first ``npages`` pooled pages (call with _buf_lock held)."""
         raw = bytes(memoryview(self._buf)[:npages * STORE_PAGE])
         del self._buf[:npages * STORE_PAGE]
-        regs = np.array(self._buf_regs[:npages], np.int32)
         pages = np.array(self._buf_pages[:npages], np.uint64)
-        del self._buf_regs[:npages], self._buf_pages[:npages]
-        return raw, regs, pages
+        del self._buf_pages[:npages]
+        return raw, pages
 
-    def _write_frame(self, raw: bytes | memoryview, regs: np.ndarray, pages: np.ndarray) -> None:
+    def _write_frame(self, raw: bytes | memoryview, pages: np.ndarray) -> None:
         npages = len(pages)
         codec, payload, pcrc = compress_payload(raw, self._store.level)
         flen = FRAME_HEADER.size + len(payload)
@@ -525,32 +674,26 @@ class SnapshotWriter:
         except (OSError, StoreError) as exc:
             self._fail(exc)
             raise self._failed from None
-        slots = np.arange(npages)
-        new_parts = []
-        for r in np.unique(regs).tolist():
-            mine = regs == r
-            new_parts.append((r, _runs.make_runs(pages[mine], DATA, seg.id, off, flen, slots[mine])))
+        runs = _runs.make_runs(pages, DATA, seg.id, off, flen, np.arange(npages))
         with self._lock:
             self._frames.append((seg.id, off, flen, npages))
-            for r, part in new_parts:
-                self._regions[r].parts.append(part)
-                self._compact(self._regions[r])
+            self._parts.append(runs)
+            self._compact()
 
-    @staticmethod
-    def _compact(reg: _Region) -> None:
-        """Merge a region's pending run pieces once there are many (call with _lock held).
+    def _compact(self) -> None:
+        """Merge the pending run pieces once there are many (call with _lock held).
 
         Keeps writer memory proportional to the number of runs, not to the number of puts.
         """
-        if len(reg.parts) <= COMPACT_PARTS and len(reg.zero_pending) <= COMPACT_ZEROS:
+        if len(self._parts) <= COMPACT_PARTS and len(self._zero_pending) <= COMPACT_ZEROS:
             return
-        new = _runs.finish(reg.parts + [_runs.make_runs(np.array(reg.zero_pending, np.uint64), ZERO)])
-        reg.parts.clear()
-        reg.zero_pending.clear()
+        new = _runs.finish(self._parts + [_runs.make_runs(np.array(self._zero_pending, np.uint64), ZERO)])
+        self._parts.clear()
+        self._zero_pending.clear()
         # Merge like a binary counter so each run is re-sorted O(log n) times overall.
-        while reg.merged and len(reg.merged[-1]) <= 2 * len(new):
-            new = _runs.finish([reg.merged.pop(), new])
-        reg.merged.append(new)
+        while self._merged and len(self._merged[-1]) <= 2 * len(new):
+            new = _runs.finish([self._merged.pop(), new])
+        self._merged.append(new)
 
     def _fail(self, exc: BaseException) -> None:
         """Mark the writer failed; on a full disk give the space back at once.
@@ -601,12 +744,10 @@ class SnapshotWriter:
         part = _runs.clip_many(runs, firsts, lasts, ends, starts)
         # Every inherited page keeps the parent's hash (a grandchild compares against them).
         offsets = np.repeat(firsts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
-        pages = (np.arange(int(counts.sum()), dtype=np.int64) + offsets).astype(np.uint64)
-        self._hand_over(reg, pages)
-        self._set_hashes(reg, pages, self._parent_hash(reg.parent_idx, pages))
-        with self._lock:
-            reg.parts.append(part)
-            self._compact(reg)
+        pages = np.arange(int(counts.sum()), dtype=np.int64) + offsets
+        self._hand_over(pages + reg.base)
+        self._set_hashes(pages + reg.base, self._parent_hash(reg.parent_idx, pages.astype(np.uint64)))
+        self._add_runs([self._shifted(part, reg.base)])
 
     def mark_lost(self, idx: int, first_page: int, npages: int, reason: str) -> None:
         """Record pages that could not be captured (they read as holes); becomes a warning.
@@ -683,7 +824,7 @@ class SnapshotWriter:
         maps = self._page_maps()
         # A shared window's pages count once, in the region that holds them.
         owned = [runs for reg, runs in zip(self._regions, maps) if reg.shares is None]
-        all_runs = np.concatenate(owned) if owned else _runs.EMPTY
+        all_runs = _runs.concat(owned)
         info, created = self._info(all_runs, meta_updates)
         rows = self._catalog_rows(maps)
         ref_segs = np.unique(all_runs["seg"][all_runs["kind"] == DATA]).tolist()
@@ -707,11 +848,20 @@ class SnapshotWriter:
                    StoreError(f"syncing store {self._store.path} failed: {exc}")) from None
 
     def _page_maps(self) -> list[np.ndarray]:
-        """Each region's final page map: its run pieces merged and sorted; a region that
-        shares another's pages gets its window on the source's map."""
-        maps = [_runs.finish(reg.merged + reg.parts +
-                             [_runs.make_runs(np.array(reg.zero_pending, np.uint64), ZERO)])
-                for reg in self._regions]
+        """Each region's final page map: the run pieces merged and sorted in one pass over
+        the writer's page space, then cut at the regions' bounds and renumbered from each
+        region's first page; a region that shares another's pages gets its window on the
+        source's map."""
+        runs = _runs.finish(self._merged + self._parts +
+                            [_runs.make_runs(np.array(self._zero_pending, np.uint64), ZERO)])
+        bases, _, _ = self._region_arrays()
+        if len(runs):
+            owner = np.searchsorted(bases, runs["page"].astype(np.int64), side="right") - 1
+            runs["page"] -= bases[owner].astype(np.uint64)
+            cuts = np.searchsorted(owner, np.arange(1, len(bases)))
+        else:
+            cuts = np.zeros(max(len(bases) - 1, 0), np.int64)
+        maps = np.split(runs, cuts) if len(bases) else []
         for i, reg in enumerate(self._regions):
             if reg.shares is not None:
                 maps[i] = _shared_window(maps[reg.shares[0]], reg.shares[1], reg.npages)
@@ -747,10 +897,15 @@ class SnapshotWriter:
     def _catalog_rows(self, maps: list[np.ndarray]) -> dict[str, list[dict[str, Any]]]:
         """The region, hash and blob rows, encoded and checksummed (see _integrity.py)."""
         region_rows, hash_rows, blob_rows = [], [], []
+        pieces = np.array(sorted(self._hashes), np.int64)
+        # Every region's data and zero pages in one pass (tens of thousands of regions).
+        owner = np.repeat(np.arange(len(maps)), [len(m) for m in maps])
+        every = _runs.concat(maps)
+        n = every["n"].astype(np.int64)
+        counts = [np.bincount(owner, weights=np.where(every["kind"] == kind, n, 0),
+                              minlength=len(maps)).astype(np.int64).tolist() for kind in (DATA, ZERO)]
         for i, (reg, runs) in enumerate(zip(self._regions, maps)):
             spec = reg.spec
-            kinds = runs["kind"]
-            n = runs["n"].astype(np.int64)
             meta = dict(spec.meta)
             if reg.lost:
                 meta["lost"] = [list(x) for x in reg.lost]
@@ -760,10 +915,10 @@ class SnapshotWriter:
             blob, map_crc = _runs.encode(runs)
             row = dict(zip(_integrity.REGION_FIELDS, (
                 self.id, i, spec.name, int(spec.start), int(spec.length), spec.perms, int(spec.offset),
-                spec.path, spec.kind, int(spec.page_size), int(n[kinds == DATA].sum()),
-                int(n[kinds == ZERO].sum()), json.dumps(meta), len(runs), map_crc)))
+                spec.path, spec.kind, int(spec.page_size), counts[0][i], counts[1][i],
+                json.dumps(meta), len(runs), map_crc)))
             region_rows.append({**row, "map": blob, "crc": _integrity.region_crc(row)})
-            for chunk, arr in self._hash_chunks(reg):
+            for chunk, arr in self._hash_chunks(reg, pieces):
                 row = {"snapshot_id": self.id, "region_idx": i, "chunk": chunk, "algo": ALGO}
                 raw = arr.tobytes()
                 hash_rows.append({**row, "data": compress_blob(raw), "crc": _integrity.keyed_blob_crc(
