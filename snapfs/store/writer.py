@@ -138,30 +138,41 @@ class SnapshotWriter:
     # ----------------------------------------------------------------- regions
     def add_region(self, spec: RegionSpec) -> int:
         """Declare a region; returns its index for put_pages/inherit/mark_lost."""
-        if spec.length <= 0 or spec.length % STORE_PAGE:
-            raise ValueError(f"region {spec.name!r}: length {spec.length} is not a positive multiple of 4096")
-        if spec.kind not in REGION_KINDS:
-            raise ValueError(f"region {spec.name!r}: kind {spec.kind!r} not one of {REGION_KINDS}")
-        parent_idx = None
-        exact = self._parent_by_shape.get((spec.name, spec.length, spec.start))
-        same = self._parent_by_shape.get((spec.name, spec.length), [])
-        if exact:
-            parent_idx = exact[0]
-        elif len(same) == 1:
-            parent_idx = same[0]
-        npages = spec.length // STORE_PAGE
+        return self.add_regions([spec])
+
+    def add_regions(self, specs: list[RegionSpec]) -> int:
+        """Declare regions in order (one call for a capture's tens of thousands of mappings);
+        returns the index of the first (the others follow it)."""
+        new = []
+        base = None
+        for spec in specs:
+            if spec.length <= 0 or spec.length % STORE_PAGE:
+                raise ValueError(f"region {spec.name!r}: length {spec.length} is not a positive multiple of 4096")
+            if spec.kind not in REGION_KINDS:
+                raise ValueError(f"region {spec.name!r}: kind {spec.kind!r} not one of {REGION_KINDS}")
+            parent_idx = None
+            if self._parent_by_shape:
+                exact = self._parent_by_shape.get((spec.name, spec.length, spec.start))
+                same = self._parent_by_shape.get((spec.name, spec.length), [])
+                if exact:
+                    parent_idx = exact[0]
+                elif len(same) == 1:
+                    parent_idx = same[0]
+            new.append((spec, spec.length // STORE_PAGE, parent_idx))
         with self._lock:
-            self._regions.append(_Region(spec, npages, parent_idx, self._next_base))
-            self._next_base += npages + 1
-            idx = len(self._regions) - 1
-            if self._early_lost:
-                now = [m for m in self._early_lost if m[0] == idx]
-                self._early_lost = [m for m in self._early_lost if m[0] != idx]
-            else:
-                now = []
+            first = len(self._regions)
+            base = self._next_base
+            for spec, npages, parent_idx in new:
+                self._regions.append(_Region(spec, npages, parent_idx, base))
+                base += npages + 1
+            self._next_base = base
+            end = len(self._regions)
+            now = [m for m in self._early_lost if first <= m[0] < end]
+            if now:
+                self._early_lost = [m for m in self._early_lost if not first <= m[0] < end]
         for m in now:
             self.mark_lost(*m)
-        return idx
+        return first
 
     def share(self, idx: int, source_idx: int, source_first_page: int) -> None:
         """Region ``idx`` holds the bytes of region ``source_idx`` from page
