@@ -30,9 +30,11 @@ aborted: nothing is published.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -124,7 +126,10 @@ class _Capture:
                     "snapshot it"
                 )
             handle.lock_capture()
-            return await self._run(handle)
+            try:
+                return await self._run(handle)
+            finally:
+                gc.unfreeze()  # see _gc_settled
         except BaseException as exc:
             gone = _gone_instead(handle, exc)
             if gone is not None:
@@ -147,6 +152,7 @@ class _Capture:
         # The scan's buffers are allocated (and their pages touched) before the freeze: done
         # after the resume, it delayed the fault path by ~10 ms while the target was writing.
         self.buffers = [prefaulted_buffer(CHUNK) for _ in range(self.workers * 2 + 1)]
+        _gc_settled()
         fastfault.preallocate_ring()
         self.shared = shared
         t_start = time.monotonic()
@@ -168,6 +174,7 @@ class _Capture:
                         # The captured regions are declared first, before any page reaches
                         # the store: region i is store index i (see _start_faults).
                         await trio.to_thread.run_sync(self._describe_regions, prep, self.shared)
+                        _gc_settled()
                         self.fault_nursery.start_soon(self._read_state_after)
                         # 4. The target runs again: save every page recorded, faults first;
                         # beside it, what the core view needs (not delaying the scan: the
@@ -239,11 +246,15 @@ class _Capture:
         names and the core view's records first (the names as close to the instant as
         possible), then the changed pages and ELF headers of read-only file mappings (see
         :mod:`snapfs.capture.coreinfo`, :mod:`snapfs.capture.relocated`)."""
-        self.core_record = await trio.to_thread.run_sync(
-            coreinfo.record, self.pid, core_before, ft.maps, ft.threads)
+        def record() -> tuple[dict, bytes]:
+            with _no_gc():
+                return coreinfo.record(self.pid, core_before, ft.maps, ft.threads)
+
+        self.core_record = await trio.to_thread.run_sync(record)
         captured = {v.start for v in prep.regions}
         await trio.to_thread.run_sync(save_private_pages, self.pid, ft.maps, self.writer, captured,
                                       limiter=self.limiter)
+        _gc_settled()  # the core view's records, kept until the commit
 
     async def _protect_and_freeze(self, uffd: Uffd, comm: str, features: int, huge_sizes):
         """Steps 2 and 3: write-protect the memory while the target runs, then freeze it and
@@ -254,6 +265,7 @@ class _Capture:
         )
 
         copy_buffer = copy_buffer_for(maps.regions)
+        _gc_settled()
 
         def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
             self.thread_masks = ft.thread_masks  # read with the registers (complete once resumed)
@@ -265,6 +277,11 @@ class _Capture:
                 pre=pre,
                 copy_buffer=copy_buffer,
             )
+            if pre.maps is not None and pre.maps.text == ft.maps_text:
+                # The maps as parsed already (every line's Vma, also those not captured): the
+                # core view and the restore record need them, and parsing 65 000 lines again
+                # after the resume cost ~1 s of GIL beside the scan.
+                ft._maps = pre.maps.layout
             # Resume only once the fault path serves: started after the resume, it took
             # 4-300 ms to come up (trio scheduling, the GIL) while the target's first
             # writes waited on protected pages — a stall longer than the pause itself.
@@ -307,7 +324,9 @@ class _Capture:
         """Declare every region to the writer, as index i for region i (see _start_faults);
         warn about memory other processes may write."""
         # One call: ~65 000 regions for a target with as many mappings.
-        if self.writer.add_regions([region_spec(v) for v in prep.regions]) != 0:
+        with _no_gc():
+            first = self.writer.add_regions([region_spec(v) for v in prep.regions])
+        if first != 0:
             raise RuntimeError("internal error: store region indices out of step with the capture's")
         for v in prep.regions:
             if (v.dev, v.inode) in shared and v.mode == "wp":
@@ -406,6 +425,31 @@ class _Capture:
                     self.writer.put_pages(self.ctx.region_index[c.region], c.first_page, c.data, c.mask)
 
         await trio.to_thread.run_sync(put_all, limiter=self.limiter)
+
+
+def _gc_settled() -> None:
+    """Move every object alive now out of reach of the cyclic garbage collector until the
+    capture ends (``gc.unfreeze`` in :meth:`_Capture.run`). The capture's long-lived objects
+    (a Vma, a RegionSpec and their dicts per mapping: about a million objects for 65 000
+    mappings) made each full collection take 0.1-0.35 s, holding the GIL: the fault path's
+    Python side stopped, the native loop's ring filled, and the target stalled as long.
+    Costs nothing (the generations' lists are spliced); garbage among them waits until the
+    end of the capture."""
+    gc.freeze()
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No automatic collection while a step makes an object per mapping (tens of thousands,
+    none in a cycle): a full collection meanwhile took 0.1-0.2 s, holding the GIL (see
+    _gc_settled, which the engine calls after such steps)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 async def store_chunks(writer, limiter: trio.CapacityLimiter, work_recv, free_send) -> None:

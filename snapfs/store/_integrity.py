@@ -44,7 +44,7 @@ COLUMNS = (("snapshots", "crc"), ("regions", "map_crc"), ("regions", "crc"), ("h
 
 def row_crc(table: str, values: Sequence[Any]) -> int:
     """CRC32 of the canonical encoding of a row's values (ints, floats, text, None)."""
-    doc = json.dumps([table, *values], separators=(",", ":"), ensure_ascii=False, default=_tagged)
+    doc = _ENCODER.encode([table, *values])
     return crc32(doc.encode("utf-8", "surrogatepass"))
 
 
@@ -54,6 +54,11 @@ def _tagged(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"blob": bytes(value).hex()}
     raise TypeError(f"cannot checksum a {type(value).__name__}")
+
+
+# json.dumps(..., separators=(",", ":"), ensure_ascii=False, default=_tagged), without making
+# an encoder per call (a commit checksums two rows per region: 130 000 for 65 000 mappings).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_tagged)
 
 
 def snapshot_crc(row: Any) -> int:
