@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import numpy.ma  # noqa: F401 - np.unique imports it on first use (~12 ms): not in a pause or a fault
 import trio
 
 from snapfs.capture import continuous, coreinfo, fastfault, hugepages, procstate
