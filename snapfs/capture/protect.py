@@ -266,7 +266,7 @@ def protect_and_record(
     regions = maps.regions
     starts, ends = maps.starts, maps.ends
     n = len(regions)
-    is_shared = np.array([shared is not None and shared(v) for v in regions], bool) if n else np.zeros(0, bool)
+    is_shared = np.array([shared(v) for v in regions], bool) if n and shared is not None else np.zeros(n, bool)
     for i in np.flatnonzero(is_shared).tolist():
         regions[i].meta["shared"] = True
     for start, reason in pre.unprotectable.items():
