@@ -518,20 +518,23 @@ class StoppedProcess:
         tids = list(self.tids)
         rec = _RawRecord(out, tids, _regset_size(tids), masks)
         rec.read()
+        # Looked at in bulk (a Python step per thread is what this replaced): only errors
+        # lead to a per-thread loop.
+        n, nsets = len(tids), len(arch.RECORDED_REGSETS)
+        regs_res, set_len = rec.regs_res[0:n], rec.set_len[0:n * nsets]
         inj = self._injector.tid if self._injector is not None else None
-        nsets = len(arch.RECORDED_REGSETS)
-        for i, tid in enumerate(tids):
-            r = rec.regs_res[i]
-            if tid == inj:  # its registers are the ones saved before the injection
-                rec.saved[tid] = bytes(k.ffi.buffer(self._injector.saved))
-            elif r < 0:
-                if r != -errno.ESRCH or tid == self.pid:
+        if inj is not None:  # its registers are the ones saved before the injection
+            rec.saved[inj] = bytes(k.ffi.buffer(self._injector.saved))
+        if n and min(regs_res) < 0:
+            for tid, r in zip(tids, regs_res):
+                if r < 0 and tid != inj and (r != -errno.ESRCH or tid == self.pid):
                     raise OSError(-r, f"ptrace: {os.strerror(-r)}")
-                continue  # killed while stopped: it has no state to record
-            if all(rec.set_len[i * nsets + j] < 0 for j in range(nsets)):
-                rec.fpregs[tid] = _get_fpregs(tid)  # no XSAVE area to take the FXSAVE area from
-        if masks is not None:
-            for i, r in enumerate(rec.mask_res[0:len(tids)]):
+        if n and (not nsets or min(set_len) < 0):
+            for i, tid in enumerate(tids):
+                if (regs_res[i] >= 0 or tid == inj) and all(x < 0 for x in set_len[i * nsets:(i + 1) * nsets]):
+                    rec.fpregs[tid] = _get_fpregs(tid)  # no XSAVE area to take it from
+        if masks is not None and n and min(rec.mask_res[0:n]) < 0:
+            for r in rec.mask_res[0:n]:
                 if r < 0 and r != -errno.ESRCH:
                     raise OSError(-r, f"ptrace: {os.strerror(-r)}")
         return rec
@@ -663,6 +666,7 @@ class StopGroup:
         self.tracer: Tracer | None = None
         self._owner: dict[int, StoppedProcess] = {}  # tid -> process, for every tid seized
         self._stopped: dict[int, int] = {}  # tid -> raw status of its current stop
+        self._listed: set[int] = set()  # the tids in some process's tids (a list: O(n) lookups)
         self.stop_ms = 0.0
         # time.monotonic() once every thread runs again: taken in the tracer thread right
         # after the last detach (handing the result back to the caller took up to 1 ms more
@@ -691,6 +695,7 @@ class StopGroup:
         if self.tracer.retired:  # its end detached everything it traced
             self.tracer.join()
             self._owner.clear()
+            self._listed.clear()
             for p in self.procs:
                 p.tids, p._injector = [], None
             return
@@ -734,6 +739,7 @@ class StopGroup:
     def _forget(self, tid: int) -> None:
         self._owner.pop(tid, None)
         self._stopped.pop(tid, None)
+        self._listed.discard(tid)
         if self.tracer is not None and self.tracer.route.get(tid) is self:
             del self.tracer.route[tid]
 
@@ -849,7 +855,8 @@ class StopGroup:
             k.ptrace(k.PTRACE_INTERRUPT, tid)
             return
         self._stopped[tid] = status
-        if tid not in p.tids:
+        if tid not in self._listed:
+            self._listed.add(tid)
             if tid == p.pid:
                 p.tids.insert(0, tid)
             else:
