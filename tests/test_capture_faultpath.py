@@ -49,7 +49,7 @@ async def test_slow_scan_image_is_one_instant(store_dir, monkeypatch, native_cou
 
 async def test_native_ring_smaller_than_the_faults(store_dir, monkeypatch, native_counts):
     """More faults than ring slots: the loop forwards what does not fit to the Python thread
-    until the store frees slots; nothing is lost or stored twice."""
+    until the trio side copies slots out; nothing is lost or stored twice."""
     monkeypatch.setattr(fastfault, "RING_PAGES", 16)
     npages = 4096
     with Target("oracle", str(npages), "2", "anon", "mixed") as t:
@@ -62,4 +62,35 @@ async def test_native_ring_smaller_than_the_faults(store_dir, monkeypatch, nativ
         # Far more faults than the 16 ring slots (pages written during pre-protection are
         # scanned first, so fewer than a quarter of the pages may fault).
         assert result.faults > npages // 8
+        assert_released(t.pid)
+
+
+async def test_fault_queue_bounded_when_the_store_lags(store_dir, monkeypatch, native_counts):
+    """A queue limit of 32 pages: faults wait for the store again and again (the native
+    loop's pages stop being taken, its ring fills, the Python thread waits); memory stays
+    bounded, and the image is one instant with nothing lost or stored twice."""
+    from snapfs.capture import faults
+
+    limit = 32 * 4096
+    monkeypatch.setattr(faults, "QUEUE_LIMIT", limit)
+    monkeypatch.setattr(faults, "URGENT_BYTES", limit // 2)
+    peak = [0]
+    queue = faults.FaultPath._queue
+
+    def counted(self, *args):
+        queue(self, *args)
+        peak[0] = max(peak[0], self.queued_bytes)
+
+    monkeypatch.setattr(faults.FaultPath, "_queue", counted)
+    npages = 4096
+    with Target("oracle", str(npages), "2", "anon", "mixed") as t:
+        with Store.open(store_dir, create=True) as store:
+            result = await capture_process(t.pid, store, "s", CaptureOptions(rate=32 << 20))
+            reader = store.open_snapshot("s")
+            check_oracle(region_image(reader, t.addr, npages), mixed=True)
+            assert not reader.info.warnings
+        assert result.faults > npages // 8
+        # The limit was reached, and overshot by at most one take of the ring plus one
+        # Python-served batch.
+        assert limit < peak[0] <= limit + (fastfault.RING_PAGES + faults._BATCH) * 4096
         assert_released(t.pid)

@@ -366,7 +366,7 @@ class _Capture:
             async with trio.open_nursery() as outer:
                 # Tasks that live until the scan and the store work are done.
                 outer.start_soon(self._watch_exit, pidfd)
-                outer.start_soon(fault_path.run_store, self.limiter)
+                outer.start_soon(fault_path.run_store)
                 if self.progress_cb is not None:
                     outer.start_soon(self._progress_loop)
                 scan_done = trio.Event()
@@ -398,7 +398,7 @@ class _Capture:
                 outer.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await self.faults_done.wait()
-                await fault_path.flush(self.limiter)
+                await fault_path.flush()
         finally:
             os.close(pidfd)
 

@@ -14,7 +14,7 @@
  *
  * Ring protocol (single producer: this loop; single consumer: Python): slot i % capacity
  * holds the page of record i; counters[0] = head (records published, release store after
- * the page is copied), counters[1] = tail (records Python has written to the store),
+ * the page is copied), counters[1] = tail (records Python has copied out of the ring),
  * counters[2] = faults served here, counters[3] = "armed": Python asks for an eventfd write
  * on the next published record.
  */

@@ -18,7 +18,7 @@ from snapfs.capture import kernel as k
 from snapfs.capture.kernel import ffi
 from snapfs.capture.ledger import Ledger
 
-RING_PAGES = 2048  # 8 MiB of saved pages between the loop and the store
+RING_PAGES = 2048  # 8 MiB of saved pages between the loop and the trio side (copied out at once)
 HEAD, TAIL, FAULTS, ARMED = range(4)  # the shared counters (see fastfault.c)
 
 
@@ -96,13 +96,12 @@ class NativeLoop:
         self.consumed = head
         return out
 
-    def page(self, slot: int) -> memoryview:
-        """The saved page in ring ``slot`` (valid until released)."""
-        return memoryview(self.pages[slot])
-
-    def release(self, n: int) -> None:
-        """``n`` more records are written to the store: their slots are free again."""
-        self.counters[TAIL] = self.counters[TAIL] + np.uint64(n)
+    def copy_out(self, slots: list[int]) -> np.ndarray:
+        """The saved pages of the records just taken ((n, PAGE) array, one gather copy); their
+        slots are free again, oldest first as the loop expects."""
+        pages = self.pages[np.asarray(slots, np.intp)]
+        self.counters[TAIL] = self.counters[TAIL] + np.uint64(len(slots))
+        return pages
 
     def unseen_faults(self) -> int:
         """Faults the loop served since the last :meth:`new_faults`, without consuming them."""

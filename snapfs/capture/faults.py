@@ -18,7 +18,10 @@ intact of the range (checked with ``PAGEMAP_SCAN`` after reading) and report the
 
 Saved pages go to a queue drained by :meth:`FaultPath.run_store` (trio side) into the
 store; a page leaves the queue only once written, so a cancelled flush loses nothing. The
-queue is bounded (``QUEUE_LIMIT``): past it, the fault thread waits for the store. Huge-page
+native loop's pages are copied out of its ring as they are taken, so the ring never fills
+behind a slow store. The queue has its own store worker (never waiting behind the scan's),
+stores its single pages with one scattered put per region, and runs un-niced once half
+full; it is bounded (``QUEUE_LIMIT``): past it, faults wait for the store. Huge-page
 saves reuse warm 2 MiB buffers (reading into fresh memory costs ~10x more).
 """
 
@@ -42,17 +45,20 @@ from snapfs.capture.kernel import ffi, lib
 from snapfs.capture.ledger import HUGE_PMD, LOST, Ledger, runs_of
 from snapfs.capture.memory import read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
-from snapfs.capture.priority import background_thread_priority, realtime_thread
+from snapfs.capture.priority import BACKGROUND_NICE, background_thread_priority, realtime_thread
 from snapfs.capture.uffd import decode_messages, unprotect_outcome
 from snapfs.errors import TargetError
 
 QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faults wait
-FLUSH_BYTES = 8 << 20  # written per worker-thread call: a full queue frees up sooner
+# Past this the queue is urgent: its flush runs un-niced, as the target will soon wait for it.
+URGENT_BYTES = QUEUE_LIMIT // 2
+FLUSH_BYTES = 4 << 20  # written per worker-thread call: a full queue frees up sooner
 HUGE_POOL = 16  # warm 2 MiB buffers kept for THP saves
 _RETRY_FIRST, _RETRY_MAX = 50e-6, 5e-3
 _BATCH = 256  # uffd messages read at once
 DRAIN_DELAY = 2e-3  # seconds the native loop's saved pages gather before being taken
 STORE_BATCH_DELAY = 5e-3  # seconds saved pages wait to be written with the next ones
+SCATTER_PAGES = 16  # saved items of at most this many pages are stored page by page, batched
 
 class HotCalls:
     """The fault path's C calls, with preallocated buffers; each is one call of the compiled
@@ -109,10 +115,13 @@ class FaultPath:
 
     def __init__(self, ctx: CaptureContext) -> None:
         self.ctx = ctx
-        # (region, first, data, mask, in the native ring)
+        # (region, first, data, mask)
         self.items: collections.deque = collections.deque()
         self.queued_bytes = 0
         self.item_ready = trio.Event()
+        self.room = trio.Event()  # set (and replaced) whenever a flush freed queue room
+        # The fault path's own store worker: it never waits behind the scan's for a slot.
+        self._store_limiter = trio.CapacityLimiter(1)
         # Guards items/queued_bytes between the fault thread and the trio side; the fault
         # thread waits on it while the queue is over QUEUE_LIMIT.
         self.queue_cond = threading.Condition(threading.Lock())
@@ -219,6 +228,8 @@ class FaultPath:
         """Hand the pages the native loop saved to the store side as they come."""
         while True:
             native.arm()
+            while self.queued_bytes > QUEUE_LIMIT:  # bounded memory: the loop's ring fills meanwhile
+                await self.room.wait()
             if native.published() == native.consumed:  # armed before this check: no lost wake-up
                 await trio.lowlevel.wait_readable(native.notify_fd)
                 try:
@@ -231,14 +242,19 @@ class FaultPath:
             self._import_native(native)
 
     def _import_native(self, native: NativeLoop) -> None:
+        """Move the pages the loop saved to the store queue, freeing their ring slots at once:
+        a ring slot held until the store had written it filled the 8 MiB ring whenever the
+        store fell behind, and every fault then went the slow way (forwarded to Python)."""
         records = native.take()
+        if not records:
+            return
+        pages = native.copy_out([slot for slot, _, _ in records])
         ctx = self.ctx
-        for slot, addr, ext in records:
+        for row, (_, addr, ext) in enumerate(records):
             region, first = ctx.page_of(ext, addr)
-            self._queue(region, first, native.page(slot), None, ring=True)
+            self._queue(region, first, pages[row], None)
         ctx.done_bytes += len(records) * PAGE
-        if records:
-            self.item_ready.set()
+        self.item_ready.set()
 
     def _serve_thread(self, fd: int) -> None:
         """Thread body: serve the faults read from ``fd`` (the uffd, or the native loop's
@@ -438,12 +454,17 @@ class FaultPath:
         self._queue(region, first, data, mask)
         self.ctx.done_bytes += len(data) // PAGE if mask is None else int(mask.sum())
 
-    def _queue(self, region: int, first: int, data, mask: np.ndarray | None, ring: bool = False) -> None:
+    def _queue(self, region: int, first: int, data, mask: np.ndarray | None) -> None:
         with self.queue_cond:
-            self.items.append((region, first, data, mask, ring))
+            self.items.append((region, first, data, mask))
             self.queued_bytes += len(data)
 
-    async def run_store(self, limiter: trio.CapacityLimiter) -> None:
+    @property
+    def urgent(self) -> bool:
+        """The queue is filling faster than the store writes it (see URGENT_BYTES)."""
+        return self.queued_bytes > URGENT_BYTES
+
+    async def run_store(self) -> None:
         """Write queued pages to the store in batches, until cancelled."""
         while True:
             await self.item_ready.wait()
@@ -452,9 +473,9 @@ class FaultPath:
             await trio.sleep(STORE_BATCH_DELAY)
             self.item_ready = trio.Event()
             self._notified = False  # items queued from now on notify again
-            await self.flush(limiter)
+            await self.flush()
 
-    async def flush(self, limiter: trio.CapacityLimiter) -> None:
+    async def flush(self) -> None:
         """Write every queued page (items leave the queue only once written), FLUSH_BYTES
         at a time so that a fault thread waiting for room goes on early."""
         while True:
@@ -467,15 +488,14 @@ class FaultPath:
                     size += len(item[2])
             if not batch:
                 return
-            await trio.to_thread.run_sync(self._put, batch, limiter=limiter)
+            await trio.to_thread.run_sync(self._put, batch, limiter=self._store_limiter)
             with self.queue_cond:
                 for _ in batch:
                     self.items.popleft()
                 self.queued_bytes -= size
                 self.queue_cond.notify_all()
-            ring = sum(1 for item in batch if item[4])
-            if ring:
-                self.native.release(ring)  # after the write: the loop may reuse the slots
+            self.room.set()
+            self.room = trio.Event()
             for item in batch:
                 data = item[2]
                 if len(data) == HUGE_PMD and type(data) is bytearray and len(self.huge_pool) < HUGE_POOL:
@@ -483,23 +503,27 @@ class FaultPath:
 
     def _put(self, batch: list) -> None:
         writer = self.ctx.writer
-        singles: dict[int, list[tuple[int, Any]]] = {}
-        with background_thread_priority():  # a woken target preempts the compression
-            for region, first, data, mask, _ in batch:
-                if mask is None and len(data) == PAGE:
-                    singles.setdefault(region, []).append((first, data))
-                else:
+        # Pages saved a few at a time (the common case: one faulted page; a forwarded fault's
+        # page with its mask): gathered into one vectorised put per region. One small put
+        # costs ~100-300 us of numpy set-up; under many writers the store fell behind the
+        # faults, the queue filled and every writer waited for it (250 ms stalls).
+        singles: dict[int, tuple[list[int], list[Any]]] = {}
+        # Niced (a woken target preempts the compression) unless the target is about to wait
+        # for this very write.
+        with background_thread_priority(0 if self.urgent else BACKGROUND_NICE):
+            for region, first, data, mask in batch:
+                n = len(data) // PAGE
+                if n > SCATTER_PAGES:
                     writer.put_pages(region, first, data, mask)
-            # Single faulted pages (the common case): one vectorised put per region instead
-            # of one per page (~40 us of Python each; thousands per capture under writes).
-            for region, items in singles.items():
-                if len(items) == 1:
-                    writer.put_pages(region, items[0][0], items[0][1])
                     continue
-                items.sort(key=lambda it: it[0])
-                writer.put_scattered(
-                    region, [p for p, _ in items], b"".join(d for _, d in items)
-                )
+                pages, datas = singles.setdefault(region, ([], []))
+                view = memoryview(data)
+                for i in range(n) if mask is None else np.flatnonzero(mask).tolist():
+                    pages.append(first + i)
+                    datas.append(view[i * PAGE:(i + 1) * PAGE])
+            for region, (pages, datas) in singles.items():
+                order = sorted(range(len(pages)), key=pages.__getitem__)
+                writer.put_scattered(region, [pages[i] for i in order], b"".join(datas[i] for i in order))
 
 
 def fork_event(on_fork, ufd: int) -> None:

@@ -587,7 +587,7 @@ class _TreeCapture:
         try:
             async with trio.open_nursery() as outer:
                 for m in self.live:
-                    outer.start_soon(m.faults.run_store, self.limiter)
+                    outer.start_soon(m.faults.run_store)
                     if id(m) in pidfds:
                         outer.start_soon(self._watch_exit, m, pidfds[id(m)])
                 if self.progress_cb is not None:
@@ -619,7 +619,7 @@ class _TreeCapture:
                 for m in self.live:
                     await m.faults_done.wait()
                 for m in self.live:
-                    await m.faults.flush(self.limiter)
+                    await m.faults.flush()
                 self._phase("background", t_bg)
         finally:
             for fd in pidfds.values():
