@@ -86,22 +86,18 @@ class NativeLoop:
         """Records published so far (head)."""
         return int(self.counters[HEAD])
 
-    def take(self) -> list[tuple[int, int, int]]:
-        """New records since the last call: (ring slot, address, extent)."""
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The records published since the last call, as arrays (addresses, extents, and
+        their saved pages: (n, PAGE), one gather copy). Their ring slots are free again at
+        once, so the ring never fills behind a slow store."""
         head = self.published()
-        out = [
-            (i % RING_PAGES, int(self.records[i % RING_PAGES, 0]), int(self.records[i % RING_PAGES, 1]))
-            for i in range(self.consumed, head)
-        ]
+        slots = np.arange(self.consumed, head, dtype=np.uint64) % np.uint64(RING_PAGES)
+        slots = slots.astype(np.intp)
+        addrs, exts = self.records[slots, 0], self.records[slots, 1].astype(np.intp)
+        pages = self.pages[slots]
         self.consumed = head
-        return out
-
-    def copy_out(self, slots: list[int]) -> np.ndarray:
-        """The saved pages of the records just taken ((n, PAGE) array, one gather copy); their
-        slots are free again, oldest first as the loop expects."""
-        pages = self.pages[np.asarray(slots, np.intp)]
-        self.counters[TAIL] = self.counters[TAIL] + np.uint64(len(slots))
-        return pages
+        self.counters[TAIL] = np.uint64(head)  # every slot taken is copied: free again
+        return addrs, exts, pages
 
     def unseen_faults(self) -> int:
         """Faults the loop served since the last :meth:`new_faults`, without consuming them."""
