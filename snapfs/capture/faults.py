@@ -510,32 +510,33 @@ class FaultPath:
     def _put(self, batch: list) -> None:
         writer = self.ctx.writer
         # Pages saved a few at a time (the common case: the native loop's single pages; a
-        # forwarded fault's page with its mask) are gathered into one scattered put per
-        # region. One small put costs ~100-300 us of numpy set-up: under many writers the
-        # store fell behind the faults, the queue filled and every writer waited for it
-        # (220-330 ms stalls).
-        singles: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        # forwarded fault's page with its mask) are gathered into one put. One small put
+        # costs ~100-300 us of numpy set-up: under many writers the store fell behind the
+        # faults, the queue filled and every writer waited for it (220-330 ms stalls).
+        regs, pages, rows = [], [], []
         # Niced (a woken target preempts the compression) unless the target is about to wait
         # for this very write.
         with background_thread_priority(0 if self.urgent else BACKGROUND_NICE):
             for region, first, data, mask, _ in batch:
                 if isinstance(first, np.ndarray):  # the native loop's pages
-                    pages, rows = first, data
+                    p, r = first, data
                 else:
                     n = len(data) // PAGE
                     if n > SCATTER_PAGES:
                         writer.put_pages(region, first, data, mask)
                         continue
-                    rows = np.frombuffer(data, np.uint8).reshape(n, PAGE)
                     sel = np.arange(n) if mask is None else np.flatnonzero(mask)
-                    pages, rows = sel + first, rows[sel]
-                page_list, row_list = singles.setdefault(region, ([], []))
-                page_list.append(pages)
-                row_list.append(rows)
-            for region, (page_list, row_list) in singles.items():
-                pages = np.concatenate(page_list)
-                order = np.argsort(pages, kind="stable")
-                writer.put_scattered(region, pages[order], np.concatenate(row_list)[order])
+                    p, r = sel + first, np.frombuffer(data, np.uint8).reshape(n, PAGE)[sel]
+                regs.append(np.full(len(p), region, np.int64))
+                pages.append(p)
+                rows.append(r)
+            if pages:
+                # One put for every region (a target with 65 000 mappings faults in as many
+                # regions), pages as one-page pieces in (region, page) order.
+                reg, page = np.concatenate(regs), np.concatenate(pages)
+                order = np.lexsort((page, reg))
+                writer.put_pieces(reg[order], page[order], np.ones(len(order), np.int64),
+                                  np.concatenate(rows)[order])
 
 
 def fork_event(on_fork, ufd: int) -> None:

@@ -485,13 +485,15 @@ class SnapshotWriter:
         if len(starts) > 1 and (starts[1:] < starts[:-1] + counts[:-1]).any():
             raise ValueError("put_pieces: pieces must be in ascending (region, page) order and disjoint")
         if any(self._regions[r].parent_idx is not None for r in np.unique(regs).tolist()):
-            # Compared with a parent region by region (a continuous series' child).
-            pos = 0
-            for r, f, c in zip(regs.tolist(), firsts.tolist(), counts.tolist()):
-                if c:
-                    self.put_pages(r, f, view[pos * STORE_PAGE:(pos + c) * STORE_PAGE],
-                                   None if mask is None else np.asarray(mask, bool)[pos:pos + c])
-                pos += c
+            # Compared with a parent region by region (a continuous series' child): one
+            # scattered put per region (the fault path's single pages are one piece each).
+            page_regs = np.repeat(regs, counts)
+            pages = np.repeat(firsts - np.cumsum(counts) + counts, counts) + np.arange(n, dtype=np.int64)
+            rows = np.frombuffer(view, np.uint8).reshape(n, STORE_PAGE)
+            keep = None if mask is None else np.asarray(mask, bool)
+            for r in np.unique(regs).tolist():
+                sel = np.flatnonzero(page_regs == r)
+                self.put_scattered(r, pages[sel], rows[sel], None if keep is None else keep[sel])
             return
         gpages = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(n, dtype=np.int64)
         self._put_global(gpages, view, mask, None, "put_pieces")
