@@ -5,6 +5,8 @@ the capture saves the content at the freeze instant. Real kernel, real target
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import trio
 
@@ -76,4 +78,32 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
             assert recorded == set(range(0, first)) | set(range(n // 2, 3 * n // 4))
         finally:
             uffd.close()
+        assert_released(t.pid)
+
+
+async def test_range_remapped_before_it_is_protected(store_dir, monkeypatch):
+    """A VMA replaced between the register and the protect (a new, unregistered mapping in
+    its place: EINVAL) is left to the freeze, which scans it in full and protects it: the
+    capture commits one instant (a PostgreSQL tree capture under load failed on it)."""
+    from snapfs.capture import CaptureOptions, capture_process
+    from snapfs.capture.uffd import Uffd
+    from snapfs.store import Store
+    from tests.support.capture import check_oracle, region_image
+
+    refused = []
+    protect = Uffd.protect
+
+    def once_einval(self, start, length, wp, **kw):
+        if wp and not refused:
+            refused.append(start)
+            raise OSError(errno.EINVAL, "ioctl UFFDIO_WRITEPROTECT: Invalid argument")
+        return protect(self, start, length, wp, **kw)
+
+    monkeypatch.setattr(Uffd, "protect", once_einval)
+    npages = 4096
+    with Target("oracle", str(npages), "2") as t:
+        with Store.open(store_dir, create=True) as store:
+            await capture_process(t.pid, store, "s", CaptureOptions())
+            check_oracle(region_image(store.open_snapshot("s"), t.addr, npages))
+        assert refused
         assert_released(t.pid)

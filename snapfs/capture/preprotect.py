@@ -96,9 +96,13 @@ def preprotect_regions(pid: int, uffd: Uffd, maps: ClassifiedMaps) -> PreProtect
                         for step in range(lo, hi, PROTECT_STEP):
                             _retrying(uffd.protect, step, min(PROTECT_STEP, hi - step), wp=True)
                 except OSError as exc:
-                    if exc.errno not in (errno.ENOMEM, errno.ENOENT, errno.ESRCH):
+                    # ENOMEM/ENOENT: unmapped since the maps were read; EINVAL: remapped (a
+                    # new VMA there, not registered: a PostgreSQL backend mapping memory
+                    # failed whole tree captures under load). Either way the freeze sees the
+                    # new layout, scans these VMAs in full and protects what is not.
+                    if exc.errno not in (errno.ENOMEM, errno.ENOENT, errno.ESRCH, errno.EINVAL):
                         raise
-                    continue  # unmapped since the maps were read: the freeze sees the new layout
+                    continue
                 found.append(populated_ranges(scanner, a, b))
                 done += [(v.start, v.end) for v in vmas]
                 out.protected_bytes += sum(v.length for v in vmas)
@@ -131,7 +135,7 @@ def _register_each(uffd: Uffd, vmas: list[Vma], out: PreProtected) -> list[Vma]:
             _retrying(uffd.register_wp, v.start, v.length)
             ok.append(v)
         except OSError as exc:
-            if exc.errno in (errno.ENOMEM, errno.ENOENT, errno.ESRCH):
+            if exc.errno in (errno.ENOMEM, errno.ENOENT, errno.ESRCH, errno.EINVAL):
                 continue  # unmapped since the maps were read: the freeze sees the new layout
             if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP):
                 raise
