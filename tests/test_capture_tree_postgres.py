@@ -59,7 +59,9 @@ def test_postgres_cluster_under_pgbench(snapfs_env, store_dir):
     with Store.open(store_dir, create=False) as store:
         reader = store.open_snapshot("pg1")
         objects = {obj["path"]: (obj, region) for obj, region in shared_objects(reader)}
-        buffers = next(o for p, o in objects.items() if p.startswith("/dev/zero"))
+        # shared_buffers: anonymous shared memory, or hugetlb where the machine has huge
+        # pages reserved (PostgreSQL's huge_pages=try).
+        buffers = next(o for p, o in objects.items() if p.startswith(("/dev/zero", "/anon_hugepage")))
         assert buffers[0]["how"] == "write-protected" and buffers[1].length >= 64 << 20
         assert len(buffers[0]["mapped_by"]) == docs[1]["processes"]  # every process maps it
         assert any(o["how"].startswith("copied") for o, _ in objects.values())  # the SysV header
