@@ -230,7 +230,12 @@ class FaultPath:
         """Hand the pages the native loop saved to the store side as they come."""
         while True:
             native.arm()
-            while self.queued_bytes > QUEUE_LIMIT:  # bounded memory: the loop's ring fills meanwhile
+            # Bounded memory: past half the limit the loop's pages wait in its ring (then it
+            # forwards faults to the Python thread). The other half is headroom for what only
+            # the Python thread serves (events, shared objects' pages in a tree): taking the
+            # loop's pages up to the whole limit left a tree member's shared-page faults
+            # waiting for room for 0.5-1.4 s.
+            while self.queued_bytes > URGENT_BYTES:
                 await self.room.wait()
             if native.published() == native.consumed:  # armed before this check: no lost wake-up
                 await trio.lowlevel.wait_readable(native.notify_fd)
