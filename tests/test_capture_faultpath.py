@@ -47,17 +47,24 @@ async def test_slow_scan_image_is_one_instant(store_dir, monkeypatch, native_cou
         assert t.proc.poll() is None
 
 
+async def _slow_scan_capture_checked(t: Target, store_dir, npages: int):
+    """Capture the oracle target with a throttled scan (most pages saved by the fault path),
+    check the image is one instant with no warning; returns the capture's result."""
+    with Store.open(store_dir, create=True) as store:
+        result = await capture_process(t.pid, store, "s", CaptureOptions(rate=32 << 20))
+        reader = store.open_snapshot("s")
+        check_oracle(region_image(reader, t.addr, npages), mixed=True)
+        assert not reader.info.warnings
+    return result
+
+
 async def test_native_ring_smaller_than_the_faults(store_dir, monkeypatch, native_counts):
     """More faults than ring slots: the loop forwards what does not fit to the Python thread
     until the trio side copies slots out; nothing is lost or stored twice."""
     monkeypatch.setattr(fastfault, "RING_PAGES", 16)
     npages = 4096
     with Target("oracle", str(npages), "2", "anon", "mixed") as t:
-        with Store.open(store_dir, create=True) as store:
-            result = await capture_process(t.pid, store, "s", CaptureOptions(rate=32 << 20))
-            reader = store.open_snapshot("s")
-            check_oracle(region_image(reader, t.addr, npages), mixed=True)
-            assert not reader.info.warnings
+        result = await _slow_scan_capture_checked(t, store_dir, npages)
         assert native_counts and native_counts[0] > 0
         # Far more faults than the 16 ring slots (pages written during pre-protection are
         # scanned first, so fewer than a quarter of the pages may fault).
@@ -85,11 +92,7 @@ async def test_fault_queue_bounded_when_the_store_lags(store_dir, monkeypatch, n
     monkeypatch.setattr(faults.FaultPath, "_queue", counted)
     npages = 4096
     with Target("oracle", str(npages), "2", "anon", "mixed") as t:
-        with Store.open(store_dir, create=True) as store:
-            result = await capture_process(t.pid, store, "s", CaptureOptions(rate=32 << 20))
-            reader = store.open_snapshot("s")
-            check_oracle(region_image(reader, t.addr, npages), mixed=True)
-            assert not reader.info.warnings
+        result = await _slow_scan_capture_checked(t, store_dir, npages)
         assert result.faults > npages // 8
         # The limit was reached, and overshot by at most one take of the ring, one
         # Python-served batch and the last take once the loop has stopped.

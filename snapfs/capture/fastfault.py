@@ -91,8 +91,7 @@ class NativeLoop:
         their saved pages: (n, PAGE), one gather copy). Their ring slots are free again at
         once, so the ring never fills behind a slow store."""
         head = self.published()
-        slots = np.arange(self.consumed, head, dtype=np.uint64) % np.uint64(RING_PAGES)
-        slots = slots.astype(np.intp)
+        slots = np.arange(self.consumed, head, dtype=np.intp) % RING_PAGES
         addrs, exts = self.records[slots, 0], self.records[slots, 1].astype(np.intp)
         pages = self.pages[slots]
         self.consumed = head

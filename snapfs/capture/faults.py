@@ -20,8 +20,9 @@ Saved pages go to a queue drained by :meth:`FaultPath.run_store` (trio side) int
 store; a page leaves the queue only once written, so a cancelled flush loses nothing. The
 native loop's pages are copied out of its ring as they are taken, so the ring never fills
 behind a slow store. The queue has its own store worker (never waiting behind the scan's),
-stores its single pages with one scattered put per region, and runs un-niced once half
-full; it is bounded (``QUEUE_LIMIT``): past it, faults wait for the store. Huge-page
+stores every small item of a flush with one ``put_pieces`` call, and runs un-niced once
+half full (``URGENT_BYTES``, also where the drain stops taking the loop's pages); it is
+bounded (``QUEUE_LIMIT``): past it, faults wait for the store. Huge-page
 saves reuse warm 2 MiB buffers (reading into fresh memory costs ~10x more).
 """
 
@@ -49,7 +50,8 @@ from snapfs.capture.uffd import decode_messages, unprotect_outcome
 from snapfs.errors import TargetError
 
 QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faults wait
-# Past this the queue is urgent: its flush runs un-niced, as the target will soon wait for it.
+# Past this the queue is urgent: its flush runs un-niced, as the target will soon wait for
+# it, and the drain leaves the loop's pages in its ring (the rest is the Python thread's).
 URGENT_BYTES = QUEUE_LIMIT // 2
 FLUSH_BYTES = 4 << 20  # written per worker-thread call: a full queue frees up sooner
 HUGE_POOL = 16  # warm 2 MiB buffers kept for THP saves
@@ -139,7 +141,7 @@ class FaultPath:
         self._native_exited.set()
         self._in_threads: set[int] = set()  # idents of the fault threads while they run
         self.native: NativeLoop | None = None
-        self._region_start = np.array([v.start for v in ctx.regions], np.uint64)
+        self._region_start = np.asarray(ctx.ledger.region_starts, np.uint64)  # for _import_native
 
     # ---------------------------------------------------------------- the loop
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
