@@ -71,6 +71,23 @@ def test_summary_and_json(snapfs_env, store_dir):
         assert_released(t.pid)
 
 
+def test_default_names_of_one_second_are_numbered(snapfs_env, store_dir):
+    """Default names have one-second resolution: a second snapshot of the same process in
+    the same second (here: every name of the next seconds already taken) is numbered."""
+    from snapfs.commands.snapshot import default_name
+    with Target("oracle", "256", "1") as t:
+        now = time.time()
+        with Store.open(store_dir, create=True) as store:
+            for k in range(-1, 30):
+                store.begin_snapshot(default_name("oracle", t.pid, now + k), {}).commit()
+        out = _run(snapfs_env, str(t.pid), "--json")
+        assert out.returncode == 0, out.stderr
+        name = json.loads(out.stdout)["name"]
+        assert name.startswith(f"oracle-{t.pid}-") and name.endswith("Z-2"), name
+        assert name in _committed(store_dir)
+        assert_released(t.pid)
+
+
 @pytest.mark.parametrize("name", ["a/b", ".", "..", "x\0y"])
 def test_bad_names_rejected(snapfs_env, store_dir, name):
     with Target("oracle", "64", "1") as t:

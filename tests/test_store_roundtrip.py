@@ -133,6 +133,22 @@ def test_names_reserved_and_validated(store):
         store.begin_snapshot("child", {}, parent="missing")
 
 
+def test_made_up_names_are_numbered_when_taken(store):
+    """Two default names of the same second (<comm>-<pid>-<time>): the second capture gets
+    <name>-2, then -3 while -2 is being captured; a user's own name still refuses."""
+    store.begin_snapshot("p-1-T", {}).commit()
+    live = store.begin_snapshot("p-1-T", {}, number_if_taken=True)
+    assert live.name == "p-1-T-2"
+    third = store.begin_snapshot("p-1-T", {}, number_if_taken=True)
+    assert third.name == "p-1-T-3"
+    third.commit()
+    live.abort()
+    assert store.begin_snapshot("p-1-T", {}, number_if_taken=True).name == "p-1-T-2"
+    assert store.begin_snapshot("free", {}, number_if_taken=True).name == "free"
+    with pytest.raises(NameInUse, match="already exists"):
+        store.begin_snapshot("p-1-T", {})
+
+
 def test_uncommitted_snapshots_are_invisible_and_generation_moves(store):
     g0 = store.generation()
     w = store.begin_snapshot("p", {})

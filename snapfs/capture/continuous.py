@@ -741,7 +741,7 @@ async def capture_next(tracking: Tracking, store, name: str, pre: Prepass | None
     meta = process_meta(pid, comm)
     meta["created"] = time.time()
     core_before = coreinfo.before_freeze(pid)
-    writer = store.begin_snapshot(name, meta, tracking.parent)
+    writer = store.begin_snapshot(name, meta, tracking.parent, number_if_taken=tracking.options.number_if_taken)
     t_start = time.monotonic()
     stop: _StopResult | None = None
     stopping = False

@@ -148,7 +148,8 @@ class _Capture:
         meta = process_meta(self.pid, comm)
         meta["created"] = time.time()
         core_before = coreinfo.before_freeze(self.pid)
-        writer = self.writer = self.store.begin_snapshot(self.name, meta, self.options.parent)
+        writer = self.writer = self.store.begin_snapshot(self.name, meta, self.options.parent,
+                                                          number_if_taken=self.options.number_if_taken)
         uffd: Uffd | None = None
         # The scan's buffers are allocated (and their pages touched) before the freeze: done
         # after the resume, it delayed the fault path by ~10 ms while the target was writing.
@@ -540,5 +541,6 @@ async def snapshot_next(tracking: continuous.Tracking, store, name: str, progres
         parent=parent,
         workers=tracking.options.workers,
         continuous=True,
+        number_if_taken=tracking.options.number_if_taken,
     )
     return await capture_process(tracking.pid, store, name, opts, progress)

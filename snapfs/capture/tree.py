@@ -257,7 +257,8 @@ class _TreeCapture:
         meta = {"kind": TREE_KIND, "pid": self.target.pid, "comm": root.comm if self.target.pid else None,
                 "exe": root.meta.get("exe") if self.target.pid else None,
                 "cmdline": root.meta.get("cmdline") if self.target.pid else None, "created": time.time()}
-        self.writer = self.store.begin_snapshot(self.name, meta, self.options.parent)
+        self.writer = self.store.begin_snapshot(self.name, meta, self.options.parent,
+                                                 number_if_taken=self.options.number_if_taken)
         self.buffers = [prefaulted_buffer(CHUNK) for _ in range(self.workers * 2 + 1)]
         fastfault.preallocate_ring(len(self.members))
         t_start = time.monotonic()

@@ -29,6 +29,9 @@ class CaptureOptions:
     # Stay attached and track writes after the capture (``snapfs snapshot --every``): the
     # result's ``tracking`` then takes incremental children (snapfs.capture.continuous).
     continuous: bool = False
+    # The name is snapfs's default (<comm>-<pid>-<time>, one-second resolution): when it is
+    # taken, the store numbers it (<name>-2, -3, ...) instead of refusing.
+    number_if_taken: bool = False
 
 
 @dataclass

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the snapshot command's exit code."""
+    from snapfs.capture.types import CaptureOptions
     from snapfs.store import Store
 
     store = store_path(args)
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         line = ProgressLine() if sys.stderr.isatty() else None
         try:
             with Store.open(store, create=True) as opened:
-                result = snapshot_process(target.pid, opened, name, progress=None if line is None
+                result = snapshot_process(target.pid, opened, name, CaptureOptions(number_if_taken=True),
+                                          progress=None if line is None
                                           else lambda p: line.show(progress_text(p)))
         finally:
             if line is not None:
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if result is None:
             print("snapfs: interrupted: demo target released, snapshot discarded", file=sys.stderr)
             return EXIT_INTERRUPTED
+        name = result.name  # numbered if a demo of the same second took the name
         print(summary(result))
         block = _verify(store, name, addr, length, result.resident_bytes)
         gdb_core = _show_core(store, name)

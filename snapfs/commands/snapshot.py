@@ -44,7 +44,8 @@ def register(subparsers) -> None:
         "saved (pages it writes meanwhile are saved first).",
     )
     p.add_argument("pid", nargs="?", type=int, metavar="PID", help="process to snapshot")
-    p.add_argument("--name", help="snapshot name (default: <comm>-<pid>-<UTC timestamp>)")
+    p.add_argument("--name", help="snapshot name (default: <comm>-<pid>-<UTC timestamp>, "
+                   "numbered -2, -3, ... when a snapshot of the same second has it)")
     add_store_argument(p)
     p.add_argument(
         "--rate",
@@ -202,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     line = ProgressLine() if sys.stderr.isatty() and not args.json else None
     progress = None if line is None else (lambda p: line.show(progress_text(p)))
     options = CaptureOptions(rate=args.rate, include_readonly=args.include_readonly,
-                             continuous=args.every is not None, rate_deadline=args.rate_deadline)
+                             continuous=args.every is not None, rate_deadline=args.rate_deadline,
+                             number_if_taken=args.name is None)
     store = Store.open(store_path(args), create=True)
     taken: list[str] = []  # snapshots committed (for --every)
 
@@ -273,8 +275,6 @@ async def _every(args, comm: str, store, options, progress, report, taken: list[
             started = trio.current_time()
             n += 1
             name = f"{args.name}-{n}" if args.name else default_name(comm, args.pid)
-            if taken and name == taken[-1]:
-                name = f"{name}-{n}"
             try:
                 if tracking is None:
                     result = await capture_process(args.pid, store, name, options, progress)

@@ -72,10 +72,9 @@ def run(args: argparse.Namespace) -> int:
             name = args.name or default_name(f"{label}-tree", ident)
             if args.every is not None:
                 name = f"{args.name}-{n}" if args.name else default_name(f"{label}-tree", ident)
-                if taken and name == taken[-1]:
-                    name = f"{name}-{n}"
             opts = CaptureOptions(rate=args.rate, rate_deadline=args.rate_deadline,
-                                  include_readonly=args.include_readonly, parent=taken[-1] if taken else None)
+                                  include_readonly=args.include_readonly, parent=taken[-1] if taken else None,
+                                  number_if_taken=args.name is None)
             try:
                 result = await capture_tree(target, store, name, opts, progress=progress)
             except TargetError:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 
 import trio
 
@@ -28,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or time.strftime("vm-%Y%m%d-%H%M%S")
     line = ProgressLine() if sys.stderr.isatty() and not args.json else None
     try:
-        result = trio.run(snapshot_vm, str(args.qmp), store_path(args), name,
-                          None if line is None else lambda p: line.show(progress_text(p)))
+        result = trio.run(partial(snapshot_vm, number_if_taken=args.name is None), str(args.qmp),
+                          store_path(args), name, None if line is None else lambda p: line.show(progress_text(p)))
     except BaseExceptionGroup as group:
         raise reported_error(group) from None
     finally:

@@ -500,10 +500,14 @@ class Store:
                 conn.execute("COMMIT")
         return SnapshotReader(self, info, regions)
 
-    def begin_snapshot(self, name: str, meta: dict[str, Any], parent: str | None = None) -> "SnapshotWriter":
+    def begin_snapshot(self, name: str, meta: dict[str, Any], parent: str | None = None, *,
+                       number_if_taken: bool = False) -> "SnapshotWriter":
         """Reserve ``name`` and return a writer (NameInUse if taken or being captured).
 
         With ``parent`` (a committed snapshot), unchanged pages are stored as references.
+        With ``number_if_taken`` (a name snapfs made up), a taken name becomes the first free
+        ``<name>-2``, ``<name>-3``, ... instead (the writer's ``name``), chosen in the same
+        transaction that reserves it.
         """
         from snapfs.store.writer import SnapshotWriter
         if not _NAME_RE.fullmatch(name) or name in (".", ".."):
@@ -528,6 +532,8 @@ class Store:
                     except StoreCorrupt as exc:
                         raise StoreCorrupt(f"{exc}; take a full snapshot (no parent) meanwhile") from None
                 old = conn.execute("SELECT id, state, lock FROM snapshots WHERE name=?", (name,)).fetchone()
+                if old is not None and number_if_taken:
+                    name, old = self._free_numbered(conn, name)
                 if old is not None:
                     if old["state"] != "pending":
                         raise NameInUse(f"a snapshot named {name!r} already exists in {self.path}: "
@@ -553,6 +559,17 @@ class Store:
             raise
         return SnapshotWriter(self, snap_id, name, dict(meta), parent_info, parent_regions,
                               lock_name, lock_fd)
+
+    def _free_numbered(self, conn: sqlite3.Connection, name: str) -> tuple[str, sqlite3.Row | None]:
+        """The first ``<name>-N`` (N >= 2) with no row, or a dead writer's reservation of one
+        (returned as the old row, released by the caller)."""
+        n = 2
+        while True:
+            candidate = f"{name}-{n}"
+            old = conn.execute("SELECT id, state, lock FROM snapshots WHERE name=?", (candidate,)).fetchone()
+            if old is None or (old["state"] == "pending" and not self.writer_alive(old["lock"])):
+                return candidate, old
+            n += 1
 
     def remove(self, names: list[str] | tuple[str, ...] | str) -> None:
         """Remove committed snapshots (all or none); space is reclaimed by :meth:`gc`.

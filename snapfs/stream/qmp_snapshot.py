@@ -58,20 +58,21 @@ ProgressCallback = Callable[[VmProgress], None]
 
 
 async def snapshot_vm(qmp_path: str, store_dir: str | os.PathLike, name: str,
-                      progress: ProgressCallback | None = None) -> dict:
+                      progress: ProgressCallback | None = None, *, number_if_taken: bool = False) -> dict:
     """Take a background snapshot of the VM behind ``qmp_path`` into the store as ``name``.
 
     Returns ``{"info": SnapshotInfo, "qemu": {...timings...}}``; ``progress`` (if given)
     receives :class:`VmProgress` reports. Raises QemuError when QEMU
     refuses or the VM is in a state where a snapshot would harm it, NameInUse if ``name`` is
-    taken, StreamError if QEMU's stream is malformed. Nothing is published on any error.
+    taken (with ``number_if_taken``, a made-up name: the first free ``<name>-N`` instead),
+    StreamError if QEMU's stream is malformed. Nothing is published on any error.
     """
     store: Store | None = None
     try:
         async with await QmpClient.connect(qmp_path) as qmp:
             caps_before = await _preflight(qmp, qmp_path)
             store = Store.open(store_dir, create=True)
-            writer = store.begin_snapshot(name, {})
+            writer = store.begin_snapshot(name, {}, number_if_taken=number_if_taken)
             try:
                 spooled, timings = await _run_migration(qmp, caps_before, store, progress)
             except BaseException:
