@@ -208,6 +208,17 @@ def test_every_kind_of_shared_memory_is_stored_once(store, monkeypatch, map_file
         proc.wait(timeout=30)
 
 
+def test_the_first_sysv_segment_after_boot_is_an_object():
+    """Its shmid, which maps shows as the inode, is 0: still an object to share (CI's fresh
+    machine stored no SysV object at all in the test above)."""
+    from snapfs.capture.maps import parse_line
+    from snapfs.capture.shared import object_key
+
+    sysv = parse_line("7f0000000000-7f0000040000 rw-s 00000000 00:01 0    /SYSV00000000 (deleted)\n")
+    assert object_key(sysv) == ((0, 1), 0)
+    assert object_key(parse_line("7f0000000000-7f0000040000 rw-p 00000000 00:00 0\n")) is None
+
+
 def test_cgroup_snapshot(snapfs_env, store_dir):
     """--cgroup: every process of a (v2) cgroup, children born into it included."""
     from snapfs.capture.processes import CGROUP_ROOTS

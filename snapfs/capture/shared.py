@@ -52,7 +52,8 @@ Key = tuple[tuple[int, int], int]  # ((major, minor), inode)
 
 def object_key(v: Vma) -> Key | None:
     """The identity of the object a shared mapping maps (None if it is not one)."""
-    return (v.dev, v.inode) if v.shared and v.inode else None
+    # A SysV segment's inode is its shmid, 0 for the first segment after boot.
+    return (v.dev, v.inode) if v.shared and (v.inode or v.path.startswith("/SYSV")) else None
 
 
 @dataclass
