@@ -51,8 +51,17 @@ async def test_freeze_records_what_the_core_needs(store_dir):
                 assert len(xstate) >= 576  # legacy area + XSAVE header
                 # the XSAVE area holds the FXSAVE area: fpregs are derived, not read again
                 assert th.fpregs == x86_64.fpregs_from_regsets(th.regsets)
-                assert int.from_bytes(xstate[464:472], "little") & 3 == 3  # XCR0: x87 | SSE
+                xcr0 = int.from_bytes(xstate[464:472], "little")
+                assert xcr0 & 3 == 3  # XCR0: x87 | SSE
                 assert th.siginfo is None  # no signal was being delivered
+                # The CPU's XSAVE layout (CPUID 0xD) covers every enabled component, all
+                # within the kernel's area (equal ends here): the view moves them by it.
+                layout = {f: (size, off) for f, size, off in state.arch_state[x86_64.XSAVE_LAYOUT_KEY]}
+                enabled = [f for f in range(2, 64) if xcr0 >> f & 1]
+                assert set(enabled) <= set(layout)
+                assert all(layout[f][1] + layout[f][0] <= len(xstate) for f in enabled)
+                if xcr0 & 4:
+                    assert layout[2] == (256, 576)  # AVX: the same on every CPU
 
             # Every mapping at the instant, code included (NT_FILE names it for gdb).
             libc_code = [m for m in state.mappings if "libc.so" in m.path and m.perms.startswith("r-x")]
@@ -159,6 +168,7 @@ async def test_continuous_children_record_it_too(store_dir):
             state = CoreState.from_snapshot(reader.info, reader.blob(BLOB))
             assert state.auxv and state.mappings and len(state.threads) == 5
             assert all(x86_64.NT_X86_XSTATE in th.regsets for th in state.threads)
+            assert x86_64.XSAVE_LAYOUT_KEY in state.arch_state
             assert any(r.meta.get("holes") == "file" for r in reader.regions)
 
 

@@ -118,3 +118,100 @@ def test_elf_header_with_more_program_headers_than_fit():
     assert (phoff, shoff, phnum, shentsize, shnum) == (64, 0x123000, 0xFFFF, 64, 1)
     assert struct.unpack_from("<IIQQQQII", elf.extnum_shdr(70000))[7] == 70000
     assert struct.unpack("<16sHHIQQQIHHHHHH", elf.ehdr(62, 12))[10:13] == (12, 0, 0)
+
+
+# XSAVE layouts as CPUID 0xD reports them with AVX-512 and no PKRU: AMD Zen 4 (no room for MPX)
+# and Intel (MPX's 128 bytes before the opmask).
+AMD_LAYOUT = [[2, 256, 576], [5, 64, 832], [6, 512, 896], [7, 1024, 1408]]
+INTEL_LAYOUT = [[2, 256, 576], [3, 64, 960], [4, 64, 1024], [5, 64, 1088], [6, 512, 1152], [7, 1024, 1664]]
+XCR0_AVX512 = 0xE7  # x87, SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM
+
+
+def xsave_area(layout: list[list[int]], xcr0: int) -> bytes:
+    """An XSAVE area as ptrace gives it: legacy part, XCR0 at 464, XSTATE_BV, and each enabled
+    component filled with its feature number in every byte."""
+    size = max(off + size for f, size, off in layout if xcr0 >> f & 1)
+    area = bytearray(bytes(range(256)) * 2)[:464] + struct.pack("<Q", xcr0) + bytes(40)
+    area += struct.pack("<Q", xcr0 & ~1) + bytes(56)  # XSTATE_BV: x87 in its initial state
+    area += bytes(size - len(area))
+    for f, sz, off in layout:
+        if xcr0 >> f & 1:
+            area[off : off + sz] = bytes([f]) * sz
+    return bytes(area)
+
+
+def xsave_notes(layout, xcr0: int, area: bytes) -> list[tuple[str, int, bytes]]:
+    t = ThreadState(1, {}, regsets={X.NT_X86_XSTATE: area})
+    st = state([t, ThreadState(2, {}, regsets={X.NT_X86_XSTATE: area})])
+    if layout is not None:
+        st.arch_state = {X.XSAVE_LAYOUT_KEY: layout}
+    return parse_notes(notes.build(st, arch("x86_64"), st.mappings))
+
+
+def test_amd_xsave_area_is_written_in_intels_layout():
+    """gdb 13 reads fixed Intel offsets and wants 2688 bytes for XCR0 0xe7 ("too small" on the
+    2432-byte AMD area): every component moves to its Intel offset, the gap (MPX) is zero."""
+    area = xsave_area(AMD_LAYOUT, XCR0_AVX512)
+    assert len(area) == 2432
+    got = xsave_notes(AMD_LAYOUT, XCR0_AVX512, area)
+    xs = [d for _, t, d in got if t == X.NT_X86_XSTATE]
+    assert len(xs) == 2 and xs[0] == xs[1]
+    out = xs[0]
+    assert len(out) == 2688  # gdb's X86_XSTATE_AVX512_SIZE
+    assert out[:576] == area[:576]  # legacy area, XCR0 (the kernel's only sw_reserved word), header
+    assert out[576:832] == bytes([2]) * 256  # AVX
+    assert out[960:1088] == bytes(128)  # MPX: not enabled
+    assert out[1088:1152] == bytes([5]) * 64  # k0-k7
+    assert out[1152:1664] == bytes([6]) * 512  # upper halves of zmm0-15
+    assert out[1664:2688] == bytes([7]) * 1024  # zmm16-31
+    # Once per process, after every thread's notes: where the components now are.
+    assert got[-1][:2] == ("LINUX", X.NT_X86_XSAVE_LAYOUT)
+    layout = [struct.unpack_from("<4I", got[-1][2], i) for i in range(0, len(got[-1][2]), 16)]
+    assert layout == [(2, 256, 576, 0), (5, 64, 1088, 0), (6, 512, 1152, 0), (7, 1024, 1664, 0)]
+    assert sum(t == X.NT_X86_XSAVE_LAYOUT for _, t, _ in got) == 1
+
+
+def test_amd_pkru_moves_after_avx512():
+    layout = AMD_LAYOUT + [[9, 8, 2432]]
+    xcr0 = XCR0_AVX512 | 1 << 9
+    out = X.standard_xstate(xsave_area(layout, xcr0), X.xsave_layouts({X.XSAVE_LAYOUT_KEY: layout}, xcr0))
+    assert len(out) == 2696 and out[2688:] == bytes([9]) * 8  # gdb's X86_XSTATE_PKRU_SIZE
+
+
+def test_intel_xsave_area_is_written_as_recorded():
+    area = xsave_area(INTEL_LAYOUT, XCR0_AVX512)
+    assert len(area) == 2688
+    got = xsave_notes(INTEL_LAYOUT, XCR0_AVX512, area)
+    assert [d for _, t, d in got if t == X.NT_X86_XSTATE] == [area, area]
+    desc = got[-1][2]
+    assert [struct.unpack_from("<4I", desc, i)[:3] for i in range(0, len(desc), 16)] == [
+        (2, 256, 576), (5, 64, 1088), (6, 512, 1152), (7, 1024, 1664)]  # MPX is not in XCR0
+
+
+def test_unknown_xsave_feature_keeps_the_cpus_layout():
+    """A feature with no known Intel offset: nothing is guessed; the layout note says where
+    the CPU put everything."""
+    layout = AMD_LAYOUT + [[19, 128, 2432]]
+    xcr0 = XCR0_AVX512 | 1 << 19
+    area = xsave_area(layout, xcr0)
+    got = xsave_notes(layout, xcr0, area)
+    assert [d for _, t, d in got if t == X.NT_X86_XSTATE] == [area, area]
+    desc = got[-1][2]
+    assert [struct.unpack_from("<4I", desc, i)[:3] for i in range(0, len(desc), 16)] == [
+        tuple(c) for c in layout]
+
+
+def test_without_a_recorded_layout_the_area_is_written_as_recorded():
+    area = xsave_area(AMD_LAYOUT, XCR0_AVX512)
+    got = xsave_notes(None, XCR0_AVX512, area)
+    assert [d for _, t, d in got if t == X.NT_X86_XSTATE] == [area, area]
+    assert all(t != X.NT_X86_XSAVE_LAYOUT for _, t, _ in got)
+
+
+def test_recorded_layout_round_trips_through_the_blob():
+    arch_state = {X.XSAVE_LAYOUT_KEY: AMD_LAYOUT}
+    blob = encode_blob("x86_64", None, ProcessStatus(), [], {}, arch_state)
+    info = SimpleNamespace(pid=1, comm="x", cmdline=None, exe=None, meta={})
+    assert CoreState.from_snapshot(info, blob).arch_state == arch_state
+    older = encode_blob("x86_64", None, ProcessStatus(), [], {})
+    assert CoreState.from_snapshot(info, older).arch_state == {}

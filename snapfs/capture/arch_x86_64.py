@@ -5,13 +5,14 @@ return addresses, and an ``rt_sigframe`` holding the thread's original state.
 
 An aarch64 port provides a module with the same names (``REGS_STRUCT``, ``REG_NAMES``,
 ``SYS``, ``SYSCALL_INSN``, ``set_syscall``, ``syscall_result``, ``emulate_restart``,
-``pc``/``sp``, ``GADGETS``, ``chain``, ``sigframe``, ``signal_xstate``..., and what it takes
-from ``snapfs.elfcore.aarch64``) and :mod:`snapfs.capture.arch` picks it by
+``pc``/``sp``, ``GADGETS``, ``chain``, ``sigframe``, ``signal_xstate``, ``core_arch_state``...,
+and what it takes from ``snapfs.elfcore.aarch64``) and :mod:`snapfs.capture.arch` picks it by
 ``platform.machine()``.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 
 # The register layout and the register sets recorded at the freeze are shared with the core
@@ -22,6 +23,7 @@ from snapfs.elfcore.x86_64 import (  # noqa: F401
     RECORDED_REGSETS,
     REG_NAMES,
     REGSET_BUFFER,
+    XSAVE_LAYOUT_KEY,
     fpregs_from_regsets,
 )
 
@@ -251,3 +253,34 @@ def chain(gadgets: dict[str, int], close_result: bool, close_fds: tuple[int, ...
 def set_stack(regs, addr: int) -> None:
     """Point the stack pointer of ``regs`` at ``addr``."""
     regs.rsp = addr
+
+
+# ---------------------------------------------------------------- core state
+_CPUID_XSAVE = 0xD
+
+
+@functools.cache
+def xsave_layout() -> tuple[tuple[int, int, int], ...]:
+    """``(feature, size, offset)`` of every user XSAVE feature >= 2 (AVX on) this CPU supports,
+    from CPUID leaf 0xD: where PTRACE_GETREGSET(NT_X86_XSTATE) puts each one (the standard,
+    non-compacted format). Intel and AMD differ (Zen 4: opmask at 832, Intel: 1088). Empty
+    without XSAVE. The core view keeps what the area's XCR0 enables."""
+    from snapfs.capture import kernel as k  # not at import: the cffi build script imports this module
+
+    out = k.ffi.new("uint32_t[4]")
+    if k.lib.snapfs_cpuid(_CPUID_XSAVE, 0, out) < 0:
+        return ()
+    supported = out[0] | out[3] << 32  # EDX:EAX: the features XCR0 may enable
+    layout = []
+    for feature in range(2, 64):
+        if supported >> feature & 1 and k.lib.snapfs_cpuid(_CPUID_XSAVE, feature, out) == 0:
+            size, offset, flags = out[0], out[1], out[2]
+            if size and not flags & 1:  # ECX bit 0: a supervisor (IA32_XSS) feature, not in ptrace's area
+                layout.append((feature, size, offset))
+    return tuple(layout)
+
+
+def core_arch_state() -> dict:
+    """What the ``core`` view needs about this CPU (:attr:`CoreState.arch_state`): its XSAVE
+    layout, once per snapshot."""
+    return {XSAVE_LAYOUT_KEY: [list(f) for f in xsave_layout()]}

@@ -6,7 +6,8 @@ pause cost:
 - at the freeze: registers and register sets (``StoppedProcess.record_threads``) and the maps
   (the freeze reads them anyway);
 - after the resume (:func:`thread_names`): thread names, which cannot change while a thread
-  is stopped; reading one file per thread inside the pause cost more than its registers.
+  is stopped; reading one file per thread inside the pause cost more than its registers;
+- anywhere: what the arch module records about the CPU (x86_64: the XSAVE layout, CPUID).
 
 :func:`record` turns this into ``meta["threads"]`` and the store blob
 :data:`snapfs.elfcore.state.BLOB` (see :mod:`snapfs.elfcore.state`).
@@ -75,4 +76,5 @@ def record(pid: int, before: BeforeFreeze, maps: list[Vma], threads: dict[str, d
         extra[int(tid)] = ThreadState(int(tid), t["regs"], regsets=t.get("regsets", {}),
                                       siginfo=t.get("siginfo"))
     mappings = [Mapping(v.start, v.end, v.perms, v.offset, v.inode, v.path) for v in maps]
-    return meta_threads, encode_blob(arch.NAME, before.auxv, before.status, mappings, extra)
+    return meta_threads, encode_blob(arch.NAME, before.auxv, before.status, mappings, extra,
+                                     arch.core_arch_state())

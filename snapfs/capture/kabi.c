@@ -8,6 +8,9 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "kabi.h"
 
@@ -49,6 +52,20 @@ int snapfs_wait4(int pid, int *status, int options)
 {
     int r = wait4(pid, status, options, NULL);
     return RET(r);
+}
+
+int snapfs_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *out)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    /* A leaf above the maximum returns another leaf's data (Intel): refuse it instead. */
+    if (__get_cpuid_max(leaf & 0x80000000u, NULL) < leaf)
+        return -EINVAL;
+    __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
+    return 0;
+#else
+    (void)leaf, (void)subleaf, (void)out;
+    return -ENOSYS;
+#endif
 }
 
 static void nothing(int sig)

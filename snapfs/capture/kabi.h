@@ -47,6 +47,10 @@ ssize_t snapfs_process_vm_writev(int pid, const struct iovec *local, unsigned lo
                                  const struct iovec *remote, unsigned long nremote);
 int snapfs_wait4(int pid, int *status, int options);
 
+/* CPUID of leaf/subleaf into out[0..3] = EAX, EBX, ECX, EDX: 0, or -EINVAL if the CPU has no
+ * such leaf, -ENOSYS off x86 (the capture reads the XSAVE layout, leaf 0xD, with it). */
+int snapfs_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *out);
+
 /* Install a handler for signal sig that does nothing, without SA_RESTART: the signal then
  * only makes a blocked system call of the thread it is sent to return EINTR (the tracer
  * thread's wait4, see snapfs.capture.ptrace). */

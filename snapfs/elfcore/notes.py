@@ -3,10 +3,11 @@
 Order as the kernel writes it (``fs/binfmt_elf.c``: ``write_note_info``): for the first thread
 NT_PRSTATUS, then the process notes NT_PRPSINFO, NT_SIGINFO, NT_AUXV, NT_FILE, then that
 thread's register sets (x86_64: NT_PRFPREG, NT_X86_XSTATE); every other thread: NT_PRSTATUS and
-its register sets. The first thread is the main one (gdb shows it first). A thread stopped
-while a signal was being delivered also gets that signal in NT_PRSTATUS (``pr_cursig``) and its
-own NT_SIGINFO after its NT_PRSTATUS, as gdb's ``gcore`` writes it; the others carry none (a
-snapshot is not a crash: gdb then prints no "terminated with signal").
+its register sets; last the arch's process-wide notes (``elf_coredump_extra_notes_write``;
+x86_64: NT_X86_XSAVE_LAYOUT). The first thread is the main one (gdb shows it first). A thread
+stopped while a signal was being delivered also gets that signal in NT_PRSTATUS (``pr_cursig``)
+and its own NT_SIGINFO after its NT_PRSTATUS, as gdb's ``gcore`` writes it; the others carry
+none (a snapshot is not a crash: gdb then prints no "terminated with signal").
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def build(state: CoreState, arch: ModuleType, mappings: list[Mapping]) -> bytes:
         elif t.siginfo:
             out.append(note("CORE", NT_SIGINFO, t.siginfo.ljust(SIGINFO_SIZE, b"\0")))
         fpregs = t.fpregs or arch.fpregs_from_regsets(t.regsets)
-        for name, ntype, desc in arch.thread_notes(fpregs, t.regsets):
+        for name, ntype, desc in arch.thread_notes(fpregs, t.regsets, state.arch_state):
             out.append(note(name, ntype, desc))
+    for name, ntype, desc in arch.process_notes(state.arch_state, [t.regsets for t in state.threads]):
+        out.append(note(name, ntype, desc))
     return b"".join(out)

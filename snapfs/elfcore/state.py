@@ -3,11 +3,13 @@
 The capture records it around the freeze (see :mod:`snapfs.capture.coreinfo`): every
 thread's general and FXSAVE registers go into ``meta["threads"]`` as they always did; the
 rest (the auxiliary vector, the process status, every mapping at the snapshot instant, the
-XSAVE area and caught signal of each thread) is one store blob, :data:`BLOB` (JSON, compressed
-by the store): kilobytes per thread that ``snapfs list`` has no reason to parse.
+XSAVE area and caught signal of each thread, the CPU's XSAVE layout) is one store blob,
+:data:`BLOB` (JSON, compressed by the store): kilobytes per thread that ``snapfs list`` has no
+reason to parse.
 
 Snapshots taken before the blob existed still get a core: :meth:`CoreState.from_snapshot`
-builds what the metadata and the regions say (no auxv, no XSAVE, mappings = captured regions).
+builds what the metadata and the regions say (no auxv, no XSAVE, mappings = captured regions);
+those before the XSAVE layout was recorded get their XSAVE areas as recorded.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class CoreState:
     auxv: bytes | None
     mappings: list[Mapping] | None  # None: not recorded (older snapshot): use the regions
     threads: list[ThreadState]  # the main thread first
+    # The arch module's own record of the CPU (x86_64: "xsave_layout"); {} if not recorded.
+    arch_state: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_snapshot(cls, info: Any, blob: bytes | None) -> CoreState:
@@ -110,13 +114,15 @@ class CoreState:
             auxv=bytes.fromhex(auxv) if auxv is not None else None,
             mappings=mappings,
             threads=threads,
+            arch_state=extra.get("arch_state", {}),
         )
 
 
 def encode_blob(arch: str, auxv: bytes | None, status: ProcessStatus, mappings: list[Mapping],
-                threads: dict[int, ThreadState]) -> bytes:
+                threads: dict[int, ThreadState], arch_state: dict[str, Any] | None = None) -> bytes:
     """The :data:`BLOB` bytes: what :meth:`CoreState.from_snapshot` reads beside the metadata
-    (the threads' ``regsets`` and ``siginfo``; their registers are in ``meta["threads"]``)."""
+    (the threads' ``regsets`` and ``siginfo``; their registers are in ``meta["threads"]``) and
+    ``arch_state`` (JSON-able, the arch module's)."""
     doc: dict[str, Any] = {
         "format": FORMAT,
         "arch": arch,
@@ -132,4 +138,6 @@ def encode_blob(arch: str, auxv: bytes | None, status: ProcessStatus, mappings: 
     }
     if auxv is not None:
         doc["auxv"] = auxv.hex()
+    if arch_state:
+        doc["arch_state"] = arch_state
     return json.dumps(doc, separators=(",", ":")).encode()
