@@ -18,12 +18,13 @@ intact of the range (checked with ``PAGEMAP_SCAN`` after reading) and report the
 
 Saved pages go to a queue drained by :meth:`FaultPath.run_store` (trio side) into the
 store; a page leaves the queue only once written, so a cancelled flush loses nothing. The
-native loop's pages are copied out of its ring as they are taken, so the ring never fills
-behind a slow store. The queue has its own store worker (never waiting behind the scan's),
-stores every small item of a flush with one ``put_pieces`` call, and runs un-niced once
-half full (``URGENT_BYTES``, also where the drain stops taking the loop's pages); it is
-bounded (``QUEUE_LIMIT``): past it, faults wait for the store. Huge-page
-saves reuse warm 2 MiB buffers (reading into fresh memory costs ~10x more).
+native loop's pages are copied out of its ring as they are taken, up to half the queue's
+limit (``URGENT_BYTES``): past it they wait in the ring, and once the ring is full the loop
+waits for room, so the writers wait for the store (a FLUSH_BYTES write at a time). The
+queue has its own store worker (never waiting behind the scan's), stores every small item
+of a flush with one ``put_pieces`` call, and runs un-niced once half full; what the Python
+thread queues is bounded by ``QUEUE_LIMIT``: past it, its faults wait for the store.
+Huge-page saves reuse warm 2 MiB buffers (reading into fresh memory costs ~10x more).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faul
 # Past this the queue is urgent: its flush runs un-niced, as the target will soon wait for
 # it, and the drain leaves the loop's pages in its ring (the rest is the Python thread's).
 URGENT_BYTES = QUEUE_LIMIT // 2
-FLUSH_BYTES = 4 << 20  # written per worker-thread call: a full queue frees up sooner
+FLUSH_BYTES = 1 << 20  # written per worker-thread call: a full queue frees up sooner
 HUGE_POOL = 16  # warm 2 MiB buffers kept for THP saves
 _RETRY_FIRST, _RETRY_MAX = 50e-6, 5e-3
 _BATCH = 256  # uffd messages read at once
@@ -158,7 +159,12 @@ class FaultPath:
         native = None
         try:
             if lib is not None:
-                native = self.native = NativeLoop(lib, self.ctx.pid, uffd.fd, self._stop_fd, self.ctx.ledger)
+                # A tree member's uffd also brings faults on shared objects' pages, which
+                # only the Python thread serves: a loop waiting for room in its ring would
+                # hold them back behind the store (a tree's worst stall per process: 80 ms
+                # -> 135-539 ms). There, a full ring forwards to the Python thread.
+                native = self.native = NativeLoop(lib, self.ctx.pid, uffd.fd, self._stop_fd, self.ctx.ledger,
+                                                  wait_when_full=self.ctx.shared is None)
             uffd.before_close.append(self.stop)
             done = trio.Event()
             try:
@@ -232,12 +238,14 @@ class FaultPath:
         """Hand the pages the native loop saved to the store side as they come."""
         while True:
             native.arm()
-            # Bounded memory: past half the limit the loop's pages wait in its ring (then it
-            # forwards faults to the Python thread). The other half is headroom for what only
+            # Bounded memory: past half the limit the loop's pages wait in its ring (once it
+            # is full, the loop waits for room). The other half is headroom for what only
             # the Python thread serves (events, shared objects' pages in a tree): taking the
             # loop's pages up to the whole limit left a tree member's shared-page faults
-            # waiting for room for 0.5-1.4 s.
-            while self.queued_bytes > URGENT_BYTES:
+            # waiting for room for 0.5-1.4 s. Below it, only what fits is taken, so that each
+            # flush lets the loop go on at once rather than after the queue has drained a
+            # whole ring (16 writers at 100k writes/s waited 70-130 ms for an 8 MiB flush).
+            while self.queued_bytes >= URGENT_BYTES:
                 await self.room.wait()
             if native.published() == native.consumed:  # armed before this check: no lost wake-up
                 await trio.lowlevel.wait_readable(native.notify_fd)
@@ -248,23 +256,26 @@ class FaultPath:
                 # The loop has already served the fault: let more saved pages gather
                 # instead of waking this thread once per fault (~30 us each).
                 await trio.sleep(DRAIN_DELAY)
-            self._import_native(native)
+            self._import_native(native, max(1, (URGENT_BYTES - self.queued_bytes) // PAGE))
 
-    def _import_native(self, native: NativeLoop) -> None:
-        """Move the pages the loop saved to the store queue, one item per region (arrays:
-        this runs in the realtime trio thread, ~0.2 us per page instead of ~5 us per page
-        one by one), freeing their ring slots at once: slots held until the store had
-        written them filled the ring whenever the store fell behind, and every fault then
-        went the slow way (forwarded to the Python thread)."""
-        addrs, exts, pages = native.take()
+    def _import_native(self, native: NativeLoop, limit: int | None = None) -> None:
+        """Move (at most ``limit`` of) the pages the loop saved to the store queue, items of
+        at most FLUSH_BYTES per region (arrays: this runs in the realtime trio thread, ~0.2
+        us per page instead of ~5 us per page one by one), freeing their ring slots at once:
+        slots held until the store had written them filled the ring whenever the store fell
+        behind."""
+        addrs, exts, pages = native.take(limit)
         if not len(addrs):
             return
         ctx, led = self.ctx, self.ctx.ledger
         regions = led.ext_region[exts]
         first = (addrs - self._region_start[regions]) >> np.uint64(k.PAGE_SHIFT)
+        step = FLUSH_BYTES // PAGE
         for region in np.unique(regions).tolist():
-            sel = regions == region
-            self._queue(ctx.region_index[region], first[sel].astype(np.int64), pages[sel], None)
+            sel = np.flatnonzero(regions == region)
+            for i in range(0, len(sel), step):
+                part = sel[i:i + step]
+                self._queue(ctx.region_index[region], first[part].astype(np.int64), pages[part], None)
         ctx.done_bytes += len(addrs) * PAGE
         self.item_ready.set()
 
