@@ -161,3 +161,29 @@ void snapfs_ptrace_record(const int *tids, int n, long regs_request, void *regs,
                               ? -errno : 0;
     }
 }
+
+int snapfs_unprotect_units(int uffd, unsigned long wp_request, int pagemap_fd,
+                           unsigned long scan_request, uint64_t *lo, uint64_t *hi, int n, int *res)
+{
+    enum { PAGE = 4096, HUGE_PMD = 2 << 20, PAGE_IS_HUGE = 1 << 6 };
+    for (int i = 0; i < n; i++) {
+        if (hi[i] <= lo[i]) {
+            uint64_t addr = lo[i] & ~(uint64_t)(PAGE - 1);
+            struct page_region found;
+            struct pm_scan_arg arg = {
+                .size = sizeof arg, .start = addr, .end = addr + PAGE,
+                .vec = (uint64_t)(uintptr_t)&found, .vec_len = 1,
+                .category_mask = PAGE_IS_HUGE, .return_mask = PAGE_IS_HUGE,
+            };
+            long got = ioctl(pagemap_fd, scan_request, &arg);
+            if (got < 0)
+                return -errno;
+            uint64_t size = got > 0 ? HUGE_PMD : PAGE; /* a part of a THP would split it */
+            lo[i] = addr / size * size;
+            hi[i] = lo[i] + size;
+        }
+        struct uffdio_writeprotect wp = {{lo[i], hi[i] - lo[i]}, 0};
+        res[i] = ioctl(uffd, wp_request, &wp) < 0 ? -errno : 0;
+    }
+    return 0;
+}

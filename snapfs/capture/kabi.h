@@ -90,4 +90,12 @@ int snapfs_wait4_many(int *tids, int *statuses, int max, int need, int options);
 void snapfs_ptrace_record(const int *tids, int n, long regs_request, void *regs, size_t regs_size,
                           int *regs_res, const unsigned long *notes, int nnotes, void *sets,
                           size_t set_size, long *set_len, uint64_t *masks, int *mask_res);
+
+/* Unprotect the unit of each write fault of a batch (pre-protection: nothing to save), for
+ * i < n: lo[i]..hi[i], as given when hi[i] > lo[i] (a hugetlb page), else the 4 KiB page of
+ * lo[i], or the 2 MiB THP holding it where PAGEMAP_SCAN (scan_request on pagemap_fd) finds
+ * one; lo[i]/hi[i] are set to the unit. res[i]: 0 or -errno of its UFFDIO_WRITEPROTECT
+ * (wp_request). Returns 0, or -errno if a PAGEMAP_SCAN failed. */
+int snapfs_unprotect_units(int uffd, unsigned long wp_request, int pagemap_fd,
+                           unsigned long scan_request, uint64_t *lo, uint64_t *hi, int n, int *res);
 #endif
