@@ -18,9 +18,10 @@ intact of the range (checked with ``PAGEMAP_SCAN`` after reading) and report the
 
 Saved pages go to a queue drained by :meth:`FaultPath.run_store` (trio side) into the
 store; a page leaves the queue only once written, so a cancelled flush loses nothing. The
-native loop's pages are copied out of its ring as they are taken, up to half the queue's
-limit (``URGENT_BYTES``): past it they wait in the ring, and once the ring is full the loop
-waits for room, so the writers wait for the store (a FLUSH_BYTES write at a time). The
+native loop's pages are copied out of its ring as they are taken, up to the queue's limit
+less ``PYTHON_HEADROOM`` (a tree member: half the limit, ``URGENT_BYTES``, the rest being
+for its shared-object pages): past it they wait in the ring, and once the ring is full the
+loop waits for room, so the writers wait for the store (a FLUSH_BYTES write at a time). The
 queue has its own store worker (never waiting behind the scan's), stores every small item
 of a flush with one ``put_pieces`` call, and runs un-niced once half full; what the Python
 thread queues is bounded by ``QUEUE_LIMIT``: past it, its faults wait for the store.
@@ -54,6 +55,9 @@ QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faul
 # Past this the queue is urgent: its flush runs un-niced, as the target will soon wait for
 # it, and the drain leaves the loop's pages in its ring (the rest is the Python thread's).
 URGENT_BYTES = QUEUE_LIMIT // 2
+# What the Python thread alone queues (events, huge pages) in a single-process capture:
+# there the loop's pages may fill the queue up to QUEUE_LIMIT less this.
+PYTHON_HEADROOM = 8 << 20
 FLUSH_BYTES = 1 << 20  # written per worker-thread call: a full queue frees up sooner
 HUGE_POOL = 16  # warm 2 MiB buffers kept for THP saves
 _RETRY_FIRST, _RETRY_MAX = 50e-6, 5e-3
@@ -143,6 +147,8 @@ class FaultPath:
         self._in_threads: set[int] = set()  # idents of the fault threads while they run
         self.native: NativeLoop | None = None
         self._region_start = np.asarray(ctx.ledger.region_starts, np.uint64)  # for _import_native
+        # How far the native loop's pages may fill the queue (see _drain_native).
+        self._drain_bound = URGENT_BYTES if ctx.shared is not None else QUEUE_LIMIT - PYTHON_HEADROOM
 
     # ---------------------------------------------------------------- the loop
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -238,14 +244,15 @@ class FaultPath:
         """Hand the pages the native loop saved to the store side as they come."""
         while True:
             native.arm()
-            # Bounded memory: past half the limit the loop's pages wait in its ring (once it
-            # is full, the loop waits for room). The other half is headroom for what only
-            # the Python thread serves (events, shared objects' pages in a tree): taking the
-            # loop's pages up to the whole limit left a tree member's shared-page faults
-            # waiting for room for 0.5-1.4 s. Below it, only what fits is taken, so that each
-            # flush lets the loop go on at once rather than after the queue has drained a
-            # whole ring (16 writers at 100k writes/s waited 70-130 ms for an 8 MiB flush).
-            while self.queued_bytes >= URGENT_BYTES:
+            # Bounded memory: past the drain's bound the loop's pages wait in its ring (once
+            # it is full, the loop waits for room). Above it is headroom for what only the
+            # Python thread serves (events; in a tree, half the limit for the shared objects'
+            # pages: taking the loop's pages up to the whole limit left a tree member's
+            # shared-page faults waiting for room for 0.5-1.4 s). Only what fits is taken,
+            # so that each flush lets the loop go on at once rather than after the queue has
+            # drained a whole ring (16 writers at 100k writes/s waited 70-130 ms for an 8 MiB
+            # flush).
+            while self.queued_bytes >= self._drain_bound:
                 await self.room.wait()
             if native.published() == native.consumed:  # armed before this check: no lost wake-up
                 await trio.lowlevel.wait_readable(native.notify_fd)
@@ -256,7 +263,7 @@ class FaultPath:
                 # The loop has already served the fault: let more saved pages gather
                 # instead of waking this thread once per fault (~30 us each).
                 await trio.sleep(DRAIN_DELAY)
-            self._import_native(native, max(1, (URGENT_BYTES - self.queued_bytes) // PAGE))
+            self._import_native(native, max(1, (self._drain_bound - self.queued_bytes) // PAGE))
 
     def _import_native(self, native: NativeLoop, limit: int | None = None) -> None:
         """Move (at most ``limit`` of) the pages the loop saved to the store queue, items of
