@@ -64,6 +64,8 @@ def stall_goals(results: dict) -> list[dict]:
         if base is not None and base < 5:
             ok = ok and worst <= 15
             text += f", undisturbed {base:.1f} ms (so also <= 15 ms)"
+        if snap.get("host_steal_s"):
+            text += f", host steal meanwhile {snap['host_steal_s'] * 1e3:.0f} ms"
         checks.append((text, ok if fork_ms is not None else None))
     goals.append(_per_row("worst stall over the whole capture <= 1/3 of fork() of the same memory, "
                           "and <= 15 ms where the undisturbed worst is < 5 ms (1/4/16 writers, THP "

@@ -30,6 +30,17 @@ def loadavg() -> list[float]:
     return [float(x) for x in _read("/proc/loadavg").split()[:3]]
 
 
+def steal_s() -> float:
+    """CPU-seconds the hypervisor has run something else on this VM's CPUs since boot
+    (``/proc/stat`` steal): a stall the target measured while it grew was the host's, not
+    the method's."""
+    line = next((x for x in _read("/proc/stat").splitlines() if x.startswith("cpu ")), "")
+    try:
+        return int(line.split()[8]) / os.sysconf("SC_CLK_TCK")  # cpu user nice system ... steal
+    except (IndexError, ValueError):
+        return 0.0
+
+
 def describe() -> dict:
     """CPU, cores, memory, kernel, hypervisor, THP mode, Python and zstd versions."""
     import numpy
@@ -53,4 +64,5 @@ def describe() -> dict:
         "zstandard": zstandard.__version__,
         "numpy": numpy.__version__,
         "loadavg_start": loadavg(),
+        "steal_s_start": steal_s(),
     }

@@ -14,6 +14,14 @@ from tools.bench.methods.snapfs_uffd import Snapfs
 from tools.bench.methods.stopcopy import StopCopy
 
 
+def _steal(m: dict) -> str:
+    """The host's steal over the run, if both ends were recorded (older results: none)."""
+    if m.get("steal_s_start") is None or m.get("steal_s_end") is None:
+        return ""
+    return (f" Host steal (CPU time the hypervisor gave to others) over the run: "
+            f"{m['steal_s_end'] - m['steal_s_start']:.1f} CPU-s.")
+
+
 def _f(v, fmt: str = "{:.2f}", none: str = "–") -> str:
     return none if v is None else fmt.format(v)
 
@@ -85,7 +93,8 @@ def markdown(results: dict, command: str, img_prefix: str = "") -> str:
                     f"virtualized: {m['virtualized']}, THP `{m['thp']}`, clocksource {m['clocksource']}; "
                     f"Python {m['python']}, zstandard {m['zstandard']}. Load average (1 min) at start "
                     f"{_f((m.get('loadavg_start') or [None])[0])}, at end {_f((m.get('loadavg_end') or [None])[0])} "
-                    f"(the bench itself uses up to 2 CPUs: more means other work ran beside it).", "",
+                    f"(the bench itself uses up to 2 CPUs: more means other work ran beside it)."
+                    + _steal(m), "",
                     f"Target: memwriter, {plan['size'] >> 20} MiB resident (30% zero / 40% compressible / "
                     f"30% random pages), {plan['writer_threads']} writer thread, uniform random page writes; "
                     f"compression threads: {plan['compress_threads']}.", ""]

@@ -70,12 +70,14 @@ def _row(method: Method, spec: TargetSpec, target: Target, before: Window, durin
 def _run_one(method: Method, spec: TargetSpec, target: Target, workdir: Path, plan: Plan, log: Log) -> dict:
     before = target.settle(plan.settle_s)
     outcome, error = None, None
+    steal = machine.steal_s()
     try:
         outcome = method.run(target, workdir)
     except Exception as e:  # noqa: BLE001 - a failing peer is a result, not the end of the bench
         error = f"{type(e).__name__}: {e}"
     during = target.window()  # TargetError if the method left the target dead or stuck
     row = _row(method, spec, target, before, during, outcome, error)
+    row["host_steal_s"] = round(machine.steal_s() - steal, 3)
     if error:
         log(f"  {method.name:<22} FAILED: {error}")
     else:
@@ -221,4 +223,5 @@ def run(plan: Plan, out_dir: Path, install_peers: bool = True, only: set[str] | 
         shutil.rmtree(workdir, ignore_errors=True)
     results["elapsed_s"] = time.time() - started
     results["machine"]["loadavg_end"] = machine.loadavg()
+    results["machine"]["steal_s_end"] = machine.steal_s()
     return results
