@@ -11,9 +11,12 @@
  * (events, huge pages, addresses outside the ledger, an unprotect refused with EAGAIN) is
  * forwarded as the raw uffd messages, on a pipe, to the Python fault thread, which handles it
  * exactly as before. A full ring (the store is behind) makes this loop wait for room rather
- * than forward: the Python thread served those faults at ~10x the CPU per fault, holding the
- * GIL the store needs, at SCHED_FIFO (16 writers at 100k writes/s: 6.3 s of its CPU against
- * 1.0 s here), which only slowed the store everyone was waiting for.
+ * than forward (wait_when_full; a tree member's loop forwards: its uffd also brings faults
+ * on shared objects that only the Python thread serves): the Python thread served those
+ * faults at ~6x the CPU per fault, holding the GIL the store needs, at SCHED_FIFO (16
+ * writers at 100k writes/s: 6.3 s of its CPU against 1.0 s here), which only slowed the
+ * store everyone was waiting for. Faults read but not served when the loop is stopped are
+ * woken by the uffd's close (or by the unprotect of their page), as forwarded ones are.
  *
  * Ring protocol (single producer: this loop; single consumer: Python): slot i % capacity
  * holds the page of record i; counters[0] = head (records published, release store after
