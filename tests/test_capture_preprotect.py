@@ -107,3 +107,19 @@ async def test_range_remapped_before_it_is_protected(store_dir, monkeypatch):
             check_oracle(region_image(store.open_snapshot("s"), t.addr, npages))
         assert refused
         assert_released(t.pid)
+
+
+def test_a_vma_the_kernel_refuses_to_register_is_recorded():
+    """EINVAL from UFFDIO_REGISTER is the kernel refusing that VMA (not one unmapped
+    meanwhile: ENOMEM/ENOENT): it goes to ``unprotectable`` so the freeze copies it."""
+    from snapfs.capture.maps import Vma
+    from snapfs.capture.preprotect import PreProtected, _register_each
+
+    class Refusing:  # only the call under test: the kernel's answer for such a VMA
+        def register_wp(self, start, length):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    out = PreProtected()
+    vma = Vma(0x10000, 0x20000, "rw-p", 0, (0, 0), 0, "")
+    assert _register_each(Refusing(), [vma], out) == []
+    assert out.unprotectable == {0x10000: "Invalid argument"}

@@ -25,9 +25,9 @@ from snapfs.capture import kernel as k
 from snapfs.capture.faults import HotCalls, fork_event
 from snapfs.capture.freeze import FrozenTarget, frozen_again
 from snapfs.capture.handle import ProcessHandle
+from snapfs.capture.kernel import ffi, lib
 from snapfs.capture.maps import ClassifiedMaps, Vma
 from snapfs.capture.pagemap import REGION_DTYPE, PagemapScanner
-from snapfs.capture.kernel import ffi, lib
 from snapfs.capture.uffd import Uffd, decode_messages, unprotect_outcome
 
 PAGE = k.PAGE_SIZE
@@ -134,7 +134,7 @@ def _register_each(uffd: Uffd, vmas: list[Vma], out: PreProtected) -> list[Vma]:
             _retrying(uffd.register_wp, v.start, v.length)
             ok.append(v)
         except OSError as exc:
-            if exc.errno in (errno.ENOMEM, errno.ENOENT, errno.ESRCH, errno.EINVAL):
+            if exc.errno in (errno.ENOMEM, errno.ENOENT, errno.ESRCH):
                 continue  # unmapped since the maps were read: the freeze sees the new layout
             if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP):
                 raise
