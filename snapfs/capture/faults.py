@@ -53,7 +53,8 @@ from snapfs.errors import TargetError
 
 QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faults wait
 # Past this the queue is urgent: its flush runs un-niced, as the target will soon wait for
-# it, and the drain leaves the loop's pages in its ring (the rest is the Python thread's).
+# it; in a tree member it is also where the drain leaves the loop's pages in its ring (the
+# rest is for the Python thread's shared-object pages).
 URGENT_BYTES = QUEUE_LIMIT // 2
 # What the Python thread alone queues (events, huge pages) in a single-process capture:
 # there the loop's pages may fill the queue up to QUEUE_LIMIT less this.

@@ -484,19 +484,20 @@ class SnapshotWriter:
         starts = bases[regs] + firsts
         if len(starts) > 1 and (starts[1:] < starts[:-1] + counts[:-1]).any():
             raise ValueError("put_pieces: pieces must be in ascending (region, page) order and disjoint")
+        # Each page's place within its piece, for the pieces' page numbers below.
+        within = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         if any(self._regions[r].parent_idx is not None for r in np.unique(regs).tolist()):
             # Compared with a parent region by region (a continuous series' child): one
             # scattered put per region (the fault path's single pages are one piece each).
             page_regs = np.repeat(regs, counts)
-            pages = np.repeat(firsts - np.cumsum(counts) + counts, counts) + np.arange(n, dtype=np.int64)
+            pages = np.repeat(firsts, counts) + within
             rows = np.frombuffer(view, np.uint8).reshape(n, STORE_PAGE)
             keep = None if mask is None else np.asarray(mask, bool)
             for r in np.unique(regs).tolist():
                 sel = np.flatnonzero(page_regs == r)
                 self.put_scattered(r, pages[sel], rows[sel], None if keep is None else keep[sel])
             return
-        gpages = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(n, dtype=np.int64)
-        self._put_global(gpages, view, mask, None, "put_pieces")
+        self._put_global(np.repeat(starts, counts) + within, view, mask, None, "put_pieces")
 
     def _put_small(self, idx: int, reg: _Region, first_page: int, view: memoryview, n: int,
                    mask: Any) -> None:
