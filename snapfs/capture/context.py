@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,9 @@ class CaptureContext:
     writer: Any  # snapfs.store.SnapshotWriter
     done_bytes: int = 0  # pages claimed so far (progress)
     faults: int = 0  # write faults served
+    # Ranges the target unmapped or moved during the capture: a VMA there now is not one
+    # this uffd registered (an unregister would take it from whichever uffd has it).
+    remapped: list[tuple[int, int]] = field(default_factory=list)
     # Tree captures (snapfs.capture.tree): the shared objects this process maps, whose pages
     # the fault path saves once per object (``shared.save(fault_path, lo, hi)``, and
     # ``shared.event(fault_path, event, a0, a1, a2)`` for REMOVE/UNMAP/REMAP), and what to do

@@ -188,7 +188,11 @@ class _Capture:
                         threads, core_blob = self.core_record
                 except BaseExceptionGroup as eg:
                     raise reported_error(eg) from None
-            uffd.close()  # every page is saved: drop the protection now
+            # Every page is saved: drop the protection now (a step at a time, see release;
+            # not when async tracking has taken the ranges over for the next snapshot).
+            if self.tracking is None:
+                uffd.release(self.ctx.regions, self.ctx.remapped)
+            uffd.close()
             self._report_unsaved()
             duration = time.monotonic() - t_start
             writer.put_blob(CORE_BLOB, core_blob)

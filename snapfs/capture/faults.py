@@ -363,8 +363,10 @@ class FaultPath:
                 # nothing is left to save. Trying read it page by page, each failing: ~0.1 s
                 # per 16 MiB unmapped, while every fault forwarded here waited.
                 self.range_changed(scanner, a0, a1, None, "munmap", intact=False)
+                self.ctx.remapped.append((a0, a1))
             elif ev == k.UFFD_EVENT_REMAP:
                 self.range_changed(scanner, a0, a0 + a2, a1, "mremap")
+                self.ctx.remapped += [(a0, a0 + a2), (a1, a1 + a2)]
         if is_fault.any():
             self.serve(msgs["a1"][is_fault], None if is_fault.all() else scanner)
 

@@ -277,6 +277,9 @@ class _TreeCapture:
                         await self._background()
                 except BaseExceptionGroup as eg:
                     raise reported_error(eg) from None
+            for m in self.members:  # every page is saved (see Uffd.release)
+                if m.uffd is not None and m.ctx is not None:
+                    m.uffd.release(m.ctx.regions, m.ctx.remapped)
             self._close_all()
             self._report_unsaved()
             self._note_new_mappings()
