@@ -542,22 +542,40 @@ class FaultPath:
         # costs ~100-300 us of numpy set-up: under many writers the store fell behind the
         # faults, the queue filled and every writer waited for it (220-330 ms stalls).
         regs, pages, rows = [], [], []
+        # Whole small items (a tree's shared-object faults: one page each, ~1 000/s per
+        # member) only gather in lists here; their arrays are built once below (per-item
+        # numpy calls cost ~30 us each, a quarter of a tree capture's GIL time).
+        w_reg, w_first, w_count, w_data = [], [], [], []
         # Niced (a woken target preempts the compression) unless the target is about to wait
         # for this very write.
         with background_thread_priority(0 if self.urgent else BACKGROUND_NICE):
-            for region, first, data, mask, _ in batch:
+            for region, first, data, mask, size in batch:
                 if isinstance(first, np.ndarray):  # the native loop's pages
                     p, r = first, data
                 else:
-                    n = len(data) // PAGE
+                    n = size // PAGE
                     if n > SCATTER_PAGES:
                         writer.put_pages(region, first, data, mask)
                         continue
-                    sel = np.arange(n) if mask is None else np.flatnonzero(mask)
+                    if mask is None:
+                        w_reg.append(region)
+                        w_first.append(first)
+                        w_count.append(n)
+                        w_data.append(data)
+                        continue
+                    sel = np.flatnonzero(mask)
                     p, r = sel + first, np.frombuffer(data, np.uint8).reshape(n, PAGE)[sel]
                 regs.append(np.full(len(p), region, np.int64))
                 pages.append(p)
                 rows.append(r)
+            if w_data:
+                counts = np.array(w_count, np.int64)
+                total = int(counts.sum())
+                # Page numbers: each item's first, then +1 per page within the item.
+                within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+                regs.append(np.repeat(np.array(w_reg, np.int64), counts))
+                pages.append(np.repeat(np.array(w_first, np.int64), counts) + within)
+                rows.append(np.frombuffer(b"".join(w_data), np.uint8).reshape(total, PAGE))
             if pages:
                 # One put for every region (a target with 65 000 mappings faults in as many
                 # regions), pages as one-page pieces in (region, page) order.
