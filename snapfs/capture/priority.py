@@ -19,6 +19,10 @@ from collections.abc import Iterator
 # While capturing, a thread holding the GIL (scan bookkeeping, store hashing) must hand it
 # over within this long when the fault thread wakes up (CPython's default is 5 ms).
 GIL_SWITCH_INTERVAL = 50e-6
+# A tree capture: one fault thread, store worker and drain per member, all wanting the GIL;
+# at 50 us most of the time went to handing it over (futex waits and wake-ups: 4 members,
+# 768 MiB, 39 CPU-s and 24 s; at 500 us 19 CPU-s and 12-13 s, worst stalls unchanged).
+TREE_GIL_SWITCH_INTERVAL = 500e-6
 LOOP_PRIORITY = 1  # SCHED_FIFO level of the trio loop thread
 FAULT_PRIORITY = 2  # the fault thread preempts the trio thread too
 # Nice level of the scan and compression threads. Not SCHED_IDLE: on a busy machine idle
@@ -27,15 +31,16 @@ BACKGROUND_NICE = 5
 
 
 @contextlib.contextmanager
-def fault_thread_priority() -> Iterator[None]:
+def fault_thread_priority(switch_interval: float = GIL_SWITCH_INTERVAL) -> Iterator[None]:
     """Run the calling thread (the trio loop) SCHED_FIFO for the block, and shorten the GIL
-    switch interval so the fault thread gets the GIL quickly when a fault arrives.
+    switch interval (to ``switch_interval``) so the fault thread gets the GIL quickly when a
+    fault arrives.
 
     ``SCHED_RESET_ON_FORK`` makes threads created meanwhile (trio workers doing scan and
     compression) start as ordinary threads. Without the privilege only the GIL part applies.
     """
     old_interval = sys.getswitchinterval()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    sys.setswitchinterval(switch_interval)
     try:
         with _realtime(LOOP_PRIORITY, os.SCHED_RESET_ON_FORK):
             yield

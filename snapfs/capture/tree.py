@@ -52,7 +52,7 @@ from snapfs.capture.ledger import LOST, runs_of
 from snapfs.capture.maps import ClassifiedMaps, Vma, huge_page_sizes, read_maps, read_maps_text
 from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.preprotect import PreFaultServer, PreProtected, preprotect_regions
-from snapfs.capture.priority import background_thread_priority, fault_thread_priority
+from snapfs.capture.priority import TREE_GIL_SWITCH_INTERVAL, background_thread_priority, fault_thread_priority
 from snapfs.capture.processes import cgroup_pids, memory_owners, proc_stat, tree_pids
 from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, copy_buffer_for, protect_and_record
 from snapfs.capture.inject import find_gadgets
@@ -269,7 +269,7 @@ class _TreeCapture:
             self._phase("attach", t_start)
             self.members = [m for m in self.members if m.uffd is not None]
             self._note_outside_mappers()
-            with fault_thread_priority():
+            with fault_thread_priority(TREE_GIL_SWITCH_INTERVAL):
                 try:
                     async with trio.open_nursery() as self.fault_nursery:
                         await self._protect_and_freeze()
