@@ -208,6 +208,42 @@ def test_every_kind_of_shared_memory_is_stored_once(store, monkeypatch, map_file
         proc.wait(timeout=30)
 
 
+def test_a_member_writing_shared_pages_it_never_mapped_waits_for_them(store):
+    """A child that mapped none of the shared memory writes all of it after the instant: its
+    empty entries carry the markers the pre-protection put there, so each write faults and
+    the snapshot holds the memory as it was."""
+    import sys
+
+    from snapfs.capture import CaptureOptions
+    from tests.support.shared_writer_target import PAGES
+
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.shared_writer_target"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parent.parent))
+    try:
+        child = int(proc.stdout.readline().split()[1])
+        told = []
+
+        def progress(_p) -> None:  # the background copy has begun: the instant is past
+            if not told:
+                told.append(os.kill(child, signal.SIGUSR1))
+
+        r = trio.run(capture_tree, Tree(pid=proc.pid), store, "w", CaptureOptions(rate=16 << 20), progress)
+        assert told and proc.stdout.readline().strip() == "wrote"
+        reader = store.open_snapshot("w")
+        ((obj, region),) = shared_objects(reader)
+        assert sorted(obj["mapped_by"]) == sorted([proc.pid, child])
+        assert reader.read(region.index, 0, PAGES * 4096) == bytes(range(256)) * (PAGES * 16)
+        assert r.faults >= PAGES // 8  # many pages were still pending when the child wrote them
+        with open(f"/proc/{child}/maps") as maps:  # and the child's writes went through
+            start = next(int(line.split("-")[0], 16) for line in maps if "/dev/zero" in line or "s 00000000 00:01" in line)
+        with open(f"/proc/{child}/mem", "rb") as mem:
+            mem.seek(start)
+            assert mem.read(1) == b"\xee"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
 def test_the_first_sysv_segment_after_boot_is_an_object():
     """Its shmid, which maps shows as the inode, is 0: still an object to share (CI's fresh
     machine stored no SysV object at all in the test above)."""
