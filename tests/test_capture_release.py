@@ -59,3 +59,40 @@ async def test_release_unregisters_step_by_step_and_the_vma_merges_back(store_di
         assert _vma_of(t.pid, t.addr) == before
         assert_released(t.pid)
         assert t.proc.poll() is None
+
+
+_KILLED_DURING_RELEASE = """
+import os, signal, sys, trio
+from snapfs.capture import CaptureOptions, capture_process
+from snapfs.capture import uffd as uffd_mod
+from snapfs.store import Store
+uffd_mod.RELEASE_STEP = 1 << 20
+real, calls = uffd_mod.Uffd.unregister, []
+def unregister(self, start, length):
+    calls.append(start)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, start, length)
+uffd_mod.Uffd.unregister = unregister
+with Store.open(sys.argv[2], create=True) as store:
+    trio.run(capture_process, int(sys.argv[1]), store, "s", CaptureOptions())
+"""
+
+
+def test_snapfs_killed_during_the_release_leaves_the_target_whole(store_dir):
+    """SIGKILL between two unregister steps: the kernel's close drops the rest, the target
+    runs on released, its VMA whole again, and no snapshot is published."""
+    import subprocess
+    import sys
+
+    npages = 4096
+    with Target("oracle", str(npages), "2", "anon", "mixed") as t:
+        before = _vma_of(t.pid, t.addr)
+        r = subprocess.run([sys.executable, "-c", _KILLED_DURING_RELEASE, str(t.pid), str(store_dir)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == -9, r.stderr[-2000:]
+        assert_released(t.pid)
+        assert _vma_of(t.pid, t.addr) == before
+        assert t.proc.poll() is None
+        with Store.open(store_dir) as store:
+            assert [i.name for i in store.list_snapshots()] == []
