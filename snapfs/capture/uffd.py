@@ -160,10 +160,17 @@ def release_steps(ranges: list[tuple[int, int]], skip: Iterable[tuple[int, int]]
     those longer than ``step`` (RELEASE_STEP) cut at multiples of it; shorter ones are left
     to the close."""
     step = step or RELEASE_STEP
-    skip = list(skip)
+    r = np.array(sorted(ranges), np.int64).reshape(-1, 2)
+    sk = np.array(sorted(skip), np.int64).reshape(-1, 2)
+    if len(sk) and len(r):
+        # A range overlaps a skipped one iff the furthest end among those starting before
+        # its own end lies past its start (arrays: 65 000 mappings, thousands of munmaps).
+        last = np.searchsorted(sk[:, 0], r[:, 1]) - 1
+        reach = np.maximum.accumulate(sk[:, 1])[np.maximum(last, 0)]
+        r = r[(last < 0) | (reach <= r[:, 0])]
     out: list[tuple[int, int]] = []
     joined: list[list[int]] = []
-    for lo, hi in sorted(r for r in ranges if not any(a < r[1] and r[0] < b for a, b in skip)):
+    for lo, hi in r.tolist():
         if joined and joined[-1][1] == lo:
             joined[-1][1] = hi
         else:
