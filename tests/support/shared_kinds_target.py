@@ -43,8 +43,15 @@ def main() -> None:
     if libc.fallocate(fd, 3, ctypes.c_long(HOLE[0] * 4096), ctypes.c_long((HOLE[1] - HOLE[0]) * 4096)):
         raise OSError(ctypes.get_errno(), "fallocate")
     ctypes.memmove(sysv, pattern(len(regions)), SIZE)
+    fork_and_wait(lambda: None)
+
+
+def fork_and_wait(in_child) -> None:
+    """Fork; the child runs ``in_child()``, then both wait for stdin to close (the child
+    exits first). Prints "ready <child pid>"."""
     child = os.fork()
     if child == 0:
+        in_child()
         sys.stdin.read()
         os._exit(0)
     print("ready", child, flush=True)

@@ -3,9 +3,9 @@
 and prints "wrote". Prints "ready <child pid>" (tests/test_capture_tree.py)."""
 
 import mmap
-import os
 import signal
-import sys
+
+from tests.support.shared_kinds_target import fork_and_wait
 
 PAGES = 16384  # 64 MiB: the object's rate-limited scan is still running when the child writes
 
@@ -13,18 +13,15 @@ PAGES = 16384  # 64 MiB: the object's rate-limited scan is still running when th
 def main() -> None:
     region = mmap.mmap(-1, PAGES * 4096, mmap.MAP_SHARED)
     region[:] = bytes(range(256)) * (PAGES * 16)
-    child = os.fork()
-    if child == 0:
+
+    def write_all_on_sigusr1() -> None:
         signal.sigwait([signal.SIGUSR1])
         # Written from the last page back: the object's scan goes forward.
         for p in range(PAGES - 1, -1, -1):
             region[p * 4096] = 0xEE
         print("wrote", flush=True)
-        sys.stdin.read()
-        os._exit(0)
-    print("ready", child, flush=True)
-    sys.stdin.read()
-    os.waitpid(child, 0)
+
+    fork_and_wait(write_all_on_sigusr1)
 
 
 if __name__ == "__main__":
