@@ -98,4 +98,10 @@ void snapfs_ptrace_record(const int *tids, int n, long regs_request, void *regs,
  * (wp_request). Returns 0, or -errno if a PAGEMAP_SCAN failed. */
 int snapfs_unprotect_units(int uffd, unsigned long wp_request, int pagemap_fd,
                            unsigned long scan_request, uint64_t *lo, uint64_t *hi, int n, int *res);
+
+/* Unprotect lo[i]..hi[i] through uffd fds[i] (wp_request), for i < n, in one call: a shared
+ * object's page saved by a fault is unprotected in every member that maps it. res[i]: 0 or
+ * -errno of its UFFDIO_WRITEPROTECT. */
+void snapfs_unprotect_each(const int *fds, const uint64_t *lo, const uint64_t *hi, int n,
+                           unsigned long wp_request, int *res);
 #endif
