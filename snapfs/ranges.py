@@ -39,6 +39,13 @@ def ranges_of_values(values: np.ndarray, step: int) -> np.ndarray:
     return np.stack([values[heads], values[lasts] + step], axis=1)
 
 
+def positions_in_runs(counts: np.ndarray) -> np.ndarray:
+    """For runs of ``counts`` elements laid end to end, each element's position within its
+    run: counts [2, 3] give [0, 1, 0, 1, 2]."""
+    counts = np.asarray(counts, np.int64)
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
     """``(first, count)`` runs of True in a bool array."""
     r = ranges_of_values(np.flatnonzero(mask), 1)
@@ -74,7 +81,7 @@ def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     hi = np.searchsorted(b[:, 0], a[:, 1], side="left")
     count = np.maximum(hi - lo, 0)
     ai = np.repeat(np.arange(len(a)), count)
-    bi = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count) + np.repeat(lo, count)
+    bi = positions_in_runs(count) + np.repeat(lo, count)
     s = np.maximum(a[ai, 0], b[bi, 0])
     e = np.minimum(a[ai, 1], b[bi, 1])
     keep = e > s
@@ -112,8 +119,7 @@ def starts_every(r: np.ndarray, step: int) -> np.ndarray:
     """Every multiple-of-``step`` offset from each range's start, ascending: the page
     addresses of ranges whose ends are page-aligned (the inverse of :func:`ranges_of_values`)."""
     n = (r[:, 1] - r[:, 0]) // step
-    total = int(n.sum())
-    return np.repeat(r[:, 0], n) + (np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)) * step
+    return np.repeat(r[:, 0], n) + positions_in_runs(n) * step
 
 
 def coarsen(r: np.ndarray, limit: int) -> np.ndarray:

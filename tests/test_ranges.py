@@ -103,3 +103,8 @@ def test_coarsen_covers_with_at_most_limit_ranges_cutting_at_the_largest_gaps(p,
     assert len(open_gaps) == len(got) - 1 or len(a) <= limit
     assert not open_gaps or not filled_gaps or min(open_gaps) >= max(filled_gaps)
 
+
+
+def test_positions_in_runs():
+    assert rs.positions_in_runs(np.array([2, 0, 3])).tolist() == [0, 1, 0, 1, 2]
+    assert rs.positions_in_runs(np.array([], np.int64)).tolist() == []

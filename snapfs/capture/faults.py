@@ -50,6 +50,7 @@ from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.priority import BACKGROUND_NICE, background_thread_priority, realtime_thread
 from snapfs.capture.uffd import decode_messages, unprotect_outcome
 from snapfs.errors import TargetError
+from snapfs.ranges import positions_in_runs
 
 QUEUE_LIMIT = 64 << 20  # bytes of saved pages waiting for the store before faults wait
 # Past this the queue is urgent: its flush runs un-niced, as the target will soon wait for
@@ -570,12 +571,10 @@ class FaultPath:
                 rows.append(r)
             if w_data:
                 counts = np.array(w_count, np.int64)
-                total = int(counts.sum())
                 # Page numbers: each item's first, then +1 per page within the item.
-                within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
                 regs.append(np.repeat(np.array(w_reg, np.int64), counts))
-                pages.append(np.repeat(np.array(w_first, np.int64), counts) + within)
-                rows.append(np.frombuffer(b"".join(w_data), np.uint8).reshape(total, PAGE))
+                pages.append(np.repeat(np.array(w_first, np.int64), counts) + positions_in_runs(counts))
+                rows.append(np.frombuffer(b"".join(w_data), np.uint8).reshape(-1, PAGE))
             if pages:
                 # One put for every region (a target with 65 000 mappings faults in as many
                 # regions), pages as one-page pieces in (region, page) order.

@@ -14,6 +14,7 @@ import numpy as np
 
 from snapfs.capture.kernel import IOV_MAX, PAGE_SIZE, check, ffi, lib
 from snapfs.errors import TargetError
+from snapfs.ranges import positions_in_runs
 
 # Longest piece one remote iovec asks the kernel to copy. process_vm_readv pins up to 1024
 # pages of an iovec, then copies them with no preemption point; this kernel is PREEMPT_NONE,
@@ -113,7 +114,7 @@ def _split(ranges: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(ranges)
     counts = np.maximum((lengths + MAX_COPY - 1) // MAX_COPY, 1)
     owner = np.repeat(np.arange(len(ranges)), counts)
-    within = (np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)) * MAX_COPY
+    within = positions_in_runs(counts) * MAX_COPY
     out = np.empty((len(owner), 2), dtype=np.int64)
     out[:, 0] = ranges[owner, 0] + within
     out[:, 1] = np.minimum(MAX_COPY, lengths[owner] - within)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from snapfs.errors import StoreCorrupt, StoreError
+from snapfs.ranges import positions_in_runs
 from snapfs.store import _integrity, _runs
 from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, STORE_PAGE, SEGMENT_MAX_BYTES, FrameError,
                                   compress_blob, compress_payload, decompress_blob, frame_header)
@@ -485,7 +486,7 @@ class SnapshotWriter:
         if len(starts) > 1 and (starts[1:] < starts[:-1] + counts[:-1]).any():
             raise ValueError("put_pieces: pieces must be in ascending (region, page) order and disjoint")
         # Each page's place within its piece, for the pieces' page numbers below.
-        within = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        within = positions_in_runs(counts)
         if any(self._regions[r].parent_idx is not None for r in np.unique(regs).tolist()):
             # Compared with a parent region by region (a continuous series' child): one
             # scattered put per region (the fault path's single pages are one piece each).
