@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from snapfs import ranges as rs
 from snapfs.capture import kernel as k
 from snapfs.capture.maps import Vma
 
@@ -160,22 +161,15 @@ def release_steps(ranges: list[tuple[int, int]], skip: Iterable[tuple[int, int]]
     those longer than ``step`` (RELEASE_STEP) cut at multiples of it; shorter ones are left
     to the close."""
     step = step or RELEASE_STEP
-    r = np.array(sorted(ranges), np.int64).reshape(-1, 2)
-    sk = np.array(sorted(skip), np.int64).reshape(-1, 2)
+    r = np.array(list(ranges), np.int64).reshape(-1, 2)
+    sk = rs.norm(np.array(list(skip), np.int64).reshape(-1, 2))
     if len(sk) and len(r):
-        # A range overlaps a skipped one iff the furthest end among those starting before
-        # its own end lies past its start (arrays: 65 000 mappings, thousands of munmaps).
+        # Skipped ranges disjoint and sorted: a range overlaps one iff the last that starts
+        # before its end ends past its start (arrays: 65 000 mappings, thousands of munmaps).
         last = np.searchsorted(sk[:, 0], r[:, 1]) - 1
-        reach = np.maximum.accumulate(sk[:, 1])[np.maximum(last, 0)]
-        r = r[(last < 0) | (reach <= r[:, 0])]
+        r = r[(last < 0) | (sk[np.maximum(last, 0), 1] <= r[:, 0])]
     out: list[tuple[int, int]] = []
-    joined: list[list[int]] = []
-    for lo, hi in r.tolist():
-        if joined and joined[-1][1] == lo:
-            joined[-1][1] = hi
-        else:
-            joined.append([lo, hi])
-    for lo, hi in joined:
+    for lo, hi in rs.norm(r).tolist():  # joined where they touch
         if hi - lo <= step:
             continue
         cut = list(range((lo // step + 1) * step, hi, step))
