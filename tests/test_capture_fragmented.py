@@ -94,3 +94,44 @@ def test_fragmented_snapshot_stores_each_page_once(snapfs_env, store_dir, step, 
         assert (image[written, 0] == written + 1).all()
         others = np.setdiff1d(np.arange(SIZE // PAGE), written)
         assert not image[others].any()
+
+
+def test_grouped_scans_find_what_one_scan_per_mapping_finds():
+    """The pause scans mappings lying close together (libraries' .data between their code)
+    with one PAGEMAP_SCAN per group: each mapping gets exactly what its own scan finds."""
+    import ctypes
+    import os
+
+    from snapfs.capture.maps import ClassifiedMaps, read_maps_text
+    from snapfs.capture.preprotect import populated_ranges
+    from snapfs.capture.protect import _scan_grouped
+
+    keep, mine = [], set()  # private mappings with holes between their populated pages
+    for i in range(6):
+        m = mmap.mmap(-1, 16 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m[0:1] = m[5 * PAGE:5 * PAGE + 1] = m[(10 + i) * PAGE:(10 + i) * PAGE + 1] = b"x"
+        keep.append(m)
+        mine.add(ctypes.addressof(ctypes.c_char.from_buffer(m)))
+    maps = ClassifiedMaps(read_maps_text(os.getpid()), include_readonly=True, huge_sizes={})
+    scanner = PagemapScanner(os.getpid())
+    try:
+        grouped = _scan_grouped(scanner, maps, list(range(len(maps.regions))))
+        # This process's other mappings change as it runs: compare only those made above
+        # (adjacent ones may have merged into one VMA).
+        checked = 0
+        for i, v in enumerate(maps.regions):
+            if not any(v.start <= a < v.end for a in mine):
+                continue
+            alone = populated_ranges(scanner, v.start, v.end)
+            assert grouped[i].tolist() == alone.tolist(), v
+            checked += 1
+    finally:
+        scanner.close()
+        for m in keep:
+            del m
+        keep.clear()
+    assert checked >= 1
+    # Fewer scans than mappings: the groups span several of them.
+    starts = maps.starts
+    near = maps.mapped_bytes(maps.ends[:-1], starts[1:])
+    assert (near <= (4 << 20)).any()

@@ -245,6 +245,10 @@ class ClassifiedMaps:
                 _unique(v, base, taken)
         self.layout = layout
         self._runs = None
+        # For mapped_bytes (built here, not in the pause, which reuses an unchanged reading).
+        lay_starts = np.fromiter((v.start for v in layout), np.uint64, len(layout))
+        sizes = np.fromiter((v.end for v in layout), np.uint64, len(layout)) - lay_starts
+        self._mapped = (lay_starts, np.r_[np.uint64(0), np.cumsum(sizes, dtype=np.uint64)])
         # Bounds of the captured VMAs as arrays, for vectorised look-ups in the pause.
         self.starts = np.fromiter((v.start for v in out), np.uint64, len(out))
         self.ends = np.fromiter((v.end for v in out), np.uint64, len(out))
@@ -256,6 +260,14 @@ class ClassifiedMaps:
             self.text = text
             self.regions = self._build(text)
         return self.regions
+
+    def mapped_bytes(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Per pair, bytes of the VMAs (any, captured or not) that start in [lo, hi): what a
+        page table walk from ``lo`` to ``hi`` may find (unmapped gaps cost it nothing)."""
+        starts, before = self._mapped
+        i = np.searchsorted(starts, np.asarray(lo, np.uint64))
+        j = np.searchsorted(starts, np.asarray(hi, np.uint64))
+        return before[np.maximum(i, j)] - before[i]
 
     def wp_runs(self) -> list[tuple[int, int, int, int]]:
         """Runs of write-protect-mode VMAs with no other VMA between them, as (start, end,

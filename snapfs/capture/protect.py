@@ -145,11 +145,13 @@ def handshake(uffd) -> int:
 _COALESCE_GAP = 32 * k.PAGE_SIZE
 # A run of VMAs with more VMAs to scan in full than this is scanned whole (one ioctl).
 _FULL_SCAN_EACH = 16
-# Runs of known VMAs closer than this are scanned for written pages with one ioctl: what
-# lies between them (a thread stack's guard page, at most this much of other mappings) costs
-# the walk little, and its pages are dropped by VMA. A 256-thread target has ~260 runs (each
-# stack is one, between guard pages): one scan each was 2-4 ms of its pause.
-_SCAN_MERGE_GAP = 1 << 20
+# VMAs scanned in the pause with no more than this of other mappings between them are scanned
+# with one ioctl: what lies between them (a thread stack's guard page, a library's code)
+# costs the walk little, unmapped gaps nothing, and the pages found there are dropped by VMA.
+# A 256-thread target has ~260 runs (each stack is one, between guard pages): one scan each
+# was 2-4 ms of its pause; a PostgreSQL process has ~13 runs and ~42 libraries' .data to
+# copy: one scan each was ~1 ms of the instant per process.
+_SCAN_MERGE_BYTES = 4 << 20
 _NO_RANGES = np.empty(0, dtype=REGION_DTYPE)
 
 
@@ -246,9 +248,10 @@ def protect_and_record(
     see :func:`copy_buffer_for`) receives what is copied, if large enough.
 
     Nothing here is done VMA by VMA when the VMA is unchanged: the maps text is compared with
-    the one pre-protection followed, runs of adjacent protectable VMAs (and runs less than
-    ``_SCAN_MERGE_GAP`` apart, such as thread stacks between guard pages) are scanned with
-    one ``PAGEMAP_SCAN`` and re-protected with one ioctl per coalesced range, and the results
+    the one pre-protection followed, runs of adjacent protectable VMAs (and runs with at most
+    ``_SCAN_MERGE_BYTES`` of other mappings between them, such as thread stacks between guard
+    pages; likewise the VMAs to copy) are scanned with one ``PAGEMAP_SCAN`` and re-protected
+    with one ioctl per coalesced range, and the results
     are assigned to VMAs with array operations (65 000 mappings paused 2.1-2.4 s when each
     VMA took its own scan, register and Python bookkeeping).
 
@@ -295,10 +298,12 @@ def protect_and_record(
         # Unknown VMAs per run (what lies between runs is not in write-protect mode).
         has_unknown = (np.add.reduceat(unknown_all.astype(np.int64), [r[2] for r in runs]).tolist()
                        if runs else [])
+        # Per run: little enough mapped between it and the previous one to scan them together.
+        near = _near(maps, [r[1] for r in runs[:-1]], [r[0] for r in runs[1:]])
         span: list[int] | None = None  # known runs to scan together for written pages
-        for (lo, hi, first, last), some in zip(runs, has_unknown):
+        for (lo, hi, first, last), some, close in zip(runs, has_unknown, [False, *near]):
             if not some:
-                if span is not None and lo - span[1] <= _SCAN_MERGE_GAP:
+                if span is not None and close:
                     span[1] = hi
                     continue
                 if span is not None:
@@ -357,6 +362,9 @@ def protect_and_record(
 
         # 3. The VMAs handled one by one: copies, read-only, shmem pages not mapped.
         extra = []
+        found = _scan_grouped(scanner, maps, [
+            i for i, v in enumerate(regions)
+            if (v.mode == "copy" and v.kind != "vdso" and not is_shared[i]) or v.mode == "readonly"])
         for i, v in enumerate(regions):
             if v.mode == "wp" and v.kind == "shmem" and is_shared[i]:
                 # A tree's shared object: its pages are recorded once per object, by offset,
@@ -374,9 +382,9 @@ def protect_and_record(
                 # target never ran is not present, but it is not zero either.
                 copy_jobs.append((i, v, np.array([(v.start, v.end, 0)], REGION_DTYPE)))
             elif v.mode == "copy" and not is_shared[i]:
-                copy_jobs.append((i, v, populated_ranges(scanner, v.start, v.end)))
+                copy_jobs.append((i, v, found[i]))
             elif v.mode == "readonly":
-                r = populated_ranges(scanner, v.start, v.end)
+                r = found[i]
                 extra.append((r["start"], r["end"], r["categories"], np.full(len(r), i, np.int64)))
         if failed:
             keep = np.array([regions[i].mode == "wp" for i in vi.tolist()], bool)
@@ -413,6 +421,33 @@ def protect_and_record(
         reprotected_pages=protected_pages,
         thp=thp,
     )
+
+
+def _near(maps: ClassifiedMaps, ends: list[int], starts: list[int]) -> list[bool]:
+    """Per pair: at most _SCAN_MERGE_BYTES of mappings lie between ``ends[i]`` and ``starts[i]``."""
+    if not len(ends):
+        return []
+    return (maps.mapped_bytes(ends, starts) <= _SCAN_MERGE_BYTES).tolist()
+
+
+def _scan_grouped(scanner: PagemapScanner, maps: ClassifiedMaps, wanted: list[int]) -> dict[int, np.ndarray]:
+    """The populated ranges of each of the regions ``wanted`` (ascending indices), with one
+    scan per group of them no more than _SCAN_MERGE_BYTES of other mappings apart."""
+    regions = maps.regions
+    out: dict[int, np.ndarray] = {}
+    if not wanted:
+        return out
+    idx = np.array(wanted, np.int64)
+    starts, ends = maps.starts[idx], maps.ends[idx]
+    # Groups start where the previous wanted region is too far.
+    heads = [0] + [h + 1 for h, close in enumerate(_near(maps, ends[:-1], starts[1:])) if not close]
+    for g, h in zip(heads, heads[1:] + [len(wanted)]):
+        r = populated_ranges(scanner, regions[wanted[g]].start, regions[wanted[h - 1]].end)
+        lo, hi, cat, vi = _by_region(r, starts[g:h], ends[g:h])
+        cuts = np.searchsorted(vi, np.arange(h - g + 1)).tolist()  # vi ascends with addresses
+        for j, a, b in zip(wanted[g:h], cuts, cuts[1:]):
+            out[j] = _as_ranges(lo[a:b], hi[a:b], cat[a:b])
+    return out
 
 
 def _register_new(uffd, vmas: list[Vma], run: tuple[int, int] | None = None) -> None:
