@@ -125,16 +125,23 @@ static int write_all(int fd, int stop_fd, const void *buf, size_t len)
 }
 
 /* Wait until the ring has room for n more records (Python took some) or stop_fd is
- * readable: 0, STOPPED or -errno. *tail is updated. */
+ * readable: 0, STOPPED or -errno. *tail is updated. The trio side, which lets saved pages
+ * gather for a while before taking them, is told at once (notify_fd): a writer waits now. */
 static int wait_for_room(uint64_t head, uint64_t *tail, int n, uint64_t capacity, int space_fd,
-                         int stop_fd, uint64_t *counters)
+                         int stop_fd, int notify_fd, uint64_t *counters)
 {
+    int told = 0;
     while (head - *tail + (uint64_t)n > capacity) {
         __atomic_store_n(&counters[4], 1, __ATOMIC_SEQ_CST);
         /* Re-read after arming: a take() between the first read and the arming is seen. */
         *tail = __atomic_load_n(&counters[1], __ATOMIC_SEQ_CST);
         if (head - *tail + (uint64_t)n <= capacity)
             break;
+        if (!told) {
+            uint64_t one = 1;
+            (void)!write(notify_fd, &one, sizeof one); /* an eventfd: never blocks for long */
+            told = 1;
+        }
         struct pollfd fds[2] = {{.fd = space_fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
         if (poll(fds, 2, -1) < 0 && errno != EINTR)
             return -errno;
@@ -206,7 +213,7 @@ int snapfs_fault_loop(int uffd, int stop_fd, int forward_fd, int notify_fd, int 
         uint64_t head = __atomic_load_n(&counters[0], __ATOMIC_RELAXED);
         uint64_t tail = __atomic_load_n(&counters[1], __ATOMIC_ACQUIRE);
         if (simple && wait_when_full) {
-            int err = wait_for_room(head, &tail, n, capacity, space_fd, stop_fd, counters);
+            int err = wait_for_room(head, &tail, n, capacity, space_fd, stop_fd, notify_fd, counters);
             if (err)
                 return err == STOPPED ? 0 : err;
         } else if (simple && head - tail + (uint64_t)n > capacity) {
