@@ -31,12 +31,12 @@ async def test_one_instant_under_writers(store_dir, threads):
         assert m > npages  # the writers really were running
         assert result.faults > 0  # and some writes were served by the fault path
         assert result.pause_ms > 0 and result.resident_bytes >= npages * 4096
-        # Pages written while memory was being pre-protected were re-protected at the
-        # freeze, and the image above is still one instant. (Pre-protecting a run of VMAs
-        # takes a few ms: on a loaded machine the writers may not run inside it at all;
+        # Pages written while memory was being pre-protected were re-protected or copied at
+        # the freeze, and the image above is still one instant. (Pre-protecting a run of
+        # VMAs takes a few ms: on a loaded machine the writers may not run inside it at all;
         # test_capture_preprotect makes the target write there deterministically.)
         meta = result.info.meta
-        assert meta["preprotect_faults"] == 0 or meta["reprotected_pages"] > 0
+        assert meta["preprotect_faults"] == 0 or meta["reprotected_pages"] + meta["written_copied_pages"] > 0
         assert_released(t.pid)
         assert t.proc.poll() is None
         store.close()

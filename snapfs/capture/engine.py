@@ -52,7 +52,7 @@ from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.priority import background_thread_priority, fault_thread_priority
 from snapfs.capture.preprotect import PreProtected, protect_then_freeze
 from snapfs.capture.handle import ProcessHandle
-from snapfs.capture.protect import Prepared, copy_buffer_for, handshake, protect_and_record
+from snapfs.capture.protect import COPY_WRITTEN_MAX, Prepared, copy_buffer_for, handshake, protect_and_record
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.target_info import process_meta, shared_with_others
@@ -211,6 +211,7 @@ class _Capture:
                     "preprotect_ms": pre.elapsed_ms,
                     "preprotect_faults": pre.faults,
                     "reprotected_pages": prep.reprotected_pages,
+                    "written_copied_pages": prep.written_pages,
                 }
             )
         except BaseException:
@@ -271,6 +272,9 @@ class _Capture:
         )
 
         copy_buffer = copy_buffer_for(maps.regions)
+        # Pages written during pre-protection are copied in the freeze (not in continuous
+        # mode: there the protection records what changed since).
+        written_buffer = None if opts.continuous else prefaulted_buffer(COPY_WRITTEN_MAX)
         _gc_settled()
 
         def at_instant(ft: FrozenTarget, pre: PreProtected) -> Prepared:
@@ -282,6 +286,7 @@ class _Capture:
                 features=features,
                 pre=pre,
                 copy_buffer=copy_buffer,
+                copy_written=written_buffer,
             )
             if pre.maps is not None and pre.maps.text == ft.maps_text:
                 # The maps as parsed already (every line's Vma, also those not captured): the
@@ -421,14 +426,20 @@ class _Capture:
 
     async def _store_copies(self) -> None:
         """Store what was copied during the pause (one worker-thread call for all)."""
-        copies, self.prep.copies = self.prep.copies, []
+        prep = self.prep
+        copies, prep.copies = prep.copies, []
+        written = prep.written
         # Saved in the pause: done from the start (before the first progress sample).
-        self.ctx.done_bytes += sum(int(c.mask.sum()) for c in copies) * PAGE
+        self.ctx.done_bytes += (sum(int(c.mask.sum()) for c in copies) + sum(n for _, _, n in written)) * PAGE
 
         def put_all() -> None:
             for c in copies:
                 if c.mask.any():
                     self.writer.put_pages(self.ctx.region_index[c.region], c.first_page, c.data, c.mask)
+            if written:  # one call for all (hundreds of single pages)
+                regions, firsts, counts = (np.array(x, np.int64) for x in zip(*written))
+                index = np.asarray(self.ctx.region_index, np.int64)
+                self.writer.put_pieces(index[regions], firsts, counts, prep.written_data)
 
         await trio.to_thread.run_sync(put_all, limiter=self.limiter)
 

@@ -63,6 +63,13 @@ class Ledger:
             return i
         return -1
 
+    def claim_new(self, slots: np.ndarray) -> None:
+        """Mark ``slots`` saved in a ledger no other thread uses yet (built in the freeze,
+        the fault path not started): no lock, no pass over the slots between them."""
+        if (self.state[slots] != PENDING).any():
+            raise RuntimeError("internal error: pages saved in the freeze were already claimed")
+        self.state[slots] = SAVED
+
     def claim_one(self, slot: int) -> bool:
         """Claim one page (the fault path's common case); True if this call claimed it."""
         return lib.snapfs_claim_one(self.c_state, slot, self.lock) == 1

@@ -8,6 +8,7 @@
  * stdin commands, each acknowledged with "ok <letter>":
  *   p: write 0xEE over pages [0, N/8) and [N/2, 3N/4) (the latter populated only now)
  *   d: madvise(MADV_DONTNEED) pages [N/8, N/4) (they become holes)
+ *   s: write 0xAA over every 8th page of [0, N/4) (scattered single pages)
  *   q: exit 0
  */
 #include <stdio.h>
@@ -34,6 +35,11 @@ int main(int argc, char **argv) {
             memset(buf, 0xEE, n / 8 * PAGE);
             memset(buf + n / 2 * PAGE, 0xEE, n / 4 * PAGE);
             printf("ok p\n");
+            fflush(stdout);
+        }
+        if (line[0] == 's') {
+            for (size_t p = 0; p < n / 4; p += 8) memset(buf + p * PAGE, 0xAA, PAGE);
+            printf("ok s\n");
             fflush(stdout);
         }
         if (line[0] == 'd') {
