@@ -5,6 +5,7 @@ the capture saves the content at the freeze instant. Real kernel, real target
 
 from __future__ import annotations
 
+import contextlib
 import errno
 
 import numpy as np
@@ -22,6 +23,18 @@ from tests.support.capture import Target, assert_released
 PAGE = 4096
 
 
+@contextlib.asynccontextmanager
+async def _attached(t: Target):
+    """The target's uffd (handshake done: its features) and maps; the uffd closed after."""
+    async with frozen(t.pid, record=False) as attach:
+        uffd = attach.uffd
+    try:
+        maps = ClassifiedMaps(read_maps_text(t.pid), include_readonly=False, huge_sizes={})
+        yield uffd, handshake(uffd), maps
+    finally:
+        uffd.close()
+
+
 @pytest.mark.parametrize("zap", [False, True], ids=["unchanged-vma", "zapped-range"])
 async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
     """Unchanged VMA: populated = recorded after protecting + found WRITTEN at the freeze.
@@ -29,12 +42,7 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
     n = 4096
     with Target("populate", str(n)) as t:
         base, end = t.addr, t.addr + n * PAGE
-        async with frozen(t.pid, record=False) as attach:
-            uffd = attach.uffd
-        try:
-            features = handshake(uffd)
-            maps = ClassifiedMaps(read_maps_text(t.pid), include_readonly=False, huge_sizes={})
-
+        async with _attached(t) as (uffd, features, maps):
             async def meanwhile(pre) -> None:
                 assert pre.protected_bytes >= n * PAGE and not pre.unprotectable
                 # Rewrites [0, N/8) (protected: each page faults, the server unprotects it),
@@ -77,8 +85,6 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
                     recorded.update(range((lo - base) // PAGE, (hi - base) // PAGE))
             first = n // 8 if zap else n // 4
             assert recorded == set(range(0, first)) | set(range(n // 2, 3 * n // 4))
-        finally:
-            uffd.close()
         assert_released(t.pid)
 
 
@@ -93,12 +99,7 @@ async def test_scattered_pages_written_before_the_freeze_are_copied_in_it():
     n = 4096
     with Target("populate", str(n)) as t:
         base = t.addr
-        async with frozen(t.pid, record=False) as attach:
-            uffd = attach.uffd
-        try:
-            features = handshake(uffd)
-            maps = ClassifiedMaps(read_maps_text(t.pid), include_readonly=False, huge_sizes={})
-
+        async with _attached(t) as (uffd, features, maps):
             async def meanwhile(pre) -> None:
                 assert await trio.to_thread.run_sync(t.send, "s") == "ok s"
 
@@ -129,8 +130,6 @@ async def test_scattered_pages_written_before_the_freeze_are_copied_in_it():
                 scanner.close()
             assert [(int(a) - base) // PAGE for a in written["start"]] == pages
             assert all(int(b) - int(a) == PAGE for a, b in zip(written["start"], written["end"]))
-        finally:
-            uffd.close()
         assert_released(t.pid)
 
 

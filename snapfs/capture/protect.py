@@ -482,9 +482,10 @@ def _scan_grouped(scanner: PagemapScanner, maps: ClassifiedMaps, wanted: list[in
 
 
 # Written runs of at most this many pages are copied in the freeze rather than protected
-# again: a protect ioctl costs ~6-8 us whatever its length, a copied page ~0.3 us, and the
-# pages written between pre-protection and the freeze are the ones written next (a target
-# writing 10k random pages/s: ~400 runs of one page, 3.3-4.4 ms of a 7.7-9.7 ms pause).
+# again: a protect ioctl costs ~5 us whatever its length, a copied and claimed page ~4 us in
+# one batch, and the pages written between pre-protection and the freeze are likely the ones
+# written next (each a fault right after the resume). A target writing 10k random pages/s:
+# ~180-350 single pages, their ioctls 0.65-1.16 ms of a 3.7-4.8 ms protect step.
 COPY_WRITTEN_RUN = 16
 COPY_WRITTEN_MAX = 4 << 20  # the buffer for them (prepared before the freeze)
 
