@@ -362,10 +362,11 @@ def protect_and_record(
         # small mappings, ranges coalesced across them covered every VMA (freeze 618 ms,
         # against 248 ms touching only the VMAs written since pre-protection; load ~15).
         is_written = (cat & k.PAGE_IS_WRITTEN) != 0
+        page_sizes = np.fromiter((v.page_size for v in regions), np.uint64, n)
         copied = np.zeros(len(lo), bool)
         if copy_written is not None and is_written.any():
-            copied = _copy_written(ft.pid, copy_written, lo, hi, is_written & ~is_shared[vi] & (
-                np.array([v.page_size == k.PAGE_SIZE for v in regions], bool)[vi]))
+            copied = _copy_written(ft.pid, copy_written, lo, hi,
+                                   is_written & ~is_shared[vi] & (page_sizes[vi] == k.PAGE_SIZE))
             is_written &= ~copied
         c_lo, c_hi, c_vi = lo[copied], hi[copied], vi[copied]
         todo = _coalesce(lo[is_written], hi[is_written], vi[is_written])
@@ -419,7 +420,6 @@ def protect_and_record(
             lo, hi, cat, vi = lo[keep], hi[keep], cat[keep], vi[keep]
         order = np.argsort(lo, kind="stable")
         lo, hi, cat, vi = lo[order], hi[order], cat[order], vi[order]
-        page_sizes = np.array([v.page_size for v in regions], np.uint64) if n else np.zeros(0, np.uint64)
         # Only hugetlb pages are saved whole. A transparent huge page is saved 4 KiB at a time
         # like any other page: unprotecting 4 KiB of it makes the kernel map it with page
         # table entries (the page itself stays huge). Saving it whole on its first write
