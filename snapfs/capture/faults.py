@@ -68,9 +68,10 @@ _BATCH = 256  # uffd messages read at once
 # written with the next ones: each take and each store call costs a wake-up, a thread hand-off
 # and numpy set-up (~0.2 and ~2 ms of CPU). At 2 and 5 ms they were 15-20% of a 1 GiB
 # capture's CPU at 10k writes/s (0.75-1.2 of 4.8-6.5 CPU-s); at 10 and 30 ms, 0.35-0.57. The
-# target never waits for either: the loop has already served its fault, and its ring (2048
-# pages) takes ~40 ms to fill at the loop's top rate (~30 us a fault); the store does not
-# wait once its queue is urgent (the writers are about to wait for it).
+# target never waits for either: the loop has already served its fault, a full ring (2048
+# pages: ~40 ms of faults at the loop's top rate, ~30 us each) writes the drain's eventfd
+# at once, and the store does not wait once its queue is urgent (the writers are about to
+# wait for it).
 DRAIN_DELAY = 10e-3
 STORE_BATCH_DELAY = 30e-3
 SCATTER_PAGES = 16  # saved items of at most this many pages are stored page by page, batched

@@ -169,7 +169,8 @@ async def frozen(target: int | ProcessHandle, record: bool = True,
         proc = group.procs[0]
         # The short stop of one thread (released before the block): the trio thread and the
         # tracer hand the steps to each other, and on a busy machine each hand-off waited
-        # behind the other processes (a PostgreSQL backend under pgbench: 20-50 ms stopped).
+        # behind the other processes (a PostgreSQL backend under pgbench: 9-51 ms stopped,
+        # 3.5-22 ms realtime).
         rt = contextlib.ExitStack()
         if one_thread:
             rt.enter_context(realtime_freeze())
