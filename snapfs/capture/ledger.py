@@ -11,6 +11,7 @@ entry, so a sparse 64 GiB reservation costs nothing.
 from __future__ import annotations
 
 import bisect
+import functools
 
 import numpy as np
 
@@ -39,18 +40,35 @@ class Ledger:
         self.ext_base = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(npages, out=self.ext_base[1:])
         self.state = np.zeros(int(self.ext_base[-1]), dtype=np.uint8)
-        # Plain lists for the fault path's per-fault lookups (bisect beats numpy calls there).
-        self.starts = self.ext_start.tolist()
-        self.ends = self.ext_end.tolist()
-        self.bases = self.ext_base.tolist()
-        self.huge = self.ext_huge.tolist()
-        self.regions_of = self.ext_region.tolist()
         self.region_starts = region_starts
         mutex = lib.snapfs_mutex_new()
         if mutex == ffi.NULL:
             raise MemoryError("ledger lock")
         self.lock = ffi.gc(mutex, lib.snapfs_mutex_free)  # the pthread mutex, for the C side
         self.c_state = ffi.from_buffer("uint8_t[]", self.state)  # (keeps state alive)
+
+    # Plain lists for the fault path's per-fault lookups (bisect beats numpy calls there),
+    # made on first use: the ledger is built inside the freeze, and for 65 000 extents the
+    # five lists took 5-8 ms of it.
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        return self.ext_start.tolist()
+
+    @functools.cached_property
+    def ends(self) -> list[int]:
+        return self.ext_end.tolist()
+
+    @functools.cached_property
+    def bases(self) -> list[int]:
+        return self.ext_base.tolist()
+
+    @functools.cached_property
+    def huge(self) -> list[bool]:
+        return self.ext_huge.tolist()
+
+    @functools.cached_property
+    def regions_of(self) -> list[int]:
+        return self.ext_region.tolist()
 
     @property
     def total_pages(self) -> int:
