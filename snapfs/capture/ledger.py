@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class Ledger:
     """Populated pages at the freeze and their state; see the module docstring."""
 
     def __init__(self, starts: np.ndarray, ends: np.ndarray, regions: np.ndarray,
-                 huge: np.ndarray, region_starts: list[int]) -> None:
+                 huge: np.ndarray, region_starts: Sequence[int]) -> None:
         """Extents as parallel arrays: address range, index in the capture's region list, and
         whether it is THP-mapped or in a hugetlb region (no Python object per extent: a
         fragmented heap has tens of thousands, and the ledger is built inside the freeze)."""

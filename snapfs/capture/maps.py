@@ -252,6 +252,7 @@ class ClassifiedMaps:
         # Bounds of the captured VMAs as arrays, for vectorised look-ups in the pause.
         self.starts = np.fromiter((v.start for v in out), np.uint64, len(out))
         self.ends = np.fromiter((v.end for v in out), np.uint64, len(out))
+        self.page_sizes = np.fromiter((v.page_size for v in out), np.uint64, len(out))
         return out
 
     def update(self, text: str) -> list[Vma]:
