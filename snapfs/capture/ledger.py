@@ -23,6 +23,11 @@ PENDING, SAVED, LOST = 0, 1, 2
 HUGE_PMD = 2 << 20  # a transparent huge page on x86_64 and 4 KiB-page aarch64
 
 
+def _listed(array: str) -> functools.cached_property:
+    """A plain-list copy of the ledger's numpy array ``array``, made on first use."""
+    return functools.cached_property(lambda self: getattr(self, array).tolist())
+
+
 class Ledger:
     """Populated pages at the freeze and their state; see the module docstring."""
 
@@ -51,25 +56,11 @@ class Ledger:
     # Plain lists for the fault path's per-fault lookups (bisect beats numpy calls there),
     # made on first use: the ledger is built inside the freeze, and for 65 000 extents the
     # five lists took 5-8 ms of it.
-    @functools.cached_property
-    def starts(self) -> list[int]:
-        return self.ext_start.tolist()
-
-    @functools.cached_property
-    def ends(self) -> list[int]:
-        return self.ext_end.tolist()
-
-    @functools.cached_property
-    def bases(self) -> list[int]:
-        return self.ext_base.tolist()
-
-    @functools.cached_property
-    def huge(self) -> list[bool]:
-        return self.ext_huge.tolist()
-
-    @functools.cached_property
-    def regions_of(self) -> list[int]:
-        return self.ext_region.tolist()
+    starts = _listed("ext_start")
+    ends = _listed("ext_end")
+    bases = _listed("ext_base")
+    huge = _listed("ext_huge")
+    regions_of = _listed("ext_region")
 
     @property
     def total_pages(self) -> int:
