@@ -430,7 +430,7 @@ class _Capture:
         copies, prep.copies = prep.copies, []
         written = prep.written
         # Saved in the pause: done from the start (before the first progress sample).
-        self.ctx.done_bytes += (sum(int(c.mask.sum()) for c in copies) + sum(n for _, _, n in written)) * PAGE
+        self.ctx.done_bytes += (sum(int(c.mask.sum()) for c in copies) + prep.written_pages) * PAGE
 
         def put_all() -> None:
             for c in copies:

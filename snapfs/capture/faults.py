@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import errno
+import math
 import os
 import threading
 
@@ -265,20 +267,11 @@ class FaultPath:
             while self.queued_bytes >= self._drain_bound:
                 await self.room.wait()
             if native.published() == native.consumed:  # armed before this check: no lost wake-up
-                await trio.lowlevel.wait_readable(native.notify_fd)
-                try:
-                    os.eventfd_read(native.notify_fd)
-                except BlockingIOError:
-                    pass
+                await _woken(native.notify_fd)
                 # The loop has already served the fault: let more saved pages gather
                 # instead of waking this thread once per fault (~30 us each), unless the
                 # ring fills meanwhile (the loop then writes notify_fd again).
-                with trio.move_on_after(DRAIN_DELAY):
-                    await trio.lowlevel.wait_readable(native.notify_fd)
-                try:
-                    os.eventfd_read(native.notify_fd)
-                except BlockingIOError:
-                    pass
+                await _woken(native.notify_fd, DRAIN_DELAY)
             self._import_native(native, max(1, (self._drain_bound - self.queued_bytes) // PAGE))
 
     def _import_native(self, native: NativeLoop, limit: int | None = None) -> None:
@@ -597,6 +590,14 @@ class FaultPath:
                 order = np.lexsort((page, reg))
                 writer.put_pieces(reg[order], page[order], np.ones(len(order), np.int64),
                                   np.concatenate(rows)[order])
+
+
+async def _woken(fd: int, timeout: float = math.inf) -> None:
+    """Wait (at most ``timeout`` seconds) until eventfd ``fd`` is written, then clear it."""
+    with trio.move_on_after(timeout):
+        await trio.lowlevel.wait_readable(fd)
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(fd)
 
 
 def fork_event(on_fork, ufd: int) -> None:

@@ -156,6 +156,7 @@ async def frozen(target: int | ProcessHandle, record: bool = True,
     not stop), PermissionDenied (ptrace or userfaultfd refused, with what to grant).
     """
     handle, owned = _pin(target)
+    rt = contextlib.ExitStack()  # realtime for the short stop (below); closed at the latest on exit
     try:
         # Found while the target runs (the pause stays short), checked again once stopped
         # (and searched for then if the target was, say, still starting up).
@@ -171,15 +172,10 @@ async def frozen(target: int | ProcessHandle, record: bool = True,
         # tracer hand the steps to each other, and on a busy machine each hand-off waited
         # behind the other processes (a PostgreSQL backend under pgbench: 9-51 ms stopped,
         # 3.5-22 ms realtime).
-        rt = contextlib.ExitStack()
         if one_thread:
             rt.enter_context(realtime_freeze())
         t0 = time.monotonic()
-        try:
-            await _astop_protected(group)
-        except BaseException:
-            rt.close()
-            raise
+        await _astop_protected(group)
         uffd: Uffd | None = None
         ok = False
         ft: FrozenTarget | None = None
@@ -220,10 +216,10 @@ async def frozen(target: int | ProcessHandle, record: bool = True,
             raise
         finally:
             _release_protected(group, None if ok else uffd)
-            rt.close()
             if ft is not None and ft.resumed_at is None:
                 ft.resumed_at = group.released_at or time.monotonic()
     finally:
+        rt.close()  # after the release above (a no-op once dropped before the block)
         if owned:
             handle.close()
 
