@@ -332,6 +332,39 @@ def test_run_compaction_keeps_every_page(store, monkeypatch):
             assert list(r.runs(i)) == _expected_runs(region_kinds(n))
 
 
+def test_capped_merges_from_concurrent_puts_keep_every_page(store, monkeypatch):
+    """Run pieces merged outside the writer's lock by two threads putting single pages at
+    once, never into more than MERGE_MAX_RUNS: every page is still where it was put."""
+    from snapfs.store import writer
+    monkeypatch.setattr(writer, "COMPACT_PARTS", 3)
+    monkeypatch.setattr(writer, "COMPACT_RUNS", 5)
+    monkeypatch.setattr(writer, "MERGE_MAX_RUNS", 64)
+    npages = 3000
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, size=(npages, PAGE), dtype=np.uint8)
+    zero = rng.random(npages) < 0.3
+    data[zero] = 0
+    w = store.begin_snapshot("threads", {})
+    idx = w.add_region(RegionSpec("ram", 0, npages * PAGE))
+    order = rng.permutation(npages)          # scattered pages, as write faults come
+    threads = [threading.Thread(target=lambda pages=pages: [w.put_pages(idx, p, data[p].tobytes())
+                                                             for p in pages.tolist()])
+               for pages in (order[: npages // 2], order[npages // 2:])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    merged = [len(m) for m in w._merged]
+    assert len(merged) > 1 and sum(merged) > 64   # the cap took effect...
+    w.commit()
+    r = store.open_snapshot("threads")
+    assert r.read(0, 0, npages * PAGE) == data.tobytes()   # ...and lost nothing
+    kinds = np.full(npages, HOLE)
+    for page, n, kind in ((x[0], x[1], x[2]) for x in r.runs(0)):
+        kinds[page:page + n] = kind
+    assert (kinds == np.where(zero, ZERO, DATA)).all()
+
+
 def _many_small_regions(w, sizes):
     return [w.add_region(RegionSpec(f"r{i}", i << 24, n * PAGE)) for i, n in enumerate(sizes)]
 

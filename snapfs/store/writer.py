@@ -51,7 +51,12 @@ GIVEN_PIECE = 1 << 15         # pages per piece of the hand-over bitmap (4 KiB; 
 SMALL_PUT = 8                 # puts of at most this many pages take the per-page path
 ZERO_PAGE = bytes(STORE_PAGE)
 COMPACT_PARTS = 1024          # merge a region's run pieces beyond this many...
-COMPACT_ZEROS = 65536         # ...or this many zero pages from small puts
+COMPACT_ZEROS = 65536         # ...or this many zero pages from small puts...
+COMPACT_RUNS = 1 << 14        # ...or this many runs (~1.5 ms to merge)
+# Merges stop growing at this many runs (~3 ms each): a merge runs in whichever thread put
+# last, often the fault path's; merging the whole map there (300 000 runs after 87 000
+# faults, under the writer's lock) took 40 ms, and every writer of the target waited on it.
+MERGE_MAX_RUNS = 1 << 15
 WRITE_LANES = 2               # segments open for appending at once (one per compression thread)
 _INFO_KEYS = ("kind", "pid", "comm", "exe", "cmdline", "pause_ms", "duration_s", "faults")
 
@@ -104,7 +109,8 @@ class SnapshotWriter:
         self._npages = np.zeros(0, np.int64)    # and its pages...
         self._sharing = np.zeros(0, bool)       # ...and whether it shares another's
         self._parts: list[np.ndarray] = []      # recent run pieces (writer page space), unsorted
-        self._merged: list[np.ndarray] = []     # sorted runs, sizes decreasing
+        self._parts_runs = 0                    # how many runs they hold
+        self._merged: list[np.ndarray] = []     # sorted runs (sizes decreasing up to MERGE_MAX_RUNS)
         self._zero_pending: list[int] = []      # zero pages from small puts (writer page space)
         self._hashes: dict[int, np.ndarray] = {}  # page hashes, per MAP_PIECE pages
         self._given: dict[int, np.ndarray] = {}   # bitmap of pages handed over, per GIVEN_PIECE
@@ -402,10 +408,13 @@ class SnapshotWriter:
     def _add_runs(self, parts: list[np.ndarray], zeros: list[int] | None = None) -> None:
         """Add run pieces (writer page space) and zero pages; compact when there are many."""
         with self._lock:
-            self._parts.extend(p for p in parts if len(p))
+            for p in parts:
+                if len(p):
+                    self._parts.append(p)
+                    self._parts_runs += len(p)
             if zeros:
                 self._zero_pending += zeros
-            self._compact()
+        self._compact()
 
     @staticmethod
     def _shifted(runs: np.ndarray, base: int) -> np.ndarray:
@@ -619,7 +628,8 @@ class SnapshotWriter:
         with self._lock:
             self._frames += [(seg.id, o, fl, FRAME_PAGES) for o, fl in zip(offs.tolist(), flens.tolist())]
             self._parts.append(runs)
-            self._compact()
+            self._parts_runs += len(runs)
+        self._compact()
 
     @contextlib.contextmanager
     def _lane(self) -> Iterator[int]:
@@ -694,22 +704,34 @@ class SnapshotWriter:
         with self._lock:
             self._frames.append((seg.id, off, flen, npages))
             self._parts.append(runs)
-            self._compact()
+            self._parts_runs += len(runs)
+        self._compact()
 
     def _compact(self) -> None:
-        """Merge the pending run pieces once there are many (call with _lock held).
+        """Merge the pending run pieces once there are many (call without _lock held).
 
         Keeps writer memory proportional to the number of runs, not to the number of puts.
+        The merging itself is done outside the lock: the caller may be a niced compression
+        thread, which would otherwise hold every other put (the fault path's too) behind it.
+        Commit merges whatever arrays _merged holds, in any order.
         """
-        if len(self._parts) <= COMPACT_PARTS and len(self._zero_pending) <= COMPACT_ZEROS:
-            return
-        new = _runs.finish(self._parts + [_runs.make_runs(np.array(self._zero_pending, np.uint64), ZERO)])
-        self._parts.clear()
-        self._zero_pending.clear()
-        # Merge like a binary counter so each run is re-sorted O(log n) times overall.
-        while self._merged and len(self._merged[-1]) <= 2 * len(new):
-            new = _runs.finish([self._merged.pop(), new])
-        self._merged.append(new)
+        with self._lock:
+            if (len(self._parts) <= COMPACT_PARTS and len(self._zero_pending) <= COMPACT_ZEROS
+                    and self._parts_runs <= COMPACT_RUNS):
+                return
+            parts, zeros = self._parts, self._zero_pending
+            self._parts, self._parts_runs, self._zero_pending = [], 0, []
+        new = _runs.finish(parts + [_runs.make_runs(np.array(zeros, np.uint64), ZERO)])
+        # Merge like a binary counter so each run is re-sorted O(log n) times overall, but
+        # never into more than MERGE_MAX_RUNS: the cost of one merge stays bounded.
+        while True:
+            with self._lock:
+                if not (self._merged and len(self._merged[-1]) <= 2 * len(new)
+                        and len(self._merged[-1]) + len(new) <= MERGE_MAX_RUNS):
+                    self._merged.append(new)
+                    return
+                other = self._merged.pop()
+            new = _runs.finish([other, new])
 
     def _fail(self, exc: BaseException) -> None:
         """Mark the writer failed; on a full disk give the space back at once.
