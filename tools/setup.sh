@@ -57,3 +57,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ] ||
     fi
     echo "$digest" >"$stamp"
 fi
+# Byte-compile the package: an editable install is not compiled by pip, and where
+# PYTHONDONTWRITEBYTECODE is set nothing ever writes the cache, so every `snapfs` run
+# compiled its sources again (0.2 s of CPU before a capture starts). Stale entries are
+# ignored by Python (it checks the source's time), so this is safe to run every time.
+.venv/bin/python -m compileall -q snapfs >/dev/null
