@@ -188,6 +188,15 @@ int snapfs_unprotect_units(int uffd, unsigned long wp_request, int pagemap_fd,
     return 0;
 }
 
+void snapfs_writeprotect_ranges(int uffd, unsigned long wp_request, const uint64_t *lo, const uint64_t *hi,
+                                int n, uint64_t mode, int *res)
+{
+    for (int i = 0; i < n; i++) {
+        struct uffdio_writeprotect wp = {{lo[i], hi[i] - lo[i]}, mode};
+        res[i] = ioctl(uffd, wp_request, &wp) < 0 ? -errno : 0;
+    }
+}
+
 void snapfs_unprotect_each(const int *fds, const uint64_t *lo, const uint64_t *hi, int n,
                            unsigned long wp_request, int *res)
 {

@@ -99,6 +99,12 @@ void snapfs_ptrace_record(const int *tids, int n, long regs_request, void *regs,
 int snapfs_unprotect_units(int uffd, unsigned long wp_request, int pagemap_fd,
                            unsigned long scan_request, uint64_t *lo, uint64_t *hi, int n, int *res);
 
+/* UFFDIO_WRITEPROTECT (wp_request) of lo[i]..hi[i] with mode for i < n, in one call: the
+ * freeze re-protects thousands of scattered written ranges (a JVM-like target: 6 600), at
+ * ~2 us of Python per call on top of the kernel's. res[i]: 0 or -errno. */
+void snapfs_writeprotect_ranges(int uffd, unsigned long wp_request, const uint64_t *lo, const uint64_t *hi,
+                                int n, uint64_t mode, int *res);
+
 /* Unprotect lo[i]..hi[i] through uffd fds[i] (wp_request), for i < n, in one call: a shared
  * object's page saved by a fault is unprotected in every member that maps it. res[i]: 0 or
  * -errno of its UFFDIO_WRITEPROTECT. */

@@ -216,14 +216,14 @@ def _as_ranges(lo: np.ndarray, hi: np.ndarray, cat: np.ndarray) -> np.ndarray:
     return out
 
 
-def _coalesce(lo: np.ndarray, hi: np.ndarray, group: np.ndarray) -> list[tuple[int, int]]:
+def _coalesce(lo: np.ndarray, hi: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted disjoint ranges merged across gaps of at most _COALESCE_GAP, never across a
-    change of ``group`` (the VMA)."""
+    change of ``group`` (the VMA): their (lo, hi) arrays."""
     if not len(lo):
-        return []
+        return lo, hi
     head = np.flatnonzero(np.r_[True, (lo[1:] - hi[:-1] > _COALESCE_GAP) | (group[1:] != group[:-1])])
     last = np.r_[head[1:] - 1, len(lo) - 1]
-    return list(zip(lo[head].tolist(), hi[last].tolist()))
+    return lo[head], hi[last]
 
 
 def _merge_extents(lo, hi, huge, region):
@@ -373,16 +373,15 @@ def protect_and_record(
                                    is_written & ~is_shared[vi] & (page_sizes[vi] == k.PAGE_SIZE))
             is_written &= ~copied
         c_lo, c_hi, c_vi = lo[copied], hi[copied], vi[copied]
-        todo = _coalesce(lo[is_written], hi[is_written], vi[is_written])
+        t_lo, t_hi = _coalesce(lo[is_written], hi[is_written], vi[is_written])
+        res = ft.uffd.protect_ranges(t_lo, t_hi)
+        protected_pages += int(((t_hi - t_lo)[res == 0] // np.uint64(k.PAGE_SIZE)).sum())
         failed: set[int] = set()
-        for a, b in todo:
-            try:
-                ft.uffd.protect(a, b - a, wp=True)
-                protected_pages += (b - a) // k.PAGE_SIZE
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP, errno.ENOENT):
-                    raise
-                failed |= _protect_each(ft.uffd, regions, starts, ends, a, b)
+        for j in np.flatnonzero(res).tolist():
+            err = -int(res[j])
+            if err not in (errno.EINVAL, errno.EBUSY, errno.EPERM, errno.ENOTSUP, errno.ENOENT):
+                raise OSError(err, f"UFFDIO_WRITEPROTECT: {os.strerror(err)}")
+            failed |= _protect_each(ft.uffd, regions, starts, ends, int(t_lo[j]), int(t_hi[j]))
         for i in failed:  # cannot be write-protected: copy it now, stopped
             regions[i].mode = "copy"
             regions[i].meta["unprotectable"] = "write-protect refused"

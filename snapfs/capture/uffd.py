@@ -118,6 +118,17 @@ class Uffd:
         )
         k.ioctl(self.fd, k.UFFDIO_WRITEPROTECT, arg)
 
+    def protect_ranges(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Write-protect every [lo[i], hi[i]) in one C call; per range 0 or -errno."""
+        lo = np.ascontiguousarray(lo, np.uint64)
+        hi = np.ascontiguousarray(hi, np.uint64)
+        res = np.zeros(len(lo), np.intc)
+        if len(lo):
+            k.lib.snapfs_writeprotect_ranges(self.fd, k.UFFDIO_WRITEPROTECT, k.ffi.from_buffer("uint64_t[]", lo),
+                                             k.ffi.from_buffer("uint64_t[]", hi), len(lo),
+                                             k.UFFDIO_WRITEPROTECT_MODE_WP, k.ffi.from_buffer("int[]", res))
+        return res
+
     def unprotect_quiet(self, start: int, length: int) -> str:
         """Unprotect and wake. Returns ``"ok"``; ``"gone"`` if the range is no longer
         registered (unmapped meanwhile) or the target is gone; ``"busy"`` (EAGAIN) while the
