@@ -253,6 +253,7 @@ class ClassifiedMaps:
         self.starts = np.fromiter((v.start for v in out), np.uint64, len(out))
         self.ends = np.fromiter((v.end for v in out), np.uint64, len(out))
         self.page_sizes = np.fromiter((v.page_size for v in out), np.uint64, len(out))
+        self.shmem = np.fromiter((v.kind == "shmem" for v in out), bool, len(out))
         return out
 
     def update(self, text: str) -> list[Vma]:
