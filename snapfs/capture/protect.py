@@ -390,7 +390,7 @@ def protect_and_record(
         # those (a plain protected VMA needs nothing here): the others are most of a target
         # with tens of thousands of mappings, and two Python passes over all of them cost
         # ~10 ms of the pause.
-        modes[list(failed)] = False
+        modes[list(failed)] = False  # modes stays each VMA's mode == "wp" from here on
         some = [(i, regions[i]) for i in np.flatnonzero(~modes | maps.shmem).tolist()]
         extra = []
         found = _scan_grouped(scanner, maps, [
@@ -418,7 +418,7 @@ def protect_and_record(
                 r = found[i]
                 extra.append((r["start"], r["end"], r["categories"], np.full(len(r), i, np.int64)))
         if failed:
-            keep = np.array([regions[i].mode == "wp" for i in vi.tolist()], bool)
+            keep = modes[vi]
             lo, hi, cat, vi = lo[keep], hi[keep], cat[keep], vi[keep]
         for elo, ehi, ecat, evi in extra:
             lo, hi, cat, vi = (np.concatenate([lo, elo]), np.concatenate([hi, ehi]),
@@ -445,10 +445,10 @@ def protect_and_record(
     written, written_data = [], None
     if copied.any():
         # Not those of a VMA that could not be protected after all: copied whole above.
-        ok = np.array([regions[i].mode == "wp" for i in c_vi.tolist()], bool)
+        ok = modes[c_vi]
         _compact(copy_written, (c_hi - c_lo).astype(np.int64), ok)
         if ok.any():
-            written, written_data = _claim_written(ledger, regions, copy_written, c_lo[ok], c_hi[ok], c_vi[ok])
+            written, written_data = _claim_written(ledger, maps.starts, copy_written, c_lo[ok], c_hi[ok], c_vi[ok])
     return Prepared(
         regions=regions,
         ledger=ledger,
@@ -532,7 +532,7 @@ def _compact(buf: bytearray, sizes: np.ndarray, keep: np.ndarray) -> None:
         view[:len(joined)] = joined
 
 
-def _claim_written(ledger: Ledger, regions: list[Vma], buf: bytearray, lo: np.ndarray, hi: np.ndarray,
+def _claim_written(ledger: Ledger, region_starts: np.ndarray, buf: bytearray, lo: np.ndarray, hi: np.ndarray,
                    vi: np.ndarray) -> tuple[list[tuple[int, int, int]], memoryview]:
     """Claim the copied ranges in the (new) ledger; their pieces (region, first page,
     pages) and data."""
@@ -541,8 +541,7 @@ def _claim_written(ledger: Ledger, regions: list[Vma], buf: bytearray, lo: np.nd
     ext = np.searchsorted(ledger.ext_end, addrs, side="right")
     slots = ledger.ext_base[ext] + ((addrs - ledger.ext_start[ext]) >> np.uint64(k.PAGE_SHIFT)).astype(np.int64)
     ledger.claim_new(slots)
-    starts = np.array([regions[i].start for i in vi.tolist()], np.uint64)
-    firsts = ((lo - starts) >> np.uint64(k.PAGE_SHIFT)).astype(np.int64)
+    firsts = ((lo - region_starts[vi]) >> np.uint64(k.PAGE_SHIFT)).astype(np.int64)
     pieces = list(zip(vi.tolist(), firsts.tolist(), counts.tolist()))
     return pieces, memoryview(buf)[:int(counts.sum()) * k.PAGE_SIZE]
 
