@@ -17,7 +17,7 @@ from snapfs.capture.freeze import frozen
 from snapfs.capture.maps import ClassifiedMaps, read_maps_text
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.preprotect import protect_then_freeze
-from snapfs.capture.protect import handshake, protect_and_record
+from snapfs.capture.protect import handshake, plan_instant, protect_and_record
 from tests.support.capture import Target, assert_released
 
 PAGE = 4096
@@ -35,10 +35,17 @@ async def _attached(t: Target):
         uffd.close()
 
 
+def _plan(pre):
+    return plan_instant(pre.maps, pre)
+
+
+@pytest.mark.parametrize("plan", [None, _plan], ids=["decided-in-pause", "decided-before"])
 @pytest.mark.parametrize("zap", [False, True], ids=["unchanged-vma", "zapped-range"])
-async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
+async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap, plan):
     """Unchanged VMA: populated = recorded after protecting + found WRITTEN at the freeze.
-    With a DONTNEED meanwhile the VMA is scanned in full at the freeze."""
+    With a DONTNEED meanwhile the VMA is scanned in full at the freeze. The same whether
+    the instant's work was decided (and its scans run ahead) before the freeze or in it
+    (an event voids a plan decided before)."""
     n = 4096
     with Target("populate", str(n)) as t:
         base, end = t.addr, t.addr + n * PAGE
@@ -58,8 +65,9 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
                 )
 
             pre, _ft, prep = await protect_then_freeze(
-                t.pid, "populate", uffd, maps, at_instant, meanwhile
+                t.pid, "populate", uffd, maps, at_instant, meanwhile, plan=plan
             )
+            assert (pre.plan is not None) == (plan is not None)
             assert pre.faults >= n // 8
             assert prep.reprotected_pages >= n // 8 + n // 4
             zapped = (base + n // 8 * PAGE, base + n // 4 * PAGE)
@@ -85,6 +93,40 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap):
                     recorded.update(range((lo - base) // PAGE, (hi - base) // PAGE))
             first = n // 8 if zap else n // 4
             assert recorded == set(range(0, first)) | set(range(n // 2, 3 * n // 4))
+        assert_released(t.pid)
+
+
+async def test_mapping_made_after_the_plan_is_captured_at_the_freeze():
+    """A plan decided before the freeze knows the maps of then: a mapping made after it
+    (no uffd event tells) voids it at the freeze, which then registers, protects and
+    records the new mapping like any other."""
+    n = 4096
+    with Target("populate", str(n)) as t:
+        async with _attached(t) as (uffd, features, maps):
+            made = []
+
+            async def meanwhile(pre) -> None:
+                assert pre.plan is not None
+                reply = await trio.to_thread.run_sync(t.send, "n")
+                made.append(int(reply.split("addr=")[1], 16))
+
+            def at_instant(ft, pre):
+                return protect_and_record(ft, include_readonly=False, huge_sizes={}, features=features, pre=pre)
+
+            pre, ft, prep = await protect_then_freeze(t.pid, "populate", uffd, maps, at_instant, meanwhile,
+                                                      plan=_plan)
+            assert pre.plan.text != ft.maps_text and not pre.changed
+            lo, hi = made[0], made[0] + n // 8 * PAGE
+            scanner = PagemapScanner(t.pid)
+            try:  # protected at the freeze: nothing there is writable
+                written = scanner.scan(lo, hi, require=k.PAGE_IS_WRITTEN | k.PAGE_IS_PRESENT)
+            finally:
+                scanner.close()
+            assert len(written) == 0
+            led = prep.ledger
+            recorded = sum(min(int(b), hi) - max(int(a), lo) for a, b in zip(led.starts, led.ends)
+                           if a < hi and b > lo)
+            assert recorded == hi - lo
         assert_released(t.pid)
 
 

@@ -282,7 +282,7 @@ async def _astop_protected(group: StopGroup) -> None:
 @contextlib.contextmanager
 def frozen_again(
     target: int | ProcessHandle, comm: str, uffd: Uffd, on_stopped: Callable[[], None] | None = None,
-    realtime: bool = False,
+    realtime: bool = False, expect_maps: tuple[str, bytes] | None = None,
 ) -> Iterator[FrozenTarget]:
     """Stop every thread of the target again, for a target whose ``uffd`` snapfs already
     holds (taken by an earlier :func:`frozen`): the snapshot instant after pre-protection.
@@ -298,6 +298,8 @@ def frozen_again(
     runs once every thread is stopped (e.g. to halt that fault server) and before the maps
     are read. ``realtime``: the calling thread and the tracer run SCHED_FIFO from the stop
     to the release (:func:`realtime_freeze`), not while the records are decoded after it.
+    ``expect_maps``: the maps text (and its bytes) the caller expects, used as is when
+    unchanged (see :func:`read_maps_text`).
     """
     handle, owned = _pin(target)
     group = StopGroup([handle])
@@ -319,7 +321,7 @@ def frozen_again(
                     comm=comm,
                     proc=proc,
                     uffd=uffd,
-                    maps_text=read_maps_text(handle.pid),
+                    maps_text=read_maps_text(handle.pid, expect_maps),
                     threads=threads,
                     stopped_at=t0,
                     thread_masks=masks,

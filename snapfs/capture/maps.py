@@ -84,12 +84,18 @@ def parse_maps(text: str) -> list[Vma]:
     return [v for v in map(parse_line, text.splitlines()) if v is not None]
 
 
-def read_maps_text(pid: int) -> str:
-    """The text of ``/proc/PID/maps`` (one read: the kernel's cost is ~1 us per VMA);
-    :class:`TargetError` if the process is gone."""
+def read_maps_text(pid: int, same: tuple[str, bytes] | None = None) -> str:
+    """The text of ``/proc/PID/maps`` (one read: the kernel's cost is ~0.5 us per VMA);
+    :class:`TargetError` if the process is gone. ``same``: a text read before and its
+    encoding; when the maps have not changed since, that very text is returned (comparing
+    bytes, not decoding them: ~3 ms of a pause for 65 000 mappings), so that ``is``/``==``
+    against it is immediate."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            return f.read()
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            data = f.read()
+        if same is not None and data == same[1]:
+            return same[0]
+        return data.decode()
     except (FileNotFoundError, ProcessLookupError):
         raise TargetError(f"process {pid} exited") from None
     except PermissionError:

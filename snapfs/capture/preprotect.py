@@ -16,7 +16,7 @@ import errno
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
@@ -63,6 +63,9 @@ class PreProtected:
     # Pages the target wrote meanwhile (sorted, unique): likely written again soon after the
     # freeze, so the scan copies them first.
     hot: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    # The instant's work decided while the target still runs (a protect.InstantPlan; see
+    # protect_then_freeze's ``plan``).
+    plan: Any = None
 
 
 def preprotect_regions(pid: int, uffd: Uffd, maps: ClassifiedMaps) -> PreProtected:
@@ -270,33 +273,44 @@ async def protect_then_freeze(
     at_instant: Callable[[FrozenTarget, PreProtected], T],
     meanwhile: Callable[[PreProtected], Awaitable[None]] | None = None,
     handle: ProcessHandle | None = None,
+    plan: Callable[[PreProtected], Any] | None = None,
 ) -> tuple[PreProtected, FrozenTarget, T]:
     """Write-protect the captured regions of ``maps`` while the target runs (serving the faults this causes),
     then freeze it and call ``at_instant(frozen_target, pre)`` with every thread stopped and
     the fault server halted (``pre.changed`` complete); returns (pre, frozen target, its
     result). ``meanwhile`` runs between the two (tests make the target act there).
     ``handle``, the one the attach used, makes the freeze refuse a target that exec'd.
+    ``plan(pre)``, run in a worker thread after pre-protection, gives ``pre.plan`` (a
+    protect.InstantPlan): the freeze starts its scans once every thread is stopped (if no
+    event changed a range) and compares the maps it reads with the plan's.
 
     The freeze runs in one worker thread (ptrace wants a single tracer thread) while the
     trio thread keeps serving faults until every thread is stopped.
     """
     server = PreFaultServer(pid, uffd, maps.regions)
 
-    def halt_server() -> None:  # from the freeze's thread once every thread is stopped
-        trio.from_thread.run_sync(server.halt)
-
     def freeze(pre: PreProtected) -> tuple[FrozenTarget, T]:
-        with frozen_again(handle or pid, comm, uffd, on_stopped=halt_server, realtime=True) as ft:
-            pre.changed = list(server.changed)
-            pre.hot = np.unique(np.array(server.written, np.uint64))
+        def stopped() -> None:  # in this thread, once every thread of the target is stopped
+            trio.from_thread.run_sync(server.halt)
+            pre.changed = list(server.changed)  # complete: the server is halted
+            if pre.plan is not None and not pre.changed:
+                pre.plan.scan_ahead(pid)
+
+        expect = pre.plan.expected_maps() if pre.plan is not None else None
+        with frozen_again(handle or pid, comm, uffd, on_stopped=stopped, realtime=True, expect_maps=expect) as ft:
             return ft, at_instant(ft, pre)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.run)
         pre = await trio.to_thread.run_sync(preprotect_regions, pid, uffd, maps)
+        if plan is not None:
+            pre.plan = await trio.to_thread.run_sync(plan, pre)
         if meanwhile is not None:
             await meanwhile(pre)
         ft, result = await trio.to_thread.run_sync(freeze, pre)
         nursery.cancel_scope.cancel()
     pre.faults = server.faults
+    # Once resumed (the server is halted: the list is final): thousands of pages took
+    # milliseconds of the pause here.
+    pre.hot = np.unique(np.array(server.written, np.uint64))
     return pre, ft, result

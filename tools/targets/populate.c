@@ -9,6 +9,7 @@
  *   p: write 0xEE over pages [0, N/8) and [N/2, 3N/4) (the latter populated only now)
  *   d: madvise(MADV_DONTNEED) pages [N/8, N/4) (they become holes)
  *   s: write 0xAA over every 8th page of [0, N/4) (scattered single pages)
+ *   n: map N/8 more pages and write 0xBB over them ("ok n addr=0x...": a new mapping)
  *   q: exit 0
  */
 #include <stdio.h>
@@ -40,6 +41,14 @@ int main(int argc, char **argv) {
         if (line[0] == 's') {
             for (size_t p = 0; p < n / 4; p += 8) memset(buf + p * PAGE, 0xAA, PAGE);
             printf("ok s\n");
+            fflush(stdout);
+        }
+        if (line[0] == 'n') {
+            unsigned char *more = mmap(NULL, n / 8 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (more == MAP_FAILED) return 1;
+            madvise(more, n / 8 * PAGE, MADV_NOHUGEPAGE);
+            memset(more, 0xBB, n / 8 * PAGE);
+            printf("ok n addr=%p\n", (void *)more);
             fflush(stdout);
         }
         if (line[0] == 'd') {
