@@ -92,6 +92,17 @@ async def test_hugetlb_region_captured(store_dir, hugepages):
         assert_released(t.pid)
 
 
+def test_huge_page_sizes_asked_per_file_mapping_match_smaps(hugepages):
+    """The hugetlb page sizes asked with PROCMAP_QUERY (file mappings only) are those smaps
+    gives (which walks every page table)."""
+    from snapfs.capture.maps import _smaps_page_sizes, huge_page_sizes
+
+    with Target("oracle", "8192", "2", "hugetlb") as t:
+        sizes = huge_page_sizes(t.pid)
+        assert sizes.get(t.addr) == 2 << 20
+        assert sizes == _smaps_page_sizes(t.pid)
+
+
 async def test_unmap_dontneed_mremap_during_capture(store_dir):
     """The target madvise(DONTNEED)s, munmaps and mremaps parts of the oracle buffer right
     after the freeze: every page of the image is the freeze content or reported lost."""

@@ -144,7 +144,7 @@ class _Capture:
     async def _run(self, handle: ProcessHandle) -> CaptureResult:
         comm = handle.comm
         premaps = parse_maps(read_maps_text(self.pid))
-        huge_sizes = self.huge_sizes = huge_page_sizes(self.pid)
+        huge_sizes = self.huge_sizes = huge_page_sizes(self.pid, premaps)
         shared = shared_with_others(self.pid, premaps)
         meta = process_meta(self.pid, comm)
         meta["created"] = time.time()

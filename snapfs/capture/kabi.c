@@ -197,6 +197,23 @@ void snapfs_writeprotect_ranges(int uffd, unsigned long wp_request, const uint64
     }
 }
 
+int snapfs_vma_page_sizes(int maps_fd, unsigned long request, const uint64_t *addrs, int n, uint64_t *sizes)
+{
+    for (int i = 0; i < n; i++) {
+        struct procmap_query q = {0};
+        q.size = sizeof q;
+        q.query_addr = addrs[i];
+        if (ioctl(maps_fd, request, &q) < 0) {
+            if (errno != ENOENT)
+                return -errno;
+            sizes[i] = 0;
+            continue;
+        }
+        sizes[i] = q.vma_page_size;
+    }
+    return 0;
+}
+
 void snapfs_unprotect_each(const int *fds, const uint64_t *lo, const uint64_t *hi, int n,
                            unsigned long wp_request, int *res)
 {

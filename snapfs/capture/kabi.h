@@ -36,6 +36,19 @@ struct pm_scan_arg {
     uint64_t category_mask; uint64_t category_anyof_mask; uint64_t return_mask;
 };
 
+/* PROCMAP_QUERY (linux/fs.h, 6.11+): one VMA of /proc/PID/maps by address */
+struct procmap_query {
+    uint64_t size; uint64_t query_flags; uint64_t query_addr; uint64_t vma_start; uint64_t vma_end;
+    uint64_t vma_flags; uint64_t vma_page_size; uint64_t vma_offset; uint64_t inode;
+    uint32_t dev_major; uint32_t dev_minor; uint32_t vma_name_size; uint32_t build_id_size;
+    uint64_t vma_name_addr; uint64_t build_id_addr;
+};
+
+/* The page size of the VMA covering each addrs[i] (PROCMAP_QUERY, request, on maps_fd, an fd
+ * of /proc/PID/maps) into sizes[i], 0 where no VMA covers it (unmapped since), for i < n:
+ * 0, or the first other -errno (-ENOTTY: a kernel without PROCMAP_QUERY). */
+int snapfs_vma_page_sizes(int maps_fd, unsigned long request, const uint64_t *addrs, int n, uint64_t *sizes);
+
 /* A raw syscall by number (a ptrace PEEK*, whose data may look like -errno, cannot go
  * through it). */
 long snapfs_syscall(long nr, long a0, long a1, long a2, long a3, long a4, long a5);

@@ -92,6 +92,8 @@ UFFD_MSG_SIZE = 32
 
 # --- PAGEMAP_SCAN (linux/fs.h, 6.7+) ---
 PAGEMAP_SCAN = _iowr(ord("f"), 16, "struct pm_scan_arg")
+# --- PROCMAP_QUERY (linux/fs.h, 6.11+) ---
+PROCMAP_QUERY = _iowr(ord("f"), 17, "struct procmap_query")
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WPALLOWED = 1 << 0

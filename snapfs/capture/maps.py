@@ -13,12 +13,13 @@ Each VMA becomes a :class:`Vma`; :func:`classify` decides how it is captured:
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from snapfs.capture.kernel import PAGE_SIZE
+from snapfs.capture.kernel import PAGE_SIZE, PROCMAP_QUERY, check, ffi, lib
 from snapfs.errors import TargetError
 
 _SPECIAL_SKIP = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
@@ -109,11 +110,49 @@ def read_maps(pid: int) -> list[Vma]:
     return parse_maps(read_maps_text(pid))
 
 
-def huge_page_sizes(pid: int) -> dict[int, int]:
-    """``{vma start: KernelPageSize}`` for VMAs whose page size is not the base page (hugetlb).
+def huge_page_sizes(pid: int, vmas: list[Vma] | None = None) -> dict[int, int]:
+    """``{vma start: KernelPageSize}`` for VMAs whose page size is not the base page (hugetlb);
+    ``vmas``: the process's maps, if just read.
 
-    Reads ``smaps``, which walks page tables: call it before the freeze, not during.
+    Only a VMA that maps a file can be hugetlb (MAP_HUGETLB, SHM_HUGETLB and MFD_HUGETLB map a
+    file on an internal hugetlbfs), so only those are asked, one PROCMAP_QUERY each (6.11+).
+    Else ``smaps`` is read, which walks every page table (1 GiB in 65 000 mappings: ~0.45 s;
+    a multi-GiB heap more): before the freeze, never during it.
     """
+    if vmas is None:
+        vmas = read_maps(pid)
+    try:
+        return _queried_page_sizes(pid, [v.start for v in vmas if v.inode != 0])
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TargetError(f"process {pid} exited") from None
+        if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    return _smaps_page_sizes(pid)
+
+
+def _queried_page_sizes(pid: int, starts: list[int]) -> dict[int, int]:
+    if not starts:
+        return {}
+    addrs = np.array(starts, np.uint64)
+    sizes = np.zeros(len(addrs), np.uint64)
+    try:
+        fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetError(f"process {pid} exited") from None
+    except PermissionError:
+        from snapfs.capture.ptrace import permission_error
+
+        raise permission_error(pid) from None
+    try:
+        check(lib.snapfs_vma_page_sizes(fd, PROCMAP_QUERY, ffi.from_buffer("uint64_t[]", addrs), len(addrs),
+                                        ffi.from_buffer("uint64_t[]", sizes)), "PROCMAP_QUERY")
+    finally:
+        os.close(fd)
+    return {a: s for a, s in zip(starts, sizes.tolist()) if s not in (0, PAGE_SIZE)}
+
+
+def _smaps_page_sizes(pid: int) -> dict[int, int]:
     sizes: dict[int, int] = {}
     current = None
     try:

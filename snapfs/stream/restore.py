@@ -98,7 +98,8 @@ class _Assessment:
 
 def target_regions(pid: int) -> dict[str, Vma]:
     """The target's regions by block name (every readable mapping, capture naming)."""
-    vmas = classify(read_maps(pid), include_readonly=True, huge_sizes=huge_page_sizes(pid))
+    maps = read_maps(pid)
+    vmas = classify(maps, include_readonly=True, huge_sizes=huge_page_sizes(pid, maps))
     return {v.name: v for v in vmas}
 
 
