@@ -264,6 +264,7 @@ class InstantPlan:
     base: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # pre's pieces of known VMAs (lo, hi, cat, vi)
     _ahead: threading.Thread | None = None
     _scanned: list[np.ndarray] | None = None
+    _text_bytes: bytes | None = None
 
     def scan_ahead(self, pid: int) -> None:
         """Start scanning ``written_spans`` in a thread of its own (read-only: the target is
@@ -292,8 +293,11 @@ class InstantPlan:
 
     def expected_maps(self) -> tuple[str, bytes]:
         """The maps text it was decided for and its bytes, for the freeze's reading of the
-        maps to compare with (see :func:`~snapfs.capture.maps.read_maps_text`)."""
-        return self.text, self.text.encode()
+        maps to compare with (see :func:`~snapfs.capture.maps.read_maps_text`); encoded on
+        the first call (call it before the freeze: ~1 ms for 65 000 mappings)."""
+        if self._text_bytes is None:
+            self._text_bytes = self.text.encode()
+        return self.text, self._text_bytes
 
     def scanned(self) -> list[np.ndarray] | None:
         """The scan-ahead's results (waiting for it), or None if it did not run or failed."""

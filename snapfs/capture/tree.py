@@ -54,7 +54,7 @@ from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.preprotect import PreFaultServer, PreProtected, preprotect_regions
 from snapfs.capture.priority import TREE_GIL_SWITCH_INTERVAL, background_thread_priority, fault_thread_priority
 from snapfs.capture.processes import cgroup_pids, memory_owners, proc_stat, tree_pids
-from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, copy_buffer_for, protect_and_record
+from snapfs.capture.protect import MINIMAL_FEATURES, Prepared, copy_buffer_for, plan_instant, protect_and_record
 from snapfs.capture.inject import find_gadgets
 from snapfs.capture.ptrace import StopGroup, StoppedProcess
 from snapfs.capture.relocated import save_private_pages
@@ -349,6 +349,11 @@ class _TreeCapture:
                 m.pre = preprotect_regions(m.pid, m.uffd, m.maps)
             except TargetError:
                 m.pre = PreProtected()  # gone: the freeze finds out
+                continue
+            # The instant's work for this member, decided now rather than in the pause (~1-3
+            # ms a member), and the maps' bytes the freeze compares its reading with.
+            m.pre.plan = plan_instant(m.maps, m.pre, shared=_maps_shared_object)
+            m.pre.plan.expected_maps()
 
     def _freeze(self) -> None:
         """Worker thread: stop every member (and newcomers), do the instant's work, resume.
@@ -373,7 +378,7 @@ class _TreeCapture:
                 m.prep = protect_and_record(
                     m.ft, include_readonly=self.options.include_readonly, huge_sizes=m.huge_sizes,
                     features=m.features, pre=m.pre if not m.newcomer else None,
-                    copy_buffer=m.copy_buffer, shared=lambda v: object_key(v) is not None)
+                    copy_buffer=m.copy_buffer, shared=_maps_shared_object)
             t.append(time.monotonic())
             self._find_objects(live)
             for obj in self.objects:
@@ -421,7 +426,7 @@ class _TreeCapture:
             m.pre.hot = np.unique(np.array(m.server.written, np.uint64))
             proc = group[m.pid]
             try:
-                maps_text = read_maps_text(m.pid)
+                maps_text = read_maps_text(m.pid, m.pre.plan.expected_maps() if m.pre.plan is not None else None)
             except TargetError:
                 m.gone_before = True  # killed while stopped
                 continue
@@ -820,6 +825,11 @@ async def _warm_threads(count: int) -> None:
     async with trio.open_nursery() as nursery:
         for _ in range(count):
             nursery.start_soon(partial(trio.to_thread.run_sync, time.sleep, 0.002))
+
+
+def _maps_shared_object(v: Vma) -> bool:
+    """A member's mapping of an object several processes share (recorded once per object)."""
+    return object_key(v) is not None
 
 
 def _handshake(uffd: Uffd) -> int:
