@@ -342,6 +342,8 @@ class _TreeCapture:
         for m in self.live:
             if m.server is not None and m.pre is not None:
                 m.pre.faults = m.server.faults
+                # After the resume (the servers are halted: the lists are final), not in it.
+                m.pre.hot = np.unique(np.array(m.server.written, np.uint64))
 
     def _preprotect_all(self) -> None:
         for m in self.members:
@@ -423,7 +425,6 @@ class _TreeCapture:
         trio.from_thread.run_sync(lambda: [m.server.halt() for m in members])
         for m in members:
             m.pre.changed = list(m.server.changed)
-            m.pre.hot = np.unique(np.array(m.server.written, np.uint64))
             proc = group[m.pid]
             try:
                 maps_text = read_maps_text(m.pid, m.pre.plan.expected_maps() if m.pre.plan is not None else None)
