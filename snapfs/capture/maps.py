@@ -13,8 +13,10 @@ Each VMA becomes a :class:`Vma`; :func:`classify` decides how it is captured:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,24 +87,31 @@ def parse_maps(text: str) -> list[Vma]:
     return [v for v in map(parse_line, text.splitlines()) if v is not None]
 
 
-def read_maps_text(pid: int, same: tuple[str, bytes] | None = None) -> str:
-    """The text of ``/proc/PID/maps`` (one read: the kernel's cost is ~0.5 us per VMA);
-    :class:`TargetError` if the process is gone. ``same``: a text read before and its
-    encoding; when the maps have not changed since, that very text is returned (comparing
-    bytes, not decoding them: ~3 ms of a pause for 65 000 mappings), so that ``is``/``==``
-    against it is immediate."""
+@contextlib.contextmanager
+def _proc_errors(pid: int) -> Iterator[None]:
+    """Reading a /proc/PID file: a process gone becomes :class:`TargetError`, a refusal the
+    permission error that says what to do."""
     try:
-        with open(f"/proc/{pid}/maps", "rb") as f:
-            data = f.read()
-        if same is not None and data == same[1]:
-            return same[0]
-        return data.decode()
+        yield
     except (FileNotFoundError, ProcessLookupError):
         raise TargetError(f"process {pid} exited") from None
     except PermissionError:
         from snapfs.capture.ptrace import permission_error
 
         raise permission_error(pid) from None
+
+
+def read_maps_text(pid: int, same: tuple[str, bytes] | None = None) -> str:
+    """The text of ``/proc/PID/maps`` (one read: the kernel's cost is ~0.5 us per VMA);
+    :class:`TargetError` if the process is gone. ``same``: a text read before and its
+    encoding; when the maps have not changed since, that very text is returned (comparing
+    bytes, not decoding them: ~3 ms of a pause for 65 000 mappings), so that ``is``/``==``
+    against it is immediate."""
+    with _proc_errors(pid), open(f"/proc/{pid}/maps", "rb") as f:
+        data = f.read()
+    if same is not None and data == same[1]:
+        return same[0]
+    return data.decode()
 
 
 def read_maps(pid: int) -> list[Vma]:
@@ -136,14 +145,8 @@ def _queried_page_sizes(pid: int, starts: list[int]) -> dict[int, int]:
         return {}
     addrs = np.array(starts, np.uint64)
     sizes = np.zeros(len(addrs), np.uint64)
-    try:
+    with _proc_errors(pid):
         fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise TargetError(f"process {pid} exited") from None
-    except PermissionError:
-        from snapfs.capture.ptrace import permission_error
-
-        raise permission_error(pid) from None
     try:
         check(lib.snapfs_vma_page_sizes(fd, PROCMAP_QUERY, ffi.from_buffer("uint64_t[]", addrs), len(addrs),
                                         ffi.from_buffer("uint64_t[]", sizes)), "PROCMAP_QUERY")
@@ -155,21 +158,14 @@ def _queried_page_sizes(pid: int, starts: list[int]) -> dict[int, int]:
 def _smaps_page_sizes(pid: int) -> dict[int, int]:
     sizes: dict[int, int] = {}
     current = None
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
-                    current = int(line.split("-", 1)[0], 16)
-                elif line.startswith("KernelPageSize:"):
-                    kib = int(line.split()[1])
-                    if kib * 1024 != PAGE_SIZE and current is not None:
-                        sizes[current] = kib * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        raise TargetError(f"process {pid} exited") from None
-    except PermissionError:
-        from snapfs.capture.ptrace import permission_error
-
-        raise permission_error(pid) from None
+    with _proc_errors(pid), open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                current = int(line.split("-", 1)[0], 16)
+            elif line.startswith("KernelPageSize:"):
+                kib = int(line.split()[1])
+                if kib * 1024 != PAGE_SIZE and current is not None:
+                    sizes[current] = kib * 1024
     return sizes
 
 
