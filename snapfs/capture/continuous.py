@@ -51,7 +51,7 @@ import trio
 from snapfs import ranges as rs
 from snapfs.capture import coreinfo
 from snapfs.capture import kernel as k
-from snapfs.capture import procstate, threadstate
+from snapfs.capture import procstate
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.freeze import stopped, take_userfaultfd
 from snapfs.capture.maps import Vma, classify, parse_maps, read_maps
@@ -495,12 +495,15 @@ def _stopped_pass_rt(tracking: Tracking, early_jobs: list[list[_Walk]], need: np
     changed copied; new VMAs armed; the target released."""
     st = _Stop(tracking, need, scanners)
     t_stop = time.monotonic()
+    thread_masks: dict[str, int] = {}
     with stopped(tracking.handle or tracking.pid) as proc:
         t0 = time.monotonic()
+        t_stop = proc.group.paused_since(t_stop)
         last_share, helpers = _start_early_walks(st, early_jobs)
+        # Registers and signal masks are read by the tracer thread while this one reads
+        # the maps (complete once released).
+        threads = proc.record_threads(wait=False, masks=thread_masks)
         text, st.vmas = _maps_at_stop(tracking, maps_before)
-        threads = proc.record_threads()
-        thread_masks = threadstate.in_tracer(proc, threadstate.record_masks, proc.tids)
         t1 = time.monotonic()
         done = _run_walks(scanners[0], last_share)
         for f in helpers:
@@ -514,7 +517,7 @@ def _stopped_pass_rt(tracking: Tracking, early_jobs: list[list[_Walk]], need: np
         t3 = time.monotonic()
         _rearm(tracking, rearm)
         t4 = time.monotonic()
-    t5 = time.monotonic()
+    t5 = proc.group.released_at or time.monotonic()
     times = {"stop_ms": (t0 - t_stop) * 1e3, "maps_threads_ms": (t1 - t0) * 1e3,
              "scan_ms": (t2 - t1) * 1e3, "scan_wait_ms": (t_early - t1) * 1e3,
              "copy_ms": (t3 - t2) * 1e3, "rearm_ms": (t4 - t3) * 1e3, "resume_ms": (t5 - t4) * 1e3,

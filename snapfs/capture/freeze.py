@@ -203,7 +203,7 @@ async def frozen(target: int | ProcessHandle, record: bool = True,
                 uffd=uffd,
                 maps_text=read_maps_text(handle.pid) if record else "",
                 threads=proc.record_threads() if record else {},
-                stopped_at=t0,
+                stopped_at=group.paused_since(t0),
                 injected_ms=injected_ms,
                 handle=handle,
             )
@@ -323,7 +323,7 @@ def frozen_again(
                     uffd=uffd,
                     maps_text=read_maps_text(handle.pid, expect_maps),
                     threads=threads,
-                    stopped_at=t0,
+                    stopped_at=group.paused_since(t0),
                     thread_masks=masks,
                     handle=handle,
                 )

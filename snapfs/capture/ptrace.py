@@ -168,11 +168,15 @@ class Tracer:
     async def acall(self, fn: Callable[..., T], *args: Any) -> T:
         """:meth:`call` for trio: cancellation aborts the job (which releases what it
         holds), waits for it to end, then propagates."""
-        import trio
-
         if self.in_tracer():
             return fn(*args)
-        job = self._submit(fn, args)
+        return await self._await_job(self._submit(fn, args))
+
+    async def _await_job(self, job: _Job) -> Any:
+        """Wait (trio) for a queued job; cancellation aborts it, waits for it to end, and
+        propagates."""
+        import trio
+
         done = trio.Event()
         token = trio.lowlevel.current_trio_token()
         job.future.add_done_callback(lambda _f: token.run_sync_soon(done.set))
@@ -186,8 +190,9 @@ class Tracer:
         return job.future.result()
 
     def call_cancellable(self, fn: Callable[..., T], *args: Any) -> T:
-        """:meth:`call`, but from a trio worker thread the job is run through the trio
-        thread (:meth:`acall`), so cancelling the trio side aborts it."""
+        """:meth:`call`, but from a trio worker thread cancelling the trio side aborts the
+        job. The job is queued at once (the tracer starts it while this thread asks the
+        trio thread to wait for it: one hand-off less before it runs)."""
         import trio
 
         if not self.in_tracer():
@@ -196,7 +201,8 @@ class Tracer:
             except RuntimeError:
                 pass  # not a trio worker thread
             else:
-                return trio.from_thread.run(self.acall, fn, *args)
+                job = self._submit(fn, args)
+                return trio.from_thread.run(self._await_job, job)
         return self.call(fn, *args)
 
     def _submit(self, fn: Callable, args: tuple) -> _Job:
@@ -668,6 +674,10 @@ class StopGroup:
         self._stopped: dict[int, int] = {}  # tid -> raw status of its current stop
         self._listed: set[int] = set()  # the tids in some process's tids (a list: O(n) lookups)
         self.stop_ms = 0.0
+        # time.monotonic() just before the first thread of the last stop was interrupted:
+        # where the target's pause begins (listing its threads, and handing the job to the
+        # tracer thread, happen while it runs).
+        self.interrupted_at: float | None = None
         # time.monotonic() once every thread runs again: taken in the tracer thread right
         # after the last detach (handing the result back to the caller took up to 1 ms more
         # at 256 threads, with the target already running).
@@ -675,6 +685,11 @@ class StopGroup:
 
     def __getitem__(self, pid: int) -> StoppedProcess:
         return next(p for p in self.procs if p.pid == pid)
+
+    def paused_since(self, asked_at: float) -> float:
+        """When the last stop's pause began (its first interrupt), or ``asked_at`` (when
+        the stop was asked for) if it interrupted nothing new."""
+        return self.interrupted_at if self.interrupted_at is not None else asked_at
 
     def stop(self) -> None:
         """Stop every thread (blocking; from a trio worker thread it is cancellable)."""
@@ -746,6 +761,7 @@ class StopGroup:
     def _stop_in_tracer(self) -> None:
         t0 = time.monotonic()
         deadline = t0 + self.timeout
+        self.interrupted_at = None
         try:
             seen: set[int] = set(self._owner)  # a one-thread stop being widened
             while True:
@@ -798,6 +814,8 @@ class StopGroup:
         if not tids:
             return []
         res = k.ffi.new("int[]", len(tids))
+        if self.interrupted_at is None:
+            self.interrupted_at = time.monotonic()
         k.lib.snapfs_ptrace_seize(k.ffi.new("int[]", tids), len(tids), SEIZE_OPTIONS, res)
         seized: list[int] = []
         error: BaseException | None = None

@@ -433,7 +433,8 @@ class _TreeCapture:
                 continue
             # Registers are read by the tracer thread meanwhile (complete once released).
             m.ft = FrozenTarget(pid=m.pid, comm=m.comm, proc=proc, uffd=m.uffd, maps_text=maps_text,
-                                threads=proc.record_threads(wait=False), stopped_at=t0, handle=m.handle)
+                                threads=proc.record_threads(wait=False), stopped_at=group.paused_since(t0),
+                                handle=m.handle)
 
     def _stop_newcomers(self, stack: contextlib.ExitStack, known: set[int]) -> None:
         """Stop (and take a uffd from) every process that joined the tree since the list was
@@ -903,7 +904,8 @@ def _frozen_newcomer(m: Member):
         uffd = Uffd(proc.tracer.call(take_userfaultfd, proc))
         _handshake(uffd)
         ft = FrozenTarget(pid=m.pid, comm=m.comm, proc=proc, uffd=uffd, maps_text=read_maps_text(m.pid),
-                          threads=proc.record_threads(), stopped_at=t0, handle=m.handle)
+                          threads=proc.record_threads(), stopped_at=proc.group.paused_since(t0),
+                          handle=m.handle)
         yield ft
     except BaseException:
         if uffd is not None:
