@@ -59,3 +59,37 @@ def test_union_of_known_and_written_pages(cuts, gaps, known, dense, written, hug
         assert bool(cc & k.PAGE_IS_WRITTEN) == (p in written)
         if p not in written:
             assert cc == cat.get(p, 0)
+
+
+# ---------------------------------------------------------------- the split scans
+_MIB = 1 << 20
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 64), st.integers(1, 600)), min_size=1, max_size=12),
+       st.integers(2, 4))
+def test_split_scans_cover_the_spans_once_in_order_and_balance_mapped_bytes(vmas, parts):
+    """The instant's scans split into shares (protect._scan_cuts, _cut_spans): together
+    exactly the spans, in address order, cut on 2 MiB boundaries only inside a VMA, and
+    balanced by the bytes mapped (not by address distance: a gap between mappings costs
+    nothing to walk)."""
+    from snapfs.capture.protect import _cut_spans, _scan_cuts
+
+    starts, ends, at = [], [], 0
+    for gap, size in vmas:  # VMAs of `size` MiB, `gap` GiB apart
+        at += gap << 30
+        starts.append(at)
+        ends.append(at + size * _MIB)
+        at += size * _MIB
+    spans = [(starts[0], ends[-1])]  # one span over all of them, gaps included
+    cuts = _scan_cuts(spans, np.array(starts, np.uint64), np.array(ends, np.uint64), parts, 2 * _MIB)
+    groups = _cut_spans(spans, cuts)
+    flat = [r for g in groups for r in g]
+    assert flat[0][0] == spans[0][0] and flat[-1][1] == spans[0][1]
+    assert all(a < b for a, b in flat) and all(b == c for (_, b), (c, _) in zip(flat, flat[1:]))
+    assert all(c % (2 * _MIB) == 0 or c in starts for c in cuts)
+    mapped = [sum(max(0, min(b, e) - max(a, s)) for a, b in g for s, e in zip(starts, ends)) for g in groups]
+    total = sum(e - s for s, e in zip(starts, ends))
+    # Each share within a VMA's worth of rounding (2 MiB) of its part, unless one VMA alone
+    # is more than a share (then it is cut: still within 2 MiB).
+    assert max(mapped) - min(mapped) <= 2 * 2 * _MIB + (total // parts if len(groups) < parts else 0)

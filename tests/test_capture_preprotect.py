@@ -39,13 +39,28 @@ def _plan(pre):
     return plan_instant(pre.maps, pre)
 
 
-@pytest.mark.parametrize("plan", [None, _plan], ids=["decided-in-pause", "decided-before"])
+def _split_scans(monkeypatch) -> None:
+    """Split the instant's scans and copies across three threads even on a 16 MiB target."""
+    from snapfs.capture import protect
+
+    monkeypatch.setattr(protect, "SCAN_SPLIT_BYTES", 1 << 20)
+    monkeypatch.setattr(protect, "COPY_SPLIT_BYTES", 1)
+    monkeypatch.setattr(protect, "_SCAN_PARTS", 3)
+    monkeypatch.setattr(protect, "_scan_pool", None)
+    protect.warm_scan_pool()  # as the engine does before the pause
+
+
+@pytest.mark.parametrize("plan", [None, _plan, "split"], ids=["decided-in-pause", "decided-before", "split-scans"])
 @pytest.mark.parametrize("zap", [False, True], ids=["unchanged-vma", "zapped-range"])
-async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap, plan):
+async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap, plan, monkeypatch):
     """Unchanged VMA: populated = recorded after protecting + found WRITTEN at the freeze.
     With a DONTNEED meanwhile the VMA is scanned in full at the freeze. The same whether
-    the instant's work was decided (and its scans run ahead) before the freeze or in it
-    (an event voids a plan decided before)."""
+    the instant's work was decided (and its scans run ahead, split across threads or not)
+    before the freeze or in it (an event voids a plan decided before)."""
+    split = plan == "split"
+    if split:
+        _split_scans(monkeypatch)
+        plan = _plan
     n = 4096
     with Target("populate", str(n)) as t:
         base, end = t.addr, t.addr + n * PAGE
@@ -68,6 +83,8 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap, plan)
                 t.pid, "populate", uffd, maps, at_instant, meanwhile, plan=plan
             )
             assert (pre.plan is not None) == (plan is not None)
+            if split:  # the scans ran ahead in three shares (unless an event voided the plan)
+                assert len(pre.plan.scan_cuts) == 2
             assert pre.faults >= n // 8
             assert prep.reprotected_pages >= n // 8 + n // 4
             zapped = (base + n // 8 * PAGE, base + n // 4 * PAGE)
@@ -130,14 +147,18 @@ async def test_mapping_made_after_the_plan_is_captured_at_the_freeze():
         assert_released(t.pid)
 
 
-async def test_scattered_pages_written_before_the_freeze_are_copied_in_it():
+@pytest.mark.parametrize("split", [False, True], ids=["one-thread", "split-copy"])
+async def test_scattered_pages_written_before_the_freeze_are_copied_in_it(split, monkeypatch):
     """Single pages written during pre-protection (the ones written next) are copied in the
     freeze with their content at the instant, claimed in the ledger and left writable, not
-    protected again (a protect ioctl each was ~half of a 1 GiB target's pause)."""
+    protected again (a protect ioctl each was ~half of a 1 GiB target's pause); the same
+    when the copy is split across threads."""
     from snapfs.capture.ledger import SAVED
     from snapfs.capture.memory import prefaulted_buffer
     from snapfs.capture.protect import COPY_WRITTEN_MAX
 
+    if split:
+        _split_scans(monkeypatch)
     n = 4096
     with Target("populate", str(n)) as t:
         base = t.addr

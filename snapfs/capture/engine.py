@@ -52,8 +52,8 @@ from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.priority import background_thread_priority, fault_thread_priority
 from snapfs.capture.preprotect import PreProtected, protect_then_freeze
 from snapfs.capture.handle import ProcessHandle
-from snapfs.capture.protect import (COPY_WRITTEN_MAX, Prepared, copy_buffer_for, handshake, plan_instant,
-                                    protect_and_record)
+from snapfs.capture.protect import (COPY_WRITTEN_MAX, InstantPlan, Prepared, copy_buffer_for, handshake,
+                                    plan_instant, protect_and_record, warm_scan_pool)
 from snapfs.capture.relocated import save_private_pages
 from snapfs.capture.scan import CHUNK, Scan
 from snapfs.capture.target_info import process_meta, shared_with_others
@@ -300,9 +300,12 @@ class _Capture:
             trio.from_thread.run(self._start_faults, uffd, prep)
             return prep
 
+        def plan(pre: PreProtected) -> InstantPlan:
+            warm_scan_pool()  # the threads of the instant's scans: started before the pause
+            return plan_instant(pre.maps, pre)
+
         # The instant's work decided while the target still runs (see InstantPlan).
-        return await protect_then_freeze(self.pid, comm, uffd, maps, at_instant, handle=self.handle,
-                                         plan=lambda pre: plan_instant(pre.maps, pre))
+        return await protect_then_freeze(self.pid, comm, uffd, maps, at_instant, handle=self.handle, plan=plan)
 
     async def _read_state_after(self) -> None:
         """The kernel state again once the target runs (see procstate.bracket)."""
