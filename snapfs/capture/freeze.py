@@ -87,8 +87,8 @@ def stopped(target: int | ProcessHandle, timeout: float = STOP_TIMEOUT) -> Itera
 
 
 @trio.lowlevel.enable_ki_protection
-def _stop_protected(group: StopGroup) -> None:
-    group.stop()
+def _stop_protected(group: StopGroup, then_in_trio: Callable[[], None] | None = None) -> None:
+    group.stop(then_in_trio)
 
 
 @trio.lowlevel.enable_ki_protection
@@ -283,6 +283,7 @@ async def _astop_protected(group: StopGroup) -> None:
 def frozen_again(
     target: int | ProcessHandle, comm: str, uffd: Uffd, on_stopped: Callable[[], None] | None = None,
     realtime: bool = False, expect_maps: tuple[str, bytes] | None = None,
+    in_trio_when_stopped: Callable[[], None] | None = None,
 ) -> Iterator[FrozenTarget]:
     """Stop every thread of the target again, for a target whose ``uffd`` snapfs already
     holds (taken by an earlier :func:`frozen`): the snapshot instant after pre-protection.
@@ -294,9 +295,10 @@ def frozen_again(
 
     Blocking; run it in one worker thread while the trio thread keeps serving write faults —
     a thread of the target faulting in kernel mode on protected memory cannot stop before
-    its fault is served. From a trio worker thread the stop is cancellable. ``on_stopped``
-    runs once every thread is stopped (e.g. to halt that fault server) and before the maps
-    are read. ``realtime``: the calling thread and the tracer run SCHED_FIFO from the stop
+    its fault is served. From a trio worker thread the stop is cancellable.
+    ``in_trio_when_stopped`` runs in the trio thread once every thread is stopped (on the
+    stop's own hand-back, not a hop of its own: e.g. to halt that fault server, which runs
+    there), then ``on_stopped`` in this thread, before the maps are read. ``realtime``: the calling thread and the tracer run SCHED_FIFO from the stop
     to the release (:func:`realtime_freeze`), not while the records are decoded after it.
     ``expect_maps``: the maps text (and its bytes) the caller expects, used as is when
     unchanged (see :func:`read_maps_text`).
@@ -308,7 +310,7 @@ def frozen_again(
     try:
         with realtime_freeze() if realtime else contextlib.nullcontext():
             t0 = time.monotonic()
-            _stop_protected(group)
+            _stop_protected(group, in_trio_when_stopped)
             try:
                 # Registers and signal masks are read by the tracer thread while this one
                 # reads the maps and protects memory (complete once released).

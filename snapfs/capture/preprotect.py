@@ -291,13 +291,13 @@ async def protect_then_freeze(
 
     def freeze(pre: PreProtected) -> tuple[FrozenTarget, T]:
         def stopped() -> None:  # in this thread, once every thread of the target is stopped
-            trio.from_thread.run_sync(server.halt)
             pre.changed = list(server.changed)  # complete: the server is halted
             if pre.plan is not None and not pre.changed:
                 pre.plan.scan_ahead(pid)
 
         expect = pre.plan.expected_maps() if pre.plan is not None else None
-        with frozen_again(handle or pid, comm, uffd, on_stopped=stopped, realtime=True, expect_maps=expect) as ft:
+        with frozen_again(handle or pid, comm, uffd, on_stopped=stopped, realtime=True, expect_maps=expect,
+                          in_trio_when_stopped=server.halt) as ft:
             return ft, at_instant(ft, pre)
 
     async with trio.open_nursery() as nursery:

@@ -172,9 +172,9 @@ class Tracer:
             return fn(*args)
         return await self._await_job(self._submit(fn, args))
 
-    async def _await_job(self, job: _Job) -> Any:
+    async def _await_job(self, job: _Job, then: Callable[[], None] | None = None) -> Any:
         """Wait (trio) for a queued job; cancellation aborts it, waits for it to end, and
-        propagates."""
+        propagates. ``then`` runs here (the trio thread) once the job succeeded."""
         import trio
 
         done = trio.Event()
@@ -187,12 +187,18 @@ class Tracer:
             with trio.CancelScope(shield=True):
                 await done.wait()
             raise
-        return job.future.result()
+        result = job.future.result()
+        if then is not None:
+            then()
+        return result
 
-    def call_cancellable(self, fn: Callable[..., T], *args: Any) -> T:
+    def call_cancellable(self, fn: Callable[..., T], *args: Any,
+                         then_in_trio: Callable[[], None] | None = None) -> T:
         """:meth:`call`, but from a trio worker thread cancelling the trio side aborts the
         job. The job is queued at once (the tracer starts it while this thread asks the
-        trio thread to wait for it: one hand-off less before it runs)."""
+        trio thread to wait for it: one hand-off less before it runs). ``then_in_trio``
+        runs in the trio thread once the job succeeded, before this returns (from a thread
+        that is not a trio worker: here, after it)."""
         import trio
 
         if not self.in_tracer():
@@ -202,8 +208,11 @@ class Tracer:
                 pass  # not a trio worker thread
             else:
                 job = self._submit(fn, args)
-                return trio.from_thread.run(self._await_job, job)
-        return self.call(fn, *args)
+                return trio.from_thread.run(self._await_job, job, then_in_trio)
+        result = self.call(fn, *args)
+        if then_in_trio is not None:
+            then_in_trio()
+        return result
 
     def _submit(self, fn: Callable, args: tuple) -> _Job:
         if self.retired:  # a job queued behind its end would never run
@@ -691,10 +700,12 @@ class StopGroup:
         the stop was asked for) if it interrupted nothing new."""
         return self.interrupted_at if self.interrupted_at is not None else asked_at
 
-    def stop(self) -> None:
-        """Stop every thread (blocking; from a trio worker thread it is cancellable)."""
+    def stop(self, then_in_trio: Callable[[], None] | None = None) -> None:
+        """Stop every thread (blocking; from a trio worker thread it is cancellable, and
+        ``then_in_trio`` runs in the trio thread once every thread is stopped: it rides on
+        the hand-back, not on a hop of its own inside the pause)."""
         self.tracer = get_tracer()
-        self.tracer.call_cancellable(self._stop_in_tracer)
+        self.tracer.call_cancellable(self._stop_in_tracer, then_in_trio=then_in_trio)
 
     async def astop(self) -> None:
         """:meth:`stop` for trio (cancellation releases everything and propagates)."""

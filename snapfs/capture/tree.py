@@ -410,7 +410,8 @@ class _TreeCapture:
             group = StopGroup([m.handle for m in members] + sharers)
             t0 = time.monotonic()
             try:
-                group.stop()
+                # The servers halt in the trio thread on the stop's own hand-back.
+                group.stop(then_in_trio=lambda ms=members: [m.server.halt() for m in ms])
                 break
             except TargetError:
                 gone = [(m, m.handle.gone_error()) for m in members]
@@ -422,7 +423,6 @@ class _TreeCapture:
                     if m.handle.alive():
                         self.warnings.append(f"process {m.pid} ({m.comm}) is not in the snapshot: {why}")
         stack.callback(_resume, group, members)
-        trio.from_thread.run_sync(lambda: [m.server.halt() for m in members])
         for m in members:
             m.pre.changed = list(m.server.changed)
             proc = group[m.pid]
