@@ -58,7 +58,7 @@ from snapfs.capture.maps import Vma, classify, parse_maps, read_maps
 from snapfs.capture.memory import prefaulted_buffer, read_pages_robust
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.protect import Prepared
-from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread
+from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread, running_realtime
 from snapfs.capture.handle import ProcessHandle
 from snapfs.capture.inject import find_gadgets
 from snapfs.capture.ptrace import StoppedProcess, check_target
@@ -676,7 +676,7 @@ def _parallel(tracking: Tracking, fn, jobs: list) -> list:
     if len(jobs) <= 1:
         return [fn(j) for j in jobs]
     _warm_pool(tracking)
-    rt = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+    rt = running_realtime()
     futures = [tracking.pool.submit(_realtime, fn, j) if rt else tracking.pool.submit(fn, j)
                for j in jobs[1:]]
     first = fn(jobs[0])

@@ -56,6 +56,12 @@ def realtime_thread(priority: int = FAULT_PRIORITY) -> Iterator[None]:
         yield
 
 
+def running_realtime() -> bool:
+    """Whether the calling thread runs SCHED_FIFO: helper threads it hands work of a pause
+    to should then run at :data:`LOOP_PRIORITY` too (ordinary, they wait for a CPU)."""
+    return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+
+
 @contextlib.contextmanager
 def background_thread_priority(nice: int = BACKGROUND_NICE) -> Iterator[None]:
     """Lower the calling thread's priority (``nice``) for the block: for scan and compression

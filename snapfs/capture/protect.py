@@ -27,7 +27,7 @@ from snapfs.capture.maps import ClassifiedMaps, Vma
 from snapfs.capture.memory import file_data_ranges, prefaulted_buffer, read_pages_robust
 from snapfs.capture.pagemap import REGION_DTYPE, PagemapScanner
 from snapfs.capture.preprotect import PreProtected, populated_ranges
-from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread
+from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread, running_realtime
 from snapfs.capture.uffd import WANTED_FEATURES
 from snapfs.ranges import positions_in_runs
 
@@ -320,7 +320,7 @@ def _read_split(pid: int, buf: bytearray, ranges: np.ndarray) -> np.ndarray:
     bounds = [0, *[int(c) for c in cuts if 0 < c < len(ranges)], len(ranges)]
     offsets = np.r_[0, ends]
     view = memoryview(buf)
-    realtime = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+    realtime = running_realtime()
 
     def read(a: int, b: int, rt: bool) -> np.ndarray:
         with realtime_thread(LOOP_PRIORITY) if rt else contextlib.nullcontext():
@@ -377,7 +377,7 @@ class InstantPlan:
         pool = _scan_pool
         if pool is None or len(self.text) < SCAN_AHEAD_MAPS_BYTES and not self.scan_cuts:
             return  # (a pool not started before the pause, see warm_scan_pool: not in it)
-        realtime = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+        realtime = running_realtime()
         parts = _cut_spans(self.written_spans, self.scan_cuts)
         if self.scan_cuts:  # the first share is this thread's, once it has read the maps
             self._own = (pid, parts.pop(0))
@@ -403,7 +403,7 @@ class InstantPlan:
         if own is not None:
             try:
                 out += _scan_written(*own, False)
-            except OSError:
+            except Exception:  # noqa: BLE001 — see above
                 failed = True
         for f in futures:
             try:
