@@ -488,3 +488,26 @@ def test_queued_signals_survive_captures(store_dir):
         time.sleep(0.2)
         assert t.send("s") == f"ok s {sent}"
         _check(t)
+
+
+async def test_a_stop_that_raises_once_every_thread_stopped_holds_nothing():
+    """A stop can fail after every thread is stopped (a cancellation reaching the trio side's
+    wait just as the stop ends; here the step run on its hand-back fails): it must let go
+    of them all, since its callers release only a stop that returned."""
+    import trio
+
+    from snapfs.capture.ptrace import StopGroup
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    with Target("regcheck", "spin", "3") as t:
+        group = StopGroup([t.pid])
+
+        def stop() -> None:
+            with pytest.raises(RuntimeError, match="boom"):
+                group.stop(then_in_trio=boom)
+
+        await trio.to_thread.run_sync(stop)
+        assert_released(t.pid)
+        _check(t)

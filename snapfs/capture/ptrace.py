@@ -703,14 +703,31 @@ class StopGroup:
     def stop(self, then_in_trio: Callable[[], None] | None = None) -> None:
         """Stop every thread (blocking; from a trio worker thread it is cancellable, and
         ``then_in_trio`` runs in the trio thread once every thread is stopped: it rides on
-        the hand-back, not on a hop of its own inside the pause)."""
+        the hand-back, not on a hop of its own inside the pause). A stop that raises holds
+        nothing."""
         self.tracer = get_tracer()
-        self.tracer.call_cancellable(self._stop_in_tracer, then_in_trio=then_in_trio)
+        try:
+            self.tracer.call_cancellable(self._stop_in_tracer, then_in_trio=then_in_trio)
+        except BaseException:
+            self._let_go()
+            raise
 
     async def astop(self) -> None:
         """:meth:`stop` for trio (cancellation releases everything and propagates)."""
         self.tracer = get_tracer()
-        await self.tracer.acall(self._stop_in_tracer)
+        try:
+            await self.tracer.acall(self._stop_in_tracer)
+        except BaseException:
+            self._let_go()
+            raise
+
+    def _let_go(self) -> None:
+        """After a stop raised: detach whatever it still holds. A failed stop released it
+        all already; but a cancellation that reaches the trio side's wait just as the stop
+        succeeds raises there with every thread stopped, and the callers release only what
+        a returned stop holds (a target left stopped until snapfs exits)."""
+        if self._owner and self.tracer is not None and not self.tracer.retired:
+            self.tracer.call(self._release_all)
 
     def release(self, decode: bool = True) -> None:
         """Detach every thread of every process (injected registers put back first), then
