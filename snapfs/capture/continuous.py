@@ -55,10 +55,11 @@ from snapfs.capture import procstate
 from snapfs.capture.context import CaptureContext
 from snapfs.capture.freeze import stopped, take_userfaultfd
 from snapfs.capture.maps import Vma, classify, parse_maps, read_maps
-from snapfs.capture.memory import prefaulted_buffer, read_pages_robust
+from snapfs.capture.memory import prefaulted_buffer
 from snapfs.capture.pagemap import PagemapScanner
 from snapfs.capture.protect import Prepared
-from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread, running_realtime
+from snapfs.capture.helpers import read_shared, share, started_pool, submit_helper
+from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread
 from snapfs.capture.handle import ProcessHandle
 from snapfs.capture.inject import find_gadgets
 from snapfs.capture.ptrace import StoppedProcess, check_target
@@ -539,7 +540,7 @@ def _start_early_walks(st: _Stop, jobs: list[list[_Walk]]) -> tuple[list[_Walk],
     """The first step, before the maps are read: the early walks start in the helper
     threads. Returns the share this thread walks once the maps are read, and the helpers'
     futures."""
-    futures = [st.tracking.pool.submit(_realtime, _run_walks, st.scanners[1 + j], job)
+    futures = [submit_helper(st.tracking.pool, _run_walks, st.scanners[1 + j], job)
                for j, job in enumerate(jobs[:-1])]
     return (jobs[-1] if jobs else []), futures
 
@@ -651,39 +652,20 @@ def _copy_all(tracking: Tracking, buf: memoryview, spans: np.ndarray) -> np.ndar
         return np.zeros(0, bool)
     pairs = np.stack([spans[:, 0], spans[:, 1] - spans[:, 0]], axis=1)
     parts = SPLIT if rs.nbytes(spans) >= _SPLIT_COPY else 1  # a hand-off costs ~0.1 ms
-    cuts = [len(pairs) * j // parts for j in range(parts + 1)]
-    offsets = np.r_[0, np.cumsum(pairs[:, 1])]
-    jobs = [(buf[int(offsets[a]) : int(offsets[b])], pairs[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
-    parts = _parallel(tracking, lambda job: read_pages_robust(tracking.pid, job[0], job[1]), jobs)
-    return np.concatenate(parts)
+    return read_shared(_warm_pool(tracking), tracking.pid, buf, pairs, parts)
 
 
-def _warm_pool(tracking: Tracking) -> None:
-    """Start the helper threads before the stop (not inside the pause)."""
+def _warm_pool(tracking: Tracking) -> ThreadPoolExecutor:
+    """The helper threads, started before the stop (not inside the pause)."""
     if tracking.pool is None:
-        n = max(1, SPLIT - 1)  # the calling thread takes one share
-        tracking.pool = ThreadPoolExecutor(n, thread_name_prefix="snapfs-stop")
-        for f in [tracking.pool.submit(time.sleep, 0.001) for _ in range(n)]:
-            f.result()
-
-
-def _realtime(fn, *args):
-    """``fn(*args)`` in a helper thread at the stopping thread's priority."""
-    with realtime_thread(LOOP_PRIORITY):
-        return fn(*args)
+        tracking.pool = started_pool(max(1, SPLIT - 1), "snapfs-stop")  # the caller takes a share
+    return tracking.pool
 
 
 def _parallel(tracking: Tracking, fn, jobs: list) -> list:
     """``[fn(job) for job in jobs]``, the first in this thread and the rest in the pool
     (at this thread's priority if it runs realtime)."""
-    if len(jobs) <= 1:
-        return [fn(j) for j in jobs]
-    _warm_pool(tracking)
-    rt = running_realtime()
-    futures = [tracking.pool.submit(_realtime, fn, j) if rt else tracking.pool.submit(fn, j)
-               for j in jobs[1:]]
-    first = fn(jobs[0])
-    return [first] + [f.result() for f in futures]
+    return share(_warm_pool(tracking), fn, jobs) if len(jobs) > 1 else [fn(j) for j in jobs]
 
 
 # ---------------------------------------------------------------- one child

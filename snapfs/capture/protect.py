@@ -9,7 +9,6 @@ maps and the pre-protection alone is decided before the pause (:class:`InstantPl
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import threading
@@ -27,7 +26,7 @@ from snapfs.capture.maps import ClassifiedMaps, Vma
 from snapfs.capture.memory import file_data_ranges, prefaulted_buffer, read_pages_robust
 from snapfs.capture.pagemap import REGION_DTYPE, PagemapScanner
 from snapfs.capture.preprotect import PreProtected, populated_ranges
-from snapfs.capture.priority import LOOP_PRIORITY, realtime_thread, running_realtime
+from snapfs.capture.helpers import read_shared, started_pool, submit_helper
 from snapfs.capture.uffd import WANTED_FEATURES
 from snapfs.ranges import positions_in_runs
 
@@ -262,9 +261,7 @@ def warm_scan_pool() -> ThreadPoolExecutor:
     global _scan_pool
     with _scan_pool_lock:
         if _scan_pool is None:
-            _scan_pool = ThreadPoolExecutor(_SCAN_PARTS, thread_name_prefix="snapfs-instant")
-            for f in [_scan_pool.submit(time.sleep, 0.001) for _ in range(_SCAN_PARTS)]:
-                f.result()
+            _scan_pool = started_pool(_SCAN_PARTS, "snapfs-instant")
         return _scan_pool
 
 
@@ -309,40 +306,20 @@ def _cut_spans(spans: list[tuple[int, int]], cuts: list[int]) -> list[list[tuple
 
 def _read_split(pid: int, buf: bytearray, ranges: np.ndarray) -> np.ndarray:
     """:func:`read_pages_robust` of ``ranges`` ((n, 2): address, length) back to back into
-    ``buf``, split across the CPUs when large (this thread reads the first share, the pool
-    the others, at this thread's realtime priority if it has one)."""
-    total = int(ranges[:, 1].sum()) if len(ranges) else 0
-    if _SCAN_PARTS < 2 or total < COPY_SPLIT_BYTES or len(ranges) < 2:
-        return read_pages_robust(pid, buf, ranges)
-    ends = np.cumsum(ranges[:, 1])
-    cuts = np.unique(np.searchsorted(ends, [total * j // _SCAN_PARTS for j in range(1, _SCAN_PARTS)],
-                                     side="right"))
-    bounds = [0, *[int(c) for c in cuts if 0 < c < len(ranges)], len(ranges)]
-    offsets = np.r_[0, ends]
-    view = memoryview(buf)
-    realtime = running_realtime()
-
-    def read(a: int, b: int, rt: bool) -> np.ndarray:
-        with realtime_thread(LOOP_PRIORITY) if rt else contextlib.nullcontext():
-            return read_pages_robust(pid, view[int(offsets[a]):int(offsets[b])], ranges[a:b])
-
+    ``buf``, split across the CPUs when large and the pool runs (never started in a pause)."""
     pool = _scan_pool
-    if pool is None:  # not started before the pause (warm_scan_pool): not worth starting in it
+    if pool is None or _SCAN_PARTS < 2 or len(ranges) < 2 or int(ranges[:, 1].sum()) < COPY_SPLIT_BYTES:
         return read_pages_robust(pid, buf, ranges)
-    futures = [pool.submit(read, a, b, realtime) for a, b in zip(bounds[1:-1], bounds[2:])]
-    first = read(bounds[0], bounds[1], False)
-    return np.concatenate([first, *[f.result() for f in futures]])
+    return read_shared(pool, pid, buf, ranges, _SCAN_PARTS)
 
 
-def _scan_written(pid: int, spans: list[tuple[int, int]], realtime: bool) -> list[np.ndarray]:
-    """Pages written since pre-protection in each of ``spans`` (a pool thread; at the freeze
-    thread's priority when that one runs realtime)."""
-    with realtime_thread(LOOP_PRIORITY) if realtime else contextlib.nullcontext():
-        scanner = PagemapScanner(pid)
-        try:
-            return [populated_ranges(scanner, lo, hi, require=k.PAGE_IS_WRITTEN) for lo, hi in spans]
-        finally:
-            scanner.close()
+def _scan_written(pid: int, spans: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Pages written since pre-protection in each of ``spans``."""
+    scanner = PagemapScanner(pid)
+    try:
+        return [populated_ranges(scanner, lo, hi, require=k.PAGE_IS_WRITTEN) for lo, hi in spans]
+    finally:
+        scanner.close()
 
 
 @dataclass
@@ -377,11 +354,10 @@ class InstantPlan:
         pool = _scan_pool
         if pool is None or len(self.text) < SCAN_AHEAD_MAPS_BYTES and not self.scan_cuts:
             return  # (a pool not started before the pause, see warm_scan_pool: not in it)
-        realtime = running_realtime()
         parts = _cut_spans(self.written_spans, self.scan_cuts)
         if self.scan_cuts:  # the first share is this thread's, once it has read the maps
             self._own = (pid, parts.pop(0))
-        self._ahead = [pool.submit(_scan_written, pid, part, realtime) for part in parts]
+        self._ahead = [submit_helper(pool, _scan_written, pid, part) for part in parts]
 
     def expected_maps(self) -> tuple[str, bytes]:
         """The maps text it was decided for and its bytes, for the freeze's reading of the
@@ -402,7 +378,7 @@ class InstantPlan:
         failed = False
         if own is not None:
             try:
-                out += _scan_written(*own, False)
+                out += _scan_written(*own)
             except Exception:  # noqa: BLE001 — see above
                 failed = True
         for f in futures:
