@@ -186,12 +186,15 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
         assert r["pause_ms"] >= 0 and r["baseline_max_stall_ms"] >= 0 and isinstance(r["stalls"], list)
         assert all(s["phase"] in ("start-up", "attach", "preprotect", "freeze", "background", "exit", "outside")
                    for s in r["stalls"])
+        for s in r["stalls"]:  # the machine's share, sampled beside the run: within the stall
+            assert 0 <= s.get("steal_ms", 0) <= s["ms"] and 0 <= s.get("kdamond_ms", 0) <= s["ms"], s
         if r["method"] == "snapfs":
             phases = r["extra"]["phases"]
             assert phases["attach"][0] <= phases["attach"][1] <= phases["freeze"][0] <= phases["freeze"][1]
             assert r["extra"]["cpu_s"] > 0
         else:
             assert r["tool_pause_ms"] > 0  # fork() as the target timed it
+    assert any("steal_ms" in s for r in matrix for s in r["stalls"])
     for key in ("memwriter", "python"):
         e = results["every"][key]
         assert "skipped" in e or len(e["child_pause_ms"]) == plan["every_children"], (key, e)
@@ -206,6 +209,23 @@ def test_bench_quick_outputs_are_well_formed(tmp_path):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"({png})" in md
+
+
+def test_noise_sampler_explains_only_what_it_sampled():
+    from tools.bench.noise import NoiseSampler
+    from tools.bench.stalls import host_ms, worst_net_of_host
+
+    t0 = time.monotonic()
+    with NoiseSampler(period=0.005) as sampler:
+        time.sleep(0.1)
+    t1 = time.monotonic()
+    assert len(sampler.times) >= 5 and sampler.times == sorted(sampler.times)
+    mid = sampler.explain((t0 + t1) / 2, 20.0)
+    assert mid is not None and 0 <= mid["steal_ms"] <= 20 and 0 <= mid["kdamond_ms"] <= 20
+    assert sampler.explain(t0 - 1.0, 5.0) is None and sampler.explain(t1 + 1.0, 5.0) is None
+    stalls = [{"ms": 30.0, "steal_ms": 20.0, "kdamond_ms": 4.0}, {"ms": 9.0, "steal_ms": 0.0, "kdamond_ms": 0.0}]
+    assert host_ms(stalls[0]) == 24.0 and worst_net_of_host(stalls) == 9.0
+    assert worst_net_of_host([{"ms": 3.0}]) is None  # not sampled: no figure
 
 
 def test_precopy_dirty_tracking_gives_the_image_at_the_stop():

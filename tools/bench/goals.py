@@ -52,27 +52,37 @@ def stall_goals(results: dict) -> list[dict]:
         by_key.setdefault(_row_key(r), {})[r["method"]] = r
 
     # 1. worst stall vs fork() of the same memory
-    checks = []
+    checks, net_checks = [], []
     for methods in by_key.values():
         snap, fork = methods.get("snapfs"), methods.get("fork")
         if not snap or snap.get("section") != "matrix" or snap.get("pause_ms") is None:
             continue
         worst, base = snap["pause_ms"], snap.get("baseline_max_stall_ms")
         fork_ms = fork["tool_pause_ms"] if fork else None
-        ok = fork_ms is not None and worst <= fork_ms / 3
+
+        def within(ms: float) -> bool:
+            return fork_ms is not None and ms <= fork_ms / 3 and (base is None or base >= 5 or ms <= 15)
         text = f"{_label(snap)}: worst {worst:.1f} ms vs fork() {_f(fork_ms)} ms"
         if base is not None and base < 5:
-            ok = ok and worst <= 15
             text += f", undisturbed {base:.1f} ms (so also <= 15 ms)"
         if snap.get("host_steal_s"):
             text += f", host steal meanwhile {snap['host_steal_s'] * 1e3:.0f} ms"
-        checks.append((text, ok if fork_ms is not None else None))
+        top = (snap.get("stalls") or [{}])[0]
+        if "steal_ms" in top:
+            text += f" (in the worst stall: steal <= {top['steal_ms']:.0f}, kdamond <= {top['kdamond_ms']:.1f} ms)"
+        checks.append((text, within(worst) if fork_ms is not None else None))
+        if fork_ms is not None and snap.get("worst_net_of_host_ms") is not None:
+            net_checks.append(within(snap["worst_net_of_host_ms"]))
+    note = ("worst = the longest stall the target measured during the run (attach, pre-protect, "
+            "freeze, background copy, release); fork() = the target's own timing of fork() in the "
+            "fork peer on the same target")
+    if net_checks:
+        note += (f". Judged instead on each row's longest stall less the host steal and kdamond time "
+                 f"sampled in it (tools/bench/noise.py, upper bounds): {sum(net_checks)}/{len(net_checks)} "
+                 f"rows pass (reported only, not the judgement)")
     goals.append(_per_row("worst stall over the whole capture <= 1/3 of fork() of the same memory, "
                           "and <= 15 ms where the undisturbed worst is < 5 ms (1/4/16 writers, THP "
-                          "off/on, every write rate)", checks,
-                          "worst = the longest stall the target measured during the run (attach, "
-                          "pre-protect, freeze, background copy, release); fork() = the target's own "
-                          "timing of fork() in the fork peer on the same target"))
+                          "off/on, every write rate)", checks, note))
 
     # 2. the stop does not grow with the thread count
     name = "attach + freeze, 256 threads <= 2 x one thread"

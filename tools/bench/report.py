@@ -50,7 +50,7 @@ def _main_table(rows: list[dict]) -> list[str]:
 def _stall_table(rows: list[dict]) -> list[str]:
     """The stall rows: the target's worst stall beside its undisturbed window, per row."""
     out = ["| section | target | write rate | method | worst stall ms | undisturbed ms | where the worst "
-           "fell | tool's pause ms | duration s | slow-write p50 / p99 µs | throughput during / before | "
+           "fell (host steal, kdamond in it) | tool's pause ms | duration s | slow-write p50 / p99 µs | throughput during / before | "
            "CPU-s/GiB |",
            "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -60,6 +60,10 @@ def _stall_table(rows: list[dict]) -> list[str]:
             continue
         stalls = r.get("stalls") or []
         where = f"{stalls[0]['phase']} ({stalls[0]['who']})" if stalls else "–"
+        host = [f"{k} {stalls[0][k + '_ms']:.0f} ms" for k in ("steal", "kdamond")
+                if stalls and (stalls[0].get(k + "_ms") or 0) >= 1]
+        if host:  # the machine's own share of that stall (tools/bench/noise.py, upper bounds)
+            where += f"; in it {', '.join(host)}"
         cpu = (r.get("extra") or {}).get("cpu_s")
         per_gib = cpu / (r["resident_bytes"] / 2**30) if cpu is not None and r.get("resident_bytes") else None
         out.append(
@@ -132,7 +136,9 @@ def markdown(results: dict, command: str, img_prefix: str = "") -> str:
               "writes its memory out, as in-memory databases save). *Worst stall*: the longest stall "
               "the target measured during the run; *undisturbed*: the same in the "
               f"{plan['settle_s']} s before it; *where*: the capture phase that stall overlapped most "
-              "(attach, preprotect, freeze, background) and the thread it hit; *tool's pause*: "
+              "(attach, preprotect, freeze, background) and the thread it hit, with the host steal "
+              "(most on one CPU) and the kernel's DAMON thread (kdamond) time sampled during it when "
+              ">= 1 ms (every 10 ms, so upper bounds: tools/bench/noise.py); *tool's pause*: "
               "snapfs's pause_ms (the freeze), fork() as the target timed it, stop-copy's stop.", ""]
         L += _stall_table(stall_rows)
         L += ["", f"![worst stall by method and thread count]({img_prefix}stall_by_threads.png)", ""]

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench import every, floors, machine, peers, readpaths, stalls, stopcost, tree
+from tools.bench import every, floors, machine, noise, peers, readpaths, stalls, stopcost, tree
 from tools.bench.methods import Method
 from tools.bench.methods.gcore import Gcore
 from tools.bench.methods.precopy import PreCopy
@@ -33,7 +33,7 @@ class Log:
 
 
 def _row(method: Method, spec: TargetSpec, target: Target, before: Window, during: Window,
-         outcome, error: str | None) -> dict:
+         outcome, error: str | None, explain=None) -> dict:
     writing = spec.rate != 0
     row = {
         "method": method.name, "write_rate": spec.rate, "write_rate_label": rate_label(spec.rate),
@@ -47,8 +47,8 @@ def _row(method: Method, spec: TargetSpec, target: Target, before: Window, durin
         "slow_max_us": during.raw.get("slow_max_us") if during.slow_writes else None,
         "baseline_slow_writes": before.slow_writes if writing else None,
         # The capture phase each of the window's longest stalls fell in (stalls.attribute).
-        "stalls": stalls.attribute(during.stalls[:8], (outcome.extra.get("phases") if outcome else None))
-        if writing else None,
+        "stalls": stalls.attribute(during.stalls[:8], (outcome.extra.get("phases") if outcome else None),
+                                   explain) if writing else None,
         "baseline_stalls": stalls.attribute(before.stalls[:3], None) if writing else None,
         "writer_max_stall_ms": during.raw.get("writer_max_stall_us", 0) / 1e3 if writing else None,
         "idle_max_stall_ms": during.raw.get("idle_max_stall_us", 0) / 1e3 if writing else None,
@@ -71,13 +71,16 @@ def _run_one(method: Method, spec: TargetSpec, target: Target, workdir: Path, pl
     before = target.settle(plan.settle_s)
     outcome, error = None, None
     steal = machine.steal_s()
-    try:
-        outcome = method.run(target, workdir)
-    except Exception as e:  # noqa: BLE001 - a failing peer is a result, not the end of the bench
-        error = f"{type(e).__name__}: {e}"
-    during = target.window()  # TargetError if the method left the target dead or stuck
-    row = _row(method, spec, target, before, during, outcome, error)
+    # Beside the run: what else held the CPUs during each stall (host steal, kdamond).
+    with noise.NoiseSampler() as sampler:
+        try:
+            outcome = method.run(target, workdir)
+        except Exception as e:  # noqa: BLE001 - a failing peer is a result, not the end of the bench
+            error = f"{type(e).__name__}: {e}"
+        during = target.window()  # TargetError if the method left the target dead or stuck
+    row = _row(method, spec, target, before, during, outcome, error, sampler.explain)
     row["host_steal_s"] = round(machine.steal_s() - steal, 3)
+    row["worst_net_of_host_ms"] = stalls.worst_net_of_host(row["stalls"])
     if error:
         log(f"  {method.name:<22} FAILED: {error}")
     else:

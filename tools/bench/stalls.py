@@ -40,10 +40,12 @@ def who_label(who: int) -> str:
     return f"writer {who}"
 
 
-def attribute(stalls: list, phases: dict | None) -> list[dict]:
+def attribute(stalls: list, phases: dict | None, explain=None) -> list[dict]:
     """Each logged stall with the capture phase it overlaps most: start-up (the snapfs
     process importing), attach, preprotect, freeze, background (after the freeze until the
-    capture ends), exit, or outside (none of them)."""
+    capture ends), exit, or outside (none of them); with ``explain`` (a
+    :meth:`~tools.bench.noise.NoiseSampler.explain`), also the host steal and kdamond time
+    sampled during it."""
     out = []
     spans: list[tuple[str, float, float]] = []
     if phases:
@@ -61,8 +63,26 @@ def attribute(stalls: list, phases: dict | None) -> list[dict]:
             o = min(end, hi) - max(start, lo)
             if o > overlap:
                 best, overlap = name, o
-        out.append({"ms": ms, "who": who_label(int(who)), "phase": best})
+        row = {"ms": ms, "who": who_label(int(who)), "phase": best}
+        noise = explain(end, ms) if explain is not None else None
+        if noise:
+            row.update(noise)
+        out.append(row)
     return out
+
+
+def host_ms(stall: dict) -> float:
+    """How much of a stall the machine itself may have taken: host steal plus kdamond's CPU
+    time sampled during it (upper bounds, see tools.bench.noise), at most the stall."""
+    return min(stall["ms"], (stall.get("steal_ms") or 0) + (stall.get("kdamond_ms") or 0))
+
+
+def worst_net_of_host(stalls: list[dict] | None) -> float | None:
+    """The longest logged stall once the machine's share (:func:`host_ms`) is taken off it:
+    what is left is the method's, the target's own threads' or the guest scheduler's."""
+    if not stalls or not any("steal_ms" in s for s in stalls):
+        return None
+    return max(s["ms"] - host_ms(s) for s in stalls)
 
 
 def _label(spec: TargetSpec) -> str:
