@@ -83,8 +83,8 @@ async def test_writes_and_new_pages_before_the_freeze_are_reprotected(zap, plan,
                 t.pid, "populate", uffd, maps, at_instant, meanwhile, plan=plan
             )
             assert (pre.plan is not None) == (plan is not None)
-            if split:  # the scans ran ahead in three shares (unless an event voided the plan)
-                assert len(pre.plan.scan_cuts) == 2
+            if split:  # the scans ran ahead in shares for three threads
+                assert len(pre.plan.scan_cuts) >= 2
             assert pre.faults >= n // 8
             assert prep.reprotected_pages >= n // 8 + n // 4
             zapped = (base + n // 8 * PAGE, base + n // 4 * PAGE)

@@ -248,6 +248,10 @@ SCAN_AHEAD_MAPS_BYTES = 64 << 10
 # ~0.1 ms.
 SCAN_SPLIT_BYTES = 256 << 20
 _SCAN_PARTS = max(1, min(4, os.cpu_count() or 1))
+# Shares per CPU of a split scan, taken by whichever thread is free (see _SharedScan): the
+# freeze thread joins once it has read the maps, which with 65 000 mappings takes 23-31 ms
+# while the whole scan takes ~20; two fixed halves left it scanning its own for 9-14 ms more.
+_SHARES_PER_PART = 2
 _SCAN_ALIGN = 2 << 20  # split spans are cut on huge-page boundaries
 # Pages written during pre-protection copied in the pause are split across the CPUs from
 # this much (~600 scattered pages: ~1 ms to read).
@@ -313,13 +317,47 @@ def _read_split(pid: int, buf: bytearray, ranges: np.ndarray) -> np.ndarray:
     return read_shared(pool, pid, buf, ranges, _SCAN_PARTS)
 
 
-def _scan_written(pid: int, spans: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Pages written since pre-protection in each of ``spans``."""
-    scanner = PagemapScanner(pid)
-    try:
-        return [populated_ranges(scanner, lo, hi, require=k.PAGE_IS_WRITTEN) for lo, hi in spans]
-    finally:
-        scanner.close()
+class _SharedScan:
+    """The scan-ahead's shares (spans, in address order), each taken by the first free
+    thread: the pool's helpers from the stop on, the freeze thread once it has read the maps
+    (:meth:`run` in each). Results stay in share order; a failed share fails the whole."""
+
+    def __init__(self, pid: int, shares: list[list[tuple[int, int]]]) -> None:
+        self.pid = pid
+        self.shares = shares
+        self.results: list[list[np.ndarray] | None] = [None] * len(shares)
+        self.failed = False
+        self.abandoned = False
+        self.futures: list[Future] = []
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self.abandoned or self.failed or self._next >= len(self.shares):
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def run(self) -> None:
+        """Scan shares until none is left (one pagemap file for all of them)."""
+        i = self._take()
+        if i is None:
+            return
+        try:
+            scanner = PagemapScanner(self.pid)
+        except Exception:  # noqa: BLE001 — the pause scans again and reports what failed
+            self.failed = True
+            return
+        try:
+            while i is not None:
+                self.results[i] = [populated_ranges(scanner, lo, hi, require=k.PAGE_IS_WRITTEN)
+                                   for lo, hi in self.shares[i]]
+                i = self._take()
+        except Exception:  # noqa: BLE001 — see above
+            self.failed = True
+        finally:
+            scanner.close()
 
 
 @dataclass
@@ -342,22 +380,28 @@ class InstantPlan:
     registers: list[tuple[range | list[int], tuple[int, int] | None]]  # VMAs to register (their run)
     base: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # pre's pieces of known VMAs (lo, hi, cat, vi)
     scan_cuts: list[int] = field(default_factory=list)  # where a split scan-ahead cuts written_spans
-    _ahead: list[Future] | None = None
-    _own: tuple[int, list[tuple[int, int]]] | None = None  # (pid, spans) the freeze thread scans
+    _ahead: _SharedScan | None = None
     _text_bytes: bytes | None = None
 
     def scan_ahead(self, pid: int) -> None:
         """Start scanning ``written_spans`` in the pool's threads (read-only: the target is
         stopped and the fault server halted): when reading the maps takes longer than a
         hand-off (~0.1 ms; ~0.5 us per VMA to read), and split across the CPUs when the
-        spans are large. At the calling (freeze) thread's realtime priority if it has one."""
+        spans are large, in shares the freeze thread helps with once it has read the maps
+        (:meth:`scanned`). At the calling (freeze) thread's realtime priority if it has one."""
         pool = _scan_pool
         if pool is None or len(self.text) < SCAN_AHEAD_MAPS_BYTES and not self.scan_cuts:
             return  # (a pool not started before the pause, see warm_scan_pool: not in it)
-        parts = _cut_spans(self.written_spans, self.scan_cuts)
-        if self.scan_cuts:  # the first share is this thread's, once it has read the maps
-            self._own = (pid, parts.pop(0))
-        self._ahead = [submit_helper(pool, _scan_written, pid, part) for part in parts]
+        work = self._ahead = _SharedScan(pid, _cut_spans(self.written_spans, self.scan_cuts))
+        helpers = min(len(work.shares), max(1, _SCAN_PARTS - 1))
+        work.futures = [submit_helper(pool, work.run) for _ in range(helpers)]
+
+    def abandon(self) -> None:
+        """The pause decides afresh (the maps or a range changed): the helpers take no more
+        shares."""
+        work, self._ahead = self._ahead, None
+        if work is not None:
+            work.abandoned = True
 
     def expected_maps(self) -> tuple[str, bytes]:
         """The maps text it was decided for and its bytes, for the freeze's reading of the
@@ -368,25 +412,22 @@ class InstantPlan:
         return self.text, self._text_bytes
 
     def scanned(self) -> list[np.ndarray] | None:
-        """The scan-ahead's results in address order (waiting for them), or None if it did
-        not run or failed (the pause then scans again, and reports what failed)."""
-        futures, self._ahead = self._ahead, None
-        own, self._own = self._own, None
-        if futures is None:
+        """The scan-ahead's results in address order, or None if it did not run or failed
+        (the pause then scans again, and reports what failed). This thread scans the shares
+        no helper has taken yet (all of them if no helper has started), then waits for the
+        helpers."""
+        work, self._ahead = self._ahead, None
+        if work is None:
             return None
-        out: list[np.ndarray] = []
-        failed = False
-        if own is not None:
+        work.run()
+        for f in work.futures:
             try:
-                out += _scan_written(*own)
-            except Exception:  # noqa: BLE001 — see above
-                failed = True
-        for f in futures:
-            try:
-                out += f.result()
-            except Exception:  # noqa: BLE001 — see above
-                failed = True
-        return None if failed else out
+                f.result()
+            except Exception:  # noqa: BLE001 — see _SharedScan.run
+                work.failed = True
+        if work.failed or any(r is None for r in work.results):
+            return None
+        return [a for share in work.results for a in share]
 
 
 def plan_instant(maps: ClassifiedMaps, pre: PreProtected, changed: list[tuple[int, int]] = (),
@@ -463,7 +504,7 @@ def plan_instant(maps: ClassifiedMaps, pre: PreProtected, changed: list[tuple[in
         in_spans = modes & known
         if int(np.sum((ends - starts)[in_spans], dtype=np.int64)) >= SCAN_SPLIT_BYTES:
             align = max(_SCAN_ALIGN, int(maps.page_sizes[in_spans].max()))
-            cuts = _scan_cuts(spans, starts, ends, _SCAN_PARTS, align)
+            cuts = _scan_cuts(spans, starts, ends, _SCAN_PARTS * _SHARES_PER_PART, align)
     return InstantPlan(text=maps.text, is_shared=is_shared, known=known, modes=modes, written_spans=spans,
                        full=full, registers=registers, base=(plo[sel], phi[sel], pcat[sel], pvi[sel]),
                        scan_cuts=cuts)
@@ -548,9 +589,12 @@ def protect_and_record(
     else:
         maps.update(ft.maps_text)
     plan: InstantPlan | None = pre.plan
+    if plan is not None and (ft.maps_text != plan.text or pre.changed):
+        plan.abandon()
+        plan = None
     ahead = plan.scanned() if plan is not None else None
-    if plan is None or ft.maps_text != plan.text or pre.changed:
-        plan, ahead = plan_instant(maps, pre, pre.changed, shared), None
+    if plan is None:
+        plan = plan_instant(maps, pre, pre.changed, shared)
     regions = maps.regions
     starts, ends = maps.starts, maps.ends
     n = len(regions)
