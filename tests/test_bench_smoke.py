@@ -220,9 +220,15 @@ def test_noise_sampler_explains_only_what_it_sampled():
         time.sleep(0.1)
     t1 = time.monotonic()
     assert len(sampler.times) >= 5 and sampler.times == sorted(sampler.times)
-    mid = sampler.explain((t0 + t1) / 2, 20.0)
-    assert mid is not None and 0 <= mid["steal_ms"] <= 20 and 0 <= mid["kdamond_ms"] <= 20
+    for ms in (20.0, 1.787, 0.0031):  # clipped to the stall, also once rounded
+        mid = sampler.explain((t0 + t1) / 2, ms)
+        assert mid is not None and 0 <= mid["steal_ms"] <= ms and 0 <= mid["kdamond_ms"] <= ms
     assert sampler.explain(t0 - 1.0, 5.0) is None and sampler.explain(t1 + 1.0, 5.0) is None
+    # Known samples: 10 ms of steal on CPU 0 and 9 ms of kdamond around a 1.787 ms stall.
+    known = NoiseSampler()
+    known.times, known.steal, known.kdamond_ns = [0.0, 0.01, 0.02], [[0, 0], [0, 0], [1, 0]], [0, 5_000_000, 9_000_000]
+    assert known.explain(0.015, 1.787) == {"steal_ms": 1.787, "kdamond_ms": 1.787}
+    assert known.explain(0.019, 18.0) == {"steal_ms": 10.0, "kdamond_ms": 9.0}
     stalls = [{"ms": 30.0, "steal_ms": 20.0, "kdamond_ms": 4.0}, {"ms": 9.0, "steal_ms": 0.0, "kdamond_ms": 0.0}]
     assert host_ms(stalls[0]) == 24.0 and worst_net_of_host(stalls) == 9.0
     assert worst_net_of_host([{"ms": 3.0}]) is None  # not sampled: no figure

@@ -97,4 +97,5 @@ class NoiseSampler:
             return None
         steal = max((b - a for a, b in zip(self.steal[lo], self.steal[hi])), default=0) * self._tick_ms
         kd = (self.kdamond_ns[hi] - self.kdamond_ns[lo]) / 1e6
-        return {"steal_ms": round(min(max(steal, 0.0), ms), 2), "kdamond_ms": round(min(max(kd, 0.0), ms), 2)}
+        # Rounded first, then clipped: rounding a value clipped to 1.787 gave 1.79 > the stall.
+        return {"steal_ms": min(round(max(steal, 0.0), 2), ms), "kdamond_ms": min(round(max(kd, 0.0), 2), ms)}
