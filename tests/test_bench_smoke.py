@@ -229,6 +229,7 @@ def test_noise_sampler_explains_only_what_it_sampled():
     known.times, known.steal, known.kdamond_ns = [0.0, 0.01, 0.02], [[0, 0], [0, 0], [1, 0]], [0, 5_000_000, 9_000_000]
     assert known.explain(0.015, 1.787) == {"steal_ms": 1.787, "kdamond_ms": 1.787}
     assert known.explain(0.019, 18.0) == {"steal_ms": 10.0, "kdamond_ms": 9.0}
+    assert known.steal_s == 0.01  # the row's host steal: all CPUs, first to last sample
     stalls = [{"ms": 30.0, "steal_ms": 20.0, "kdamond_ms": 4.0}, {"ms": 9.0, "steal_ms": 0.0, "kdamond_ms": 0.0}]
     assert host_ms(stalls[0]) == 24.0 and worst_net_of_host(stalls) == 9.0
     assert worst_net_of_host([{"ms": 3.0}]) is None  # not sampled: no figure

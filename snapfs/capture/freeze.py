@@ -298,8 +298,9 @@ def frozen_again(
     its fault is served. From a trio worker thread the stop is cancellable.
     ``in_trio_when_stopped`` runs in the trio thread once every thread is stopped (on the
     stop's own hand-back, not a hop of its own: e.g. to halt that fault server, which runs
-    there), then ``on_stopped`` in this thread, before the maps are read. ``realtime``: the calling thread and the tracer run SCHED_FIFO from the stop
-    to the release (:func:`realtime_freeze`), not while the records are decoded after it.
+    there), then ``on_stopped`` in this thread, before the maps are read. ``realtime``: the
+    calling thread and the tracer run SCHED_FIFO from the stop to the release
+    (:func:`realtime_freeze`), not while the records are decoded after it.
     ``expect_maps``: the maps text (and its bytes) the caller expects, used as is when
     unchanged (see :func:`read_maps_text`).
     """

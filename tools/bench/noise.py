@@ -70,15 +70,15 @@ class NoiseSampler:
         self.kdamond_ns.append(sum(_read_runtime_ns(p) for p in self._kdamond))
         self.times.append(time.monotonic())
 
-    def _run(self) -> None:
-        with open("/proc/stat", "rb", buffering=0) as stat:
-            self._sample(stat)
-            while not self._stop.wait(self.period):
-                self._sample(stat)
+    def _run(self, stat) -> None:
+        while not self._stop.wait(self.period):
             self._sample(stat)
 
     def __enter__(self) -> NoiseSampler:
-        self._thread = threading.Thread(target=self._run, name="bench-noise", daemon=True)
+        # The first and last samples are taken here, so they bracket the block exactly.
+        self._stat = open("/proc/stat", "rb", buffering=0)
+        self._sample(self._stat)
+        self._thread = threading.Thread(target=self._run, args=(self._stat,), name="bench-noise", daemon=True)
         self._thread.start()
         return self
 
@@ -86,6 +86,15 @@ class NoiseSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._sample(self._stat)
+        self._stat.close()
+
+    @property
+    def steal_s(self) -> float:
+        """Host steal over the whole sampled time, all CPUs together (the row's figure)."""
+        if len(self.steal) < 2:
+            return 0.0
+        return (sum(self.steal[-1]) - sum(self.steal[0])) * self._tick_ms / 1e3
 
     def explain(self, end: float, ms: float) -> dict | None:
         """For a stall of ``ms`` ending at ``end`` (CLOCK_MONOTONIC s): ``steal_ms`` (the most

@@ -70,8 +70,8 @@ def _row(method: Method, spec: TargetSpec, target: Target, before: Window, durin
 def _run_one(method: Method, spec: TargetSpec, target: Target, workdir: Path, plan: Plan, log: Log) -> dict:
     before = target.settle(plan.settle_s)
     outcome, error = None, None
-    steal = machine.steal_s()
-    # Beside the run: what else held the CPUs during each stall (host steal, kdamond).
+    # Beside the run: what else held the CPUs during each stall (host steal, kdamond), and the
+    # row's host steal in all.
     with noise.NoiseSampler() as sampler:
         try:
             outcome = method.run(target, workdir)
@@ -79,7 +79,7 @@ def _run_one(method: Method, spec: TargetSpec, target: Target, workdir: Path, pl
             error = f"{type(e).__name__}: {e}"
         during = target.window()  # TargetError if the method left the target dead or stuck
     row = _row(method, spec, target, before, during, outcome, error, sampler.explain)
-    row["host_steal_s"] = round(machine.steal_s() - steal, 3)
+    row["host_steal_s"] = round(sampler.steal_s, 3)
     row["worst_net_of_host_ms"] = stalls.worst_net_of_host(row["stalls"])
     if error:
         log(f"  {method.name:<22} FAILED: {error}")
