@@ -10,9 +10,11 @@ Every frame is independently decodable: a reader needs only (segment, offset).
 from __future__ import annotations
 
 import struct
+from typing import Any
 import threading
 import zlib
 
+import numpy as np
 import zstandard
 
 from snapfs import native
@@ -98,6 +100,44 @@ def compress_payload(pages: memoryview | bytes, level: int) -> tuple[int, bytes 
     if len(comp) < len(raw) - len(raw) // 32:
         return CODEC_ZSTD, comp, crc32(comp)
     return CODEC_RAW, raw, crc32(raw)
+
+
+# One call compresses a batch of frames with the GIL released (C backend; experimental in
+# python-zstandard, hence the fallback to frame by frame).
+_multi = _deflate_crc32 and hasattr(zstandard.ZstdCompressor, "multi_compress_to_buffer")
+
+
+def compress_frames(raw: memoryview, frame_bytes: int, level: int) -> list[tuple[int, Any, int]]:
+    """:func:`compress_payload` of each ``frame_bytes`` frame of ``raw`` (a whole number of
+    them), the same frames, in two calls that release the GIL (zstd for all the frames, then
+    every CRC): frame by frame, each frame gave the GIL up and took it back twice, and during
+    a capture five threads want it."""
+    raw = memoryview(raw).cast("B")
+    nframes = len(raw) // frame_bytes
+    if len(raw) != nframes * frame_bytes:
+        raise ValueError(f"compress_frames: {len(raw)} bytes is not a whole number of {frame_bytes}-byte frames")
+    if not _multi or nframes < 2:
+        return [compress_payload(raw[f * frame_bytes:(f + 1) * frame_bytes], level) for f in range(nframes)]
+    segments = np.empty((nframes, 2), np.uint64)
+    segments[:, 0] = np.arange(nframes, dtype=np.uint64) * np.uint64(frame_bytes)
+    segments[:, 1] = frame_bytes
+    packed = _compressor(level).multi_compress_to_buffer(zstandard.BufferWithSegments(raw, segments.tobytes()))
+    keep = frame_bytes - frame_bytes // 32  # as compress_payload: raw unless zstd saves 1/32
+    codecs, payloads = [], []
+    for f in range(nframes):
+        comp = packed[f]
+        if len(comp) < keep:
+            codecs.append(CODEC_ZSTD)
+            payloads.append(comp)
+        else:
+            codecs.append(CODEC_RAW)
+            payloads.append(raw[f * frame_bytes:(f + 1) * frame_bytes])
+    views = [_ffi.from_buffer(p) for p in payloads]  # alive until the call returns
+    lens = np.array([len(v) for v in views], np.int64)
+    crcs = np.empty(nframes, np.uint32)
+    _lib.snapfs_crc32_many(_ffi.new("uint8_t *[]", views), _ffi.from_buffer("int64_t[]", lens), nframes,
+                           _ffi.from_buffer("uint32_t[]", crcs))
+    return list(zip(codecs, payloads, crcs.tolist()))
 
 
 def frame_header(codec: int, payload_len: int, payload_crc: int, npages: int, segment_id: int) -> bytes:

@@ -22,6 +22,9 @@ void snapfs_hash_pages(const uint8_t *base, const int64_t *pages, size_t n, uint
 /* zlib-compatible CRC32 from libdeflate (carry-less multiply), found at first use. */
 int snapfs_crc32_available(void);
 uint32_t snapfs_crc32(uint32_t crc, const void *buf, size_t len);
+/* out[i] = CRC32 of the lens[i] bytes at bufs[i], for n buffers in one call (a batch of
+ * frames: one GIL release instead of one per frame). Only once snapfs_crc32_available(). */
+void snapfs_crc32_many(const uint8_t *const *bufs, const int64_t *lens, size_t n, uint32_t *out);
 
 /* fallocate(2) and sync_file_range(2): 0 or -errno. */
 int snapfs_fallocate(int fd, int mode, int64_t offset, int64_t len);

@@ -34,7 +34,8 @@ from snapfs.errors import StoreCorrupt, StoreError
 from snapfs.ranges import positions_in_runs
 from snapfs.store import _integrity, _runs
 from snapfs.store._format import (FRAME_HEADER, FRAME_PAGES, STORE_PAGE, SEGMENT_MAX_BYTES, FrameError,
-                                  compress_blob, compress_payload, decompress_blob, frame_header)
+                                  compress_blob, compress_frames, compress_payload, decompress_blob,
+                                  frame_header)
 from snapfs.store._fsutil import PREALLOC_STEP, disk_full_error, is_disk_full
 from snapfs.store._pagehash import ALGO, page_hash_list, page_hashes
 from snapfs.store.model import DATA, REGION_KINDS, ZERO, RegionSpec, SnapshotInfo
@@ -597,7 +598,7 @@ class SnapshotWriter:
         nframes = len(pages) // FRAME_PAGES
         fbytes = FRAME_PAGES * STORE_PAGE
         level = self._store.level
-        comp = [compress_payload(raw[f * fbytes:(f + 1) * fbytes], level) for f in range(nframes)]
+        comp = compress_frames(raw[:nframes * fbytes], fbytes, level)
         flens = np.array([FRAME_HEADER.size + len(payload) for _, payload, _ in comp], np.int64)
         total = int(flens.sum())
         try:
