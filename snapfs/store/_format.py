@@ -10,9 +10,9 @@ Every frame is independently decodable: a reader needs only (segment, offset).
 from __future__ import annotations
 
 import struct
-from typing import Any
 import threading
 import zlib
+from typing import Any
 
 import numpy as np
 import zstandard
