@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
+        results["goals"] = goals.evaluate(results)  # judged by the goals as they are now
         args.out.mkdir(parents=True, exist_ok=True)
         report.write(results, args.out, results.get("command", "python -m tools.bench"))
         pngs = plots.write(results, args.out)

@@ -169,11 +169,17 @@ def stall_goals(results: dict) -> list[dict]:
         e = every.get(key) or {}
         if e.get("children"):
             one_ms = e["one_shot_pause_ms"]
-            checks.append((f"{e['target']}: worst --every pause {e['max_child_pause_ms']:.2f} ms vs one-shot "
-                           f"{one_ms:.2f} ms (<= 2x)", e["max_child_pause_ms"] <= 2 * one_ms))
+            # The series' first snapshot stops the target once more, to switch to async
+            # tracking: an --every pause too, which a one-shot snapshot does not make.
+            switch = (e.get("first") or {}).get("switch_pause_ms") or 0.0
+            worst = max(e["max_child_pause_ms"], switch)
+            checks.append((f"{e['target']}: worst --every stop {worst:.2f} ms (children up to "
+                           f"{e['max_child_pause_ms']:.2f} ms; the switch to async tracking after the first "
+                           f"snapshot {switch:.2f} ms) vs one-shot {one_ms:.2f} ms (<= 2x)", worst <= 2 * one_ms))
     goals.append(_per_row("--every: child of a 1 GiB target with 1 % rewritten pauses <= 3 ms; every --every "
                           "pause <= 2 x a one-shot pause of the same target", checks,
-                          "snapfs's own pause_ms (the stop)"))
+                          "snapfs's own stops: each child's pause, and the switch to async tracking after the "
+                          "first snapshot"))
     return goals
 
 
