@@ -50,8 +50,8 @@ def _main_table(rows: list[dict]) -> list[str]:
 def _stall_table(rows: list[dict]) -> list[str]:
     """The stall rows: the target's worst stall beside its undisturbed window, per row."""
     out = ["| section | target | write rate | method | worst stall ms | undisturbed ms | where the worst "
-           "fell (host steal, kdamond in it) | tool's pause ms | duration s | slow-write p50 / p99 µs | throughput during / before | "
-           "CPU-s/GiB |",
+           "fell (host steal, kdamond in it) | tool's pause ms | duration s | slow-write p50 / p99 µs | "
+           "throughput during / before | CPU-s/GiB |",
            "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("error"):
